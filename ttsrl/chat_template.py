@@ -1,0 +1,58 @@
+"""Prompt templates for the speech-token policy, in one place.
+
+Data rows carry the veRL chat form ``[{"role": "user", "content": text},
+{"role": "assistant", "content": ""}]``; the tokenizer's chat template turns it
+into the prompt the LLM sees.
+
+``cosyvoice2`` (default): ``<|sos|>`` + text + ``<|task_id|>``, exactly what
+CosyVoice2's own LLM is fed (sos embedding, text embeddings, task-id
+embedding) once its two ``llm_embedding`` rows are mapped to these tokens.
+Assistant content (prompt speech tokens for zero-shot use) follows verbatim.
+
+``legacy``: the ChatML form of the earlier Qwen-based speech-token checkpoints
+of seed 000, whose assistant turn opens with ``<|SPEECH_GENERATION_START|>``.
+"""
+from __future__ import annotations
+
+from .speech_tokens import SOS_TOKEN, TASK_ID_TOKEN
+
+SPEECH_GENERATION_START = "<|SPEECH_GENERATION_START|>"
+
+COSYVOICE2_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '" + SOS_TOKEN + "' + message['content'] + '" + TASK_ID_TOKEN + "' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- message['content'] }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+LEGACY_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '<|im_start|>user\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n" + SPEECH_GENERATION_START + "' + message['content'] }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+TEMPLATES = {"cosyvoice2": COSYVOICE2_TEMPLATE, "legacy": LEGACY_TEMPLATE}
+
+
+def prompt_messages(text: str, prompt_speech: str = "") -> list[dict]:
+    """The veRL chat form of one utterance (``prompt_speech``: ``<|s_N|>`` text)."""
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": prompt_speech}]
+
+
+def expected_prompt(text: str, style: str = "cosyvoice2", prompt_speech: str = "") -> str:
+    """The string a tokenizer carrying ``TEMPLATES[style]`` must render for ``text``.
+
+    Written out by hand (not via jinja) so tests can check a tokenizer against it.
+    """
+    if style == "cosyvoice2":
+        return SOS_TOKEN + text + TASK_ID_TOKEN + prompt_speech
+    if style == "legacy":
+        return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n{SPEECH_GENERATION_START}{prompt_speech}"
+    raise ValueError(f"unknown chat template style {style!r}; expected one of {sorted(TEMPLATES)}")
