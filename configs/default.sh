@@ -1,0 +1,49 @@
+# Settings for run.sh (GPU recipe). run.sh sources this file (or --config FILE);
+# any variable already set in the environment (even to an empty value) wins, so
+#   CUDA_VISIBLE_DEVICES=0,1 exp_name=try2 bash run.sh 2 2
+# works without editing. Paths are relative to the repository root.
+
+# --- where things live -------------------------------------------------------
+: "${pretrained_dir=pretrained_models}"             # downloaded models
+: "${cosyvoice2_dir=$pretrained_dir/CosyVoice2-0.5B}" # iic/CosyVoice2-0.5B (ModelScope)
+: "${sensevoice_dir=$pretrained_dir/SenseVoiceSmall}"  # iic/SenseVoiceSmall (ModelScope)
+: "${paraformer_dir=$pretrained_dir/paraformer-zh}"    # evaluation ASR (stage 4)
+: "${cosyvoice_src=CosyVoice}"                         # CosyVoice source checkout
+: "${cosyvoice_commit=ace7c47f41bbd303aa6bf1ea80e6f9fbd595cd40}"
+: "${hf_model_dir=$pretrained_dir/cosyvoice2_llm_hf}"  # CosyVoice2 LLM in Hugging Face form
+
+# --- data (stage 0) ----------------------------------------------------------
+: "${train_file=data/raw/train.jsonl}"   # JSON/JSONL with a "text" field per record
+: "${test_file=data/raw/test.jsonl}"     # empty: split test_size rows off train_file
+: "${test_size=100}"
+: "${data_dir=data/parquet}"             # train.parquet / test.parquet land here
+: "${max_chars=200}"
+
+# --- experiment --------------------------------------------------------------
+: "${exp_name=cosyvoice2_grpo}"
+: "${exp_dir=exp/$exp_name}"             # checkpoints, logs, merged models, eval
+
+# --- hardware ----------------------------------------------------------------
+: "${CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7}"
+: "${n_gpus_per_node=8}"
+: "${nnodes=1}"
+
+# --- reward server (stage 1) -------------------------------------------------
+: "${server_host=127.0.0.1}"
+: "${http_port=8000}"
+: "${grpc_port=8001}"
+: "${metrics_port=8002}"
+: "${server_devices=0}"                  # GPUs of the reward server, comma separated
+: "${server_instances_per_device=1}"
+: "${server_engines=token2wav_server.engines_cosyvoice2:create_engines}"
+: "${reward_config=configs/reward.yaml}"
+: "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"
+
+# --- GRPO (stage 2) ----------------------------------------------------------
+: "${train_batch_size=32}"               # prompts per step (x rollout_n responses)
+: "${rollout_n=4}"
+: "${ppo_mini_batch_size=8}"
+: "${micro_batch_size_per_gpu=4}"
+: "${total_epochs=1}"
+: "${save_freq=100}"
+: "${test_freq=100}"

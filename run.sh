@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# CosyVoice2 LLM GRPO recipe (veRL 0.9.1 + a Triton reward server).
+#
+#   bash run.sh [--config FILE] [--force] START STOP [-- key=value ...]
+#   bash run.sh --help
+#
+# Settings come from configs/default.sh (or --config FILE); variables already set
+# in the environment win. Words after "--" are passed to the stage that takes
+# overrides (stage 2: veRL key=value overrides).
+#
+# Stages (what each needs -> what it makes):
+#  -1  install          python3.10-3.12, PyPI; on CUDA machines also git + ModelScope access
+#                       -> .venv (trainer), .venv-server (reward server); with CUDA also
+#                          $cosyvoice_src at $cosyvoice_commit, $cosyvoice2_dir, $sensevoice_dir,
+#                          and the LLM in Hugging Face form at $hf_model_dir
+#   0  prepare data     $train_file [+ $test_file] (JSON/JSONL with "text")
+#                       -> $data_dir/train.parquet, $data_dir/test.parquet
+#   1  reward server    .venv-server, model dirs -> Triton on $server_host:$http_port/$grpc_port/$metrics_port
+#   2  GRPO training    CUDA GPUs, $hf_model_dir, parquet files, reward server -> $exp_dir checkpoints
+#   3  merge            $exp_dir/global_step_*/actor -> .../actor/merged_hf_model
+#   4  evaluate         merged models, reward server -> CER per checkpoint, table and plot
+#   5  synthesize       a merged model, reward server -> one wav
+#   6  export           a merged model -> llm.pt for CosyVoice
+set -euo pipefail
+
+cd "$(dirname "$0")"
+repo=$(pwd)
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+log() {
+  # icefall style: time, file:line:function, message
+  local fname=${BASH_SOURCE[1]##*/}
+  echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
+}
+
+die() {
+  local fname=${BASH_SOURCE[1]##*/}
+  echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) ERROR: $*" >&2
+  exit 1
+}
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+
+config=configs/default.sh
+force=false
+positional=()
+overrides=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --config) [ $# -ge 2 ] || die "--config needs a file"; config=$2; shift 2 ;;
+    --config=*) config=${1#--config=}; shift ;;
+    --force) force=true; shift ;;
+    --) shift; overrides=("$@"); break ;;
+    -[0-9]*|[0-9]*) positional+=("$1"); shift ;;
+    *) die "unknown argument '$1' (see bash run.sh --help)" ;;
+  esac
+done
+[ -f "$config" ] || die "config file '$config' not found"
+# shellcheck source=configs/default.sh
+source "$config"
+
+if [ ${#positional[@]} -eq 2 ]; then
+  stage=${positional[0]}
+  stop_stage=${positional[1]}
+elif [ ${#positional[@]} -eq 0 ] && [ -n "${stage:-}" ] && [ -n "${stop_stage:-}" ]; then
+  : # the config file names the stages
+else
+  die "give START and STOP stages, e.g. 'bash run.sh 0 0' (see bash run.sh --help)"
+fi
+[[ "$stage" =~ ^-?[0-9]+$ && "$stop_stage" =~ ^-?[0-9]+$ ]] || die "stages must be integers, got '$stage' '$stop_stage'"
+[ "$stage" -le "$stop_stage" ] || die "START ($stage) is after STOP ($stop_stage)"
+[ "$stage" -ge -1 ] && [ "$stop_stage" -le 6 ] || die "stages run from -1 to 6, got $stage..$stop_stage"
+
+trainer_python=${TRAINER_VENV:-$repo/.venv}/bin/python
+server_python=${SERVER_VENV:-$repo/.venv-server}/bin/python
+current_stage=""
+report_failure() {
+  local status=$?
+  if [ $status -ne 0 ] && [ -n "$current_stage" ]; then
+    echo "$(date '+%Y-%m-%d %H:%M:%S') run.sh: stage $current_stage failed (exit $status)" >&2
+  fi
+}
+trap report_failure EXIT
+
+run_stage() {
+  # true when stage $1 is in START..STOP; records it for the failure message
+  if [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; then
+    current_stage=$1
+    return 0
+  fi
+  return 1
+}
+
+has_cuda() {
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+}
+
+require_env() {
+  # $1: trainer|server
+  local python=$trainer_python
+  [ "$1" = server ] && python=$server_python
+  [ -x "$python" ] || die "the $1 environment is missing ($python); run 'bash run.sh -1 -1' first"
+}
+
+require_gpus() {
+  # $1: how many GPUs this stage needs
+  has_cuda || die "stage $current_stage needs CUDA GPUs and nvidia-smi finds none (see README: 'What runs where')"
+  local count
+  count=$(nvidia-smi -L | wc -l)
+  [ "$count" -ge "$1" ] || die "stage $current_stage needs $1 GPUs, nvidia-smi lists $count; lower n_gpus_per_node"
+}
+
+require_dir() {
+  # $1: directory, $2: what it is and how to get it
+  [ -d "$1" ] || die "$1 not found: $2"
+}
+
+not_implemented() {
+  die "stage $current_stage ($1) is not implemented yet in this version of the recipe"
+}
+
+fetch_cosyvoice_source() {
+  if [ -d "$cosyvoice_src/.git" ] && [ "$(git -C "$cosyvoice_src" rev-parse HEAD)" = "$cosyvoice_commit" ]; then
+    log "CosyVoice source already at $cosyvoice_commit in $cosyvoice_src"
+    return
+  fi
+  local url=https://github.com/FunAudioLLM/CosyVoice.git
+  log "fetching CosyVoice source $url at $cosyvoice_commit into $cosyvoice_src"
+  if ! { [ -d "$cosyvoice_src/.git" ] || git clone "$url" "$cosyvoice_src"; } \
+      || ! git -C "$cosyvoice_src" checkout -q "$cosyvoice_commit" \
+      || ! git -C "$cosyvoice_src" submodule update --init --recursive; then
+    die "could not fetch $url at $cosyvoice_commit. By hand: git clone $url $cosyvoice_src &&" \
+        "git -C $cosyvoice_src checkout $cosyvoice_commit && git -C $cosyvoice_src submodule update --init --recursive"
+  fi
+}
+
+download_model() {
+  # $1: ModelScope model id, $2: target dir, $3: a file that proves the download is complete
+  if [ -f "$2/$3" ] && [ "$force" = false ]; then
+    log "$1 already in $2"
+    return
+  fi
+  log "downloading $1 from ModelScope into $2"
+  "$trainer_python" -c 'import sys; from modelscope import snapshot_download; snapshot_download(sys.argv[1], local_dir=sys.argv[2])' \
+      "$1" "$2" \
+    || die "could not download $1 with ModelScope. By hand: 'modelscope download --model $1 --local_dir $2'" \
+           "(pip install modelscope), or copy the model files there from a machine that has them"
+  [ -f "$2/$3" ] || die "$1 downloaded into $2 but $2/$3 is missing; delete $2 and retry"
+}
+
+log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir"
+
+if run_stage -1; then
+  log "stage -1: install environments"
+  setup_flag=()
+  [ "$force" = true ] && setup_flag=(--force)
+  bash scripts/setup_env.sh trainer "${setup_flag[@]}"
+  bash scripts/setup_env.sh server "${setup_flag[@]}"
+  if has_cuda; then
+    fetch_cosyvoice_source
+    bash scripts/setup_env.sh server "${setup_flag[@]}"  # picks up CosyVoice's runtime requirements
+    download_model iic/CosyVoice2-0.5B "$cosyvoice2_dir" llm.pt
+    download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
+    not_implemented "CosyVoice2 LLM -> Hugging Face conversion"
+  else
+    log "no CUDA GPU: skipping the CosyVoice source and model downloads (they serve GPU stages only)"
+  fi
+fi
+
+if run_stage 0; then
+  log "stage 0: $train_file -> $data_dir/{train,test}.parquet"
+  require_env trainer
+  if [ -f "$data_dir/train.parquet" ] && [ -f "$data_dir/test.parquet" ] && [ "$force" = false ]; then
+    log "$data_dir/train.parquet and test.parquet exist; skipping (--force rebuilds)"
+  else
+    [ -f "$train_file" ] || die "train_file '$train_file' not found: set train_file (JSON/JSONL, one 'text' per record)"
+    split_args=(--test_size "$test_size")
+    if [ -n "$test_file" ]; then
+      [ -f "$test_file" ] || die "test_file '$test_file' not found: set test_file, or test_file= to split test_size off train_file"
+      split_args=(--test_file "$test_file")
+    fi
+    "$trainer_python" prepare_data.py --train_file "$train_file" "${split_args[@]}" --local_dir "$data_dir" \
+      --max_chars "$max_chars" ${prepare_data_flags:-}
+  fi
+fi
+
+if run_stage 1; then
+  not_implemented "reward server"
+fi
+
+if run_stage 2; then
+  not_implemented "GRPO training"
+fi
+
+if run_stage 3; then
+  not_implemented "merge FSDP checkpoints"
+fi
+
+if run_stage 4; then
+  not_implemented "distributed inference and CER evaluation"
+fi
+
+if run_stage 5; then
+  not_implemented "single-utterance synthesis"
+fi
+
+if run_stage 6; then
+  not_implemented "export to CosyVoice llm.pt"
+fi
+
+current_stage=""
+log "done: stages $stage..$stop_stage"

@@ -1,0 +1,66 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from scripts import compute_wer
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_summary_counts_and_missing_utterances(tmp_path, capsys):
+    ref = write(tmp_path / "ref", ["a 我们去公园", "b 今天2024年", "c 你好世界"])
+    hyp = write(tmp_path / "hyp", ["a 你们去园", "b 今天二零二四年", "z 多余"])
+    out_json = tmp_path / "wer.json"
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--metric", "char", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out.strip().split("\n")
+    # a: 1 sub (我->你) + 1 del (公) over 5; b: 0 over 7; c: missing -> 4 deletions over 4.
+    assert printed[-1] == "%CER 37.50 [ 6 / 16, 0 ins, 5 del, 1 sub ] 3 utterances, 1 missing from hyp"
+    assert "# missing from hyp (1): c" in printed and any(line.startswith("# in hyp but not in ref") for line in printed)
+    summary = json.loads(out_json.read_text())["summary"]
+    assert summary["error_rate"] == pytest.approx(6 / 16) and summary["missing"] == ["c"]
+    assert summary["extra_hypotheses"] == ["z"]
+
+
+def test_pinyin_metric_forgives_homophones(tmp_path, capsys):
+    ref = write(tmp_path / "ref", ["a 他们来了"])
+    hyp = write(tmp_path / "hyp", ["a 她们来了"])
+    compute_wer.main(["--ref", ref, "--hyp", hyp])
+    assert capsys.readouterr().out.strip().split("\n")[-1].startswith("%PER 0.00 [ 0 / 4,")
+
+
+def test_details_file_and_empty_hypothesis(tmp_path, capsys):
+    ref = write(tmp_path / "ref", ["a 你好", "b 再见"])
+    hyp = write(tmp_path / "hyp", ["a", "b 再见"])
+    details = tmp_path / "details.txt"
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--details", str(details), "--metric", "char"]) == 0
+    assert capsys.readouterr().out.strip() == "%CER 50.00 [ 2 / 4, 0 ins, 2 del, 0 sub ] 2 utterances"
+    text = details.read_text()
+    assert "a 100.00 2/2 (0 2 0)" in text and "# worst 2 utterances\na 100.00" in text
+
+
+@pytest.mark.parametrize("ref_lines,hyp_lines,message", [
+    (["a 你好", "a 再见"], ["a 你好"], "ref:2: duplicate utterance id 'a' (first on line 1)"),
+    (["a 你好"], ["a 你好", "a 你"], "hyp:2: duplicate utterance id 'a'"),
+    (["a"], ["a 你好"], "ref:1: utterance 'a' has no reference text"),
+    (["a 。。。"], ["a 你好"], "utterance 'a': reference '。。。' is empty after normalization"),
+])
+def test_bad_input_is_an_error(tmp_path, capsys, ref_lines, hyp_lines, message):
+    ref = write(tmp_path / "ref", ref_lines)
+    hyp = write(tmp_path / "hyp", hyp_lines)
+    out_json = tmp_path / "wer.json"
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--json", str(out_json)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out_json.exists()
+
+
+def test_runs_as_a_script_from_elsewhere(tmp_path):
+    ref = write(tmp_path / "ref", ["a 你好"])
+    hyp = write(tmp_path / "hyp", ["a 你好"])
+    done = subprocess.run([sys.executable, compute_wer.__file__, "--ref", ref, "--hyp", hyp], cwd=tmp_path,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip().split("\n")[-1] == "%PER 0.00 [ 0 / 2, 0 ins, 0 del, 0 sub ] 1 utterances"

@@ -1,0 +1,19 @@
+"""Triton reward server of the CosyVoice2 GRPO recipe (runs in the server environment).
+
+Modules:
+
+- ``engines``: the plugin interface (Token2WavEngine, AsrEngine, SpeakerEngine, the
+  ``Engines`` bundle) and loading a factory from ``MODULE_OR_FILE:FACTORY``.
+- ``prompt_bank``: speaker prompts (wav + transcript), loaded once, chosen per request
+  deterministically.
+- ``rewarding``: the reward configuration (``configs/reward.yaml``) and per-item scoring
+  with ``ttsrl.scoring`` / ``ttsrl.reward``.
+- ``serving``: input validation and the Triton models ``token2wav``, ``asr`` and
+  ``token2wav_asr``.
+- ``standin``: deterministic stand-in engines (no weights) for tests and smoke runs.
+- ``engines_cosyvoice2`` / ``engines_sensevoice``: the real engines.
+- ``launch``: start a server in a subprocess on free ports, wait until ready, stop it.
+- ``__main__``: the command line (``python -m token2wav_server``).
+
+See docs/reward_server.md.
+"""

@@ -1,0 +1,172 @@
+"""The engine plugin interface of the reward server.
+
+A server slot (one model instance on one device) owns one ``Engines`` bundle,
+made by a factory named on the command line with ``--engines MODULE_OR_FILE:FACTORY``:
+
+    def create_engines(options: EngineOptions) -> Engines
+
+``MODULE_OR_FILE`` is an importable module (``token2wav_server.standin``) or a
+path to a ``.py`` file. The factory is called once per slot, with that slot's
+``device`` in the options, so every slot gets its own models.
+
+Engines are plain objects with these methods (``typing.Protocol``: no base class
+needed). Every method takes a whole batch, so an engine can decode the batch
+together where its model allows.
+
+- ``Token2WavEngine``
+    - ``sample_rate: int`` of the waveforms it returns.
+    - ``prepare_prompt(prompt: SpeakerPrompt) -> object``: precompute whatever the
+      engine needs of a speaker prompt (prompt speech tokens, mel, embedding).
+      Called once per prompt at start-up; the result is passed back to ``synthesize``.
+    - ``synthesize(token_batch: list[np.ndarray], prompts: list[object]) -> list[np.ndarray]``:
+      int64 speech token ids (each 1-D, non-empty, ids in [0, 6561)) -> float32
+      mono waveforms in [-1, 1] at ``sample_rate``.
+- ``AsrEngine``
+    - ``sample_rate: int`` it wants (the server resamples to it).
+    - ``transcribe(waves: list[np.ndarray]) -> list[AsrResult]``: float32 mono
+      waveforms -> text, plus the mean per-token negative log-likelihood of that
+      text when the model can give it (``nll=None`` otherwise).
+- ``SpeakerEngine`` (optional)
+    - ``sample_rate: int``
+    - ``embed(waves: list[np.ndarray]) -> np.ndarray``: (batch, dim) float32
+      speaker embeddings; the server compares them by cosine similarity.
+
+``Engines`` bundles them; ``asr_eval`` is an optional second ASR (for example
+Paraformer) served as the ``asr_eval`` model for evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import pathlib
+import sys
+from typing import Callable, Optional, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeakerPrompt:
+    """A speaker prompt: a waveform and its transcript (see ``prompt_bank``)."""
+
+    name: str
+    wave: np.ndarray  # float32 mono
+    sample_rate: int
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AsrResult:
+    text: str
+    nll: Optional[float] = None  # mean per-token negative log-likelihood, when the model gives it
+
+
+@runtime_checkable
+class Token2WavEngine(Protocol):
+    sample_rate: int
+
+    def prepare_prompt(self, prompt: SpeakerPrompt) -> object: ...
+
+    def synthesize(self, token_batch: list, prompts: list) -> list: ...
+
+
+@runtime_checkable
+class AsrEngine(Protocol):
+    sample_rate: int
+
+    def transcribe(self, waves: list) -> list: ...
+
+
+@runtime_checkable
+class SpeakerEngine(Protocol):
+    sample_rate: int
+
+    def embed(self, waves: list) -> np.ndarray: ...
+
+
+@dataclasses.dataclass
+class Engines:
+    """What one server slot runs. ``speaker`` and ``asr_eval`` are optional."""
+
+    token2wav: Token2WavEngine
+    asr: AsrEngine
+    speaker: Optional[SpeakerEngine] = None
+    asr_eval: Optional[AsrEngine] = None
+
+    def __post_init__(self):
+        checks = [("token2wav", self.token2wav, Token2WavEngine), ("asr", self.asr, AsrEngine)]
+        if self.speaker is not None:
+            checks.append(("speaker", self.speaker, SpeakerEngine))
+        if self.asr_eval is not None:
+            checks.append(("asr_eval", self.asr_eval, AsrEngine))
+        for name, engine, protocol in checks:
+            if not isinstance(engine, protocol):
+                raise TypeError(f"engine {name!r} ({type(engine).__name__}) does not implement {protocol.__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """What a factory gets. ``extra`` holds ``--engine-option KEY=VALUE`` pairs (strings)."""
+
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    cosyvoice2_dir: Optional[str] = None
+    sensevoice_dir: Optional[str] = None
+    asr_eval_dir: Optional[str] = None
+    speaker_model: Optional[str] = None
+    fp16: bool = False
+    load_jit: bool = False
+    load_trt: bool = False
+    need_speaker: bool = False  # the reward config uses speaker similarity
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+EngineFactory = Callable[[EngineOptions], Engines]
+
+
+def load_factory(spec: str) -> EngineFactory:
+    """``MODULE_OR_FILE:FACTORY`` -> the factory callable, with errors that name the problem."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--engines {spec!r}: expected MODULE_OR_FILE:FACTORY, e.g. token2wav_server.standin:create_engines")
+    if module_name.endswith(".py") or "/" in module_name:
+        path = pathlib.Path(module_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--engines {spec!r}: file {path} not found")
+        unique = f"_token2wav_engines_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(unique, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[unique] = module
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise AttributeError(f"--engines {spec!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def create_engines(options: EngineOptions, spec: str) -> Engines:
+    """Load the factory named by ``spec`` and build one slot's engines."""
+    engines = load_factory(spec)(options)
+    if not isinstance(engines, Engines):
+        raise TypeError(f"--engines {spec!r} returned {type(engines).__name__}, expected token2wav_server.engines.Engines")
+    return engines
+
+
+def resample(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Mono float32 resampling (soxr when installed, else scipy's polyphase filter)."""
+    wave = np.asarray(wave, dtype=np.float32)
+    if from_rate == to_rate:
+        return wave
+    try:
+        import soxr
+
+        return soxr.resample(wave, from_rate, to_rate).astype(np.float32, copy=False)
+    except ImportError:  # pragma: no cover - soxr is in requirements-server.txt
+        from math import gcd
+
+        from scipy.signal import resample_poly
+
+        g = gcd(from_rate, to_rate)
+        return resample_poly(wave, to_rate // g, from_rate // g).astype(np.float32)

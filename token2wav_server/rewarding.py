@@ -1,0 +1,133 @@
+"""Reward configuration (configs/reward.yaml) and the per-item reward.
+
+The maths lives in ``ttsrl.scoring`` (error rates) and ``ttsrl.reward`` (utilities and
+their combination); this module only reads the configuration and applies it.
+
+Components (YAML ``weights`` keys):
+
+- ``error_rate``: pinyin (or char) error rate of the transcript against the text,
+  utility ``1 - tanh(beta * e)``. The error rate itself is always computed and
+  returned (it is the main metric), even with weight 0.
+- ``similarity``: cosine similarity of speaker embeddings of the generated audio and
+  the speaker prompt, utility ``max(0, cos)``. Needs a speaker engine.
+- ``confidence``: the ASR's mean per-token negative log-likelihood of its transcript,
+  utility ``exp(-nll / confidence_tau)``. Needs an ASR engine that reports ``nll``.
+
+Components with weight 0 (other than the error rate) are not computed; their outputs are NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Mapping, Optional
+
+import yaml
+
+from ttsrl.reward import COMBINATION_RULES, combine, confidence_utility, error_rate_utility, similarity_utility
+from ttsrl.scoring import METRICS, error_rate
+
+COMPONENTS = ("error_rate", "similarity", "confidence")
+DEFAULT_CONFIG_PATH = "configs/reward.yaml"
+
+
+class RewardConfigError(ValueError):
+    """A reward configuration that cannot be used (the message names file and key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"error_rate": 1.0})
+    beta: float = 3.0
+    rule: str = "arithmetic"
+    metric: str = "pinyin"
+    confidence_tau: float = 1.0
+
+    def __post_init__(self):
+        unknown = sorted(set(self.weights) - set(COMPONENTS))
+        if unknown:
+            raise RewardConfigError(f"weights: unknown component(s) {unknown}; expected some of {list(COMPONENTS)}")
+        for name, weight in self.weights.items():
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0 or math.isnan(weight):
+                raise RewardConfigError(f"weights.{name}: must be a non-negative number, got {weight!r}")
+        if not any(self.weights.get(name, 0) > 0 for name in COMPONENTS):
+            raise RewardConfigError("weights: at least one component needs a positive weight")
+        if self.rule not in COMBINATION_RULES:
+            raise RewardConfigError(f"rule: {self.rule!r} is not one of {list(COMBINATION_RULES)}")
+        if self.metric not in METRICS:
+            raise RewardConfigError(f"metric: {self.metric!r} is not one of {list(METRICS)}")
+        for key in ("beta", "confidence_tau"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise RewardConfigError(f"{key}: must be a positive number, got {value!r}")
+
+    def uses(self, component: str) -> bool:
+        return self.weights.get(component, 0) > 0
+
+
+def load_reward_config(path: Optional[str]) -> RewardConfig:
+    """Read a reward YAML; ``None`` gives the defaults (error rate only, beta 3, arithmetic)."""
+    if path is None:
+        return RewardConfig()
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise RewardConfigError(f"reward config {file} not found")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise RewardConfigError(f"{file}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise RewardConfigError(f"{file}: expected a mapping at the top level")
+    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RewardConfigError(f"{file}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    if "weights" in data and not isinstance(data["weights"], dict):
+        raise RewardConfigError(f"{file}: 'weights' must be a mapping of component -> weight")
+    try:
+        return RewardConfig(**data)
+    except RewardConfigError as error:
+        raise RewardConfigError(f"{file}: {error}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemScore:
+    reward: float
+    error_rate: float
+    similarity: float = math.nan  # NaN: not computed
+    nll: float = math.nan  # NaN: not computed
+
+
+def score_item(
+    config: RewardConfig, ground_truth: str, transcript: str, similarity: Optional[float] = None, nll: Optional[float] = None
+) -> ItemScore:
+    """Reward of one transcript. Raises ``ttsrl.scoring.EmptyReferenceError`` for a ground
+    truth with nothing to score, ValueError when a weighted component has no value."""
+    rate = error_rate(ground_truth, transcript, config.metric)
+    utilities = {"error_rate": error_rate_utility(rate, config.beta)}
+    if config.uses("similarity"):
+        if similarity is None:
+            raise ValueError("speaker similarity has a weight but no speaker engine gave a value")
+        utilities["similarity"] = similarity_utility(similarity)
+    if config.uses("confidence"):
+        if nll is None:
+            raise ValueError("ASR confidence has a weight but the ASR engine gives no nll")
+        utilities["confidence"] = confidence_utility(nll, config.confidence_tau)
+    reward = combine(utilities, config.weights, config.rule)
+    return ItemScore(
+        reward=reward,
+        error_rate=rate,
+        similarity=similarity if config.uses("similarity") else math.nan,
+        nll=nll if config.uses("confidence") else math.nan,
+    )
+
+
+def minimum_score(config: RewardConfig) -> ItemScore:
+    """The documented score of a rollout with no speech tokens: reward 0, error rate 1,
+    similarity 0 and nll infinity where those are computed."""
+    return ItemScore(
+        reward=0.0,
+        error_rate=1.0,
+        similarity=0.0 if config.uses("similarity") else math.nan,
+        nll=math.inf if config.uses("confidence") else math.nan,
+    )

@@ -1,0 +1,359 @@
+"""The served models: input validation and the batched token2wav -> ASR -> reward pipeline.
+
+Nothing here imports PyTriton: ``Pipeline`` turns a list of requests (dicts of numpy
+arrays, as Triton's dynamic batcher hands them over) into a list of output dicts, so the
+logic is tested without a server; ``__main__`` binds these methods to Triton.
+
+Bad input never fails a call: each item of each request is checked on its own, and an
+item that fails gets its message in the ``ERRORS`` output (empty string when fine) and
+NaN in its numeric outputs, while the other items of the batch are served normally.
+(PyTriton 0.7 can only fail a whole batch of requests, so per-item errors travel in-band.)
+A rollout with zero speech tokens is not an error: it gets ``rewarding.minimum_score``.
+Wrong dtypes, missing inputs and mismatched batch sizes are refused by Triton itself,
+per request, before they reach the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from typing import Optional
+
+import numpy as np
+
+from ttsrl.scoring import EmptyReferenceError
+
+from .engines import Engines, resample
+from .prompt_bank import PromptBank
+from .rewarding import RewardConfig, minimum_score, score_item
+
+LOGGER = logging.getLogger(__name__)
+
+SPEECH_VOCAB_SIZE = 6561  # ttsrl.speech_tokens.SPEECH_VOCAB_SIZE
+DEFAULT_MAX_TOKENS = 4000  # 160 s of CosyVoice2 speech (25 tokens/s)
+DEFAULT_MAX_WAVE_SECONDS = 300.0
+PROMPT_PARAMETER = "prompt"
+
+
+class ItemError(ValueError):
+    """A problem with one item of a request; reported in its ``ERRORS`` output."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_wave_seconds: float = DEFAULT_MAX_WAVE_SECONDS
+
+
+def _rows(request: dict, name: str, batch: int) -> np.ndarray:
+    """Input ``name`` as a 2-D (batch, n) array, checking its batch size."""
+    array = np.asarray(request[name])
+    if array.ndim == 1:
+        array = array.reshape(batch, -1) if batch and array.size % batch == 0 else array.reshape(1, -1)
+    if array.ndim != 2 or array.shape[0] != batch:
+        raise ItemError(f"{name} has shape {list(array.shape)}, expected [{batch}, n]")
+    return array
+
+
+def request_batch_size(request: dict, main_input: str) -> int:
+    array = np.asarray(request[main_input])
+    return 1 if array.ndim < 2 else int(array.shape[0])
+
+
+def parse_tokens(tokens_row: np.ndarray, length, limits: Limits) -> np.ndarray:
+    """One item's speech token ids (int64) from a padded row and its declared length."""
+    if length is None:
+        length = tokens_row.shape[0]
+    length = int(length)
+    if length < 0:
+        raise ItemError(f"TOKEN_LENS is {length}: must be >= 0")
+    if length > tokens_row.shape[0]:
+        raise ItemError(f"TOKEN_LENS is {length} but TOKENS has only {tokens_row.shape[0]} values")
+    if length > limits.max_tokens:
+        raise ItemError(f"{length} speech tokens is over the server's maximum of {limits.max_tokens} (--max-tokens)")
+    ids = tokens_row[:length].astype(np.int64)
+    if ids.size:
+        bad = np.flatnonzero((ids < 0) | (ids >= SPEECH_VOCAB_SIZE))
+        if bad.size:
+            raise ItemError(
+                f"speech token id {int(ids[bad[0]])} at position {int(bad[0])} is outside [0, {SPEECH_VOCAB_SIZE})"
+            )
+    return ids
+
+
+def parse_text(value) -> str:
+    """One item's ground-truth text: UTF-8 bytes (or str), non-empty."""
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0] if value.size else b""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ItemError(f"GT_TEXT is not valid UTF-8 ({error})") from None
+    if not isinstance(value, str):
+        raise ItemError(f"GT_TEXT must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ItemError("GT_TEXT is empty")
+    return value
+
+
+def _text_array(texts: list) -> np.ndarray:
+    return np.array([[t.encode("utf-8")] for t in texts], dtype=object).reshape(len(texts), 1)
+
+
+def _float_column(values: list) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(len(values), 1)
+
+
+@dataclasses.dataclass
+class _Item:
+    request: int
+    row: int
+    tokens: Optional[np.ndarray] = None
+    text: str = ""
+    prompt: int = 0
+    error: str = ""
+    wave: Optional[np.ndarray] = None
+    transcript: str = ""
+    nll: Optional[float] = None
+    similarity: Optional[float] = None
+
+
+class Slot:
+    """One model instance's engines plus its precomputed prompt features."""
+
+    def __init__(self, engines: Engines, prompts: list, need_speaker: bool = False):
+        self.engines = engines
+        self.lock = threading.Lock()  # the three models of a slot share its engines
+        self.bank = PromptBank(prompts, engines.token2wav.prepare_prompt)
+        self.prompt_embeddings = None
+        if need_speaker:
+            if engines.speaker is None:
+                raise ValueError("the reward config weights speaker similarity but the engines have no speaker engine")
+            rate = engines.speaker.sample_rate
+            waves = [resample(p.wave, p.sample_rate, rate) for p in self.bank.prompts]
+            self.prompt_embeddings = np.asarray(engines.speaker.embed(waves), dtype=np.float32)
+
+
+def _run_batched(function, inputs: list, items: list, what: str) -> list:
+    """``function(inputs)`` for the whole batch; when that fails, item by item, so one
+    pathological input fails only itself. Failed items get an error and result None."""
+    try:
+        outputs = list(function(inputs))
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"{what} engine returned {len(outputs)} results for {len(inputs)} inputs")
+        return outputs
+    except Exception as error:  # an engine may raise anything
+        if len(inputs) == 1:
+            items[0].error = f"{what} failed: {type(error).__name__}: {error}"
+            LOGGER.exception("%s failed on one item", what)
+            return [None]
+        LOGGER.warning("%s failed on a batch of %d (%s); retrying item by item", what, len(inputs), error)
+    return [_run_batched(function, [x], [item], what)[0] for x, item in zip(inputs, items)]
+
+
+class Pipeline:
+    """The served computations of one slot."""
+
+    def __init__(self, slot: Slot, reward_config: RewardConfig, limits: Limits = Limits()):
+        self.slot = slot
+        self.config = reward_config
+        self.limits = limits
+
+    # ---- input parsing -------------------------------------------------------------
+    def _token_items(self, requests: list, parameters: list) -> list:
+        items = []
+        for r, request in enumerate(requests):
+            batch = request_batch_size(request, "TOKENS")
+            try:
+                tokens = _rows(request, "TOKENS", batch)
+                lens = _rows(request, "TOKEN_LENS", batch)[:, 0] if "TOKEN_LENS" in request else [None] * batch
+                texts = _rows(request, "GT_TEXT", batch)[:, 0] if "GT_TEXT" in request else None
+            except ItemError as error:
+                items.extend(_Item(r, row, error=str(error)) for row in range(batch))
+                continue
+            prompt_name = (parameters[r] or {}).get(PROMPT_PARAMETER)
+            for row in range(batch):
+                item = _Item(r, row)
+                try:
+                    item.tokens = parse_tokens(tokens[row], lens[row], self.limits)
+                    if texts is not None:
+                        item.text = parse_text(texts[row])
+                    item.prompt = self.slot.bank.choose(item.tokens, str(prompt_name) if prompt_name else None)
+                except (ItemError, KeyError) as error:
+                    item.error = str(error).strip("'\"")
+                    item.tokens = None
+                items.append(item)
+        return items
+
+    # ---- stages --------------------------------------------------------------------
+    def _synthesize(self, items: list) -> None:
+        todo = [it for it in items if not it.error and it.tokens is not None and it.tokens.size]
+        if not todo:
+            return
+        engine = self.slot.engines.token2wav
+        features = self.slot.bank.features
+
+        def run(batch):
+            return engine.synthesize([tokens for tokens, _ in batch], [features[p] for _, p in batch])
+
+        waves = _run_batched(run, [(it.tokens, it.prompt) for it in todo], todo, "token2wav")
+        for item, wave in zip(todo, waves):
+            if wave is not None:
+                item.wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+
+    def _transcribe(self, items: list, rate: int, asr=None) -> None:
+        asr = asr or self.slot.engines.asr
+        todo = [it for it in items if not it.error and it.wave is not None]
+        if not todo:
+            return
+        waves = [resample(it.wave, rate, asr.sample_rate) for it in todo]
+        results = _run_batched(asr.transcribe, waves, todo, "ASR")
+        for item, result in zip(todo, results):
+            if result is not None:
+                item.transcript = str(result.text)
+                item.nll = None if result.nll is None else float(result.nll)
+
+    def _embed(self, items: list, rate: int) -> None:
+        todo = [it for it in items if not it.error and it.wave is not None]
+        speaker = self.slot.engines.speaker
+        if not todo or speaker is None or self.slot.prompt_embeddings is None:
+            return
+        waves = [resample(it.wave, rate, speaker.sample_rate) for it in todo]
+        rows = _run_batched(lambda w: list(np.asarray(speaker.embed(w), dtype=np.float32)), waves, todo, "speaker")
+        for item, row in zip(todo, rows):
+            if row is None:
+                continue
+            reference = self.slot.prompt_embeddings[item.prompt]
+            norm = float(np.linalg.norm(row) * np.linalg.norm(reference))
+            item.similarity = float(np.dot(row, reference) / norm) if norm > 0 else 0.0
+
+    # ---- served models -------------------------------------------------------------
+    def token2wav_asr(self, requests: list, parameters: Optional[list] = None) -> list:
+        """Inputs TOKENS, TOKEN_LENS, GT_TEXT -> REWARDS, TRANSCRIPTS, ERROR_RATE,
+        SPEAKER_SIMILARITY, ASR_NLL, ERRORS (one row per item)."""
+        parameters = parameters or [None] * len(requests)
+        items = self._token_items(requests, parameters)
+        for item in items:
+            if not item.error and "GT_TEXT" not in requests[item.request]:
+                item.error = "GT_TEXT is missing"
+        rate = self.slot.engines.token2wav.sample_rate
+        with self.slot.lock:
+            self._synthesize(items)
+            self._transcribe(items, rate)
+            if self.config.uses("similarity"):
+                self._embed(items, rate)
+        scores = []
+        for item in items:
+            if item.error:
+                scores.append(None)
+                continue
+            if item.tokens.size == 0:
+                scores.append(minimum_score(self.config))
+                continue
+            try:
+                scores.append(score_item(self.config, item.text, item.transcript, item.similarity, item.nll))
+            except EmptyReferenceError as error:
+                item.error = f"GT_TEXT has nothing to score: {error}"
+                scores.append(None)
+            except ValueError as error:
+                item.error = f"scoring failed: {error}"
+                scores.append(None)
+        outputs = []
+        for r in range(len(requests)):
+            mine = [(it, s) for it, s in zip(items, scores) if it.request == r]
+            outputs.append(
+                {
+                    "REWARDS": _float_column([s.reward if s else math.nan for _, s in mine]),
+                    "TRANSCRIPTS": _text_array([it.transcript for it, _ in mine]),
+                    "ERROR_RATE": _float_column([s.error_rate if s else math.nan for _, s in mine]),
+                    "SPEAKER_SIMILARITY": _float_column([s.similarity if s else math.nan for _, s in mine]),
+                    "ASR_NLL": _float_column([s.nll if s else math.nan for _, s in mine]),
+                    "ERRORS": _text_array([it.error for it, _ in mine]),
+                }
+            )
+        return outputs
+
+    def token2wav(self, requests: list, parameters: Optional[list] = None) -> list:
+        """Inputs TOKENS, TOKEN_LENS -> WAV (padded with zeros), WAV_LENS, SAMPLE_RATE, ERRORS."""
+        parameters = parameters or [None] * len(requests)
+        items = self._token_items(requests, parameters)
+        for item in items:
+            if not item.error and item.tokens.size == 0:
+                item.error = "no speech tokens to synthesize"
+        with self.slot.lock:
+            self._synthesize(items)
+        rate = self.slot.engines.token2wav.sample_rate
+        outputs = []
+        for r in range(len(requests)):
+            mine = [it for it in items if it.request == r]
+            width = max([it.wave.size for it in mine if it.wave is not None] + [1])
+            waves = np.zeros((len(mine), width), dtype=np.float32)
+            lens = np.zeros((len(mine), 1), dtype=np.int32)
+            for i, item in enumerate(mine):
+                if item.wave is not None:
+                    waves[i, : item.wave.size] = item.wave
+                    lens[i, 0] = item.wave.size
+            outputs.append(
+                {
+                    "WAV": waves,
+                    "WAV_LENS": lens,
+                    "SAMPLE_RATE": np.full((len(mine), 1), rate, dtype=np.int32),
+                    "ERRORS": _text_array([it.error for it in mine]),
+                }
+            )
+        return outputs
+
+    def asr(self, requests: list, parameters: Optional[list] = None, which: str = "asr") -> list:
+        """Inputs WAV (FP32, padded), WAV_LENS (optional), SAMPLE_RATE (optional, default the
+        ASR's rate) -> TRANSCRIPTS, ASR_NLL, ERRORS. ``which``: ``asr`` or ``asr_eval``."""
+        asr = getattr(self.slot.engines, which)
+        items = []
+        rates = []
+        for r, request in enumerate(requests):
+            batch = request_batch_size(request, "WAV")
+            try:
+                waves = _rows(request, "WAV", batch).astype(np.float32, copy=False)
+                lens = _rows(request, "WAV_LENS", batch)[:, 0] if "WAV_LENS" in request else [None] * batch
+                rate_rows = _rows(request, "SAMPLE_RATE", batch)[:, 0] if "SAMPLE_RATE" in request else None
+            except ItemError as error:
+                items.extend(_Item(r, row, error=str(error)) for row in range(batch))
+                rates.extend([asr.sample_rate] * batch)
+                continue
+            for row in range(batch):
+                item = _Item(r, row)
+                rate = int(rate_rows[row]) if rate_rows is not None else asr.sample_rate
+                length = waves.shape[1] if lens[row] is None else int(lens[row])
+                if not 1000 <= rate <= 192000:
+                    item.error = f"SAMPLE_RATE {rate} is outside [1000, 192000]"
+                elif not 0 < length <= waves.shape[1]:
+                    item.error = f"WAV_LENS is {length} but WAV has {waves.shape[1]} samples"
+                elif length > self.limits.max_wave_seconds * rate:
+                    item.error = f"{length / rate:.1f} s of audio is over the maximum of {self.limits.max_wave_seconds} s"
+                elif not np.all(np.isfinite(waves[row, :length])):
+                    item.error = "WAV has NaN or infinite samples"
+                else:
+                    item.wave = waves[row, :length]
+                items.append(item)
+                rates.append(rate)
+        with self.slot.lock:
+            todo = [it for it in items if not it.error]
+            if todo:
+                resampled = [resample(it.wave, rate, asr.sample_rate) for it, rate in zip(items, rates) if not it.error]
+                results = _run_batched(asr.transcribe, resampled, todo, which)
+                for item, result in zip(todo, results):
+                    if result is not None:
+                        item.transcript = str(result.text)
+                        item.nll = None if result.nll is None else float(result.nll)
+        outputs = []
+        for r in range(len(requests)):
+            mine = [it for it in items if it.request == r]
+            outputs.append(
+                {
+                    "TRANSCRIPTS": _text_array([it.transcript for it in mine]),
+                    "ASR_NLL": _float_column([math.nan if it.nll is None else it.nll for it in mine]),
+                    "ERRORS": _text_array([it.error for it in mine]),
+                }
+            )
+        return outputs

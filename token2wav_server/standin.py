@@ -1,0 +1,156 @@
+"""Stand-in engines: a deterministic, weight-free token2wav / ASR / speaker pipeline.
+
+They implement the engine interface of ``token2wav_server.engines`` so the whole
+recipe (reward server, reward hook, evaluation, smoke runs) runs on CPU without
+model weights, with transcripts and error rates a test can predict.
+
+- Token -> audio: every speech token id ``i`` becomes ``SAMPLES_PER_TOKEN`` (640)
+  samples at ``SAMPLE_RATE`` (16 kHz, i.e. 25 tokens/s like CosyVoice2) that all
+  equal ``(i + 1) / 8192`` (exact in float32).
+- Audio -> text: a waveform cut into 640-sample segments, each constant at
+  ``k / 8192`` with ``1 <= k <= 6561``, is stand-in audio; segment ``k`` reads as
+  character ``TABLE[k - 1]``. Any other waveform (a real recording, a resampled
+  or truncated one) transcribes as ``UNKNOWN_AUDIO_TEXT`` with ``nll`` 5.0, so it
+  never crashes and is always scored the same.
+- ``TABLE`` maps token id ``i`` to the character ``chr(0x4E00 + i)`` (the first
+  6561 CJK unified ideographs: 一 丁 七 万 丈 三 上 下 ...). ``text_to_tokens(text)``
+  inverts it: ids the pipeline transcribes as exactly ``text``.
+- ASR confidence: stand-in audio has ``nll`` 0.0.
+- Speaker embedding: a 4-dim vector of waveform statistics (mean, std, mean
+  absolute first difference, fraction of non-zero samples), L2-normalized; equal
+  for equal waveforms.
+
+The token2wav engine counts ``prepare_prompt`` calls (``prepared_prompts``) and
+records the prompt of each synthesized item (``last_prompts``) so tests can check
+prompts are prepared once and chosen deterministically. Options
+(``--engine-option KEY=VALUE``): ``delay_ms`` sleeps that long per batch in each
+engine, to imitate model cost.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .engines import AsrResult, EngineOptions, Engines, SpeakerPrompt
+
+SAMPLE_RATE = 16000
+SAMPLES_PER_TOKEN = 640
+SPEECH_VOCAB_SIZE = 6561  # equals ttsrl.speech_tokens.SPEECH_VOCAB_SIZE (kept numpy-only here)
+SCALE = 8192.0
+TABLE = "".join(chr(0x4E00 + i) for i in range(SPEECH_VOCAB_SIZE))
+UNKNOWN_AUDIO_TEXT = "未知音频"
+UNKNOWN_AUDIO_NLL = 5.0
+_CHAR_TO_ID = {char: index for index, char in enumerate(TABLE)}
+
+
+def text_to_tokens(text: str) -> list[int]:
+    """Speech token ids that the stand-in pipeline transcribes as exactly ``text``."""
+    ids = []
+    for position, char in enumerate(text):
+        if char not in _CHAR_TO_ID:
+            raise ValueError(
+                f"character {char!r} at position {position} of {text!r} is not in the stand-in table "
+                f"(U+4E00..U+{0x4E00 + SPEECH_VOCAB_SIZE - 1:04X})"
+            )
+        ids.append(_CHAR_TO_ID[char])
+    return ids
+
+
+def tokens_to_text(ids) -> str:
+    """What the stand-in pipeline transcribes for these speech token ids."""
+    return "".join(TABLE[int(i)] for i in ids)
+
+
+def tokens_to_wave(ids) -> np.ndarray:
+    """The stand-in waveform of speech token ids (float32, ``SAMPLE_RATE``)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= SPEECH_VOCAB_SIZE):
+        raise ValueError(f"speech token ids must be in [0, {SPEECH_VOCAB_SIZE})")
+    return np.repeat(((ids + 1) / SCALE).astype(np.float32), SAMPLES_PER_TOKEN)
+
+
+def wave_to_tokens(wave: np.ndarray):
+    """Token ids of a stand-in waveform, or None when it is not stand-in audio."""
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if wave.size == 0 or wave.size % SAMPLES_PER_TOKEN:
+        return None
+    segments = wave.reshape(-1, SAMPLES_PER_TOKEN)
+    first = segments[:, :1]
+    if not np.array_equal(segments, np.broadcast_to(first, segments.shape)):
+        return None
+    codes = first[:, 0] * SCALE
+    ids = np.rint(codes).astype(np.int64)
+    if not np.array_equal(codes, ids.astype(np.float32)) or ids.min() < 1 or ids.max() > SPEECH_VOCAB_SIZE:
+        return None
+    return ids - 1
+
+
+def _sleep(delay_ms: float) -> None:
+    if delay_ms > 0:
+        time.sleep(delay_ms / 1000.0)
+
+
+class StandinToken2Wav:
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, delay_ms: float = 0.0):
+        self.delay_ms = delay_ms
+        self.prepared_prompts = 0
+        self.last_prompts: list = []
+
+    def prepare_prompt(self, prompt: SpeakerPrompt) -> object:
+        self.prepared_prompts += 1
+        return prompt.name
+
+    def synthesize(self, token_batch: list, prompts: list) -> list:
+        _sleep(self.delay_ms)
+        self.last_prompts = list(prompts)
+        return [tokens_to_wave(tokens) for tokens in token_batch]
+
+
+class StandinAsr:
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, delay_ms: float = 0.0):
+        self.delay_ms = delay_ms
+
+    def transcribe(self, waves: list) -> list:
+        _sleep(self.delay_ms)
+        results = []
+        for wave in waves:
+            ids = wave_to_tokens(wave)
+            if ids is None:
+                results.append(AsrResult(UNKNOWN_AUDIO_TEXT, UNKNOWN_AUDIO_NLL))
+            else:
+                results.append(AsrResult(tokens_to_text(ids), 0.0))
+        return results
+
+
+class StandinSpeaker:
+    sample_rate = SAMPLE_RATE
+
+    def embed(self, waves: list) -> np.ndarray:
+        rows = []
+        for wave in waves:
+            wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+            if wave.size == 0:
+                rows.append(np.zeros(4))
+                continue
+            diff = np.abs(np.diff(wave)).mean() if wave.size > 1 else 0.0
+            row = np.array([wave.mean(), wave.std(), diff, np.count_nonzero(wave) / wave.size])
+            norm = np.linalg.norm(row)
+            rows.append(row / norm if norm > 0 else row)
+        return np.stack(rows).astype(np.float32)
+
+
+def create_engines(options: EngineOptions | None = None) -> Engines:
+    """Factory for ``--engines token2wav_server.standin:create_engines``."""
+    options = options or EngineOptions()
+    delay_ms = float(options.extra.get("delay_ms", 0.0))
+    return Engines(
+        token2wav=StandinToken2Wav(delay_ms),
+        asr=StandinAsr(delay_ms),
+        speaker=StandinSpeaker(),
+        asr_eval=StandinAsr(delay_ms),
+    )
