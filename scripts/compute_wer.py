@@ -1,6 +1,17 @@
-"""Corpus error rate of ASR transcripts against reference texts (text mode).
+"""Corpus error rate of ASR transcripts against reference texts.
 
+Text mode:
     python scripts/compute_wer.py --ref REF --hyp HYP [--metric pinyin|char] [--json OUT] [--details OUT]
+Wav mode (the output folder of infer_dist.py):
+    python scripts/compute_wer.py --output-dir OUT [--server-url URL] [--asr-model asr_eval] [--metric char]
+
+In wav mode the references are the texts of OUT/manifest.jsonl, every
+OUT/wavs/<id>.wav is transcribed by the reward server's evaluation ASR
+(``asr_eval``: Paraformer-zh on GPU servers, so the metric is not the model the
+policy was rewarded by; ``--asr-model asr`` uses the reward ASR), and the
+results land in OUT/ref.txt, OUT/hyp.txt, OUT/wer.txt (details, worst
+utterances, summary last) and OUT/wer.json. An utterance whose wav is missing
+or fails to transcribe counts as deleted in full and is listed.
 
 REF and HYP hold ``utt_id text`` lines (the text may be empty in HYP). Scoring is
 ttsrl.scoring: texts are normalized, numbers may be read any accepted way, and
@@ -161,10 +172,68 @@ def write_json(result: CorpusScore, path: str) -> None:
     write_atomically(path, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
 
 
+def read_infer_manifest(path: Path) -> dict[str, str]:
+    """OUT/manifest.jsonl of infer_dist.py -> {id: reference text}."""
+    references: dict[str, str] = {}
+    if not path.is_file():
+        raise TranscriptError(f"{path}: no such file (run infer_dist.py first)")
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            utt_id, text = str(record["id"]), record["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise TranscriptError(f"{path}:{number}: malformed record ({error})") from None
+        if utt_id in references:
+            raise TranscriptError(f"{path}:{number}: duplicate utterance id {utt_id!r}")
+        references[utt_id] = text
+    return references
+
+
+def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str, log=print) -> tuple[dict, dict]:
+    """Transcribe OUT/wavs with the server -> (references, hypotheses); missing wavs are left out."""
+    import soundfile
+
+    from ttsrl.triton_client import TritonModelClient
+
+    references = read_infer_manifest(output_dir / "manifest.jsonl")
+    hypotheses: dict[str, str] = {}
+    ids, waves, rates = [], [], []
+    for utt_id in references:
+        wav = output_dir / "wavs" / f"{utt_id}.wav"
+        if not wav.exists():
+            log(f"missing wav: {wav}")
+            continue
+        wave, rate = soundfile.read(str(wav), dtype="float32", always_2d=False)
+        ids.append(utt_id)
+        waves.append(wave if wave.ndim == 1 else wave.mean(axis=1))
+        rates.append(rate)
+    client = TritonModelClient(server_url, asr_model)
+    try:
+        for utt_id, result in zip(ids, client.transcribe(waves, rates) if ids else []):
+            if isinstance(result, Exception):
+                log(f"transcription failed for {utt_id}: {result}")
+            else:
+                hypotheses[utt_id] = result
+    finally:
+        client.close()
+    return references, hypotheses
+
+
+def write_transcripts(path: Path, transcripts: dict[str, str]) -> None:
+    write_atomically(str(path), "".join(f"{utt_id} {text}\n" for utt_id, text in transcripts.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ref", required=True, help="reference transcripts: 'utt_id text' lines")
-    parser.add_argument("--hyp", required=True, help="hypothesis transcripts: 'utt_id text' lines")
+    parser.add_argument("--ref", help="text mode: reference transcripts, 'utt_id text' lines")
+    parser.add_argument("--hyp", help="text mode: hypothesis transcripts, 'utt_id text' lines")
+    parser.add_argument("--output-dir", help="wav mode: an infer_dist.py output folder")
+    parser.add_argument("--server-url", default=os.environ.get("REWARD_SERVER_URL", "grpc://127.0.0.1:8001").split(",")[0],
+                        help="wav mode: reward server (default: first of $REWARD_SERVER_URL, else grpc://127.0.0.1:8001)")
+    parser.add_argument("--asr-model", default="asr_eval", help="wav mode: served ASR model (asr_eval or asr)")
+    parser.add_argument("--set-name", default="", help="label printed with the summary")
     parser.add_argument("--metric", choices=METRICS, default="pinyin")
     parser.add_argument("--json", default=None, help="write the summary and per-utterance scores here")
     parser.add_argument("--details", default=None, help="write per-utterance details here (default: stdout)")
@@ -172,24 +241,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    wav_mode = args.output_dir is not None
+    if wav_mode == bool(args.ref or args.hyp) or (not wav_mode and not (args.ref and args.hyp)):
+        parser.error("give --ref and --hyp (text mode) or --output-dir (wav mode)")
     try:
-        references = read_transcripts(args.ref, allow_empty_text=False)
-        hypotheses = read_transcripts(args.hyp, allow_empty_text=True)
+        if wav_mode:
+            output_dir = Path(args.output_dir)
+            references, hypotheses = transcribe_output_dir(output_dir, args.server_url, args.asr_model)
+            write_transcripts(output_dir / "ref.txt", references)
+            write_transcripts(output_dir / "hyp.txt", hypotheses)
+            args.details = args.details or str(output_dir / "wer.txt")
+            args.json = args.json or str(output_dir / "wer.json")
+        else:
+            references = read_transcripts(args.ref, allow_empty_text=False)
+            hypotheses = read_transcripts(args.hyp, allow_empty_text=True)
         if not references:
-            raise TranscriptError(f"{args.ref}: no utterances")
+            raise TranscriptError(f"{args.ref or args.output_dir}: no utterances")
         result = score_corpus(references, hypotheses, args.metric)
     except TranscriptError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    summary = result.summary_line() + (f" ({args.set_name})" if args.set_name else "")
     details = format_details(result)
     if args.details:
-        write_atomically(args.details, details + "\n")
+        write_atomically(args.details, details + "\n" + summary + "\n")
     else:
         print(details)
     if args.json:
         write_json(result, args.json)
-    print(result.summary_line())
+    print(summary)
     return 0
 
 

@@ -185,6 +185,7 @@ def write_tiny_cosyvoice2(output_dir: str | Path, seed: int = 0, logit_std: floa
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp", dir=output_dir.parent))
+    os.chmod(tmp, 0o755)
     try:
         blank = tmp / BLANK_EN
         blank.mkdir()

@@ -179,16 +179,6 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
         Tensor(name="TOKENS", shape=(-1,), dtype=np.int32),
         Tensor(name="TOKEN_LENS", shape=(1,), dtype=np.int32, optional=True),
     ]
-    # REWARDS must stay the first output: the reference client reads outputs[0].
-    triton.bind(
-        model_name="token2wav_asr",
-        infer_func=[_infer_function(p.token2wav_asr) for p in pipelines],
-        inputs=token_inputs + [Tensor(name="GT_TEXT", shape=(1,), dtype=bytes)],
-        outputs=[float_out("REWARDS"), text_out("TRANSCRIPTS"), float_out("ERROR_RATE"),
-                 float_out("SPEAKER_SIMILARITY"), float_out("ASR_NLL"), text_out("ERRORS")],
-        config=config(),
-        strict=False,
-    )
     triton.bind(
         model_name="token2wav",
         infer_func=[_infer_function(p.token2wav) for p in pipelines],
@@ -198,7 +188,7 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
         config=config(),
         strict=False,
     )
-    models = ["token2wav_asr", "token2wav", "asr"]
+    models = ["token2wav", "asr"]
     wave_inputs = [
         Tensor(name="WAV", shape=(-1,), dtype=np.float32),
         Tensor(name="WAV_LENS", shape=(1,), dtype=np.int32, optional=True),
@@ -218,6 +208,19 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
             config=config(),
             strict=False,
         )
+    # Bound last: PyTriton loads models in bind order, so once token2wav_asr is ready
+    # (what clients and launch.py wait for) every model is.
+    # REWARDS must stay the first output: the reference client reads outputs[0].
+    triton.bind(
+        model_name="token2wav_asr",
+        infer_func=[_infer_function(p.token2wav_asr) for p in pipelines],
+        inputs=token_inputs + [Tensor(name="GT_TEXT", shape=(1,), dtype=bytes)],
+        outputs=[float_out("REWARDS"), text_out("TRANSCRIPTS"), float_out("ERROR_RATE"),
+                 float_out("SPEAKER_SIMILARITY"), float_out("ASR_NLL"), text_out("ERRORS")],
+        config=config(),
+        strict=False,
+    )
+    models.append("token2wav_asr")
     return models
 
 

@@ -51,13 +51,17 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             sock.close()
 
 
-def is_ready(http_url: str, timeout: float = 2.0) -> bool:
-    """Whether ``GET {http_url}/v2/health/ready`` answers 200."""
-    try:
-        with urllib.request.urlopen(f"{http_url}/v2/health/ready", timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, OSError):
-        return False
+def is_ready(http_url: str, timeout: float = 2.0, model: str = "token2wav_asr") -> bool:
+    """Whether the server is ready and ``model`` is loaded (Triton starts answering
+    before PyTriton has loaded the models, so server readiness alone is not enough)."""
+    for path in ("/v2/health/ready", f"/v2/models/{model}/ready"):
+        try:
+            with urllib.request.urlopen(f"{http_url}{path}", timeout=timeout) as response:
+                if response.status != 200:
+                    return False
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+    return True
 
 
 class ServerProcess:

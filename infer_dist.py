@@ -1,0 +1,439 @@
+"""Distributed speech synthesis of a test set with a (merged) policy checkpoint.
+
+    torchrun --nproc_per_node=N infer_dist.py --model DIR --manifest FILE --output-dir OUT [options]
+    python infer_dist.py --model DIR --manifest FILE --output-dir OUT     # one process
+
+Manifests, paths relative to the manifest's folder:
+  - seed-tts-eval ``meta.lst``: ``utt|prompt_text|prompt_wav|text`` per line;
+  - JSONL: ``id``, ``text``, optional ``prompt_text``, ``prompt_wav`` and
+    ``prompt_tokens`` (the prompt's CosyVoice2 speech tokens, precomputed).
+
+Each rank generates speech tokens with transformers (batched, left padding, the
+model's chat template, sampling flags) or vLLM (``--backend vllm``), turns them
+into audio with the reward server's ``token2wav`` model (``--server-url``), and
+writes ``OUT/wavs/<id>.wav`` plus ``OUT/records/<id>.json`` (text, token count,
+duration, error). Rank 0 then writes ``OUT/manifest.jsonl`` of every utterance.
+
+Zero-shot prompting (prompt text + text, then the prompt's speech tokens as the
+start of the answer) is used when an utterance has ``prompt_tokens``; an
+utterance with a prompt wav but no tokens falls back to text-only prompting
+(counted in the summary), because this version does not tokenize prompt audio.
+
+Exactly once and resumable: every rank lists the utterances without a record
+of success, the ranks agree on that list at a barrier before anyone writes,
+and rank r takes every world_size-th of it. Files are written to a temp name
+and renamed, so a killed run leaves only whole files; run it again and it does
+the rest. A failed utterance (no speech tokens, server error) gets a record
+with its reason and is retried by the next run; it does not stop this one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # torchrun may start us from elsewhere
+
+from ttsrl.chat_template import prompt_messages  # noqa: E402
+from ttsrl.speech_tokens import SPEECH_END_TOKENS, format_speech_tokens, parse_speech_tokens  # noqa: E402
+
+LOGGER = logging.getLogger("infer_dist")
+
+
+class ManifestError(Exception):
+    """A manifest line is malformed; the message names file and line."""
+
+
+@dataclass
+class Utterance:
+    id: str
+    text: str
+    prompt_text: str = ""
+    prompt_wav: str = ""
+    prompt_tokens: list[int] = field(default_factory=list)
+
+
+def _check_id(utt_id: str, where: str, seen: dict[str, str]) -> None:
+    if not utt_id:
+        raise ManifestError(f"{where}: empty utterance id")
+    if "/" in utt_id or utt_id in (".", ".."):
+        raise ManifestError(f"{where}: utterance id {utt_id!r} cannot be a file name")
+    if utt_id in seen:
+        raise ManifestError(f"{where}: duplicate utterance id {utt_id!r} (first at {seen[utt_id]})")
+    seen[utt_id] = where
+
+
+def read_manifest(path: str) -> list[Utterance]:
+    """A meta.lst or JSONL manifest -> utterances, prompt wav paths made absolute."""
+    manifest = Path(path)
+    if not manifest.is_file():
+        raise ManifestError(f"{path}: no such file")
+    base = manifest.resolve().parent
+    utterances: list[Utterance] = []
+    seen: dict[str, str] = {}
+    is_jsonl = manifest.suffix in (".jsonl", ".json")
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if is_jsonl:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ManifestError(f"{where}: malformed JSON: {error.msg}") from None
+            if not isinstance(record, dict):
+                raise ManifestError(f"{where}: expected a JSON object")
+            utt = Utterance(str(record.get("id", "")), record.get("text", ""), record.get("prompt_text") or "",
+                            record.get("prompt_wav") or "", record.get("prompt_tokens") or [])
+            if not isinstance(utt.prompt_tokens, list) or not all(isinstance(t, int) for t in utt.prompt_tokens):
+                raise ManifestError(f"{where}: prompt_tokens must be a list of integers")
+        else:
+            fields = line.rstrip("\r").split("|")
+            if len(fields) != 4:
+                raise ManifestError(f"{where}: expected 'utt|prompt_text|prompt_wav|text', got {len(fields)} fields")
+            utt = Utterance(fields[0].strip(), fields[3].strip(), fields[1].strip(), fields[2].strip())
+        _check_id(utt.id, where, seen)
+        if not isinstance(utt.text, str) or not utt.text.strip():
+            raise ManifestError(f"{where}: utterance {utt.id!r} has no text")
+        if utt.prompt_wav:
+            utt.prompt_wav = str((base / utt.prompt_wav).resolve())
+        utterances.append(utt)
+    if not utterances:
+        raise ManifestError(f"{path}: no utterances")
+    return utterances
+
+
+# ---- output files -----------------------------------------------------------------------------
+
+
+def wav_path(output_dir: Path, utt_id: str) -> Path:
+    return output_dir / "wavs" / f"{utt_id}.wav"
+
+
+def record_path(output_dir: Path, utt_id: str) -> Path:
+    return output_dir / "records" / f"{utt_id}.json"
+
+
+def write_json_atomically(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_wav_atomically(path: Path, wave, sample_rate: int) -> None:
+    import soundfile
+
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.wav")
+    # 32-bit float keeps the decoder's output exactly (stand-in audio relies on it).
+    soundfile.write(str(tmp), wave, sample_rate, subtype="FLOAT")
+    os.replace(tmp, path)
+
+
+def is_done(output_dir: Path, utt_id: str) -> bool:
+    """Finished means a success record and its wav; failed ones are retried."""
+    record = record_path(output_dir, utt_id)
+    if not record.exists() or not wav_path(output_dir, utt_id).exists():
+        return False
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("error") is None
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def pending_utterances(utterances: list[Utterance], output_dir: Path) -> list[Utterance]:
+    return [u for u in utterances if not is_done(output_dir, u.id)]
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    return items[rank::world_size]
+
+
+def write_manifest(utterances: list[Utterance], output_dir: Path) -> dict:
+    """Collect every utterance's record into OUT/manifest.jsonl; returns the summary."""
+    lines = []
+    summary = {"utterances": len(utterances), "ok": 0, "failed": 0, "missing": 0, "seconds_of_audio": 0.0}
+    for utt in utterances:
+        path = record_path(output_dir, utt.id)
+        if path.exists():
+            record = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            record = {"id": utt.id, "text": utt.text, "error": "not produced"}
+            summary["missing"] += 1
+        if record.get("error") is None:
+            summary["ok"] += 1
+            summary["seconds_of_audio"] += record.get("duration", 0.0)
+        elif path.exists():
+            summary["failed"] += 1
+        lines.append(json.dumps(record, ensure_ascii=False))
+    tmp = output_dir / f".manifest.jsonl.tmp-{os.getpid()}"
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / "manifest.jsonl")
+    return summary
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingOptions:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 25
+    max_new_tokens: int = 1000
+    greedy: bool = False
+    seed: int = 0
+
+
+def build_messages(utt: Utterance) -> list[dict]:
+    """Zero-shot when the prompt's speech tokens are known, else text-only."""
+    if utt.prompt_tokens:
+        return prompt_messages(utt.prompt_text + utt.text, format_speech_tokens(utt.prompt_tokens))
+    return prompt_messages(utt.text)
+
+
+class TransformersGenerator:
+    """Batched sampling with transformers; left padding so every prompt ends where generation starts."""
+
+    def __init__(self, model_dir: str, device: str, sampling: SamplingOptions):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = device
+        self.sampling = sampling
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.end_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in SPEECH_END_TOKENS]
+        unknown = self.tokenizer.unk_token_id
+        if any(i is None or (unknown is not None and i == unknown) for i in self.end_ids):
+            raise ValueError(f"{model_dir}: the tokenizer lacks the speech end tokens {SPEECH_END_TOKENS}; "
+                             "is this a converted CosyVoice2 checkpoint?")
+
+    def generate(self, batch: list[Utterance]) -> list[str]:
+        torch = self.torch
+        prompts = [self.tokenizer.apply_chat_template(build_messages(u), tokenize=False) for u in batch]
+        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        s = self.sampling
+        kwargs = dict(max_new_tokens=s.max_new_tokens, eos_token_id=self.end_ids,
+                      pad_token_id=self.tokenizer.pad_token_id)
+        if s.greedy:
+            kwargs.update(do_sample=False, top_p=None, top_k=None, temperature=None)
+        else:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, **kwargs)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [self.tokenizer.decode(row, skip_special_tokens=False) for row in new_tokens]
+
+
+class VllmGenerator:
+    """vLLM offline generation (CUDA machines with vllm installed)."""
+
+    def __init__(self, model_dir: str, sampling: SamplingOptions):
+        from transformers import AutoTokenizer
+        from vllm import LLM, SamplingParams
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.llm = LLM(model=model_dir, seed=sampling.seed)
+        end_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in SPEECH_END_TOKENS]
+        if sampling.greedy:
+            self.params = SamplingParams(temperature=0.0, max_tokens=sampling.max_new_tokens, stop_token_ids=end_ids)
+        else:
+            self.params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                         max_tokens=sampling.max_new_tokens, stop_token_ids=end_ids)
+
+    def generate(self, batch: list[Utterance]) -> list[str]:
+        prompts = [self.tokenizer.apply_chat_template(build_messages(u), tokenize=False) for u in batch]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=False) for o in outputs]
+
+
+# ---- speech tokens -> audio -------------------------------------------------------------------
+
+
+class ServerToken2Wav:
+    """The reward server's ``token2wav`` model over gRPC or HTTP (tritonclient)."""
+
+    def __init__(self, url: str, model_name: str = "token2wav", timeout_s: float = 600.0):
+        from ttsrl.triton_client import TritonModelClient
+
+        self.client = TritonModelClient(url, model_name, timeout_s)
+
+    def synthesize(self, token_lists: list[list[int]]):
+        """-> list of (waveform float32, sample_rate) or an Exception per item."""
+        return self.client.token2wav(token_lists)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def init_distributed():
+    """(rank, world_size, device): gloo on CPU, NCCL on GPUs; no process group when run alone."""
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world_size, device
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def synthesize_batch(batch: list[Utterance], generator, token2wav, output_dir: Path) -> list[dict]:
+    """Generate, decode and write one batch; each utterance gets a record, success or not."""
+    records: list[dict] = []
+    try:
+        responses = generator.generate(batch)
+    except Exception as error:  # a broken batch is recorded, the run goes on
+        LOGGER.exception("generation failed for %s", [u.id for u in batch])
+        responses = [error] * len(batch)
+    to_decode = []
+    for utt, response in zip(batch, responses):
+        record = {"id": utt.id, "text": utt.text, "prompt_text": utt.prompt_text, "prompt_wav": utt.prompt_wav,
+                  "zero_shot": bool(utt.prompt_tokens), "tokens": 0, "duration": 0.0, "error": None}
+        if isinstance(response, Exception):
+            record["error"] = f"generation failed: {response}"
+        else:
+            parsed = parse_speech_tokens(response)
+            record["tokens"] = len(parsed.ids)
+            record["ignored_pieces"] = parsed.ignored
+            record["ended"] = parsed.ended
+            if not parsed.ids:
+                record["error"] = "no speech tokens generated"
+            else:
+                to_decode.append((record, parsed.ids))
+        records.append(record)
+    if to_decode:
+        try:
+            results = token2wav.synthesize([ids for _, ids in to_decode])
+        except Exception as error:
+            results = [error] * len(to_decode)
+        for (record, _), result in zip(to_decode, results):
+            if isinstance(result, Exception):
+                record["error"] = f"token2wav failed: {result}"
+                continue
+            wave, sample_rate = result
+            write_wav_atomically(wav_path(output_dir, record["id"]), wave, sample_rate)
+            record["duration"] = round(len(wave) / sample_rate, 4)
+            record["sample_rate"] = sample_rate
+    for record in records:
+        write_json_atomically(record_path(output_dir, record["id"]), record)
+    return records
+
+
+def run(args, generator_factory=None, token2wav=None) -> dict:
+    """The whole job on this rank; returns rank 0's summary (others return their own counts)."""
+    rank, world_size, device = init_distributed()
+    output_dir = Path(args.output_dir)
+    utterances = read_manifest(args.manifest)
+    if args.max_utterances:
+        utterances = utterances[:args.max_utterances]
+    (output_dir / "wavs").mkdir(parents=True, exist_ok=True)
+    (output_dir / "records").mkdir(parents=True, exist_ok=True)
+    pending = pending_utterances(utterances, output_dir)
+    # Everyone has listed the pending utterances before anyone writes, so all ranks split the same list.
+    barrier(world_size)
+    mine = shard(pending, rank, world_size)
+    if rank == 0:
+        LOGGER.info("%d utterances, %d already done, %d to do on %d ranks", len(utterances),
+                    len(utterances) - len(pending), len(pending), world_size)
+    counts = {"done": 0, "failed": 0}
+    if mine:
+        import torch
+
+        torch.manual_seed(args.seed + rank)
+        sampling = SamplingOptions(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.greedy, args.seed)
+        if generator_factory is not None:
+            generator = generator_factory(device, sampling)
+        elif args.backend == "vllm":
+            generator = VllmGenerator(args.model, sampling)
+        else:
+            generator = TransformersGenerator(args.model, device, sampling)
+        token2wav = token2wav or ServerToken2Wav(args.server_url)
+        progress = None
+        if rank == 0:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(mine), desc=f"rank 0 of {world_size}", unit="utt")
+        for start in range(0, len(mine), args.batch_size):
+            batch = mine[start:start + args.batch_size]
+            for record in synthesize_batch(batch, generator, token2wav, output_dir):
+                counts["failed" if record["error"] else "done"] += 1
+            if progress is not None:
+                progress.update(len(batch))
+        if progress is not None:
+            progress.close()
+    barrier(world_size)
+    summary = counts
+    if rank == 0:
+        summary = write_manifest(utterances, output_dir)
+        summary["produced_this_run"] = len(pending)
+        LOGGER.info("summary: %s", json.dumps(summary))
+        print(f"infer_dist: {summary['ok']}/{summary['utterances']} utterances ok, {summary['failed']} failed, "
+              f"{summary['missing']} missing, {summary['seconds_of_audio']:.1f} s of audio; "
+              f"{len(pending)} attempted this run; manifest: {output_dir / 'manifest.jsonl'}")
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Hugging Face model directory (merged or converted)")
+    parser.add_argument("--manifest", required=True, help="meta.lst (utt|prompt_text|prompt_wav|text) or JSONL")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--server-url", default=os.environ.get("REWARD_SERVER_URL", "grpc://127.0.0.1:8001"),
+                        help="reward server serving token2wav (grpc://host:port or http://host:port; "
+                             "default $REWARD_SERVER_URL or grpc://127.0.0.1:8001; first of a list)")
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=1000)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=25)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--seed", type=int, default=0, help="rank r samples with seed + r")
+    parser.add_argument("--max-utterances", type=int, default=0, help="only the first N of the manifest (0: all)")
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    args.server_url = args.server_url.split(",")[0].strip()
+    try:
+        run(args)
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

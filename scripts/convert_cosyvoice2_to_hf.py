@@ -1,0 +1,65 @@
+"""Convert CosyVoice2's LLM (llm.pt + CosyVoice-BlankEN/) to a Hugging Face Qwen2ForCausalLM directory.
+
+    python scripts/convert_cosyvoice2_to_hf.py --cosyvoice2-dir pretrained_models/CosyVoice2-0.5B \
+        --output-dir pretrained_models/cosyvoice2_llm_hf [--dtype float32|bfloat16] [--force] [--measure]
+
+Skips the work when the output directory already holds a finished conversion
+(unless --force). Writes into a temporary directory next to the output and
+renames it, so an interrupted run leaves nothing half-written. --measure also
+compares the converted model with CosyVoice2's biased distribution on a few
+sentences and stores the numbers in cosyvoice2_conversion.json. The layout and
+what is not exact are described in docs/conversion.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.cosyvoice2_hf import (DTYPES, LLM_PT, REPORT_FILE, ConversionError, convert_cosyvoice2, is_complete,
+                                   measure_conversion, save_converted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cosyvoice2-dir", required=True, help="CosyVoice2-0.5B directory (llm.pt, CosyVoice-BlankEN/)")
+    parser.add_argument("--output-dir", required=True, help="Hugging Face model directory to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the saved weights (default float32: lossless)")
+    parser.add_argument("--force", action="store_true", help="convert again even if the output is complete")
+    parser.add_argument("--measure", action="store_true",
+                        help="measure the dropped-bias and non-speech-token effects on a few sentences")
+    args = parser.parse_args(argv)
+    output = Path(args.output_dir)
+    if is_complete(output) and not args.force:
+        print(f"{output} already holds a converted model ({REPORT_FILE}); skipping (--force to redo)")
+        return 0
+    try:
+        converted = convert_cosyvoice2(args.cosyvoice2_dir, dtype=DTYPES[args.dtype])
+        if args.measure:
+            from transformers import Qwen2ForCausalLM
+
+            import torch
+
+            model = Qwen2ForCausalLM(converted.config).to(DTYPES[args.dtype])
+            model.load_state_dict(converted.state, strict=True)
+            model.eval()
+            bias = torch.load(Path(args.cosyvoice2_dir) / LLM_PT, map_location="cpu",
+                              weights_only=True)["llm_decoder.bias"]
+            converted.report["measured"] = measure_conversion(model, converted.tokenizer, bias)
+            print(json.dumps(converted.report["measured"], indent=2))
+        save_converted(converted, output)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {output} (vocab {converted.report['vocab_size']}, <|s_0|> = id "
+          f"{converted.report['speech_token_offset']}, dtype {args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The test command: creates both environments when missing (or when the
+# requirement files changed), then runs the whole suite:
+#   - server environment: the shared package (tests/ttsrl) and tests/server
+#   - trainer environment: everything else in tests/ (it starts reward servers
+#     in the server environment where a test needs one)
+# Extra arguments go to both pytest runs, e.g. bash scripts/run_tests.sh -x -k scoring
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup_env.sh trainer
+bash scripts/setup_env.sh server
+
+status=0
+run_pytest() {
+  # pytest exits 5 when a selection collects no test; with -k that is expected for one of the two runs
+  local code=0
+  "$@" || code=$?
+  if [ $code -eq 5 ]; then
+    echo "run_tests.sh: no test selected in: $*"
+  elif [ $code -ne 0 ]; then
+    status=$code
+  fi
+}
+
+echo "== server environment (.venv-server) =="
+run_pytest .venv-server/bin/python -m pytest -p no:cacheprovider tests/ttsrl tests/server "$@"
+echo "== trainer environment (.venv) =="
+run_pytest .venv/bin/python -m pytest -p no:cacheprovider tests --ignore=tests/server "$@"
+exit $status

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Stage 2: GRPO with veRL. The one place that builds the training command.
+#
+#   bash scripts/train_grpo.sh [--config FILE] [--compose-only] [--] [key=value ...]
+#
+# Composes configs/grpo.yaml (layered on veRL's ppo_trainer) with the paths and
+# sizes of configs/default.sh (or --config FILE / $TTSRL_CONFIG; variables
+# already set in the environment win) and then the key=value overrides given
+# here, which win over everything. Paths are made absolute so Ray workers on
+# any node resolve them.
+#
+# --compose-only (or TTSRL_COMPOSE_ONLY=1): print the composed job config
+# (`--cfg job`) and exit; needs no GPU, Ray or reward server. Tests use this to
+# prove every key is valid for the pinned veRL.
+#
+# Otherwise it runs `python -m verl.trainer.main_ppo ...` (run the preflight
+# first: run.sh stage 2 does) and tees its output to
+# $exp_dir/logs/train_<time>.log. Lands under $exp_dir:
+#   global_step_N/actor/            FSDP checkpoints (trainer.save_freq)
+#   latest_checkpointed_iteration.txt  what resume_mode=auto restarts from
+#   logs/train_<time>.{log,cmd}     console output and the exact command
+#   metrics/<time>.jsonl            one JSON line of metrics per step
+#   tensorboard/                    TensorBoard event files
+#   validation_generations/         validation prompts, outputs, scores (jsonl)
+#   hydra/<time>/                   Hydra's own log and composed config
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { echo -e "$(date '+%Y-%m-%d %H:%M:%S') (train_grpo.sh) $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+config_file=${TTSRL_CONFIG:-$repo_root/configs/default.sh}
+compose_only=${TTSRL_COMPOSE_ONLY:-0}
+overrides=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --config) [ $# -ge 2 ] || die "--config needs a file"; config_file=$2; shift 2 ;;
+    --compose-only) compose_only=1; shift ;;
+    --) shift; overrides+=("$@"); break ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *=*) overrides+=("$1"); shift ;;
+    *) die "unexpected argument '$1': overrides look like key=value (e.g. trainer.total_epochs=2)" ;;
+  esac
+done
+
+[ -f "$config_file" ] || die "config file $config_file not found"
+# shellcheck source=../configs/default.sh
+source "$config_file"
+cd "$repo_root"
+
+trainer_python=${trainer_python:-$repo_root/.venv/bin/python}
+[ -x "$trainer_python" ] || die "trainer Python $trainer_python not found: run 'bash scripts/setup_env.sh trainer' (or set trainer_python)"
+
+for name in n_gpus_per_node nnodes train_batch_size rollout_n ppo_mini_batch_size micro_batch_size_per_gpu total_epochs; do
+  [[ ${!name} =~ ^[1-9][0-9]*$ ]] || die "$name must be a positive integer, got '${!name}' (set in $config_file or the environment)"
+done
+for name in save_freq test_freq; do
+  [[ ${!name} =~ ^(-1|0|[1-9][0-9]*)$ ]] || die "$name must be an integer >= -1 (-1 disables), got '${!name}'"
+done
+
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$repo_root/$1" ;; esac; }
+# A Hydra override value quoted as a string: keeps ':', ',', '/' and spaces literal.
+quoted() {
+  case $1 in *"'"* | *\\) die "cannot pass a value with a single quote or trailing backslash to Hydra: $1" ;; esac
+  printf "'%s'" "$1"
+}
+
+exp_abs=$(absolute "$exp_dir")
+data_abs=$(absolute "$data_dir")
+model_abs=$(absolute "$hf_model_dir")
+run_id=$(date '+%Y%m%d-%H%M%S')
+ray_env=ray_kwargs.ray_init.runtime_env.env_vars
+
+cmd=(
+  "$trainer_python" -m verl.trainer.main_ppo
+  --config-path "$repo_root/configs" --config-name grpo
+  "hydra.run.dir=$(quoted "$exp_abs/hydra/$run_id")"
+  "data.train_files=$(quoted "$data_abs/train.parquet")"
+  "data.val_files=$(quoted "$data_abs/test.parquet")"
+  "data.train_batch_size=$train_batch_size"
+  "actor_rollout_ref.model.path=$(quoted "$model_abs")"
+  "actor_rollout_ref.rollout.n=$rollout_n"
+  "actor_rollout_ref.actor.ppo_mini_batch_size=$ppo_mini_batch_size"
+  "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=$micro_batch_size_per_gpu"
+  "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=$micro_batch_size_per_gpu"
+  "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=$micro_batch_size_per_gpu"
+  "reward.custom_reward_function.path=$(quoted "$repo_root/reward_tts.py")"
+  "trainer.experiment_name=$(quoted "$exp_name")"
+  "trainer.default_local_dir=$(quoted "$exp_abs")"
+  "trainer.validation_data_dir=$(quoted "$exp_abs/validation_generations")"
+  "trainer.n_gpus_per_node=$n_gpus_per_node"
+  "trainer.nnodes=$nnodes"
+  "trainer.total_epochs=$total_epochs"
+  "trainer.save_freq=$save_freq"
+  "trainer.test_freq=$test_freq"
+  # Environment of every Ray worker on every node (the reward hook reads
+  # REWARD_SERVER_URL and imports ttsrl from the repo root).
+  "++$ray_env.REWARD_SERVER_URL=$(quoted "$REWARD_SERVER_URL")"
+  "++$ray_env.PYTHONPATH=$(quoted "$repo_root")"
+  "++$ray_env.TENSORBOARD_DIR=$(quoted "$exp_abs/tensorboard")"
+  "++$ray_env.VERL_FILE_LOGGER_PATH=$(quoted "$exp_abs/metrics/$run_id.jsonl")"
+  "${overrides[@]}"
+)
+
+export PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}
+export REWARD_SERVER_URL
+
+if [ "$compose_only" = 1 ]; then
+  exec "${cmd[@]}" --cfg job
+fi
+
+mkdir -p "$exp_abs/logs" "$exp_abs/metrics"
+log_file=$exp_abs/logs/train_$run_id.log
+printf '%q ' "${cmd[@]}" > "$exp_abs/logs/train_$run_id.cmd"
+echo >> "$exp_abs/logs/train_$run_id.cmd"
+log "GRPO: $n_gpus_per_node GPU(s) x $nnodes node(s), $train_batch_size prompts x $rollout_n responses per step"
+log "checkpoints: $exp_abs/global_step_N/actor (every $save_freq steps; resume_mode=auto)"
+log "log: $log_file; metrics: $exp_abs/metrics/$run_id.jsonl; tensorboard: $exp_abs/tensorboard"
+set +e
+"${cmd[@]}" 2>&1 | tee -a "$log_file"
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" = 0 ] || die "training exited with status $status; see $log_file (rerun the same command to resume from the last checkpoint)"
+log "training finished; merge checkpoints with: bash run.sh 3 3"

@@ -1,0 +1,111 @@
+"""A small synchronous client for the reward server's audio models (evaluation side).
+
+The GRPO reward hook (reward_tts.py) has its own pooled asynchronous client for
+``token2wav_asr``; evaluation needs plain batch calls to ``token2wav`` (speech
+tokens -> waveform) and ``asr`` / ``asr_eval`` (waveform -> transcript). The
+tensor names are those the server binds (docs/reward_server.md).
+
+Per-item problems come back in the server's ``ERRORS`` output; they are returned
+as exceptions in the item's place, so one bad item does not lose the others.
+tritonclient is imported lazily (both environments have it).
+"""
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+import numpy as np
+
+REQUEST_ITEMS = 8
+"""Items per request; well under the server's default --max-batch-size."""
+
+
+class ServerItemError(RuntimeError):
+    """The server refused or failed one item; the message is the server's."""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``grpc://host:port`` or ``http://host:port`` -> (protocol, "host:port")."""
+    parsed = urlparse(url if "://" in url else f"grpc://{url}")
+    if parsed.scheme not in ("grpc", "http") or not parsed.hostname or not parsed.port:
+        raise ValueError(f"server URL {url!r}: expected grpc://HOST:PORT or http://HOST:PORT")
+    return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
+
+
+class TritonModelClient:
+    def __init__(self, url: str, model_name: str, timeout_s: float = 600.0):
+        self.url = url
+        self.model_name = model_name
+        self.protocol, address = parse_url(url)
+        if self.protocol == "grpc":
+            import tritonclient.grpc as client_module
+
+            self.client = client_module.InferenceServerClient(address)
+        else:
+            import tritonclient.http as client_module
+
+            self.client = client_module.InferenceServerClient(address, network_timeout=timeout_s,
+                                                              connection_timeout=timeout_s)
+        self.module = client_module
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _infer(self, arrays: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        inputs = []
+        for name, array in arrays.items():
+            dtype = "BYTES" if array.dtype == object else {np.int32: "INT32", np.float32: "FP32"}[array.dtype.type]
+            tensor = self.module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        requested = [self.module.InferRequestedOutput(name) for name in outputs]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        result = self.client.infer(self.model_name, inputs, outputs=requested, **kwargs)
+        return {name: result.as_numpy(name) for name in outputs}
+
+    @staticmethod
+    def _error(errors: np.ndarray, index: int) -> str:
+        value = errors.reshape(-1)[index]
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    def token2wav(self, token_lists: list[list[int]]) -> list:
+        """Speech token id lists -> [(float32 waveform, sample_rate) or ServerItemError]."""
+        results: list = []
+        for start in range(0, len(token_lists), REQUEST_ITEMS):
+            chunk = token_lists[start:start + REQUEST_ITEMS]
+            width = max(1, max(len(tokens) for tokens in chunk))
+            tokens = np.zeros((len(chunk), width), dtype=np.int32)
+            for row, ids in enumerate(chunk):
+                tokens[row, :len(ids)] = ids
+            lengths = np.array([[len(ids)] for ids in chunk], dtype=np.int32)
+            out = self._infer({"TOKENS": tokens, "TOKEN_LENS": lengths}, ["WAV", "WAV_LENS", "SAMPLE_RATE", "ERRORS"])
+            for row in range(len(chunk)):
+                error = self._error(out["ERRORS"], row)
+                if error:
+                    results.append(ServerItemError(error))
+                    continue
+                length = int(out["WAV_LENS"].reshape(-1)[row])
+                results.append((out["WAV"][row, :length].astype(np.float32), int(out["SAMPLE_RATE"].reshape(-1)[row])))
+        return results
+
+    def transcribe(self, waves: list[np.ndarray], sample_rates: list[int]) -> list:
+        """Waveforms -> [transcript str or ServerItemError]."""
+        results: list = []
+        for start in range(0, len(waves), REQUEST_ITEMS):
+            chunk = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves[start:start + REQUEST_ITEMS]]
+            rates = sample_rates[start:start + REQUEST_ITEMS]
+            width = max(1, max(len(w) for w in chunk))
+            wav = np.zeros((len(chunk), width), dtype=np.float32)
+            for row, wave in enumerate(chunk):
+                wav[row, :len(wave)] = wave
+            lengths = np.array([[len(w)] for w in chunk], dtype=np.int32)
+            rate_array = np.array([[r] for r in rates], dtype=np.int32)
+            out = self._infer({"WAV": wav, "WAV_LENS": lengths, "SAMPLE_RATE": rate_array}, ["TRANSCRIPTS", "ERRORS"])
+            for row in range(len(chunk)):
+                error = self._error(out["ERRORS"], row)
+                if error:
+                    results.append(ServerItemError(error))
+                else:
+                    value = out["TRANSCRIPTS"].reshape(-1)[row]
+                    results.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        return results
