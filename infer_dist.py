@@ -12,7 +12,8 @@ Each rank generates speech tokens with transformers (batched, left padding, the
 model's chat template, sampling flags) or vLLM (``--backend vllm``), turns them
 into audio with the reward server's ``token2wav`` model (``--server-url``), and
 writes ``OUT/wavs/<id>.wav`` plus ``OUT/records/<id>.json`` (text, token count,
-duration, error). Rank 0 then writes ``OUT/manifest.jsonl`` of every utterance.
+duration, error) and a line in ``OUT/logs/rank_<r>.log``. Rank 0 then writes
+``OUT/manifest.jsonl`` of every utterance and prints a summary.
 
 Zero-shot prompting (prompt text + text, then the prompt's speech tokens as the
 start of the answer) is used when an utterance has ``prompt_tokens``; an
@@ -143,6 +144,13 @@ def is_done(output_dir: Path, utt_id: str) -> bool:
         return json.loads(record.read_text(encoding="utf-8")).get("error") is None
     except (json.JSONDecodeError, OSError):
         return False
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Temp files a killed run left behind (nothing writes before the start-up barrier)."""
+    for folder in (output_dir / "wavs", output_dir / "records"):
+        for path in folder.glob(".*.tmp-*"):
+            path.unlink(missing_ok=True)
 
 
 def pending_utterances(utterances: list[Utterance], output_dir: Path) -> list[Utterance]:
@@ -300,6 +308,13 @@ def barrier(world_size: int) -> None:
         dist.barrier()
 
 
+def append_rank_log(output_dir: Path, rank: int, records: list[dict]) -> None:
+    """OUT/logs/rank_<r>.log: one line per utterance this rank finished (ok or failed), in order."""
+    with open(output_dir / "logs" / f"rank_{rank}.log", "a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(f"{record['id']}\t{'failed: ' + record['error'] if record['error'] else 'ok'}\n")
+
+
 def synthesize_batch(batch: list[Utterance], generator, token2wav, output_dir: Path) -> list[dict]:
     """Generate, decode and write one batch; each utterance gets a record, success or not."""
     records: list[dict] = []
@@ -351,7 +366,10 @@ def run(args, generator_factory=None, token2wav=None) -> dict:
         utterances = utterances[:args.max_utterances]
     (output_dir / "wavs").mkdir(parents=True, exist_ok=True)
     (output_dir / "records").mkdir(parents=True, exist_ok=True)
+    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     pending = pending_utterances(utterances, output_dir)
+    if rank == 0:
+        remove_stale_temporaries(output_dir)
     # Everyone has listed the pending utterances before anyone writes, so all ranks split the same list.
     barrier(world_size)
     mine = shard(pending, rank, world_size)
@@ -378,7 +396,9 @@ def run(args, generator_factory=None, token2wav=None) -> dict:
             progress = tqdm(total=len(mine), desc=f"rank 0 of {world_size}", unit="utt")
         for start in range(0, len(mine), args.batch_size):
             batch = mine[start:start + args.batch_size]
-            for record in synthesize_batch(batch, generator, token2wav, output_dir):
+            records = synthesize_batch(batch, generator, token2wav, output_dir)
+            append_rank_log(output_dir, rank, records)
+            for record in records:
                 counts["failed" if record["error"] else "done"] += 1
             if progress is not None:
                 progress.update(len(batch))

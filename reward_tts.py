@@ -40,8 +40,8 @@ tokens gets the documented minimum (score 0, error rate 1) without a server call
 
 CLI: ``python reward_tts.py --input FILE.jsonl`` (lines with ``text`` and ``code``).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: veRL loads this file with a module name that
+# is not in sys.modules, where dataclasses cannot resolve string annotations.
 import argparse
 import asyncio
 import json
@@ -88,6 +88,8 @@ class Settings:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
     prompt: Optional[str] = None
+    max_batch: int = 32
+    batch_window_ms: float = 5.0
 
 
 def _setting(kwargs: dict, key: str, env: str, default):
@@ -131,6 +133,8 @@ def settings_from(kwargs: dict) -> Settings:
         backoff_initial_s=float(kwargs.get("backoff_initial_s", 0.2)),
         backoff_max_s=float(kwargs.get("backoff_max_s", 10.0)),
         prompt=_setting(kwargs, "prompt", "REWARD_PROMPT", None) or None,
+        max_batch=int(_setting(kwargs, "max_batch", "REWARD_MAX_BATCH", 32)),
+        batch_window_ms=float(_setting(kwargs, "batch_window_ms", "REWARD_BATCH_WINDOW_MS", 5.0)),
     )
 
 
@@ -150,6 +154,7 @@ class _Endpoint:
     address: str
     client: object = None
     failed_until: float = 0.0
+    retired: list = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -167,27 +172,42 @@ class _Endpoint:
                 self.client = http_aio.InferenceServerClient(url=self.address, conn_limit=1024)
         return self.client
 
-    async def reset(self):
-        """Drop the connection: a fresh channel reconnects at once after a server restart
-        (a broken gRPC channel would otherwise sit in its own reconnect backoff)."""
-        client, self.client = self.client, None
-        if client is not None:
+    def reset(self, failed_client) -> None:
+        """Replace the connection that just failed: a fresh channel reconnects at once after a
+        server restart (a broken gRPC channel would sit in its own reconnect backoff). The old
+        one is closed later, not now, since closing cancels other rollouts' calls on it."""
+        if failed_client is not None and failed_client is self.client:
+            self.retired.append(self.client)
+            self.client = None
+
+    async def close(self) -> None:
+        clients = self.retired + ([self.client] if self.client is not None else [])
+        self.retired, self.client = [], None
+        for client in clients:
             try:
                 await client.close()
             except Exception:  # closing a broken connection may fail; it is discarded anyway
                 pass
 
 
-def _build_inputs(scheme: str, ids: np.ndarray, ground_truth: str):
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _build_inputs(scheme: str, batch: list):
+    """Triton inputs for [(ids, ground truth)]: TOKENS padded to the longest, TOKEN_LENS, GT_TEXT."""
     if scheme == "grpc":
         from tritonclient.grpc import InferInput, InferRequestedOutput
     else:
         from tritonclient.http import InferInput, InferRequestedOutput
-    tokens = ids.astype(np.int32).reshape(1, -1)
+    width = max(1, max(len(ids) for ids, _ in batch))
+    tokens = np.zeros((len(batch), width), dtype=np.int32)
+    for row, (ids, _) in enumerate(batch):
+        tokens[row, : len(ids)] = ids
     arrays = [
         ("TOKENS", tokens, "INT32"),
-        ("TOKEN_LENS", np.array([[tokens.shape[1]]], dtype=np.int32), "INT32"),
-        ("GT_TEXT", np.array([[ground_truth.encode("utf-8")]], dtype=object), "BYTES"),
+        ("TOKEN_LENS", np.array([[len(ids)] for ids, _ in batch], dtype=np.int32), "INT32"),
+        ("GT_TEXT", np.array([[text.encode("utf-8")] for _, text in batch], dtype=object), "BYTES"),
     ]
     inputs = []
     for name, array, dtype in arrays:
@@ -206,15 +226,19 @@ class RewardClient:
         self._next = random.randrange(len(self.endpoints))
         self._ready: Optional[asyncio.Task] = None
         self.components: tuple = ()
+        self.max_batch = max(1, settings.max_batch)
+        self._pending: list = []
+        self._flush_handle = None
+        self._tasks: set = set()
 
     # ---- start-up ------------------------------------------------------------------
     async def _endpoint_ready(self, endpoint: _Endpoint) -> bool:
+        client = endpoint.connect()
         try:
-            client = endpoint.connect()
             ready = await asyncio.wait_for(client.is_model_ready(self.settings.model_name), timeout=5.0)
             return bool(ready)
         except Exception:
-            await endpoint.reset()
+            endpoint.reset(client)
             return False
 
     async def _check(self) -> None:
@@ -233,9 +257,21 @@ class RewardClient:
                     f"(REWARD_SERVER_URL / reward_kwargs.server_url)"
                 )
             await asyncio.sleep(1.0)
+        # No request may exceed the server's batch limit.
+        self.max_batch = min(self.max_batch, await self._server_max_batch())
         # Which optional components does the server compute? (NaN = switched off.)
-        probe = await self._infer_with_retries(np.zeros(1, dtype=np.int64), "一")
+        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一")]))[0]
+        if isinstance(probe, Exception):
+            raise probe
         self.components = tuple(key for output, key in COMPONENT_OUTPUTS.items() if math.isfinite(probe[output]))
+
+    async def _server_max_batch(self) -> int:
+        limits = []
+        for endpoint in self.endpoints:
+            config = await endpoint.connect().get_model_config(self.settings.model_name)
+            size = config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size
+            limits.append(int(size) if int(size) > 0 else 1)
+        return min(limits)
 
     async def ensure_ready(self) -> None:
         if self._ready is None:
@@ -257,28 +293,35 @@ class RewardClient:
                 return endpoint
         return min(self.endpoints, key=lambda e: e.failed_until)
 
-    async def _infer_once(self, endpoint: _Endpoint, ids: np.ndarray, ground_truth: str) -> dict:
-        client = endpoint.connect()
-        inputs, outputs = _build_inputs(endpoint.scheme, ids, ground_truth)
+    async def _infer_once(self, endpoint: _Endpoint, client, batch: list) -> list:
+        """One request for a batch of (ids, ground truth): a result dict or a
+        RewardRequestError per item (the server reports bad items in-band)."""
+        inputs, outputs = _build_inputs(endpoint.scheme, batch)
         parameters = {"prompt": self.settings.prompt} if self.settings.prompt else None
         result = await asyncio.wait_for(
             client.infer(self.settings.model_name, inputs, outputs=outputs, parameters=parameters),
             timeout=self.settings.request_timeout_s,
         )
-        error = result.as_numpy("ERRORS").reshape(-1)[0]
-        error = error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
-        if error:
-            raise RewardRequestError(f"reward server {endpoint.url} refused the rollout: {error}")
-        transcript = result.as_numpy("TRANSCRIPTS").reshape(-1)[0]
-        return {
-            "REWARDS": float(result.as_numpy("REWARDS").reshape(-1)[0]),
-            "ERROR_RATE": float(result.as_numpy("ERROR_RATE").reshape(-1)[0]),
-            "SPEAKER_SIMILARITY": float(result.as_numpy("SPEAKER_SIMILARITY").reshape(-1)[0]),
-            "ASR_NLL": float(result.as_numpy("ASR_NLL").reshape(-1)[0]),
-            "TRANSCRIPT": transcript.decode("utf-8", "replace") if isinstance(transcript, bytes) else str(transcript),
-        }
+        columns = {name: result.as_numpy(name).reshape(-1) for name in OUTPUTS}
+        if any(len(column) != len(batch) for column in columns.values()):
+            raise RuntimeError(f"reward server {endpoint.url} answered {len(columns['REWARDS'])} rows for "
+                               f"{len(batch)} rollouts")
+        items = []
+        for row in range(len(batch)):
+            error = _text(columns["ERRORS"][row])
+            if error:
+                items.append(RewardRequestError(f"reward server {endpoint.url} refused the rollout: {error}"))
+                continue
+            items.append({
+                "REWARDS": float(columns["REWARDS"][row]),
+                "ERROR_RATE": float(columns["ERROR_RATE"][row]),
+                "SPEAKER_SIMILARITY": float(columns["SPEAKER_SIMILARITY"][row]),
+                "ASR_NLL": float(columns["ASR_NLL"][row]),
+                "TRANSCRIPT": _text(columns["TRANSCRIPTS"][row]),
+            })
+        return items
 
-    async def _infer_with_retries(self, ids: np.ndarray, ground_truth: str) -> dict:
+    async def _infer_with_retries(self, batch: list) -> list:
         settings = self.settings
         start = time.monotonic()
         delay = settings.backoff_initial_s
@@ -286,34 +329,76 @@ class RewardClient:
         last_errors: dict = {}
         while True:
             endpoint = self._pick()
+            client = endpoint.connect()
             attempts += 1
             try:
-                return await self._infer_once(endpoint, ids, ground_truth)
-            except RewardRequestError:
-                raise
+                return await self._infer_once(endpoint, client, batch)
             except Exception as error:  # tritonclient / grpc / aiohttp raise many types
                 if _is_request_error(error):
                     raise RewardRequestError(f"reward server {endpoint.url} refused the request: {error}") from error
                 last_errors[endpoint.url] = f"{type(error).__name__}: {error}".strip()
                 endpoint.failed_until = time.monotonic() + delay
-                await endpoint.reset()
+                endpoint.reset(client)
             elapsed = time.monotonic() - start
             if elapsed + delay > settings.retry_budget_s:
                 details = "; ".join(f"{url}: {text[:300]}" for url, text in last_errors.items())
                 raise RewardServerUnavailable(
                     f"reward server failed {attempts} time(s) over {elapsed:.1f} s (retry budget "
-                    f"{settings.retry_budget_s:.0f} s); no reward is returned for this rollout. Last errors: {details}"
+                    f"{settings.retry_budget_s:.0f} s); no reward is returned for these rollouts. Last errors: "
+                    f"{details}"
                 )
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, settings.backoff_max_s)
 
+    # ---- coalescing ----------------------------------------------------------------
+    # Rollouts scored at the same moment (veRL awaits a whole batch of them) travel
+    # together: one Triton request of up to max_batch items, sent after batch_window_ms
+    # or as soon as it is full. Per-request transport costs more than the scoring itself
+    # with cheap engines, so this is where the throughput comes from.
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list) -> None:
+        try:
+            results = await self._infer_with_retries([(ids, text) for ids, text, _ in batch])
+        except BaseException as error:  # noqa: B036 - every waiting rollout must learn of the failure
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, _, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
     async def score(self, ids: np.ndarray, ground_truth: str) -> dict:
         await self.ensure_ready()
-        return await self._infer_with_retries(ids, ground_truth)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((ids, ground_truth, future))
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(self.settings.batch_window_ms / 1000.0, self._flush)
+        return await future
 
     async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for endpoint in self.endpoints:
-            await endpoint.reset()
+            await endpoint.close()
 
 
 _CLIENTS: dict = {}

@@ -20,8 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.cosyvoice2_hf import (DTYPES, LLM_PT, REPORT_FILE, ConversionError, convert_cosyvoice2, is_complete,
-                                   measure_conversion, save_converted)
+from scripts.cosyvoice2_hf import (DTYPES, LLM_PT, REPORT_FILE, ConversionError, check_output_dir, convert_cosyvoice2,
+                                   is_complete, measure_conversion, save_converted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{output} already holds a converted model ({REPORT_FILE}); skipping (--force to redo)")
         return 0
     try:
+        check_output_dir(output)
         converted = convert_cosyvoice2(args.cosyvoice2_dir, dtype=DTYPES[args.dtype])
         if args.measure:
             from transformers import Qwen2ForCausalLM

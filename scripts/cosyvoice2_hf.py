@@ -16,7 +16,9 @@ frontend adds, ``COSYVOICE2_TEXT_SPECIAL_TOKENS``) keeps its ids; after it come
 ``ttsrl.speech_tokens.added_tokens()``, in that order: ``<|s_0|>``..``<|s_6560|>``,
 ``<|eos1|>``..``<|eos3|>``, ``<|sos|>``, ``<|task_id|>``. Their embedding rows
 are ``speech_embedding`` and ``llm_embedding``; their ``lm_head`` rows are
-``llm_decoder.weight``. The vocabulary is padded to a multiple of 128.
+``llm_decoder.weight``. The vocabulary ends with ``<|task_id|>``: it is not
+padded (the reference pads to a multiple of 128), so every id the model can
+sample is a token the tokenizer knows.
 
 What cannot be carried over exactly (see docs/conversion.md for the numbers):
 
@@ -26,7 +28,7 @@ What cannot be carried over exactly (see docs/conversion.md for the numbers):
   policy; ``bias_effect`` measures the difference. The export writes a zero
   ``llm_decoder.bias``, so the exported ``llm.pt`` reproduces the Hugging Face
   policy exactly in CosyVoice2.
-* Text rows of ``lm_head`` (and ``<|sos|>``, ``<|task_id|>``, padding): CosyVoice2
+* Text rows of ``lm_head`` (and ``<|sos|>``, ``<|task_id|>``): CosyVoice2
   has no text outputs. They get zero weights, i.e. a logit of exactly 0 whatever
   the input, so non-speech tokens share ``N / (N + sum_s exp(logit_s))`` of the
   probability (N of them). ``bias_effect`` reports it.
@@ -37,7 +39,6 @@ What cannot be carried over exactly (see docs/conversion.md for the numbers):
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -68,7 +69,6 @@ TEXT_EOS = "<|endoftext|>"
 SPEECH_ROWS = SPEECH_VOCAB_SIZE + len(SPEECH_END_TOKENS)
 """Rows of ``speech_embedding`` and outputs of ``llm_decoder`` (6561 + 3)."""
 ADDED_ROWS = len(added_tokens())
-VOCAB_MULTIPLE = 128
 TOP_P = 0.8
 TOP_K = 25
 """CosyVoice2's sampling defaults (its repetition-aware sampling around top-p/top-k)."""
@@ -165,8 +165,13 @@ def speech_token_offset(tokenizer) -> int:
 # CosyVoice2 -> Hugging Face
 
 
-def padded_vocab_size(offset: int) -> int:
-    return int(math.ceil((offset + ADDED_ROWS) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+def hf_vocab_size(offset: int) -> int:
+    """Rows of the Hugging Face embedding and lm_head: text vocabulary + added tokens.
+
+    No padding rows: a padding row would have logit 0 like the text rows, and
+    vLLM could then sample an id the tokenizer cannot decode.
+    """
+    return offset + ADDED_ROWS
 
 
 def hf_state_dict_from_llm(llm_state: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
@@ -178,7 +183,7 @@ def hf_state_dict_from_llm(llm_state: dict[str, torch.Tensor], offset: int) -> d
     qwen_rows, hidden = embed.shape
     if offset > qwen_rows:
         raise ConversionError(f"text tokenizer has {offset} tokens but the Qwen2 embedding only {qwen_rows} rows")
-    vocab = padded_vocab_size(offset)
+    vocab = hf_vocab_size(offset)
     dtype = embed.dtype
     new_embed = torch.zeros(vocab, hidden, dtype=dtype)
     new_embed[:offset] = embed[:offset]
@@ -244,7 +249,7 @@ def convert_cosyvoice2(cosyvoice2_dir: str | Path, dtype: torch.dtype = torch.fl
         "qwen2_tie_word_embeddings": tied,
         "llm_decoder_bias": "dropped (transformers' Qwen2 lm_head has no bias); export writes zeros",
     }
-    config.vocab_size = padded_vocab_size(offset)
+    config.vocab_size = hf_vocab_size(offset)
     config.tie_word_embeddings = False
     config.eos_token_id = end_ids[0]
     config.pad_token_id = text_eos_id
@@ -284,6 +289,14 @@ def _atomic_dir(output_dir: Path):
     return tmp
 
 
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse to replace a non-empty directory that is not a finished conversion."""
+    output_dir = Path(output_dir)
+    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir()) and not is_complete(output_dir)):
+        raise ConversionError(f"{output_dir} exists and holds no finished conversion ({REPORT_FILE}); "
+                              "not replacing it: remove it or choose another output directory")
+
+
 def _replace_dir(tmp: Path, output_dir: Path) -> None:
     if output_dir.exists():
         old = output_dir.with_name(f".{output_dir.name}.old.{os.getpid()}")
@@ -299,10 +312,12 @@ def save_converted(converted: Converted, output_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
+    check_output_dir(output_dir)
     tmp = _atomic_dir(output_dir)
     try:
         save_file({k: v.contiguous() for k, v in converted.state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o644)
         converted.config.save_pretrained(str(tmp))
         converted.generation_config.save_pretrained(str(tmp))
         converted.tokenizer.save_pretrained(str(tmp))
@@ -476,6 +491,8 @@ def export_llm_state_dict(hf_state: dict[str, torch.Tensor], offset: int, *, qwe
     out["llm_embedding.weight"] = embed[offset + SPEECH_ROWS:offset + ADDED_ROWS].to(dtype).clone()
     out["llm_decoder.weight"] = lm_head[offset:offset + SPEECH_ROWS].to(dtype).clone()
     out["llm_decoder.bias"] = torch.zeros(SPEECH_ROWS, dtype=dtype)
+    if reference is not None and _QWEN_LM_HEAD not in reference:
+        del out[_QWEN_LM_HEAD]  # a layout saved without the tied copy
     if reference is not None:
         problems = compare_layout(out, reference)
         if problems:

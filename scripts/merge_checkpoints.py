@@ -1,7 +1,7 @@
 """Stage 3: merge veRL FSDP actor checkpoints into Hugging Face models, then check them.
 
     python scripts/merge_checkpoints.py --exp_dir exp/cosyvoice2_grpo            # every saved step
-    python scripts/merge_checkpoints.py --exp_dir exp/cosyvoice2_grpo --latest   # the newest only
+    python scripts/merge_checkpoints.py --exp_dir exp/cosyvoice2_grpo --steps latest   # the newest only
     python scripts/merge_checkpoints.py --exp_dir exp/cosyvoice2_grpo --steps 100,200
 
 For each ``$exp_dir/global_step_N/actor`` it runs veRL's own merger
@@ -200,11 +200,15 @@ def merge_checkpoint(checkpoint: Checkpoint, force: bool = False, check: bool = 
     return "merged"
 
 
-def parse_steps(text: str) -> list[int]:
+def parse_steps(text: str) -> list[int] | str:
+    """``100,200`` -> [100, 200]; ``all`` and ``latest`` pass through."""
+    if text.strip() in ("all", "latest"):
+        return text.strip()
     try:
         steps = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps wants comma-separated integers like 100,200; got {text!r}")
+        raise argparse.ArgumentTypeError(f"--steps wants all, latest or comma-separated integers like 100,200; "
+                                         f"got {text!r}")
     if not steps:
         raise argparse.ArgumentTypeError("--steps is empty")
     return steps
@@ -216,18 +220,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exp_dir", required=True, type=Path,
                         help="experiment directory holding global_step_N/actor (stage 2's trainer.default_local_dir)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--steps", type=parse_steps, help="comma-separated steps to merge, e.g. 100,200")
-    which.add_argument("--latest", action="store_true", help="merge only the newest complete checkpoint")
+    which.add_argument("--steps", type=parse_steps, default="all",
+                       help="all (default), latest, or comma-separated steps such as 100,200")
+    which.add_argument("--latest", action="store_true", help="same as --steps latest")
     parser.add_argument("--force", action="store_true", help="merge again even where merged_hf_model is complete")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip loading/generating with the merged model")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.latest:
+        args.steps = "latest"
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        checkpoints = select_checkpoints(args.exp_dir, args.steps, args.latest)
+        steps = args.steps if isinstance(args.steps, list) else None
+        checkpoints = select_checkpoints(args.exp_dir, steps, latest=args.steps == "latest")
         for checkpoint in checkpoints:
             started = time.monotonic()
             outcome = merge_checkpoint(checkpoint, force=args.force, check=args.check)

@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
     --config) [ $# -ge 2 ] || die "--config needs a file"; config_file=$2; shift 2 ;;
     --compose-only) compose_only=1; shift ;;
     --) shift; overrides+=("$@"); break ;;
-    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
     *=*) overrides+=("$1"); shift ;;
     *) die "unexpected argument '$1': overrides look like key=value (e.g. trainer.total_epochs=2)" ;;
   esac
@@ -97,14 +97,21 @@ cmd=(
   # Environment of every Ray worker on every node (the reward hook reads
   # REWARD_SERVER_URL and imports ttsrl from the repo root).
   "++$ray_env.REWARD_SERVER_URL=$(quoted "$REWARD_SERVER_URL")"
-  "++$ray_env.PYTHONPATH=$(quoted "$repo_root")"
+  "++$ray_env.PYTHONPATH=$(quoted "$repo_root${PYTHONPATH:+:$PYTHONPATH}")"
   "++$ray_env.TENSORBOARD_DIR=$(quoted "$exp_abs/tensorboard")"
   "++$ray_env.VERL_FILE_LOGGER_PATH=$(quoted "$exp_abs/metrics/$run_id.jsonl")"
-  "${overrides[@]}"
 )
+# The hook's other settings (REWARD_MODEL_NAME, REWARD_PROTOCOL, REWARD_PROMPT,
+# REWARD_*_S timeouts) travel the same way when set here.
+while IFS= read -r name; do
+  [ "$name" = REWARD_SERVER_URL ] || cmd+=("++$ray_env.$name=$(quoted "${!name}")")
+done < <(compgen -e | grep '^REWARD_' || true)
+cmd+=("${overrides[@]}")
 
 export PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}
 export REWARD_SERVER_URL
+# configs/default.sh picks the GPUs; vLLM and the FSDP workers must see the same ones.
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then export CUDA_VISIBLE_DEVICES; fi
 
 if [ "$compose_only" = 1 ]; then
   exec "${cmd[@]}" --cfg job
@@ -121,5 +128,8 @@ set +e
 "${cmd[@]}" 2>&1 | tee -a "$log_file"
 status=${PIPESTATUS[0]}
 set -e
-[ "$status" = 0 ] || die "training exited with status $status; see $log_file (rerun the same command to resume from the last checkpoint)"
+if [ "$status" != 0 ]; then
+  log "ERROR: training exited with status $status; see $log_file (run stage 2 again to resume from the last checkpoint)"
+  exit "$status"
+fi
 log "training finished; merge checkpoints with: bash run.sh 3 3"

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import sysconfig
+import time
 
 import numpy as np
 
@@ -158,8 +159,13 @@ def _allow_ragged_batching() -> None:
 
 
 def _infer_function(method):
+    name = method.__name__
+
     def infer(requests):
-        return method([request.data for request in requests], [request.parameters for request in requests])
+        start = time.perf_counter()
+        outputs = method([request.data for request in requests], [request.parameters for request in requests])
+        LOGGER.debug("%s: %d request(s) in %.1f ms", name, len(requests), (time.perf_counter() - start) * 1000)
+        return outputs
 
     return infer
 

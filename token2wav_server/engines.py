@@ -54,6 +54,7 @@ class SpeakerPrompt:
     wave: np.ndarray  # float32 mono
     sample_rate: int
     text: str
+    path: Optional[str] = None  # the wav file it was read from, when there is one
 
 
 @dataclasses.dataclass(frozen=True)

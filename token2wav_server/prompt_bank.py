@@ -80,7 +80,7 @@ def _load_jsonl(path: pathlib.Path) -> list[SpeakerPrompt]:
         if not wav.is_file():
             raise PromptBankError(f"{path}:{number}: wav {wav} not found")
         wave, rate = _read_wav(wav)
-        prompts.append(SpeakerPrompt(str(record.get("name") or wav.stem), wave, rate, text.strip()))
+        prompts.append(SpeakerPrompt(str(record.get("name") or wav.stem), wave, rate, text.strip(), str(wav)))
     if not prompts:
         raise PromptBankError(f"{path}: no prompts")
     return prompts
@@ -104,12 +104,12 @@ def load_prompts(source: Optional[str]) -> list[SpeakerPrompt]:
         prompts = []
         for wav in wavs:
             wave, rate = _read_wav(wav)
-            prompts.append(SpeakerPrompt(wav.stem, wave, rate, _transcript_for(wav)))
+            prompts.append(SpeakerPrompt(wav.stem, wave, rate, _transcript_for(wav), str(wav)))
     elif path.suffix == ".jsonl" and path.is_file():
         prompts = _load_jsonl(path)
     elif path.suffix == ".wav" and path.is_file():
         wave, rate = _read_wav(path)
-        prompts = [SpeakerPrompt(path.stem, wave, rate, _transcript_for(path))]
+        prompts = [SpeakerPrompt(path.stem, wave, rate, _transcript_for(path), str(path))]
     else:
         raise PromptBankError(f"prompt bank {path} is not a .wav file, a .jsonl file or a directory of .wav files")
     names = [p.name for p in prompts]

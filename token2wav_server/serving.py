@@ -162,14 +162,14 @@ class Pipeline:
         self.limits = limits
 
     # ---- input parsing -------------------------------------------------------------
-    def _token_items(self, requests: list, parameters: list) -> list:
+    def _token_items(self, requests: list, parameters: list, with_text: bool) -> list:
         items = []
         for r, request in enumerate(requests):
             batch = request_batch_size(request, "TOKENS")
             try:
                 tokens = _rows(request, "TOKENS", batch)
                 lens = _rows(request, "TOKEN_LENS", batch)[:, 0] if "TOKEN_LENS" in request else [None] * batch
-                texts = _rows(request, "GT_TEXT", batch)[:, 0] if "GT_TEXT" in request else None
+                texts = _rows(request, "GT_TEXT", batch)[:, 0] if with_text and "GT_TEXT" in request else None
             except ItemError as error:
                 items.extend(_Item(r, row, error=str(error)) for row in range(batch))
                 continue
@@ -234,7 +234,7 @@ class Pipeline:
         """Inputs TOKENS, TOKEN_LENS, GT_TEXT -> REWARDS, TRANSCRIPTS, ERROR_RATE,
         SPEAKER_SIMILARITY, ASR_NLL, ERRORS (one row per item)."""
         parameters = parameters or [None] * len(requests)
-        items = self._token_items(requests, parameters)
+        items = self._token_items(requests, parameters, with_text=True)
         for item in items:
             if not item.error and "GT_TEXT" not in requests[item.request]:
                 item.error = "GT_TEXT is missing"
@@ -278,7 +278,7 @@ class Pipeline:
     def token2wav(self, requests: list, parameters: Optional[list] = None) -> list:
         """Inputs TOKENS, TOKEN_LENS -> WAV (padded with zeros), WAV_LENS, SAMPLE_RATE, ERRORS."""
         parameters = parameters or [None] * len(requests)
-        items = self._token_items(requests, parameters)
+        items = self._token_items(requests, parameters, with_text=False)
         for item in items:
             if not item.error and item.tokens.size == 0:
                 item.error = "no speech tokens to synthesize"

@@ -15,6 +15,10 @@ model weights, with transcripts and error rates a test can predict.
 - ``TABLE`` maps token id ``i`` to the character ``chr(0x4E00 + i)`` (the first
   6561 CJK unified ideographs: 一 丁 七 万 丈 三 上 下 ...). ``text_to_tokens(text)``
   inverts it: ids the pipeline transcribes as exactly ``text``.
+- ``tokens_per_char`` (engine option, default 1): real speech has several tokens per
+  character (CosyVoice2: 25 tokens/s, about 4-6 per Chinese character). With ``k``, the
+  ASR reads each run of ``k`` segments as one character (the run's first id), and
+  ``text_to_tokens(text, k)`` repeats each id ``k`` times.
 - ASR confidence: stand-in audio has ``nll`` 0.0.
 - Speaker embedding: a 4-dim vector of waveform statistics (mean, std, mean
   absolute first difference, fraction of non-zero samples), L2-normalized; equal
@@ -24,7 +28,7 @@ The token2wav engine counts ``prepare_prompt`` calls (``prepared_prompts``) and
 records the prompt of each synthesized item (``last_prompts``) so tests can check
 prompts are prepared once and chosen deterministically. Options
 (``--engine-option KEY=VALUE``): ``delay_ms`` sleeps that long per batch in each
-engine, to imitate model cost.
+engine, to imitate model cost; ``tokens_per_char`` as above.
 """
 from __future__ import annotations
 
@@ -44,8 +48,9 @@ UNKNOWN_AUDIO_NLL = 5.0
 _CHAR_TO_ID = {char: index for index, char in enumerate(TABLE)}
 
 
-def text_to_tokens(text: str) -> list[int]:
-    """Speech token ids that the stand-in pipeline transcribes as exactly ``text``."""
+def text_to_tokens(text: str, tokens_per_char: int = 1) -> list[int]:
+    """Speech token ids that the stand-in pipeline (with ``tokens_per_char``) transcribes
+    as exactly ``text``."""
     ids = []
     for position, char in enumerate(text):
         if char not in _CHAR_TO_ID:
@@ -53,13 +58,13 @@ def text_to_tokens(text: str) -> list[int]:
                 f"character {char!r} at position {position} of {text!r} is not in the stand-in table "
                 f"(U+4E00..U+{0x4E00 + SPEECH_VOCAB_SIZE - 1:04X})"
             )
-        ids.append(_CHAR_TO_ID[char])
+        ids.extend([_CHAR_TO_ID[char]] * tokens_per_char)
     return ids
 
 
-def tokens_to_text(ids) -> str:
+def tokens_to_text(ids, tokens_per_char: int = 1) -> str:
     """What the stand-in pipeline transcribes for these speech token ids."""
-    return "".join(TABLE[int(i)] for i in ids)
+    return "".join(TABLE[int(i)] for i in list(ids)[::tokens_per_char])
 
 
 def tokens_to_wave(ids) -> np.ndarray:
@@ -112,8 +117,11 @@ class StandinToken2Wav:
 class StandinAsr:
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, delay_ms: float = 0.0):
+    def __init__(self, delay_ms: float = 0.0, tokens_per_char: int = 1):
+        if tokens_per_char < 1:
+            raise ValueError(f"tokens_per_char must be >= 1, got {tokens_per_char}")
         self.delay_ms = delay_ms
+        self.tokens_per_char = tokens_per_char
 
     def transcribe(self, waves: list) -> list:
         _sleep(self.delay_ms)
@@ -123,7 +131,7 @@ class StandinAsr:
             if ids is None:
                 results.append(AsrResult(UNKNOWN_AUDIO_TEXT, UNKNOWN_AUDIO_NLL))
             else:
-                results.append(AsrResult(tokens_to_text(ids), 0.0))
+                results.append(AsrResult(tokens_to_text(ids, self.tokens_per_char), 0.0))
         return results
 
 
@@ -148,9 +156,10 @@ def create_engines(options: EngineOptions | None = None) -> Engines:
     """Factory for ``--engines token2wav_server.standin:create_engines``."""
     options = options or EngineOptions()
     delay_ms = float(options.extra.get("delay_ms", 0.0))
+    tokens_per_char = int(options.extra.get("tokens_per_char", 1))
     return Engines(
         token2wav=StandinToken2Wav(delay_ms),
-        asr=StandinAsr(delay_ms),
+        asr=StandinAsr(delay_ms, tokens_per_char),
         speaker=StandinSpeaker(),
-        asr_eval=StandinAsr(delay_ms),
+        asr_eval=StandinAsr(delay_ms, tokens_per_char),
     )

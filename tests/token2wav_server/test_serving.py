@@ -183,8 +183,7 @@ def test_zero_speech_tokens_get_the_documented_minimum(reward_server):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-@pytest.mark.parametrize("case", ["int64 tokens", "float text", "batch size mismatch", "missing GT_TEXT",
-                                  "3-D tokens"])
+@pytest.mark.parametrize("case", ["int64 tokens", "float text", "batch size mismatch", "3-D tokens"])
 def test_protocol_errors_are_refused_by_triton(reward_server, protocol, case):
     module, client = _client(reward_server, protocol)
     tokens, lens, texts = _batch([GOOD])
@@ -198,13 +197,22 @@ def test_protocol_errors_are_refused_by_triton(reward_server, protocol, case):
             inputs.append(tensor)
         elif case == "batch size mismatch":
             inputs = _inputs(module, np.concatenate([tokens, tokens]), np.concatenate([lens, lens]), texts)
-        elif case == "missing GT_TEXT":
-            inputs = _inputs(module, tokens, lens, None)
         else:
             inputs = _inputs(module, tokens.reshape(1, 1, -1), lens, texts)
         with pytest.raises(InferenceServerException) as error:
             client.infer("token2wav_asr", inputs)
         assert "token2wav_asr" in str(error.value) or "GT_TEXT" in str(error.value) or "TOKENS" in str(error.value)
+    finally:
+        client.close()
+    _assert_next_good_request_succeeds(reward_server)
+
+
+def test_missing_ground_truth_is_an_item_error(reward_server):
+    module, client = _client(reward_server, "http")
+    tokens, lens, _ = _batch([GOOD])
+    try:
+        result = client.infer("token2wav_asr", _inputs(module, tokens, lens, None))
+        assert result.as_numpy("ERRORS").reshape(-1)[0] == b"GT_TEXT is missing"
     finally:
         client.close()
     _assert_next_good_request_succeeds(reward_server)

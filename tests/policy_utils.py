@@ -1,0 +1,14 @@
+"""A tiny converted CosyVoice2 policy (Hugging Face form) for tests that generate speech tokens."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from scripts import convert_cosyvoice2_to_hf, make_tiny_cosyvoice2
+
+
+def build_tiny_policy(root: Path, seed: int = 0) -> Path:
+    """root/cosyvoice2 (tiny CosyVoice2-shaped dir) converted by the real script into root/hf."""
+    make_tiny_cosyvoice2.write_tiny_cosyvoice2(root / "cosyvoice2", seed=seed)
+    code = convert_cosyvoice2_to_hf.main(["--cosyvoice2-dir", str(root / "cosyvoice2"), "--output-dir", str(root / "hf")])
+    assert code == 0
+    return root / "hf"

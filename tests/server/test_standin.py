@@ -1,0 +1,76 @@
+"""Stand-in engines: deterministic token -> audio -> text."""
+import numpy as np
+import pytest
+
+from token2wav_server import standin
+from token2wav_server.engines import EngineOptions, Engines, SpeakerPrompt
+
+
+def test_text_to_tokens_round_trips_through_audio_and_asr():
+    engines = standin.create_engines(EngineOptions())
+    assert isinstance(engines, Engines)
+    texts = ["一丁七万", "三", "丈上下三"]
+    ids = [np.array(standin.text_to_tokens(t)) for t in texts]
+    waves = engines.token2wav.synthesize(ids, [None] * len(ids))
+    assert [w.dtype for w in waves] == [np.float32] * 3
+    assert [w.size for w in waves] == [standin.SAMPLES_PER_TOKEN * len(t) for t in texts]
+    results = engines.asr.transcribe(waves)
+    assert [r.text for r in results] == texts
+    assert [r.nll for r in results] == [0.0, 0.0, 0.0]
+
+
+def test_every_token_id_survives_the_round_trip():
+    ids = np.arange(standin.SPEECH_VOCAB_SIZE)
+    assert np.array_equal(standin.wave_to_tokens(standin.tokens_to_wave(ids)), ids)
+    assert standin.tokens_to_text(ids) == standin.TABLE
+    assert standin.text_to_tokens(standin.TABLE[:10]) == list(range(10))
+
+
+def test_characters_outside_the_table_are_refused_with_their_position():
+    with pytest.raises(ValueError, match=r"'A' at position 1"):
+        standin.text_to_tokens("一A")
+
+
+@pytest.mark.parametrize("wave", [
+    np.random.default_rng(1).normal(0, 0.1, 16000).astype(np.float32),   # real-looking audio
+    standin.tokens_to_wave([3, 4])[:-1],                                  # truncated stand-in audio
+    np.zeros(standin.SAMPLES_PER_TOKEN, dtype=np.float32),                # silence (code 0 is not a token)
+    np.full(standin.SAMPLES_PER_TOKEN, 0.9, dtype=np.float32),            # constant but not k/8192
+    np.zeros(0, dtype=np.float32),
+])
+def test_non_standin_audio_transcribes_to_the_documented_string(wave):
+    result = standin.StandinAsr().transcribe([wave])[0]
+    assert (result.text, result.nll) == (standin.UNKNOWN_AUDIO_TEXT, standin.UNKNOWN_AUDIO_NLL)
+
+
+def test_speaker_embedding_is_deterministic_and_normalized():
+    speaker = standin.StandinSpeaker()
+    a = standin.tokens_to_wave([1, 2, 3])
+    b = np.random.default_rng(0).normal(0, 0.3, 3000).astype(np.float32)
+    emb = speaker.embed([a, a, b])
+    assert emb.shape == (3, 4)
+    assert np.array_equal(emb[0], emb[1])
+    assert np.linalg.norm(emb[0]) == pytest.approx(1.0, abs=1e-6)
+    assert float(emb[0] @ emb[2]) < 0.999
+
+
+def test_delay_option_and_prompt_bookkeeping():
+    engines = standin.create_engines(EngineOptions(extra={"delay_ms": "1"}))
+    assert engines.token2wav.delay_ms == 1.0
+    prompt = SpeakerPrompt("p", np.zeros(10, dtype=np.float32), 16000, "text")
+    assert engines.token2wav.prepare_prompt(prompt) == "p"
+    assert engines.token2wav.prepared_prompts == 1
+    engines.token2wav.synthesize([np.array([1])], ["p"])
+    assert engines.token2wav.last_prompts == ["p"]
+
+
+def test_tokens_per_char_reads_runs_of_tokens_as_one_character():
+    engines = standin.create_engines(EngineOptions(extra={"tokens_per_char": "5"}))
+    ids = standin.text_to_tokens("一丁七", 5)
+    assert ids == [0] * 5 + [1] * 5 + [3] * 5
+    wave = engines.token2wav.synthesize([np.array(ids)], [None])[0]
+    assert engines.asr.transcribe([wave])[0].text == "一丁七"
+    ids[7] = 2  # a wrong token inside a run does not change the run's character
+    assert standin.tokens_to_text(ids, 5) == "一丁七"
+    with pytest.raises(ValueError):
+        standin.StandinAsr(tokens_per_char=0)

@@ -1,0 +1,181 @@
+"""infer_dist.py with torchrun (2 processes, gloo), a tiny converted policy and the real server (stand-in engines)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+import infer_dist
+from tests.policy_utils import build_tiny_policy
+from token2wav_server import standin
+from token2wav_server.launch import free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = ["你好世界", "今天天气很好", "我们去公园", "电话138", "吃葡萄", "明天见", "春天来了"]
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    return build_tiny_policy(tmp_path_factory.mktemp("policy"))
+
+
+def write_manifests(folder: Path) -> dict[str, Path]:
+    """The same 7 utterances as seed-tts-eval meta.lst and as JSONL (prompt paths relative to the folder)."""
+    (folder / "prompts").mkdir(parents=True)
+    soundfile.write(folder / "prompts" / "p.wav", np.zeros(1600, dtype=np.float32), 16000)
+    meta = [f"utt{i}|提示文本|prompts/p.wav|{text}" for i, text in enumerate(TEXTS)]
+    (folder / "meta.lst").write_text("\n".join(meta) + "\n", encoding="utf-8")
+    records = [{"id": f"utt{i}", "text": text} for i, text in enumerate(TEXTS)]
+    records[1].update(prompt_text="提示", prompt_wav="prompts/p.wav", prompt_tokens=[1, 2, 3])
+    (folder / "test.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n",
+                                       encoding="utf-8")
+    return {"meta.lst": folder / "meta.lst", "jsonl": folder / "test.jsonl"}
+
+
+def torchrun_command(policy: Path, manifest: Path, out: Path, server_url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_ports(1)[0]}",
+            str(REPO / "infer_dist.py"), "--model", str(policy), "--manifest", str(manifest), "--output-dir", str(out),
+            "--server-url", server_url, "--max-new-tokens", "12", "--batch-size", "2", "--seed", "3", *extra]
+
+
+def run_env():
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (torch elastic starts each worker in a session of its own)."""
+    import psutil
+
+    children = psutil.Process(process.pid).children(recursive=True)
+    for child in children:
+        child.kill()
+    os.killpg(process.pid, signal.SIGKILL)
+    psutil.wait_procs(children, timeout=10)
+    process.wait()
+
+
+def run_torchrun(command: list[str]) -> subprocess.CompletedProcess:
+    """Run torchrun in its own process group, so a timeout kills the workers too."""
+    process = subprocess.Popen(command, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"torchrun timed out:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def rank_log_lines(out: Path) -> dict[str, list[str]]:
+    return {log.name: log.read_text(encoding="utf-8").splitlines() for log in sorted((out / "logs").glob("rank_*.log"))}
+
+
+def rank_log_ids(out: Path, since: dict[str, list[str]] | None = None) -> list[str]:
+    """Utterance ids the ranks logged, all of them or only those after the snapshot ``since``."""
+    ids = []
+    for name, lines in rank_log_lines(out).items():
+        skip = len((since or {}).get(name, []))
+        ids += [line.split("\t")[0] for line in lines[skip:]]
+    return ids
+
+
+def check_outputs(out: Path):
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in manifest] == [f"utt{i}" for i in range(len(TEXTS))]
+    for record in manifest:
+        if record["error"] is not None:
+            assert record["error"] == "no speech tokens generated" and record["tokens"] == 0
+            continue
+        wave, rate = soundfile.read(out / "wavs" / f"{record['id']}.wav", dtype="float32")
+        assert rate == standin.SAMPLE_RATE
+        assert len(wave) == record["tokens"] * standin.SAMPLES_PER_TOKEN
+        assert record["duration"] == pytest.approx(len(wave) / rate)
+        assert standin.wave_to_tokens(wave) is not None  # exactly the stand-in decoder's audio
+    return manifest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["meta.lst", "jsonl"])
+def test_two_ranks_each_utterance_once_then_resume_does_nothing(tmp_path, tiny_policy, reward_server, kind):
+    manifest = write_manifests(tmp_path / "set")[kind]
+    out = tmp_path / "out"
+    first = run_torchrun(torchrun_command(tiny_policy, manifest, out, reward_server.grpc_url))
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = check_outputs(out)
+    assert sum(r["error"] is None for r in records) >= 5
+    ids = rank_log_ids(out)
+    snapshot = rank_log_lines(out)
+    assert sorted(ids) == sorted(f"utt{i}" for i in range(len(TEXTS)))  # every utterance exactly once
+    assert {p.name for p in (out / "logs").iterdir()} == {"rank_0.log", "rank_1.log"}
+    if kind == "jsonl":
+        assert records[1]["zero_shot"] and not records[0]["zero_shot"]
+    ok = [r["id"] for r in records if r["error"] is None]
+    second = run_torchrun(torchrun_command(tiny_policy, manifest, out, reward_server.grpc_url))
+    assert second.returncode == 0, second.stderr[-3000:]
+    retried = rank_log_ids(out, since=snapshot)
+    assert sorted(retried) == sorted(set(f"utt{i}" for i in range(len(TEXTS))) - set(ok))  # only failures redone
+    assert f"{len(retried)} attempted this run" in second.stdout
+
+
+@pytest.mark.slow
+def test_killed_run_is_completed_by_the_next(tmp_path, tiny_policy, reward_server):
+    manifest = write_manifests(tmp_path / "set")["jsonl"]
+    out = tmp_path / "out"
+    command = torchrun_command(tiny_policy, manifest, out, reward_server.grpc_url, "--batch-size", "1")
+    process = subprocess.Popen(command, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "records").is_dir() and len(list((out / "records").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    kill_tree(process)
+    logged_before = rank_log_lines(out)
+    finished_before = {f"utt{i}" for i in range(len(TEXTS)) if infer_dist.is_done(out, f"utt{i}")}
+    assert 0 < len(list((out / "records").glob("*.json"))) < len(TEXTS)
+    assert not (out / "manifest.jsonl").exists()
+    rerun = run_torchrun(command)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_outputs(out)
+    redone = rank_log_ids(out, since=logged_before)
+    # the rerun did exactly what the killed run had not finished, each once
+    assert sorted(redone) == sorted({f"utt{i}" for i in range(len(TEXTS))} - finished_before)
+    assert not [p.name for p in out.rglob(".*.tmp-*")]
+
+
+def test_manifest_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "meta.lst"
+    bad.write_text("a|p|w.wav|你好\nb|only|three\n", encoding="utf-8")
+    with pytest.raises(infer_dist.ManifestError, match=r"meta\.lst:2: expected 'utt\|prompt_text\|prompt_wav\|text'"):
+        infer_dist.read_manifest(str(bad))
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "a", "text": "好"}\n{"id": "a", "text": "行"}\n', encoding="utf-8")
+    with pytest.raises(infer_dist.ManifestError, match=r"dup\.jsonl:2: duplicate utterance id 'a'"):
+        infer_dist.read_manifest(str(dup))
+    empty = tmp_path / "e.jsonl"
+    empty.write_text('{"id": "a", "text": "  "}\n', encoding="utf-8")
+    with pytest.raises(infer_dist.ManifestError, match="has no text"):
+        infer_dist.read_manifest(str(empty))
+
+
+def test_relative_prompt_paths_resolve_against_the_manifest_folder(tmp_path):
+    manifests = write_manifests(tmp_path / "set")
+    utterances = infer_dist.read_manifest(str(manifests["meta.lst"]))
+    assert utterances[0].prompt_wav == str((tmp_path / "set" / "prompts" / "p.wav").resolve())
+    assert infer_dist.read_manifest(str(manifests["jsonl"]))[1].prompt_tokens == [1, 2, 3]
+
+
+def test_zero_shot_messages_put_prompt_speech_in_the_answer():
+    utt = infer_dist.Utterance("a", "你好", prompt_text="提示", prompt_tokens=[5, 6])
+    assert infer_dist.build_messages(utt) == [{"role": "user", "content": "提示你好"},
+                                              {"role": "assistant", "content": "<|s_5|><|s_6|>"}]
+    assert infer_dist.build_messages(infer_dist.Utterance("b", "你好"))[1]["content"] == ""

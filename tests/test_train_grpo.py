@@ -1,0 +1,158 @@
+"""Stage 2's command, composed by the pinned veRL: every key we set must exist
+there and land with the value we meant (`main_ppo --cfg job`, no GPU needed)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "train_grpo.sh"
+
+SETTINGS = {
+    "hf_model_dir": "models/tiny llm",  # relative, with a space: must come out absolute and intact
+    "data_dir": "/data/parquet",
+    "exp_name": "unit_exp",
+    "exp_dir": "exp/unit_exp",
+    "n_gpus_per_node": "2",
+    "nnodes": "1",
+    "train_batch_size": "4",
+    "rollout_n": "4",
+    "ppo_mini_batch_size": "2",
+    "micro_batch_size_per_gpu": "2",
+    "total_epochs": "2",
+    "save_freq": "5",
+    "test_freq": "10",
+    "REWARD_SERVER_URL": "grpc://10.0.0.1:8001,http://10.0.0.2:8000",
+}
+
+
+class ComposeError(RuntimeError):
+    """main_ppo refused the composed command (unknown key, bad value...)."""
+
+
+def config_names() -> set[str]:
+    """Every variable configs/default.sh sets (so the test env cannot leak into the composition)."""
+    text = (REPO_ROOT / "configs" / "default.sh").read_text()
+    return {line.split("${", 1)[1].split(":=", 1)[0] for line in text.splitlines() if line.startswith(': "${')}
+
+
+def compose(tmp_path: Path, overrides: list[str] = (), settings: dict = SETTINGS, env_extra: dict = None):
+    """Run the real stage-2 builder in compose-only mode; return the composed config."""
+    config = tmp_path / "settings.sh"
+    config.write_text(f"source {REPO_ROOT / 'configs' / 'default.sh'}\n"
+                      + "".join(f"{k}='{v}'\n" for k, v in settings.items()))
+    env = {k: v for k, v in os.environ.items()
+           if k not in config_names() and k != "PYTHONPATH" and not k.startswith("REWARD_")}
+    env.update(TTSRL_CONFIG=str(config), TTSRL_COMPOSE_ONLY="1", **(env_extra or {}))
+    result = subprocess.run(["bash", str(SCRIPT), *overrides], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=180)
+    if result.returncode != 0:
+        raise ComposeError(result.stderr[-3000:])
+    return OmegaConf.create(result.stdout)
+
+
+def mismatches(cfg, settings: dict = SETTINGS) -> list[str]:
+    """The values that matter, compared with what we meant; returns what differs."""
+    model = str(REPO_ROOT / settings["hf_model_dir"])
+    exp = str(REPO_ROOT / settings["exp_dir"])
+    expected = {
+        "algorithm.adv_estimator": "grpo",
+        "actor_rollout_ref.rollout.name": "vllm",
+        "actor_rollout_ref.rollout.n": int(settings["rollout_n"]),
+        "actor_rollout_ref.rollout.do_sample": True,
+        "actor_rollout_ref.rollout.temperature": 0.8,
+        "actor_rollout_ref.rollout.top_p": 0.95,
+        "actor_rollout_ref.rollout.top_k": 25,
+        "actor_rollout_ref.rollout.val_kwargs.temperature": 0.8,
+        "actor_rollout_ref.rollout.val_kwargs.top_k": 25,
+        "actor_rollout_ref.rollout.response_length": 512,
+        "actor_rollout_ref.actor.optim.lr": 1e-6,
+        "actor_rollout_ref.actor.strategy": "fsdp",
+        "actor_rollout_ref.actor.ppo_mini_batch_size": int(settings["ppo_mini_batch_size"]),
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": int(settings["micro_batch_size_per_gpu"]),
+        "actor_rollout_ref.model.path": model,
+        "data.train_files": f"{settings['data_dir']}/train.parquet",
+        "data.val_files": f"{settings['data_dir']}/test.parquet",
+        "data.train_batch_size": int(settings["train_batch_size"]),
+        "data.max_response_length": 512,
+        "reward.custom_reward_function.path": str(REPO_ROOT / "reward_tts.py"),
+        "reward.custom_reward_function.name": "compute_score",
+        "reward.reward_manager.name": "naive",
+        "trainer.logger": ["console", "tensorboard", "file"],
+        "trainer.resume_mode": "auto",
+        "trainer.default_local_dir": exp,
+        "trainer.experiment_name": settings["exp_name"],
+        "trainer.n_gpus_per_node": int(settings["n_gpus_per_node"]),
+        "trainer.nnodes": int(settings["nnodes"]),
+        "trainer.total_epochs": int(settings["total_epochs"]),
+        "trainer.save_freq": int(settings["save_freq"]),
+        "trainer.test_freq": int(settings["test_freq"]),
+        "ray_kwargs.ray_init.runtime_env.env_vars.REWARD_SERVER_URL": settings["REWARD_SERVER_URL"],
+        "ray_kwargs.ray_init.runtime_env.env_vars.PYTHONPATH": str(REPO_ROOT),
+        "ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR": f"{exp}/tensorboard",
+    }
+    found = []
+    for key, want in expected.items():
+        got = OmegaConf.select(cfg, key, default="<missing>")
+        if OmegaConf.is_config(got):
+            got = OmegaConf.to_container(got)
+        if got != want:
+            found.append(f"{key}: got {got!r}, want {want!r}")
+    return found
+
+
+def validate_with_verl(cfg) -> None:
+    """veRL's own start-up validation (batch-size divisibility, micro batches...)."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    return compose(tmp_path_factory.mktemp("compose"))
+
+
+def test_composed_config_has_our_values(composed):
+    assert mismatches(composed) == []
+    metrics = OmegaConf.select(composed, "ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH")
+    assert metrics.startswith(str(REPO_ROOT / "exp/unit_exp/metrics/")) and metrics.endswith(".jsonl")
+
+
+def test_composed_config_passes_verl_validation_and_bad_sizes_do_not(composed):
+    validate_with_verl(composed)
+    bad = composed.copy()
+    bad.trainer.n_gpus_per_node = 3  # 4 prompts x 4 responses cannot split over 3 GPUs
+    with pytest.raises((AssertionError, ValueError), match="divisible"):
+        validate_with_verl(bad)
+
+
+def test_misspelt_override_fails_the_check(tmp_path):
+    with pytest.raises(ComposeError, match=r"Key 'temperatur' is not in struct"):
+        compose(tmp_path, ["actor_rollout_ref.rollout.temperatur=0.8"])
+
+
+def test_overrides_win_and_a_wrong_value_is_caught(tmp_path):
+    cfg = compose(tmp_path, ["--", "actor_rollout_ref.rollout.top_k=5", "trainer.total_epochs=7",
+                             "+reward.custom_reward_function.reward_kwargs.model_name=token2wav_asr"],
+                  env_extra={"REWARD_MODEL_NAME": "token2wav_asr"})
+    # Command-line overrides beat the settings file (total_epochs 2 -> 7) and grpo.yaml (top_k 25 -> 5).
+    assert mismatches(cfg, {**SETTINGS, "total_epochs": "7"}) == [
+        "actor_rollout_ref.rollout.top_k: got 5, want 25"]
+    assert cfg.reward.custom_reward_function.reward_kwargs.model_name == "token2wav_asr"
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.REWARD_MODEL_NAME == "token2wav_asr"
+
+
+def test_bad_size_setting_is_named(tmp_path):
+    with pytest.raises(ComposeError, match="rollout_n must be a positive integer, got 'four'"):
+        compose(tmp_path, settings={**SETTINGS, "rollout_n": "four"})
+
+
+def test_argument_that_is_not_an_override_is_rejected(tmp_path):
+    with pytest.raises(ComposeError, match="unexpected argument 'total_epochs'"):
+        compose(tmp_path, ["total_epochs"])
