@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from scripts import convert_cosyvoice2_to_hf, make_tiny_cosyvoice2
 
 
@@ -12,3 +14,9 @@ def build_tiny_policy(root: Path, seed: int = 0) -> Path:
     code = convert_cosyvoice2_to_hf.main(["--cosyvoice2-dir", str(root / "cosyvoice2"), "--output-dir", str(root / "hf")])
     assert code == 0
     return root / "hf"
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory):
+    """A converted tiny policy shared by the tests of a session (import this fixture where needed)."""
+    return build_tiny_policy(tmp_path_factory.mktemp("policy"))

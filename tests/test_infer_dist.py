@@ -14,17 +14,12 @@ import pytest
 import soundfile
 
 import infer_dist
-from tests.policy_utils import build_tiny_policy
+from tests.policy_utils import tiny_policy  # noqa: F401 (a fixture)
 from token2wav_server import standin
 from token2wav_server.launch import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["你好世界", "今天天气很好", "我们去公园", "电话138", "吃葡萄", "明天见", "春天来了"]
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
-    return build_tiny_policy(tmp_path_factory.mktemp("policy"))
 
 
 def write_manifests(folder: Path) -> dict[str, Path]:

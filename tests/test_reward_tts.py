@@ -54,6 +54,16 @@ def test_settings_prefer_kwargs_over_environment(monkeypatch):
     assert reward_tts.settings_from({"server_url": "grpc://k:1"}).urls == (("grpc", "k:1"),)
 
 
+@pytest.mark.parametrize("text", [
+    "<|s_1|><|s_2|>", "<|s_1|><|s_6560|><|eos1|>", "<|s_1|><|s_6561|>", "<|s_007|>", "<|s_1|> <|s_2|>",
+    "<|s_1|><|eos2|><|s_3|>", "hi<|s_1|>", "<|s_1|>hi", "", "<|eos1|>", "<|s_1|><|eos1|><|eos2|>", "<|s_|>",
+])
+def test_fast_response_parser_agrees_with_ttsrl(text):
+    from ttsrl.speech_tokens import parse_speech_tokens
+
+    assert reward_tts.parse_response(text) == parse_speech_tokens(text)
+
+
 # ---- scoring through the hook ----------------------------------------------------------
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_compute_score_perfect_wrong_and_ignored_pieces(reward_server, protocol):

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--cosyvoice2-dir", default=None, help="CosyVoice2-0.5B model directory")
     eng.add_argument("--sensevoice-dir", default=None, help="SenseVoiceSmall model directory")
     eng.add_argument("--asr-eval-dir", default=None, help="second ASR served as asr_eval (e.g. paraformer-zh)")
-    eng.add_argument("--speaker-model", default=None, help="speaker-embedding model (when similarity is weighted)")
+    eng.add_argument("--speaker-model", default=None,
+                     help="speaker-embedding model for engines that take one (CosyVoice2 engines use its campplus.onnx)")
     eng.add_argument("--fp16", action="store_true", help="half precision flow/HiFT on CUDA")
     eng.add_argument("--load-jit", action="store_true", help="CosyVoice2 JIT-exported flow encoder")
     eng.add_argument("--load-trt", action="store_true", help="CosyVoice2 TensorRT flow decoder")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sched = parser.add_argument_group("scheduling")
     sched.add_argument("--devices", default="0", help="comma-separated GPU ids, or 'cpu'")
     sched.add_argument("--instances-per-device", type=int, default=1)
-    sched.add_argument("--max-batch-size", type=int, default=32, help="items per model call (Triton dynamic batching)")
+    sched.add_argument("--max-batch-size", type=int, default=64,
+                       help="most items per model call (Triton dynamic batching); requests above it are refused")
     sched.add_argument("--max-queue-delay-us", type=int, default=10000,
                        help="how long Triton waits to fill a batch, microseconds")
     scoring = parser.add_argument_group("scoring")
