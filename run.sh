@@ -17,7 +17,7 @@
 #                       -> $data_dir/train.parquet, $data_dir/test.parquet
 #   1  reward server    .venv-server, model dirs -> Triton on $server_host:$http_port/$grpc_port/$metrics_port
 #   2  GRPO training    CUDA GPUs, $hf_model_dir, parquet files, reward server -> $exp_dir checkpoints
-#   3  merge            $exp_dir/global_step_*/actor -> .../actor/merged_hf_model
+#   3  merge            $exp_dir/global_step_*/actor -> $exp_dir/global_step_*/merged_hf_model
 #   4  evaluate         merged models, reward server -> CER per checkpoint, table and plot
 #   5  synthesize       a merged model, reward server -> one wav
 #   6  export           a merged model -> llm.pt for CosyVoice
@@ -151,6 +151,46 @@ download_model() {
   [ -f "$2/$3" ] || die "$1 downloaded into $2 but $2/$3 is missing; delete $2 and retry"
 }
 
+convert_llm() {
+  # CosyVoice2 llm.pt + CosyVoice-BlankEN -> Hugging Face Qwen2 checkpoint (skips a complete one)
+  local flags=()
+  [ "$force" = true ] && flags=(--force)
+  [ -f "$cosyvoice2_dir/llm.pt" ] || die "$cosyvoice2_dir/llm.pt not found: download iic/CosyVoice2-0.5B (stage -1)"
+  "$trainer_python" scripts/convert_cosyvoice2_to_hf.py --cosyvoice2-dir "$cosyvoice2_dir" \
+    --output-dir "$hf_model_dir" "${flags[@]}"
+}
+
+first_server_url() {
+  echo "${REWARD_SERVER_URL%%,*}"
+}
+
+merged_models() {
+  # "step dir" lines: the base model as step 0, then every completely merged checkpoint
+  echo "0 $hf_model_dir"
+  local dir step
+  for dir in "$exp_dir"/global_step_*/merged_hf_model; do
+    [ -f "$dir/merge_complete.json" ] || continue
+    step=${dir%/merged_hf_model}
+    step=${step##*global_step_}
+    echo "$step $dir"
+  done | sort -n
+}
+
+chosen_step() {
+  # $1: explicit step or empty -> that step, else stage 4's best, else the latest merged one
+  if [ -n "$1" ]; then
+    echo "$1"
+  elif [ -f "$exp_dir/eval/best_step.txt" ]; then
+    cat "$exp_dir/eval/best_step.txt"
+  else
+    merged_models | tail -n 1 | cut -d' ' -f1
+  fi
+}
+
+model_of_step() {
+  if [ "$1" = 0 ]; then echo "$hf_model_dir"; else echo "$exp_dir/global_step_$1/merged_hf_model"; fi
+}
+
 log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir"
 
 if run_stage -1; then
@@ -164,7 +204,8 @@ if run_stage -1; then
     bash scripts/setup_env.sh server "${setup_flag[@]}"  # picks up CosyVoice's runtime requirements
     download_model iic/CosyVoice2-0.5B "$cosyvoice2_dir" llm.pt
     download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
-    not_implemented "CosyVoice2 LLM -> Hugging Face conversion"
+    download_model iic/paraformer-zh "$paraformer_dir" model.pt
+    convert_llm
   else
     log "no CUDA GPU: skipping the CosyVoice source and model downloads (they serve GPU stages only)"
   fi
@@ -192,23 +233,79 @@ if run_stage 1; then
 fi
 
 if run_stage 2; then
-  not_implemented "GRPO training"
+  log "stage 2: GRPO on $n_gpus_per_node GPU(s) x $nnodes node(s) -> $exp_dir"
+  require_env trainer
+  export CUDA_VISIBLE_DEVICES REWARD_SERVER_URL
+  preflight_flags=()
+  [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ] && preflight_flags=(--cpu-compose-only)
+  "$trainer_python" scripts/preflight_grpo.py --model_dir "$hf_model_dir" --data_dir "$data_dir" \
+    --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
+    "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
+  TTSRL_CONFIG="$config" trainer_python="$trainer_python" bash scripts/train_grpo.sh "${overrides[@]}"
+  if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
+    log "stage 2: configuration composed and checked; GRPO steps need CUDA GPUs (veRL 0.9.1 rollouts are" \
+        "vLLM/SGLang servers), so no training ran"
+  fi
 fi
 
 if run_stage 3; then
-  not_implemented "merge FSDP checkpoints"
+  log "stage 3: merge FSDP checkpoints under $exp_dir"
+  require_env trainer
+  flags=()
+  [ "$force" = true ] && flags=(--force)
+  "$trainer_python" scripts/merge_checkpoints.py --exp_dir "$exp_dir" --steps "${merge_steps:-all}" "${flags[@]}"
 fi
 
 if run_stage 4; then
-  not_implemented "distributed inference and CER evaluation"
+  log "stage 4: inference on $eval_manifest and CER for the base model and every merged checkpoint"
+  require_env trainer
+  [ -f "$eval_manifest" ] || die "eval_manifest '$eval_manifest' not found: a seed-tts-eval meta.lst or a JSONL" \
+    "(id, text[, prompt_text, prompt_wav, prompt_tokens]) test set"
+  check_server
+  url=$(first_server_url)
+  while read -r step model; do
+    out=$exp_dir/eval/step_$step
+    [ -d "$model" ] || die "model of step $step not found: $model"
+    if [ -f "$out/wer.json" ] && [ "$force" = false ]; then
+      log "step $step already scored ($out/wer.json); skipping"
+      continue
+    fi
+    log "step $step: $model -> $out"
+    "$trainer_python" -m torch.distributed.run --nproc_per_node="$eval_nproc" --master_port="$eval_master_port" \
+      infer_dist.py --model "$model" --manifest "$eval_manifest" --output-dir "$out" --server-url "$url" \
+      ${infer_args:-}
+    REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model bash scripts/compute_wer.sh "$out" "$eval_set_name"
+  done < <(merged_models)
+  "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval"
 fi
 
 if run_stage 5; then
-  not_implemented "single-utterance synthesis"
+  require_env trainer
+  check_server
+  step=$(chosen_step "${synth_step:-}")
+  model=$(model_of_step "$step")
+  [ -d "$model" ] || die "model of step $step not found: $model (merge it with stage 3)"
+  out=$exp_dir/synth/step_${step}.wav
+  log "stage 5: synthesize with step $step ($model) -> $out"
+  "$trainer_python" scripts/synthesize.py --model "$model" --output "$out" --text "$synth_text" \
+    --server-url "$(first_server_url)" ${synth_args:-}
 fi
 
 if run_stage 6; then
-  not_implemented "export to CosyVoice llm.pt"
+  require_env trainer
+  step=$(chosen_step "${export_step:-}")
+  [ "$step" != 0 ] || die "the base model (step 0) is the best one: nothing trained to export (set export_step)"
+  model=$(model_of_step "$step")
+  [ -d "$model" ] || die "model of step $step not found: $model (merge it with stage 3)"
+  out=$exp_dir/global_step_$step/llm.pt
+  reference=()
+  [ -f "$cosyvoice2_dir/llm.pt" ] && reference=(--reference-llm-pt "$cosyvoice2_dir/llm.pt")
+  flags=()
+  [ "$force" = true ] && flags=(--force)
+  log "stage 6: export step $step ($model) -> $out (CosyVoice2 llm.pt, round trip checked)"
+  "$trainer_python" scripts/convert_hf_to_cosyvoice2.py --hf-dir "$model" --output "$out" "${reference[@]}" \
+    --check "${flags[@]}"
+  log "to use it: copy $out over $cosyvoice2_dir/llm.pt in a copy of the CosyVoice2-0.5B folder"
 fi
 
 current_stage=""

@@ -14,6 +14,9 @@ server environment, then scores the same rollouts three ways:
 3. floor: the server's own pipeline called in-process on the whole batch (token ->
    audio -> ASR -> scoring, no network, no veRL), the least the work can cost here.
 
+It also times veRL's reward manager with a constant score (no server), the share of the
+overhead that belongs to veRL itself.
+
 Prints rollouts/s and the per-rollout overhead over the floor. Rollouts are ~``--tokens``
 speech tokens at 5 tokens per character (CosyVoice2 speaks ~5 tokens per Chinese
 character), half of them with a few wrong characters. Every path gets one untimed
@@ -41,7 +44,7 @@ from token2wav_server.launch import start_server  # noqa: E402
 from token2wav_server.rewarding import load_reward_config  # noqa: E402
 from token2wav_server.serving import Limits, Pipeline, Slot  # noqa: E402
 from token2wav_server.standin import create_engines, text_to_tokens  # noqa: E402
-from ttsrl.speech_tokens import SPEECH_END_TOKENS, all_speech_tokens, format_speech_tokens  # noqa: E402
+from ttsrl.speech_tokens import SPEECH_END_TOKENS, all_speech_tokens  # noqa: E402
 
 TOKENS_PER_CHAR = 5
 COMMON = "一丁七万丈三上下不与丑专且世丘业东两严丧个中丰串临丹为主丽举久义之乌乎乐乔乘九也习书买乱争事二于云互五井亚些亡交亦产享京亲人亿什仁今介仍从他付代令以仪们件价任份仿企伊伍休众优伙会伟传伤伦估伯伴伸似但位低住体何余佛作你佳使例供依侧便俗保信修倍倒候借值假做健偶停像儿元兄充兆先光克免兑党入全八公六兰共关兴兵其具典养兼内冈册再冒写军农冠冬冰冲决况冷准几凡凭出击函分切刊划列则刚创初别利到制刻前剧力功加务劣动助努劳势勤包化北区医十千升午半华协单南博占卡卫印危即却卷厂历压原去县参又叉及友双反发取受变叙口古句另只叫召可台史右叶号司各合吉同名后向吗否含听启吴告员周味命和咖品哈响哪唐商善喜四回因团园困围固国图圆在地场均坐块坚城基堂增士声处备复夏外多夜大天太夫央失头夹奇奏套女奶她好如妈妹始姐委姓威娘婚子字存孙季学孩宁它宇守安宋完宏官定宜宝实客宣室宫害家容宽富察对寻导寿封射将小少尔尚就尺尼尽局层居屋展属山岁岛岸峰川州工左巧巨差己已巴市布师希带帮常平年并广庄床序库应底店府度座康延建开异式引张强归当录形彩影役彼往征待律很後得御"
@@ -113,6 +116,11 @@ def reference_compute_score(data_source, solution_str, ground_truth, extra_info=
     return float(response.json()["outputs"][0]["data"][0])
 
 
+async def constant_compute_score(data_source, solution_str, ground_truth, extra_info=None, **_):
+    """No scoring at all: what veRL's reward manager itself costs per rollout."""
+    return {"score": 0.0}
+
+
 def run_manager(compute_score, tok, data):
     from omegaconf import OmegaConf
 
@@ -165,6 +173,7 @@ def main(argv=None) -> int:
     tok = tokenizer()
     data = data_proto(tok, rows)
     floor_s, floor_scores = floor(rows)
+    verl_s, _ = run_manager(constant_compute_score, tok, data)
     with start_server(extra_args=["--engine-option", f"tokens_per_char={TOKENS_PER_CHAR}",
                                   "--instances-per-device", str(args.instances),
                                   "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-us", "2000"]) as server:
@@ -184,7 +193,9 @@ def main(argv=None) -> int:
                           ("floor: in-process pipeline, one batch", floor_s)):
         overhead = (seconds - floor_s) / n * 1000
         print(f"{name:<46} {seconds:8.2f} {n / seconds:11.1f} {seconds / n * 1000:11.3f} {overhead:12.3f}")
-    print(f"ours / reference throughput: {ref_s / ours_s:.1f}x")
+    print(f"ours / reference throughput: {ref_s / ours_s:.1f}x; floor / reference: {ref_s / floor_s:.1f}x")
+    print(f"veRL naive reward manager alone (constant score): {verl_s:.2f} s, {verl_s / n * 1000:.3f} ms/rollout "
+          "(paid by both veRL paths, included in their overhead)")
     return 0
 
 

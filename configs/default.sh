@@ -47,3 +47,18 @@
 : "${total_epochs=1}"
 : "${save_freq=100}"
 : "${test_freq=100}"
+
+# --- merge (stage 3) ---------------------------------------------------------
+: "${merge_steps=all}"                   # all, latest, or a list such as 100,200
+
+# --- evaluation (stages 4-6) -------------------------------------------------
+: "${eval_manifest=data/seed-tts-eval/zh/meta.lst}"  # meta.lst (utt|prompt_text|prompt_wav|text) or JSONL
+: "${eval_set_name=zh}"
+: "${eval_nproc=$n_gpus_per_node}"       # infer_dist.py processes (one per GPU)
+: "${eval_master_port=29511}"
+: "${eval_asr_model=asr_eval}"           # served ASR that transcribes for CER (asr_eval: Paraformer-zh)
+: "${infer_args=--batch-size 16}"        # extra infer_dist.py flags (sampling, max new tokens, ...)
+: "${synth_text=八百标兵奔北坡，炮兵并排北边跑。炮兵怕把标兵碰，标兵怕碰炮兵炮。}"
+: "${synth_step=}"                       # stage 5 checkpoint step; empty: best of stage 4, else latest
+: "${synth_args=}"                       # extra synthesize.py flags (--prompt-text, --prompt-tokens, --seed)
+: "${export_step=}"                      # stage 6 checkpoint step; empty: best of stage 4, else latest

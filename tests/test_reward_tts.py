@@ -1,7 +1,6 @@
 """reward_tts.py (the veRL reward hook) against the real reward server (stand-in engines)."""
 import asyncio
 import json
-import math
 import re
 import subprocess
 import sys

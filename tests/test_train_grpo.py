@@ -3,6 +3,7 @@ there and land with the value we meant (`main_ppo --cfg job`, no GPU needed)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class ComposeError(RuntimeError):
 def config_names() -> set[str]:
     """Every variable configs/default.sh sets (so the test env cannot leak into the composition)."""
     text = (REPO_ROOT / "configs" / "default.sh").read_text()
-    return {line.split("${", 1)[1].split(":=", 1)[0] for line in text.splitlines() if line.startswith(': "${')}
+    return set(re.findall(r'^: "\$\{([A-Za-z_][A-Za-z0-9_]*):?=', text, flags=re.MULTILINE))
 
 
 def compose(tmp_path: Path, overrides: list[str] = (), settings: dict = SETTINGS, env_extra: dict = None):
@@ -156,3 +157,37 @@ def test_bad_size_setting_is_named(tmp_path):
 def test_argument_that_is_not_an_override_is_rejected(tmp_path):
     with pytest.raises(ComposeError, match="unexpected argument 'total_epochs'"):
         compose(tmp_path, ["total_epochs"])
+
+
+def test_composed_data_and_reward_settings_load_in_verl(tmp_path):
+    """The composed data/reward sections drive veRL's own dataset and reward loaders: stage 0's
+    parquet through RLHFDataset with the converted tiny policy's tokenizer, reward_tts.py by path."""
+    import inspect
+    import json
+
+    from transformers import AutoTokenizer
+    from verl.trainer.ppo.reward import get_custom_reward_fn, resolve_reward_manager_cls
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    import prepare_data
+    from tests.policy_utils import build_tiny_policy
+
+    texts = ["你好，世界。", "今天是2024年3月5日。", "吃葡萄不吐葡萄皮。", "四是四，十是十。", "我们明天见。"]
+    source = tmp_path / "texts.jsonl"
+    source.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    prepare_data.prepare(str(source), str(tmp_path / "parquet"), test_size=1)
+    policy = build_tiny_policy(tmp_path / "policy")
+    cfg = compose(tmp_path, settings={**SETTINGS, "data_dir": str(tmp_path / "parquet"), "hf_model_dir": str(policy)})
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
+    data_config = cfg.data.copy()
+    data_config.cache_dir = str(tmp_path / "cache")
+    dataset = RLHFDataset(cfg.data.train_files, tokenizer, data_config)
+    assert len(dataset) == len(texts) - 1
+    assert all(dataset[i]["reward_model"]["ground_truth"] for i in range(len(dataset)))
+
+    wrapped = get_custom_reward_fn(cfg)  # partial(veRL's async caller, our hook, reward_kwargs)
+    hook = wrapped.args[0]
+    assert hook.__name__ == "compute_score" and inspect.iscoroutinefunction(hook)
+    assert Path(inspect.getsourcefile(hook)) == REPO_ROOT / "reward_tts.py"
+    assert resolve_reward_manager_cls(cfg).__name__ == "NaiveRewardManager"

@@ -1,7 +1,8 @@
 """ASR engines through FunASR: SenseVoiceSmall (the reward ASR) and any FunASR model
 (Paraformer for evaluation), loaded from a local directory (no download at run time).
 
-The whole batch goes to ``AutoModel.generate`` in one call; SenseVoice's rich-transcription
+The whole batch goes to ``AutoModel.generate`` in one call, with the front end's random
+dither off (same audio, same transcript); SenseVoice's rich-transcription
 tags (``<|zh|><|NEUTRAL|><|Speech|><|woitn|>``) are stripped from the text. FunASR gives no
 per-token likelihood through ``generate``, so ``nll`` is None (the reward's confidence
 component then needs another ASR engine).
@@ -50,8 +51,13 @@ class FunasrAsr:
             directory = check_model_dir(model_dir, option, "the ASR engine")
             from funasr import AutoModel
 
-            model = AutoModel(model=str(directory), device=device, disable_update=True, log_level="ERROR")
+            # FunASR's fbank front end adds random dither by default; a reward must not
+            # depend on a random draw, so switch it off (merged into the model's frontend_conf).
+            model = AutoModel(model=str(directory), device=device, disable_update=True, log_level="ERROR",
+                              frontend_conf={"dither": 0.0})
         self.model = model
+        # Warm up: load kernels and lazily built state before the first request.
+        self.transcribe([np.zeros(SAMPLE_RATE, dtype=np.float32)])
 
     def transcribe(self, waves: list) -> list:
         if not waves:
