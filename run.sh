@@ -2,6 +2,8 @@
 # CosyVoice2 LLM GRPO recipe (veRL 0.9.1 + a Triton reward server).
 #
 #   bash run.sh [--config FILE] [--force] START STOP [-- key=value ...]
+#   bash run.sh --config FILE              # the stages the config file names (stage, stop_stage)
+#   bash run.sh --stop-server              # stop the reward server stage 1 started
 #   bash run.sh --help
 #
 # Settings come from configs/default.sh (or --config FILE); variables already set
@@ -45,6 +47,8 @@ usage() {
 
 config=configs/default.sh
 force=false
+stop_server_only=false
+server_started_here=false
 positional=()
 overrides=()
 while [ $# -gt 0 ]; do
@@ -53,6 +57,7 @@ while [ $# -gt 0 ]; do
     --config) [ $# -ge 2 ] || die "--config needs a file"; config=$2; shift 2 ;;
     --config=*) config=${1#--config=}; shift ;;
     --force) force=true; shift ;;
+    --stop-server) stop_server_only=true; shift ;;
     --) shift; overrides=("$@"); break ;;
     -[0-9]*|[0-9]*) positional+=("$1"); shift ;;
     *) die "unknown argument '$1' (see bash run.sh --help)" ;;
@@ -62,6 +67,9 @@ done
 # shellcheck source=configs/default.sh
 source "$config"
 
+if [ "$stop_server_only" = true ]; then
+  positional=(1 1)  # only for the checks below; nothing runs
+fi
 if [ ${#positional[@]} -eq 2 ]; then
   stage=${positional[0]}
   stop_stage=${positional[1]}
@@ -81,6 +89,9 @@ report_failure() {
   local status=$?
   if [ $status -ne 0 ] && [ -n "$current_stage" ]; then
     echo "$(date '+%Y-%m-%d %H:%M:%S') run.sh: stage $current_stage failed (exit $status)" >&2
+  fi
+  if [ "$server_started_here" = true ] && [ "${stop_server_at_exit:-false}" = true ]; then
+    stop_server
   fi
 }
 trap report_failure EXIT
@@ -160,6 +171,81 @@ convert_llm() {
     --output-dir "$hf_model_dir" "${flags[@]}"
 }
 
+server_client_http_url() {
+  # the address clients on this machine use for the server's HTTP port
+  local host=$server_host
+  [ "$host" = 0.0.0.0 ] && host=127.0.0.1
+  echo "http://$host:$http_port"
+}
+
+server_answers() {
+  "$trainer_python" -m ttsrl.triton_client "$(server_client_http_url)" 2>/dev/null
+}
+
+check_server() {
+  # every URL of $REWARD_SERVER_URL must answer
+  "$trainer_python" -m ttsrl.triton_client "$REWARD_SERVER_URL" || die "stage $current_stage needs the reward server"
+}
+
+server_pid_file() { echo "$exp_dir/reward_server.pid"; }
+
+start_server() {
+  local args=(--host "$server_host" --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port"
+              --engines "$server_engines" --devices "$server_devices"
+              --instances-per-device "$server_instances_per_device" --reward-config "$reward_config")
+  if [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
+    require_dir "$cosyvoice2_dir" "download iic/CosyVoice2-0.5B (stage -1) or set cosyvoice2_dir"
+    require_dir "$sensevoice_dir" "download iic/SenseVoiceSmall (stage -1) or set sensevoice_dir"
+    [ "$server_devices" = cpu ] || require_gpus 1
+    args+=(--cosyvoice2-dir "$cosyvoice2_dir" --sensevoice-dir "$sensevoice_dir")
+    [ -d "$paraformer_dir" ] && args+=(--asr-eval-dir "$paraformer_dir")
+  fi
+  # shellcheck disable=SC2206
+  args+=(${server_args:-})
+  mkdir -p "$exp_dir/logs"
+  local log_file=$exp_dir/logs/reward_server.log
+  if [ "${server_foreground:-false}" = true ]; then
+    log "serving in the foreground (Ctrl-C stops it); log also in $log_file"
+    exec "$server_python" -m token2wav_server "${args[@]}" 2>&1 | tee -a "$log_file"
+  fi
+  # Its own session, so stopping it stops Triton and its stubs too.
+  setsid "$server_python" -m token2wav_server "${args[@]}" >>"$log_file" 2>&1 < /dev/null &
+  local pid=$!
+  echo "$pid" > "$(server_pid_file)"
+  log "reward server starting (pid $pid, log $log_file); waiting up to ${server_start_timeout}s until it is ready"
+  local waited=0
+  until server_answers; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 30 "$log_file" >&2 || true
+      rm -f "$(server_pid_file)"
+      die "the reward server exited during start-up; see $log_file"
+    fi
+    if [ "$waited" -ge "$server_start_timeout" ]; then
+      stop_server
+      die "the reward server was not ready after ${server_start_timeout}s; see $log_file"
+    fi
+    sleep 2
+    waited=$((waited + 2))
+  done
+  server_started_here=true
+  log "reward server ready: $(server_client_http_url) (gRPC port $grpc_port); stop it with 'bash run.sh --stop-server'"
+}
+
+stop_server() {
+  local pid_file pid
+  pid_file=$(server_pid_file)
+  [ -f "$pid_file" ] || { log "no reward server pid file ($pid_file)"; return 0; }
+  pid=$(cat "$pid_file")
+  if kill -0 "$pid" 2>/dev/null; then
+    log "stopping the reward server (pid $pid)"
+    kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
+    local waited=0
+    while kill -0 "$pid" 2>/dev/null && [ $waited -lt 40 ]; do sleep 1; waited=$((waited + 1)); done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$pid_file"
+}
+
 first_server_url() {
   echo "${REWARD_SERVER_URL%%,*}"
 }
@@ -190,6 +276,11 @@ chosen_step() {
 model_of_step() {
   if [ "$1" = 0 ]; then echo "$hf_model_dir"; else echo "$exp_dir/global_step_$1/merged_hf_model"; fi
 }
+
+if [ "$stop_server_only" = true ]; then
+  stop_server
+  exit 0
+fi
 
 log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir"
 
@@ -229,7 +320,13 @@ if run_stage 0; then
 fi
 
 if run_stage 1; then
-  not_implemented "reward server"
+  log "stage 1: reward server ($server_engines) on $server_host, http $http_port, grpc $grpc_port, metrics $metrics_port"
+  require_env server
+  if server_answers; then
+    log "a reward server already answers at $(server_client_http_url); not starting another"
+  else
+    start_server
+  fi
 fi
 
 if run_stage 2; then

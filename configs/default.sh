@@ -37,7 +37,11 @@
 : "${server_instances_per_device=1}"
 : "${server_engines=token2wav_server.engines_cosyvoice2:create_engines}"
 : "${reward_config=configs/reward.yaml}"
-: "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"
+: "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"  # comma-separated list: one server per node
+: "${server_args=}"                       # extra python -m token2wav_server flags (--fp16 --max-batch-size 64 ...)
+: "${server_foreground=false}"            # true: stage 1 serves in the foreground (SLURM, a dedicated terminal)
+: "${server_start_timeout=900}"           # seconds to wait for the models to load
+: "${stop_server_at_exit=false}"          # true: stop a server this run started when run.sh exits
 
 # --- GRPO (stage 2) ----------------------------------------------------------
 : "${train_batch_size=32}"               # prompts per step (x rollout_n responses)

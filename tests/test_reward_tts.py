@@ -265,25 +265,29 @@ def test_load_32_concurrent_clients_x_100_requests(reward_server):
 @pytest.mark.slow
 def test_server_killed_mid_run_recovers_and_down_server_raises():
     server = start_server()
+    thread = None
     try:
         good = format_speech_tokens(text_to_tokens("一丁七万"))
         short_budget = {"server_url": server.grpc_url, "retry_budget_s": 2, "backoff_initial_s": 0.1}
         long_budget = {"server_url": server.grpc_url, "retry_budget_s": 90, "backoff_initial_s": 0.1}
         results, killed_at = [], []
+        give_up = threading.Event()
 
         def kill_and_restart():
             while len(results) < 40:
-                time.sleep(0.01)
+                if give_up.wait(0.01):
+                    return
             server.kill()
             killed_at.append(len(results))
-            time.sleep(1.0)
-            server.start()
+            if not give_up.wait(1.0):
+                server.start()
 
         async def worker(count):
             for _ in range(count):
                 results.append(await reward_tts.compute_score("tts", good, "一丁七万", **long_budget))
 
         async def go():
+            nonlocal thread
             # A client that is up and healthy, then loses the server past its budget: it raises.
             assert (await reward_tts.compute_score("tts", good, "一丁七万", **short_budget))["score"] == 1.0
             server.kill()
@@ -294,10 +298,12 @@ def test_server_killed_mid_run_recovers_and_down_server_raises():
             thread = threading.Thread(target=kill_and_restart)
             thread.start()
             await asyncio.gather(*(worker(25) for _ in range(8)))
-            thread.join()
 
         run(go())
         assert killed_at and killed_at[0] < 200
         assert len(results) == 200 and all(r["score"] == 1.0 for r in results)
     finally:
+        if thread is not None:
+            give_up.set()
+            thread.join()
         server.stop()

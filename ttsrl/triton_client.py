@@ -109,3 +109,45 @@ class TritonModelClient:
                     value = out["TRANSCRIPTS"].reshape(-1)[row]
                     results.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
         return results
+
+
+def server_ready(url: str, timeout_s: float = 5.0) -> bool:
+    """Whether the server at ``url`` (grpc:// or http://) says it is ready."""
+    protocol, address = parse_url(url)
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as client_module
+
+            client = client_module.InferenceServerClient(address)
+            try:
+                return bool(client.is_server_ready(client_timeout=timeout_s))
+            finally:
+                client.close()
+        import tritonclient.http as client_module
+
+        client = client_module.InferenceServerClient(address, connection_timeout=timeout_s, network_timeout=timeout_s)
+        try:
+            return bool(client.is_server_ready())
+        finally:
+            client.close()
+    except Exception:  # any transport error means "not ready"
+        return False
+
+
+def main(argv=None) -> int:
+    """``python -m ttsrl.triton_client URL [URL ...]``: exit 0 when every server is ready, else name the first that is not."""
+    import sys
+
+    urls = [u.strip() for arg in (argv if argv is not None else sys.argv[1:]) for u in arg.split(",") if u.strip()]
+    if not urls:
+        print("usage: python -m ttsrl.triton_client URL[,URL...]", file=sys.stderr)
+        return 2
+    for url in urls:
+        if not server_ready(url):
+            print(f"reward server at {url} is not answering (start it with 'bash run.sh 1 1')", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
