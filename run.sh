@@ -290,7 +290,15 @@ if run_stage -1; then
   [ "$force" = true ] && setup_flag=(--force)
   bash scripts/setup_env.sh trainer "${setup_flag[@]}"
   bash scripts/setup_env.sh server "${setup_flag[@]}"
-  if has_cuda; then
+  if [ "${model_source:-modelscope}" = tiny ]; then
+    if [ -f "$cosyvoice2_dir/llm.pt" ] && [ "$force" = false ]; then
+      log "tiny CosyVoice2-shaped model already in $cosyvoice2_dir"
+    else
+      log "building a tiny random CosyVoice2-shaped model in $cosyvoice2_dir (model_source=tiny; no download)"
+      "$trainer_python" scripts/make_tiny_cosyvoice2.py --output-dir "$cosyvoice2_dir" --seed 0
+    fi
+    convert_llm
+  elif has_cuda; then
     fetch_cosyvoice_source
     bash scripts/setup_env.sh server "${setup_flag[@]}"  # picks up CosyVoice's runtime requirements
     download_model iic/CosyVoice2-0.5B "$cosyvoice2_dir" llm.pt
@@ -338,16 +346,27 @@ if run_stage 2; then
   "$trainer_python" scripts/preflight_grpo.py --model_dir "$hf_model_dir" --data_dir "$data_dir" \
     --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
     "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
-  TTSRL_CONFIG="$config" trainer_python="$trainer_python" bash scripts/train_grpo.sh "${overrides[@]}"
   if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
-    log "stage 2: configuration composed and checked; GRPO steps need CUDA GPUs (veRL 0.9.1 rollouts are" \
-        "vLLM/SGLang servers), so no training ran"
+    mkdir -p "$exp_dir/logs"
+    TTSRL_CONFIG="$config" trainer_python="$trainer_python" bash scripts/train_grpo.sh "${overrides[@]}" \
+      > "$exp_dir/logs/grpo_job_config.yaml"
+    log "stage 2: veRL composed the GRPO job config ($exp_dir/logs/grpo_job_config.yaml); GRPO steps need" \
+        "CUDA GPUs (veRL 0.9.1 rollouts are vLLM/SGLang servers), so no training ran (TTSRL_COMPOSE_ONLY=1)"
+  else
+    TTSRL_CONFIG="$config" trainer_python="$trainer_python" bash scripts/train_grpo.sh "${overrides[@]}"
   fi
 fi
 
 if run_stage 3; then
   log "stage 3: merge FSDP checkpoints under $exp_dir"
   require_env trainer
+  for step in ${cpu_checkpoint_steps:-}; do
+    # CPU profile only: real FSDP checkpoints of the (untrained) model stand in for GRPO's output.
+    [ -f "$exp_dir/global_step_$step/actor/fsdp_config.json" ] && continue
+    log "cpu_checkpoint_steps: writing an FSDP checkpoint of $hf_model_dir as step $step (torchrun, 2 processes, gloo)"
+    "$trainer_python" -m torch.distributed.run --standalone --nproc_per_node=2 scripts/make_fsdp_checkpoint.py \
+      --model_dir "$hf_model_dir" --exp_dir "$exp_dir" --step "$step" --perturb 0.02 --seed "$step"
+  done
   flags=()
   [ "$force" = true ] && flags=(--force)
   "$trainer_python" scripts/merge_checkpoints.py --exp_dir "$exp_dir" --steps "${merge_steps:-all}" "${flags[@]}"
@@ -406,4 +425,20 @@ if run_stage 6; then
 fi
 
 current_stage=""
+print_artifacts() {
+  local found=()
+  local path
+  for path in "$hf_model_dir" "$data_dir/train.parquet" "$data_dir/test.parquet" "$exp_dir/logs/reward_server.log" \
+      "$exp_dir"/logs/train_*.log "$exp_dir/logs/grpo_job_config.yaml" "$exp_dir"/global_step_*/actor "$exp_dir"/global_step_*/merged_hf_model \
+      "$exp_dir/eval/cer_by_step.md" "$exp_dir/eval/cer_by_step.png" "$exp_dir/eval/best_step.txt" \
+      "$exp_dir"/eval/step_*/wer.txt "$exp_dir"/synth/*.wav "$exp_dir"/global_step_*/llm.pt; do
+    [ -e "$path" ] && found+=("$path")
+  done
+  [ ${#found[@]} -gt 0 ] || return 0
+  log "artifacts:"
+  for path in "${found[@]}"; do
+    echo "  $path"
+  done
+}
+print_artifacts
 log "done: stages $stage..$stop_stage"
