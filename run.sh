@@ -197,8 +197,15 @@ start_server() {
     require_dir "$cosyvoice2_dir" "download iic/CosyVoice2-0.5B (stage -1) or set cosyvoice2_dir"
     require_dir "$sensevoice_dir" "download iic/SenseVoiceSmall (stage -1) or set sensevoice_dir"
     [ "$server_devices" = cpu ] || require_gpus 1
-    args+=(--cosyvoice2-dir "$cosyvoice2_dir" --sensevoice-dir "$sensevoice_dir")
+    [ -f "$prompt_bank" ] || [ -d "$prompt_bank" ] || die "prompt_bank '$prompt_bank' not found: CosyVoice's" \
+      "asset/zero_shot_prompt.wav comes with the source (stage -1), or point prompt_bank at your own wav/JSONL/folder"
+    args+=(--cosyvoice2-dir "$cosyvoice2_dir" --sensevoice-dir "$sensevoice_dir" --prompt-bank "$prompt_bank")
     [ -d "$paraformer_dir" ] && args+=(--asr-eval-dir "$paraformer_dir")
+    # CosyVoice is not a package: its source and Matcha-TTS must be importable by the server.
+    require_dir "$cosyvoice_src" "fetch the CosyVoice source (stage -1 on a CUDA machine) or set cosyvoice_src"
+    local source_dir
+    source_dir=$(cd "$cosyvoice_src" && pwd)
+    export PYTHONPATH="$source_dir:$source_dir/third_party/Matcha-TTS:$PYTHONPATH"
   fi
   # shellcheck disable=SC2206
   args+=(${server_args:-})

@@ -38,6 +38,7 @@
 : "${server_engines=token2wav_server.engines_cosyvoice2:create_engines}"
 : "${reward_config=configs/reward.yaml}"
 : "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"  # comma-separated list: one server per node
+: "${prompt_bank=$cosyvoice_src/asset/zero_shot_prompt.wav}"  # speaker prompts: wav, JSONL or folder
 : "${server_args=}"                       # extra python -m token2wav_server flags (--fp16 --max-batch-size 64 ...)
 : "${server_foreground=false}"            # true: stage 1 serves in the foreground (SLURM, a dedicated terminal)
 : "${server_start_timeout=900}"           # seconds to wait for the models to load

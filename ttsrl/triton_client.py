@@ -111,8 +111,12 @@ class TritonModelClient:
         return results
 
 
-def server_ready(url: str, timeout_s: float = 5.0) -> bool:
-    """Whether the server at ``url`` (grpc:// or http://) says it is ready."""
+READY_MODEL = "token2wav_asr"
+"""The server loads this model last: once it is ready, every model is."""
+
+
+def server_ready(url: str, timeout_s: float = 5.0, model: str = READY_MODEL) -> bool:
+    """Whether the server at ``url`` (grpc:// or http://) is ready and serves ``model``."""
     protocol, address = parse_url(url)
     try:
         if protocol == "grpc":
@@ -120,14 +124,15 @@ def server_ready(url: str, timeout_s: float = 5.0) -> bool:
 
             client = client_module.InferenceServerClient(address)
             try:
-                return bool(client.is_server_ready(client_timeout=timeout_s))
+                return bool(client.is_server_ready(client_timeout=timeout_s)
+                            and client.is_model_ready(model, client_timeout=timeout_s))
             finally:
                 client.close()
         import tritonclient.http as client_module
 
         client = client_module.InferenceServerClient(address, connection_timeout=timeout_s, network_timeout=timeout_s)
         try:
-            return bool(client.is_server_ready())
+            return bool(client.is_server_ready() and client.is_model_ready(model))
         finally:
             client.close()
     except Exception:  # any transport error means "not ready"

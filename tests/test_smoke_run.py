@@ -1,0 +1,86 @@
+"""The main job's CPU profile end to end: bash run.sh --config configs/smoke.sh.
+
+Runs the real thing (both environments, tiny model, real Triton server with the
+stand-in engines, veRL composition, FSDP checkpoints, merge, torchrun inference,
+scoring, synthesis, export) in a temporary experiment folder on free ports, and
+checks that nothing is left behind: no server process, no bound port.
+"""
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from token2wav_server.launch import free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_env(tmp_path: Path, **extra) -> dict:
+    http, grpc, metrics, master = free_ports(4)
+    env = dict(os.environ, exp_dir=str(tmp_path / "smoke"), http_port=str(http), grpc_port=str(grpc),
+               metrics_port=str(metrics), eval_master_port=str(master))
+    env.pop("REWARD_SERVER_URL", None)
+    env.update(extra)
+    return env
+
+
+def server_processes(exp_dir: Path) -> list:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "token2wav_server" in cmdline and str(exp_dir) in cmdline or "tritonserver" in cmdline and str(exp_dir) in cmdline:
+            found.append(process)
+    return found
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def assert_nothing_left(env: dict) -> None:
+    pid_file = Path(env["exp_dir"]) / "reward_server.pid"
+    assert not pid_file.exists()
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        assert port_is_free(int(env[name])), f"{name} {env[name]} still bound after the smoke run"
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_every_stage_and_cleans_up(tmp_path):
+    env = smoke_env(tmp_path)
+    done = subprocess.run(["bash", "run.sh", "--config", "configs/smoke.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exp = tmp_path / "smoke"
+    for stage in ("-1", "0", "1", "2", "3", "4", "5", "6"):
+        assert f"stage {stage}:" in done.stdout
+    assert "GRPO steps need CUDA GPUs" in done.stdout
+    assert (exp / "data" / "train.parquet").exists() and (exp / "logs" / "grpo_job_config.yaml").exists()
+    assert (exp / "global_step_2" / "merged_hf_model" / "merge_complete.json").exists()
+    table = (exp / "eval" / "cer_by_step.md").read_text()
+    assert all(f"| {step}" in table for step in (0, 1, 2))
+    assert (exp / "eval" / "cer_by_step.png").read_bytes().startswith(b"\x89PNG")
+    best = (exp / "eval" / "best_step.txt").read_text().strip()
+    assert (exp / "synth" / f"step_{best}.wav").exists() or best == "0"
+    assert "artifacts:" in done.stdout and str(exp / "eval" / "cer_by_step.png").replace(str(REPO) + "/", "") in done.stdout
+    assert_nothing_left(env)
+
+
+@pytest.mark.slow
+def test_a_failing_stage_is_named_and_the_server_still_stops(tmp_path):
+    # stages 0..2 without stage -1: the server starts (stage 1), then the preflight finds no model (stage 2)
+    env = smoke_env(tmp_path, stage="0", stop_stage="2")
+    done = subprocess.run(["bash", "run.sh", "--config", "configs/smoke.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode != 0
+    assert "reward server ready" in done.stdout
+    assert "stage 2 failed" in done.stderr and "preflight failed" in done.stderr
+    assert "stopping the reward server" in done.stdout + done.stderr
+    assert_nothing_left(env)
