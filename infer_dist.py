@@ -34,8 +34,7 @@ import json
 import logging
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # torchrun may start us from elsewhere

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,28 +61,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from ttsrl.speech_tokens import SPEECH_END_TOKENS, SPEECH_VOCAB_SIZE, ParsedSpeech, parse_speech_tokens  # noqa: E402
+from ttsrl.speech_tokens import parse_speech_tokens  # noqa: E402
 
 DEFAULT_SERVER_URL = "grpc://127.0.0.1:8001"
 DEFAULT_MODEL_NAME = "token2wav_asr"
 COMPONENT_OUTPUTS = {"SPEAKER_SIMILARITY": "speaker_similarity", "ASR_NLL": "asr_nll"}
 OUTPUTS = ["REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS"]
 MIN_SCORE = 0.0
-
-
-_ONLY_SPEECH = re.compile(r"(?:<\|s_\d+\|>)+(?P<end>" + "|".join(re.escape(t) for t in SPEECH_END_TOKENS) + ")?")
-_SPEECH_ID = re.compile(r"<\|s_(\d+)\|>")
-
-
-def parse_response(text: str) -> ParsedSpeech:
-    """``ttsrl.speech_tokens.parse_speech_tokens`` with a fast path for the usual response
-    (speech tokens only, maybe one end token), which is most of the hook's own cost."""
-    match = _ONLY_SPEECH.fullmatch(text)
-    if match is not None:
-        ids = [int(x) for x in _SPEECH_ID.findall(text)]
-        if max(ids) < SPEECH_VOCAB_SIZE:
-            return ParsedSpeech(ids=ids, ignored=0, ended=match.group("end") is not None)
-    return parse_speech_tokens(text)
 
 
 class RewardServerUnavailable(RuntimeError):
@@ -463,7 +447,7 @@ async def compute_score(data_source, solution_str, ground_truth, extra_info=None
         raise RewardRequestError(f"ground truth of a rollout from {data_source!r} is empty or not text: {ground_truth!r}")
     settings = settings_from(kwargs)
     client = get_client(settings)
-    parsed = parse_response(solution_str or "")
+    parsed = parse_speech_tokens(solution_str or "")
     await client.ensure_ready()
     if not parsed.ids:
         minimum = {"speaker_similarity": 0.0, "asr_nll": math.inf}

@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import numpy as np
@@ -51,16 +50,6 @@ def test_settings_prefer_kwargs_over_environment(monkeypatch):
     assert reward_tts.settings_from({}).urls == (("http", "env:9"),)
     assert reward_tts.settings_from({}).retry_budget_s == 7.0
     assert reward_tts.settings_from({"server_url": "grpc://k:1"}).urls == (("grpc", "k:1"),)
-
-
-@pytest.mark.parametrize("text", [
-    "<|s_1|><|s_2|>", "<|s_1|><|s_6560|><|eos1|>", "<|s_1|><|s_6561|>", "<|s_007|>", "<|s_1|> <|s_2|>",
-    "<|s_1|><|eos2|><|s_3|>", "hi<|s_1|>", "<|s_1|>hi", "", "<|eos1|>", "<|s_1|><|eos1|><|eos2|>", "<|s_|>",
-])
-def test_fast_response_parser_agrees_with_ttsrl(text):
-    from ttsrl.speech_tokens import parse_speech_tokens
-
-    assert reward_tts.parse_response(text) == parse_speech_tokens(text)
 
 
 # ---- scoring through the hook ----------------------------------------------------------

@@ -25,6 +25,8 @@ LLM_EMBEDDING_TOKENS = (SOS_TOKEN, TASK_ID_TOKEN)
 
 _SPECIAL_PIECE = re.compile(r"<\|[^|<>]*\|>")
 _SPEECH_TOKEN = re.compile(r"<\|s_(\d+)\|>")
+# The usual policy response: speech tokens only, perhaps one end token.
+_ONLY_SPEECH = re.compile(r"(?:<\|s_\d+\|>)+(?P<end>" + "|".join(re.escape(t) for t in SPEECH_END_TOKENS) + ")?")
 
 
 def speech_token(index: int) -> str:
@@ -70,6 +72,16 @@ def parse_speech_tokens(text: str) -> ParsedSpeech:
     Whitespace between tokens is not counted; every other run of text between
     tokens counts as one ignored piece.
     """
+    usual = _ONLY_SPEECH.fullmatch(text)
+    if usual is not None:  # fast path: the reward hook parses every rollout
+        ids = [int(x) for x in _SPEECH_TOKEN.findall(text)]
+        if max(ids) < SPEECH_VOCAB_SIZE:
+            return ParsedSpeech(ids=ids, ignored=0, ended=usual.group("end") is not None)
+    return _parse_any(text)
+
+
+def _parse_any(text: str) -> ParsedSpeech:
+    """The general parser behind ``parse_speech_tokens``."""
     ids: list[int] = []
     ignored = 0
     ended = False
