@@ -16,9 +16,14 @@ duration, error) and a line in ``OUT/logs/rank_<r>.log``. Rank 0 then writes
 ``OUT/manifest.jsonl`` of every utterance and prints a summary.
 
 Zero-shot prompting (prompt text + text, then the prompt's speech tokens as the
-start of the answer) is used when an utterance has ``prompt_tokens``; an
-utterance with a prompt wav but no tokens falls back to text-only prompting
-(counted in the summary), because this version does not tokenize prompt audio.
+start of the answer) is used when an utterance's prompt speech tokens are known:
+from the manifest's ``prompt_tokens``, else, for an utterance with a
+``prompt_wav``, from the reward server's ``speech_tokenizer`` model (each rank
+tokenizes the prompt wavs of its own utterances before generating, each distinct
+wav once). When the server does not serve ``speech_tokenizer`` or fails on a wav,
+that utterance is prompted with its text only. Each record says which
+(``zero_shot``, ``prompt_tokens_source``: manifest, server or none) and the
+rank's log line counts them.
 
 Exactly once and resumable: every rank lists the utterances without a record
 of success, the ranks agree on that list at a barrier before anyone writes,
@@ -203,6 +208,11 @@ def build_messages(utt: Utterance) -> list[dict]:
     return prompt_messages(utt.text)
 
 
+def chat_prompts(tokenizer, batch: list[Utterance]) -> list[str]:
+    """The generation prompts of a batch: each utterance's messages through the model's chat template."""
+    return [tokenizer.apply_chat_template(build_messages(u), tokenize=False) for u in batch]
+
+
 class TransformersGenerator:
     """Batched sampling with transformers; left padding so every prompt ends where generation starts."""
 
@@ -227,7 +237,7 @@ class TransformersGenerator:
 
     def generate(self, batch: list[Utterance]) -> list[str]:
         torch = self.torch
-        prompts = [self.tokenizer.apply_chat_template(build_messages(u), tokenize=False) for u in batch]
+        prompts = chat_prompts(self.tokenizer, batch)
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         s = self.sampling
         kwargs = dict(max_new_tokens=s.max_new_tokens, eos_token_id=self.end_ids,
@@ -259,12 +269,58 @@ class VllmGenerator:
                                          max_tokens=sampling.max_new_tokens, stop_token_ids=end_ids)
 
     def generate(self, batch: list[Utterance]) -> list[str]:
-        prompts = [self.tokenizer.apply_chat_template(build_messages(u), tokenize=False) for u in batch]
+        prompts = chat_prompts(self.tokenizer, batch)
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=False) for o in outputs]
 
 
 # ---- speech tokens -> audio -------------------------------------------------------------------
+
+
+def fill_prompt_tokens(utterances: list[Utterance], server_url: str, model: str = "speech_tokenizer") -> dict:
+    """Give every utterance that has a prompt wav but no prompt tokens the server's tokens
+    for that wav (in place). Returns {utt_id: "manifest" | "server" | "none"}: where each
+    utterance's prompt tokens came from ("none": text-only prompting)."""
+    sources = {u.id: "manifest" if u.prompt_tokens else "none" for u in utterances}
+    wanted = sorted({u.prompt_wav for u in utterances if u.prompt_wav and not u.prompt_tokens})
+    if not wanted:
+        return sources
+    from ttsrl.triton_client import TritonModelClient, server_ready
+
+    if not server_ready(server_url, model=model):
+        LOGGER.warning("%s does not serve a ready %r model: %d prompt wav(s) without prompt_tokens get text-only "
+                       "prompting", server_url, model, len(wanted))
+        return sources
+    import soundfile
+
+    tokens_of: dict[str, list[int]] = {}
+    readable, waves, rates = [], [], []
+    for path in wanted:
+        try:
+            wave, rate = soundfile.read(path, dtype="float32", always_2d=False)
+        except (OSError, RuntimeError) as error:  # soundfile raises LibsndfileError (a RuntimeError)
+            LOGGER.warning("cannot read prompt wav %s (%s): text-only prompting for it", path, error)
+            continue
+        readable.append(path)
+        waves.append(wave if wave.ndim == 1 else wave.mean(axis=1))
+        rates.append(rate)
+    if readable:
+        client = TritonModelClient(server_url, model)
+        try:
+            results = client.tokenize(waves, rates)
+        finally:
+            client.close()
+        for path, result in zip(readable, results):
+            if isinstance(result, Exception) or not result:
+                LOGGER.warning("%s could not tokenize prompt wav %s (%s): text-only prompting for it", model, path,
+                               result if isinstance(result, Exception) else "no tokens")
+            else:
+                tokens_of[path] = result
+    for utt in utterances:
+        if not utt.prompt_tokens and utt.prompt_wav in tokens_of:
+            utt.prompt_tokens = list(tokens_of[utt.prompt_wav])
+            sources[utt.id] = "server"
+    return sources
 
 
 class ServerToken2Wav:
@@ -278,6 +334,28 @@ class ServerToken2Wav:
     def synthesize(self, token_lists: list[list[int]]):
         """-> list of (waveform float32, sample_rate) or an Exception per item."""
         return self.client.token2wav(token_lists)
+
+
+class InProcessToken2Wav:
+    """token2wav engines loaded in this process instead of a server (``--engines MODULE_OR_FILE:FACTORY``).
+
+    For runs in the server environment (it has torch, transformers and the engines'
+    packages); every utterance is decoded with the prompt bank's first prompt.
+    """
+
+    def __init__(self, spec: str, device: str, cosyvoice2_dir: str | None = None, prompt_bank: str | None = None):
+        from token2wav_server.engines import EngineOptions, create_engines
+        from token2wav_server.prompt_bank import load_prompts
+
+        self.engine = create_engines(EngineOptions(device=device, cosyvoice2_dir=cosyvoice2_dir), spec).token2wav
+        self.prompt = self.engine.prepare_prompt(load_prompts(prompt_bank)[0])
+
+    def synthesize(self, token_lists: list[list[int]]):
+        import numpy as np
+
+        waves = self.engine.synthesize([np.asarray(ids, dtype=np.int64) for ids in token_lists],
+                                       [self.prompt] * len(token_lists))
+        return [(np.asarray(wave, dtype=np.float32), self.engine.sample_rate) for wave in waves]
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -314,8 +392,10 @@ def append_rank_log(output_dir: Path, rank: int, records: list[dict]) -> None:
             handle.write(f"{record['id']}\t{'failed: ' + record['error'] if record['error'] else 'ok'}\n")
 
 
-def synthesize_batch(batch: list[Utterance], generator, token2wav, output_dir: Path) -> list[dict]:
+def synthesize_batch(batch: list[Utterance], generator, token2wav, output_dir: Path,
+                     prompt_sources: dict | None = None) -> list[dict]:
     """Generate, decode and write one batch; each utterance gets a record, success or not."""
+    prompt_sources = prompt_sources or {}
     records: list[dict] = []
     try:
         responses = generator.generate(batch)
@@ -325,7 +405,9 @@ def synthesize_batch(batch: list[Utterance], generator, token2wav, output_dir: P
     to_decode = []
     for utt, response in zip(batch, responses):
         record = {"id": utt.id, "text": utt.text, "prompt_text": utt.prompt_text, "prompt_wav": utt.prompt_wav,
-                  "zero_shot": bool(utt.prompt_tokens), "tokens": 0, "duration": 0.0, "error": None}
+                  "zero_shot": bool(utt.prompt_tokens),
+                  "prompt_tokens_source": prompt_sources.get(utt.id, "manifest" if utt.prompt_tokens else "none"),
+                  "tokens": 0, "duration": 0.0, "error": None}
         if isinstance(response, Exception):
             record["error"] = f"generation failed: {response}"
         else:
@@ -387,6 +469,15 @@ def run(args, generator_factory=None, token2wav=None) -> dict:
             generator = VllmGenerator(args.model, sampling)
         else:
             generator = TransformersGenerator(args.model, device, sampling)
+        if args.engines:
+            token2wav = token2wav or InProcessToken2Wav(args.engines, device, args.cosyvoice2_dir, args.prompt_bank)
+            prompt_sources = {u.id: "manifest" if u.prompt_tokens else "none" for u in mine}
+        else:
+            prompt_sources = fill_prompt_tokens(mine, args.server_url)
+        counts_by_source = {k: list(prompt_sources.values()).count(k) for k in ("manifest", "server", "none")}
+        LOGGER.info("rank %d: prompt speech tokens from the manifest for %d, from the server's speech_tokenizer for %d, "
+                    "text-only prompting for %d utterance(s)", rank, counts_by_source["manifest"],
+                    counts_by_source["server"], counts_by_source["none"])
         token2wav = token2wav or ServerToken2Wav(args.server_url)
         progress = None
         if rank == 0:
@@ -395,7 +486,7 @@ def run(args, generator_factory=None, token2wav=None) -> dict:
             progress = tqdm(total=len(mine), desc=f"rank 0 of {world_size}", unit="utt")
         for start in range(0, len(mine), args.batch_size):
             batch = mine[start:start + args.batch_size]
-            records = synthesize_batch(batch, generator, token2wav, output_dir)
+            records = synthesize_batch(batch, generator, token2wav, output_dir, prompt_sources)
             append_rank_log(output_dir, rank, records)
             for record in records:
                 counts["failed" if record["error"] else "done"] += 1
@@ -425,8 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--manifest", required=True, help="meta.lst (utt|prompt_text|prompt_wav|text) or JSONL")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--server-url", default=os.environ.get("REWARD_SERVER_URL", "grpc://127.0.0.1:8001"),
-                        help="reward server serving token2wav (grpc://host:port or http://host:port; "
+                        help="reward server serving token2wav (and speech_tokenizer for prompt wavs without "
+                             "prompt_tokens) (grpc://host:port or http://host:port; "
                              "default $REWARD_SERVER_URL or grpc://127.0.0.1:8001; first of a list)")
+    parser.add_argument("--engines", default="",
+                        help="decode in this process with MODULE_OR_FILE:FACTORY engines instead of the server "
+                             "(run in the server environment), e.g. token2wav_server.standin:create_engines")
+    parser.add_argument("--cosyvoice2-dir", default=None, help="with --engines: the CosyVoice2-0.5B directory")
+    parser.add_argument("--prompt-bank", default=None, help="with --engines: speaker prompt wav/JSONL/folder")
     parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=1000)

@@ -397,7 +397,8 @@ if run_stage 4; then
     "$trainer_python" -m torch.distributed.run --nproc_per_node="$eval_nproc" --master_port="$eval_master_port" \
       infer_dist.py --model "$model" --manifest "$eval_manifest" --output-dir "$out" --server-url "$url" \
       ${infer_args:-}
-    REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model bash scripts/compute_wer.sh "$out" "$eval_set_name"
+    REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model eval_similarity=$eval_similarity \
+      bash scripts/compute_wer.sh "$out" "$eval_set_name"
   done < <(merged_models)
   "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval"
 fi

@@ -62,6 +62,7 @@
 : "${eval_nproc=$n_gpus_per_node}"       # infer_dist.py processes (one per GPU)
 : "${eval_master_port=29511}"
 : "${eval_asr_model=asr_eval}"           # served ASR that transcribes for CER (asr_eval: Paraformer-zh)
+: "${eval_similarity=true}"              # speaker similarity to prompt wavs when the server serves 'speaker'
 : "${infer_args=--batch-size 16}"        # extra infer_dist.py flags (sampling, max new tokens, ...)
 : "${synth_text=八百标兵奔北坡，炮兵并排北边跑。炮兵怕把标兵碰，标兵怕碰炮兵炮。}"
 : "${synth_step=}"                       # stage 5 checkpoint step; empty: best of stage 4, else latest

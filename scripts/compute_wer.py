@@ -4,6 +4,7 @@ Text mode:
     python scripts/compute_wer.py --ref REF --hyp HYP [--metric pinyin|char] [--json OUT] [--details OUT]
 Wav mode (the output folder of infer_dist.py):
     python scripts/compute_wer.py --output-dir OUT [--server-url URL] [--asr-model asr_eval] [--metric char]
+                                  [--no-similarity]
 
 In wav mode the references are the texts of OUT/manifest.jsonl, every
 OUT/wavs/<id>.wav is transcribed by the reward server's evaluation ASR
@@ -12,6 +13,15 @@ policy was rewarded by; ``--asr-model asr`` uses the reward ASR), and the
 results land in OUT/ref.txt, OUT/hyp.txt, OUT/wer.txt (details, worst
 utterances, summary last) and OUT/wer.json. An utterance whose wav is missing
 or fails to transcribe counts as deleted in full and is listed.
+
+Speaker similarity (wav mode): when the server serves the ``speaker`` model (and
+--no-similarity is not given), every utterance whose manifest record has a
+``prompt_wav`` that exists gets the cosine similarity between the speaker
+embeddings of its generated wav and of its prompt wav (``speaker_similarity``
+per utterance in wer.json and an ``sim:`` line in wer.txt), and the summary gets
+``speaker_similarity_mean`` plus a ``%SIM`` line just before the error-rate line.
+Utterances without a prompt wav (or without a generated wav) are skipped for it
+and counted.
 
 REF and HYP hold ``utt_id text`` lines (the text may be empty in HYP). Scoring is
 ttsrl.scoring: texts are normalized, numbers may be read any accepted way, and
@@ -83,6 +93,7 @@ class UtteranceScore:
     error_rate: float
     aligned_reference: str = ""
     aligned_hypothesis: str = ""
+    speaker_similarity: float | None = None  # cosine to the prompt's speaker embedding, when computed
 
 
 @dataclass
@@ -90,6 +101,7 @@ class CorpusScore:
     metric: str
     utterances: list[UtteranceScore] = field(default_factory=list)
     extra_hypotheses: list[str] = field(default_factory=list)
+    similarity: "SimilarityResult | None" = None  # wav mode with a served speaker model
 
     def total(self, name: str) -> int:
         return sum(getattr(u, name) for u in self.utterances)
@@ -120,7 +132,10 @@ class CorpusScore:
                 "substitutions": self.total("substitutions"), "deletions": self.total("deletions"),
                 "insertions": self.total("insertions"), "ref_length": self.total("ref_length"),
                 "utterances": len(self.utterances), "missing": self.missing,
-                "extra_hypotheses": self.extra_hypotheses}
+                "extra_hypotheses": self.extra_hypotheses, **(self.similarity.summary() if self.similarity else {})}
+
+    def similarity_line(self) -> str | None:
+        return self.similarity.line() if self.similarity else None
 
 
 def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric: str = "pinyin") -> CorpusScore:
@@ -149,6 +164,8 @@ def format_details(result: CorpusScore, worst: int = 10) -> str:
                      f" ({u.substitutions} {u.deletions} {u.insertions})")
         lines.append(f"  ref: {u.reference}")
         lines.append(f"  hyp: {u.hypothesis if u.hypothesis is not None else '<missing>'}")
+        if u.speaker_similarity is not None:
+            lines.append(f"  sim: {u.speaker_similarity:.4f}")
     ranked = sorted(result.utterances, key=lambda u: (-u.error_rate, u.utt_id))[:worst]
     lines.append(f"# worst {len(ranked)} utterances")
     lines += [f"{u.utt_id} {100 * u.error_rate:.2f}" for u in ranked]
@@ -157,6 +174,9 @@ def format_details(result: CorpusScore, worst: int = 10) -> str:
     if result.extra_hypotheses:
         lines.append(f"# in hyp but not in ref, not scored ({len(result.extra_hypotheses)}): "
                      + " ".join(result.extra_hypotheses))
+    if result.similarity and result.similarity.skipped:
+        lines.append(f"# no speaker similarity ({len(result.similarity.skipped)}): "
+                     + " ".join(f"{utt_id} ({why})" for utt_id, why in result.similarity.skipped.items()))
     return "\n".join(lines)
 
 
@@ -172,9 +192,9 @@ def write_json(result: CorpusScore, path: str) -> None:
     write_atomically(path, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
 
 
-def read_infer_manifest(path: Path) -> dict[str, str]:
-    """OUT/manifest.jsonl of infer_dist.py -> {id: reference text}."""
-    references: dict[str, str] = {}
+def read_infer_records(path: Path) -> dict[str, dict]:
+    """OUT/manifest.jsonl of infer_dist.py -> {id: record} (each with a ``text``)."""
+    records: dict[str, dict] = {}
     if not path.is_file():
         raise TranscriptError(f"{path}: no such file (run infer_dist.py first)")
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
@@ -182,19 +202,107 @@ def read_infer_manifest(path: Path) -> dict[str, str]:
             continue
         try:
             record = json.loads(line)
-            utt_id, text = str(record["id"]), record["text"]
+            utt_id = str(record["id"])
+            if not isinstance(record["text"], str):
+                raise TypeError(f"text is {type(record['text']).__name__}, not a string")
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise TranscriptError(f"{path}:{number}: malformed record ({error})") from None
-        if utt_id in references:
+        if utt_id in records:
             raise TranscriptError(f"{path}:{number}: duplicate utterance id {utt_id!r}")
-        references[utt_id] = text
-    return references
+        records[utt_id] = record
+    return records
+
+
+def read_infer_manifest(path: Path) -> dict[str, str]:
+    """OUT/manifest.jsonl of infer_dist.py -> {id: reference text}."""
+    return {utt_id: record["text"] for utt_id, record in read_infer_records(path).items()}
+
+
+def read_wave(path: Path) -> tuple:
+    """A wav file -> (float32 mono waveform, sample rate)."""
+    import soundfile
+
+    wave, rate = soundfile.read(str(path), dtype="float32", always_2d=False)
+    return (wave if wave.ndim == 1 else wave.mean(axis=1)), rate
+
+
+@dataclass
+class SimilarityResult:
+    """Speaker similarity of generated wavs to their prompt wavs (wav mode)."""
+
+    values: dict[str, float] = field(default_factory=dict)   # utt_id -> cosine similarity
+    skipped: dict[str, str] = field(default_factory=dict)    # utt_id -> why it has none
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.values.values()) / len(self.values) if self.values else None
+
+    def summary(self) -> dict:
+        return {"speaker_similarity_mean": self.mean, "speaker_similarity_utterances": len(self.values),
+                "speaker_similarity_skipped": len(self.skipped)}
+
+    def line(self) -> str:
+        mean = "n/a" if self.mean is None else f"{self.mean:.4f}"
+        return (f"%SIM {mean} mean speaker similarity to the prompt over {len(self.values)} utterances, "
+                f"{len(self.skipped)} skipped")
+
+
+def speaker_similarity_of_output_dir(output_dir: Path, records: dict[str, dict], server_url: str,
+                                     model: str = "speaker", log=print) -> SimilarityResult:
+    """Cosine similarity between each generated OUT/wavs/<id>.wav and its record's ``prompt_wav``,
+    with the server's speaker embeddings; each distinct prompt wav is embedded once."""
+    from ttsrl.triton_client import TritonModelClient, cosine_similarity
+
+    result = SimilarityResult()
+    pairs: list[tuple[str, Path, Path]] = []
+    for utt_id, record in records.items():
+        prompt = record.get("prompt_wav") or ""
+        prompt_path = output_dir / prompt if prompt else None  # infer_dist writes absolute paths
+        generated = output_dir / "wavs" / f"{utt_id}.wav"
+        if not prompt:
+            result.skipped[utt_id] = "no prompt wav"
+        elif not prompt_path.is_file():
+            result.skipped[utt_id] = f"prompt wav {prompt} not found"
+        elif not generated.exists():
+            result.skipped[utt_id] = "no generated wav"
+        else:
+            pairs.append((utt_id, generated, prompt_path))
+    audio: dict[Path, tuple] = {}
+    for path in sorted({generated for _, generated, _ in pairs} | {prompt for _, _, prompt in pairs}):
+        try:
+            audio[path] = read_wave(path)
+        except (OSError, RuntimeError) as error:  # soundfile's LibsndfileError is a RuntimeError
+            log(f"cannot read {path}: {error}")
+    for utt_id, generated, prompt in list(pairs):
+        unreadable = [str(path) for path in (generated, prompt) if path not in audio]
+        if unreadable:
+            result.skipped[utt_id] = f"cannot read {' '.join(unreadable)}"
+            pairs.remove((utt_id, generated, prompt))
+    prompts = sorted({prompt for _, _, prompt in pairs})
+    paths = [generated for _, generated, _ in pairs] + prompts
+    if not paths:
+        return result
+    waves, rates = zip(*(audio[path] for path in paths))
+    client = TritonModelClient(server_url, model)
+    try:
+        embeddings = client.embed(list(waves), list(rates))
+    finally:
+        client.close()
+    prompt_embedding = dict(zip(prompts, embeddings[len(pairs):]))
+    for (utt_id, _, prompt), embedding in zip(pairs, embeddings[:len(pairs)]):
+        reference = prompt_embedding[prompt]
+        for what, value in (("generated wav", embedding), ("prompt wav", reference)):
+            if isinstance(value, Exception):
+                result.skipped[utt_id] = f"speaker embedding of the {what} failed: {value}"
+                log(f"speaker similarity skipped for {utt_id}: {result.skipped[utt_id]}")
+                break
+        else:
+            result.values[utt_id] = cosine_similarity(embedding, reference)
+    return result
 
 
 def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str, log=print) -> tuple[dict, dict]:
     """Transcribe OUT/wavs with the server -> (references, hypotheses); missing wavs are left out."""
-    import soundfile
-
     from ttsrl.triton_client import TritonModelClient
 
     references = read_infer_manifest(output_dir / "manifest.jsonl")
@@ -205,9 +313,9 @@ def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str, log
         if not wav.exists():
             log(f"missing wav: {wav}")
             continue
-        wave, rate = soundfile.read(str(wav), dtype="float32", always_2d=False)
+        wave, rate = read_wave(wav)
         ids.append(utt_id)
-        waves.append(wave if wave.ndim == 1 else wave.mean(axis=1))
+        waves.append(wave)
         rates.append(rate)
     client = TritonModelClient(server_url, asr_model)
     try:
@@ -219,6 +327,21 @@ def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str, log
     finally:
         client.close()
     return references, hypotheses
+
+
+def add_speaker_similarity(result: CorpusScore, output_dir: Path, server_url: str, model: str = "speaker",
+                           log=print) -> None:
+    """Fill ``result.similarity`` and each utterance's ``speaker_similarity`` when the server
+    serves ``model``; otherwise say so and leave them empty."""
+    from ttsrl.triton_client import server_ready
+
+    if not server_ready(server_url, model=model):
+        log(f"no speaker similarity: {server_url} does not serve a ready {model!r} model")
+        return
+    records = read_infer_records(output_dir / "manifest.jsonl")
+    result.similarity = speaker_similarity_of_output_dir(output_dir, records, server_url, model, log)
+    for utterance in result.utterances:
+        utterance.speaker_similarity = result.similarity.values.get(utterance.utt_id)
 
 
 def write_transcripts(path: Path, transcripts: dict[str, str]) -> None:
@@ -233,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-url", default=os.environ.get("REWARD_SERVER_URL", "grpc://127.0.0.1:8001").split(",")[0],
                         help="wav mode: reward server (default: first of $REWARD_SERVER_URL, else grpc://127.0.0.1:8001)")
     parser.add_argument("--asr-model", default="asr_eval", help="wav mode: served ASR model (asr_eval or asr)")
+    parser.add_argument("--speaker-model", default="speaker",
+                        help="wav mode: served speaker-embedding model for speaker similarity to the prompt")
+    parser.add_argument("--no-similarity", action="store_true",
+                        help="wav mode: skip speaker similarity even when the server serves the speaker model")
     parser.add_argument("--set-name", default="", help="label printed with the summary")
     parser.add_argument("--metric", choices=METRICS, default="pinyin")
     parser.add_argument("--json", default=None, help="write the summary and per-utterance scores here")
@@ -260,18 +387,22 @@ def main(argv=None) -> int:
         if not references:
             raise TranscriptError(f"{args.ref or args.output_dir}: no utterances")
         result = score_corpus(references, hypotheses, args.metric)
+        if wav_mode and not args.no_similarity:
+            add_speaker_similarity(result, output_dir, args.server_url, args.speaker_model)
     except TranscriptError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     summary = result.summary_line() + (f" ({args.set_name})" if args.set_name else "")
     details = format_details(result)
+    similarity = result.similarity_line()
+    tail = (similarity + "\n" if similarity else "") + summary + "\n"
     if args.details:
-        write_atomically(args.details, details + "\n" + summary + "\n")
+        write_atomically(args.details, details + "\n" + tail)
     else:
         print(details)
     if args.json:
         write_json(result, args.json)
-    print(summary)
+    print(tail, end="")
     return 0
 
 

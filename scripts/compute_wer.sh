@@ -8,6 +8,9 @@
 #   OUT_DIR/ref.txt, OUT_DIR/hyp.txt   'utt_id text' lines
 #   OUT_DIR/wer.txt, OUT_DIR/wer.json  character error rate (CER): details, worst, summary
 #   OUT_DIR/per.txt, OUT_DIR/per.json  pinyin error rate of the same transcripts
+# When the server serves the 'speaker' model, wer.txt/wer.json also hold the speaker
+# similarity of each generated wav to its prompt wav and their mean (%SIM line);
+# eval_similarity=false skips it.
 # Server: the first URL of $REWARD_SERVER_URL (default grpc://127.0.0.1:8001).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,8 +21,14 @@ python=${TRAINER_VENV:-$repo/.venv}/bin/python
 url=${REWARD_SERVER_URL:-grpc://127.0.0.1:8001}
 url=${url%%,*}
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+similarity_flag=()
+case ${eval_similarity:-true} in
+  true) ;;
+  false) similarity_flag=(--no-similarity) ;;
+  *) echo "$0: eval_similarity must be true or false, got '$eval_similarity'" >&2; exit 2 ;;
+esac
 
 "$python" "$repo/scripts/compute_wer.py" --output-dir "$out_dir" --metric char --set-name "$set_name" \
-  --server-url "$url" --asr-model "${eval_asr_model:-asr_eval}"
+  --server-url "$url" --asr-model "${eval_asr_model:-asr_eval}" ${similarity_flag[@]+"${similarity_flag[@]}"}
 "$python" "$repo/scripts/compute_wer.py" --ref "$out_dir/ref.txt" --hyp "$out_dir/hyp.txt" --metric pinyin \
   --details "$out_dir/per.txt" --json "$out_dir/per.json" --set-name "$set_name"

@@ -3,7 +3,9 @@
     python scripts/summarize_eval.py --eval-dir EXP/eval
 
 Reads EVAL_DIR/step_<N>/wer.json (CER, from compute_wer.sh) and, when present,
-per.json (pinyin error rate); step 0 is the base model. Writes
+per.json (pinyin error rate); step 0 is the base model. When any wer.json has a
+speaker similarity (``speaker_similarity_mean``, from a server with a ``speaker``
+model), the table and TSV get a SIM column (mean cosine similarity to the prompt). Writes
 EVAL_DIR/cer_by_step.tsv, EVAL_DIR/cer_by_step.md, EVAL_DIR/cer_by_step.png and
 EVAL_DIR/best_step.txt (the step with the lowest CER; ties go to the earlier
 step), and prints the table.
@@ -41,6 +43,7 @@ def collect(eval_dir: Path) -> list[dict]:
         except (json.JSONDecodeError, KeyError) as error:
             raise EvalError(f"{child}: unreadable score file ({error})") from None
         rows.append({"step": int(match.group(1)), "cer": cer["error_rate"], "per": per,
+                     "sim": cer.get("speaker_similarity_mean"),
                      "utterances": cer["utterances"], "missing": len(cer["missing"]), "dir": str(child)})
     if not rows:
         raise EvalError(f"{eval_dir}: no step_N/wer.json found (run inference and compute_wer.sh first)")
@@ -51,13 +54,20 @@ def best(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: (r["cer"], r["step"]))
 
 
+def has_similarity(rows: list[dict]) -> bool:
+    return any(r.get("sim") is not None for r in rows)
+
+
 def table(rows: list[dict]) -> str:
     winner = best(rows)["step"]
-    lines = ["| step | CER % | pinyin ER % | utterances | missing |", "|---:|---:|---:|---:|---:|"]
+    with_sim = has_similarity(rows)
+    lines = ["| step | CER % | pinyin ER % | " + ("SIM | " if with_sim else "") + "utterances | missing |",
+             "|---:|---:|---:|" + ("---:|" if with_sim else "") + "---:|---:|"]
     for r in rows:
         per = f"{100 * r['per']:.2f}" if r["per"] is not None else "-"
+        sim = (f"{r['sim']:.4f} | " if r.get("sim") is not None else "- | ") if with_sim else ""
         mark = " (best)" if r["step"] == winner else ""
-        lines.append(f"| {r['step']}{mark} | {100 * r['cer']:.2f} | {per} | {r['utterances']} | {r['missing']} |")
+        lines.append(f"| {r['step']}{mark} | {100 * r['cer']:.2f} | {per} | {sim}{r['utterances']} | {r['missing']} |")
     return "\n".join(lines)
 
 
@@ -94,10 +104,12 @@ def write_text(path: Path, text: str) -> None:
 
 def summarize(eval_dir: Path) -> dict:
     rows = collect(eval_dir)
-    tsv = ["step\tcer\tper\tutterances\tmissing"]
+    with_sim = has_similarity(rows)
+    tsv = ["step\tcer\tper\t" + ("sim\t" if with_sim else "") + "utterances\tmissing"]
     for r in rows:
         per = "" if r["per"] is None else f"{r['per']:.6f}"
-        tsv.append(f"{r['step']}\t{r['cer']:.6f}\t{per}\t{r['utterances']}\t{r['missing']}")
+        sim = ("" if r.get("sim") is None else f"{r['sim']:.6f}") + "\t" if with_sim else ""
+        tsv.append(f"{r['step']}\t{r['cer']:.6f}\t{per}\t{sim}{r['utterances']}\t{r['missing']}")
     write_text(eval_dir / "cer_by_step.tsv", "\n".join(tsv) + "\n")
     markdown = table(rows)
     write_text(eval_dir / "cer_by_step.md", markdown + "\n")

@@ -361,7 +361,6 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
 MAKE_FSDP = Path(__file__).resolve().parents[1] / "scripts" / "make_fsdp_checkpoint.py"
 
 
-@pytest.mark.skipif(not MAKE_FSDP.is_file(), reason="scripts/make_fsdp_checkpoint.py not present")
 def test_export_of_verl_merged_checkpoint(biased, tmp_path):
     """FSDP actor checkpoint of the converted model -> veRL's merger -> llm.pt, still the same policy."""
     import os

@@ -174,3 +174,67 @@ def test_zero_shot_messages_put_prompt_speech_in_the_answer():
     assert infer_dist.build_messages(utt) == [{"role": "user", "content": "提示你好"},
                                               {"role": "assistant", "content": "<|s_5|><|s_6|>"}]
     assert infer_dist.build_messages(infer_dist.Utterance("b", "你好"))[1]["content"] == ""
+
+
+def test_prompt_tokens_come_from_the_server_speech_tokenizer(tmp_path, tiny_policy, reward_server):
+    """A prompt wav of stand-in audio is tokenized by the live server into exactly its ids; the
+    utterance is then prompted zero-shot with them. Audio the tokenizer cannot read, and a server
+    without the model, leave text-only prompting; manifest tokens win over the wav."""
+    from transformers import AutoTokenizer
+
+    from ttsrl.speech_tokens import format_speech_tokens
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    ids = standin.text_to_tokens("一丁七")  # [0, 1, 2]
+    soundfile.write(folder / "standin.wav", standin.tokens_to_wave(ids), standin.SAMPLE_RATE, subtype="FLOAT")
+    soundfile.write(folder / "noise.wav", np.random.default_rng(0).normal(0, 0.1, 1000).astype(np.float32), 16000)
+    records = [{"id": "u0", "text": "你好", "prompt_text": "提示", "prompt_wav": "standin.wav"},
+               {"id": "u1", "text": "再见", "prompt_text": "提示", "prompt_wav": "noise.wav"},
+               {"id": "u2", "text": "明天", "prompt_wav": "standin.wav", "prompt_tokens": [7, 8]},
+               {"id": "u3", "text": "春天"}]
+    manifest = folder / "test.jsonl"
+    manifest.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+
+    unserved = infer_dist.read_manifest(str(manifest))
+    sources = infer_dist.fill_prompt_tokens(unserved, reward_server.grpc_url, model="no_such_model")
+    assert sources == {"u0": "none", "u1": "none", "u2": "manifest", "u3": "none"}
+    assert unserved[0].prompt_tokens == []
+
+    utterances = infer_dist.read_manifest(str(manifest))
+    sources = infer_dist.fill_prompt_tokens(utterances, reward_server.grpc_url)
+    assert sources == {"u0": "server", "u1": "none", "u2": "manifest", "u3": "none"}
+    assert [u.prompt_tokens for u in utterances] == [ids, [], [7, 8], []]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    prompt = infer_dist.chat_prompts(tokenizer, utterances[:1])[0]
+    assert prompt.endswith("提示你好<|task_id|>" + format_speech_tokens(ids))
+
+    out = tmp_path / "out"
+    args = infer_dist.build_parser().parse_args(["--model", str(tiny_policy), "--manifest", str(manifest),
+                                                 "--output-dir", str(out), "--server-url", reward_server.grpc_url,
+                                                 "--max-new-tokens", "4", "--greedy"])
+    infer_dist.run(args)
+    written = {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines())}
+    assert [(written[u]["zero_shot"], written[u]["prompt_tokens_source"]) for u in ("u0", "u1", "u2", "u3")] == [
+        (True, "server"), (False, "none"), (True, "manifest"), (False, "none")]
+
+
+@pytest.mark.slow
+def test_in_process_engines_in_the_server_environment(tmp_path, tiny_policy):
+    """No server: the server environment runs infer_dist with the stand-in engines in-process."""
+    manifest = write_manifests(tmp_path / "set")["jsonl"]
+    out = tmp_path / "out"
+    server_python = REPO / ".venv-server" / "bin" / "python"
+    done = subprocess.run([str(server_python), str(REPO / "infer_dist.py"), "--model", str(tiny_policy), "--manifest",
+                           str(manifest), "--output-dir", str(out), "--engines", "token2wav_server.standin:create_engines",
+                           "--max-new-tokens", "12", "--batch-size", "4", "--max-utterances", "3"],
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in records] == ["utt0", "utt1", "utt2"]
+    assert records[1]["prompt_tokens_source"] == "manifest" and records[0]["prompt_tokens_source"] == "none"
+    check_outputs_of = [r for r in records if r["error"] is None]
+    assert check_outputs_of
+    for record in check_outputs_of:
+        wave, rate = soundfile.read(out / "wavs" / f"{record['id']}.wav", dtype="float32")
+        assert rate == standin.SAMPLE_RATE and len(wave) == record["tokens"] * standin.SAMPLES_PER_TOKEN

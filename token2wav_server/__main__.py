@@ -4,7 +4,9 @@ Serves, over Triton HTTP / gRPC (and Prometheus metrics):
 
 - ``token2wav_asr``: speech tokens + text -> reward, transcript and reward components;
 - ``token2wav``: speech tokens -> waveform;
-- ``asr``: waveform -> transcript (and ``asr_eval`` when the engines have a second ASR).
+- ``asr``: waveform -> transcript (and ``asr_eval`` when the engines have a second ASR);
+- ``speaker``: waveform -> speaker embedding (when the engines have a speaker engine);
+- ``speech_tokenizer``: waveform -> speech tokens (when the engines have one).
 
 Example (stand-in engines, no weights needed)::
 
@@ -216,6 +218,28 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
             config=config(),
             strict=False,
         )
+    # Optional evaluation models, bound when every slot has the engine.
+    if all(p.slot.engines.speaker is not None for p in pipelines):
+        triton.bind(
+            model_name="speaker",
+            infer_func=[_infer_function(p.speaker) for p in pipelines],
+            inputs=wave_inputs,
+            outputs=[Tensor(name="EMBEDDING", shape=(-1,), dtype=np.float32), text_out("ERRORS")],
+            config=config(),
+            strict=False,
+        )
+        models.append("speaker")
+    if all(p.slot.engines.speech_tokenizer is not None for p in pipelines):
+        triton.bind(
+            model_name="speech_tokenizer",
+            infer_func=[_infer_function(p.speech_tokenizer) for p in pipelines],
+            inputs=wave_inputs,
+            outputs=[Tensor(name="TOKENS", shape=(-1,), dtype=np.int32),
+                     Tensor(name="TOKEN_LENS", shape=(1,), dtype=np.int32), text_out("ERRORS")],
+            config=config(),
+            strict=False,
+        )
+        models.append("speech_tokenizer")
     # Bound last: PyTriton loads models in bind order, so once token2wav_asr is ready
     # (what clients and launch.py wait for) every model is.
     # REWARDS must stay the first output: the reference client reads outputs[0].

@@ -30,6 +30,13 @@ together where its model allows.
     - ``sample_rate: int``
     - ``embed(waves: list[np.ndarray]) -> np.ndarray``: (batch, dim) float32
       speaker embeddings; the server compares them by cosine similarity.
+- ``SpeechTokenizerEngine`` (optional)
+    - ``sample_rate: int`` it wants (the server resamples to it).
+    - ``tokenize(waves: list[np.ndarray]) -> list[np.ndarray]``: float32 mono
+      waveforms -> 1-D int speech token ids in [0, 6561) each (CosyVoice2's
+      speech tokenizer), used for zero-shot prompts in evaluation. Raise for a
+      waveform it cannot tokenize (the server retries the batch item by item
+      and reports the failing item in-band).
 
 ``Engines`` bundles them; ``asr_eval`` is an optional second ASR (for example
 Paraformer) served as the ``asr_eval`` model for evaluation.
@@ -86,14 +93,22 @@ class SpeakerEngine(Protocol):
     def embed(self, waves: list) -> np.ndarray: ...
 
 
+@runtime_checkable
+class SpeechTokenizerEngine(Protocol):
+    sample_rate: int
+
+    def tokenize(self, waves: list) -> list: ...
+
+
 @dataclasses.dataclass
 class Engines:
-    """What one server slot runs. ``speaker`` and ``asr_eval`` are optional."""
+    """What one server slot runs. ``speaker``, ``asr_eval`` and ``speech_tokenizer`` are optional."""
 
     token2wav: Token2WavEngine
     asr: AsrEngine
     speaker: Optional[SpeakerEngine] = None
     asr_eval: Optional[AsrEngine] = None
+    speech_tokenizer: Optional[SpeechTokenizerEngine] = None
 
     def __post_init__(self):
         checks = [("token2wav", self.token2wav, Token2WavEngine), ("asr", self.asr, AsrEngine)]
@@ -101,6 +116,8 @@ class Engines:
             checks.append(("speaker", self.speaker, SpeakerEngine))
         if self.asr_eval is not None:
             checks.append(("asr_eval", self.asr_eval, AsrEngine))
+        if self.speech_tokenizer is not None:
+            checks.append(("speech_tokenizer", self.speech_tokenizer, SpeechTokenizerEngine))
         for name, engine, protocol in checks:
             if not isinstance(engine, protocol):
                 raise TypeError(f"engine {name!r} ({type(engine).__name__}) does not implement {protocol.__name__}")

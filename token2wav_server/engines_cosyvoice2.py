@@ -12,8 +12,12 @@
   and without any per-request set-up.
 - asr: SenseVoiceSmall via FunASR from ``--sensevoice-dir`` (``engines_sensevoice``).
 - asr_eval (optional): a FunASR model (Paraformer) from ``--asr-eval-dir``.
-- speaker (only when the reward weights speaker similarity): CosyVoice2's own CAM++
-  speaker model (``campplus.onnx``), through the same frontend.
+- speaker: CosyVoice2's own CAM++ speaker model (``campplus.onnx``), through the same
+  frontend; used by the reward when it weights similarity, and served as ``speaker``.
+- speech_tokenizer: CosyVoice2's speech tokenizer (``speech_tokenizer_v2.onnx``) through
+  the same frontend, served as ``speech_tokenizer`` (zero-shot prompts in evaluation).
+  Both frontend extractors take a wav path at the pinned CosyVoice commit, so each
+  waveform is written to a temporary 16 kHz float wav first.
 
 Nothing here is imported before a factory call, so the server environment needs
 CosyVoice, CUDA torch and torchaudio only when these engines are used.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import pathlib
 import tempfile
 
@@ -129,22 +134,60 @@ class CosyVoice2Token2Wav:
         return waves
 
 
-class CampplusSpeaker:
-    """Speaker embeddings from CosyVoice2's CAM++ model (through its frontend)."""
+def _write_wav(wave, sample_rate: int, scratch: pathlib.Path) -> str:
+    """One waveform as a float wav file in ``scratch``: CosyVoice2's frontend extractors
+    (``_extract_speech_token``, ``_extract_spk_embedding``) take a wav path and load it
+    themselves at 16 kHz."""
+    import soundfile
+
+    handle, path = tempfile.mkstemp(suffix=".wav", dir=scratch)
+    os.close(handle)
+    soundfile.write(path, np.asarray(wave, dtype=np.float32).reshape(-1), sample_rate, subtype="FLOAT")
+    return path
+
+
+class _FrontendWaveEngine:
+    """Runs one of CosyVoice2's per-wav frontend extractors over a batch (16 kHz in)."""
 
     sample_rate = 16000
 
     def __init__(self, token2wav: CosyVoice2Token2Wav):
         self.frontend = token2wav.cosyvoice.frontend
+        self._scratch = pathlib.Path(tempfile.mkdtemp(prefix="cosyvoice2_waves_"))
+
+    def _each(self, waves: list, extract) -> list:
+        results = []
+        for wave in waves:
+            path = _write_wav(wave, self.sample_rate, self._scratch)
+            try:
+                results.append(extract(path))
+            finally:
+                os.unlink(path)
+        return results
+
+
+class CampplusSpeaker(_FrontendWaveEngine):
+    """Speaker embeddings from CosyVoice2's CAM++ model (``frontend._extract_spk_embedding``)."""
 
     def embed(self, waves: list) -> np.ndarray:
-        import torch
+        rows = self._each(waves, self.frontend._extract_spk_embedding)
+        return np.stack([row.reshape(-1).float().cpu().numpy() for row in rows])
 
-        rows = []
+
+class CosyVoice2SpeechTokenizer(_FrontendWaveEngine):
+    """Speech tokens from CosyVoice2's own tokenizer (``speech_tokenizer_v2.onnx`` through
+    ``frontend._extract_speech_token``, which returns (tokens [1, T], length)); the
+    tokenizer reads at most 30 s of audio."""
+
+    MAX_SECONDS = 30
+
+    def tokenize(self, waves: list) -> list:
         for wave in waves:
-            tensor = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(1, -1)
-            rows.append(self.frontend._extract_spk_embedding(tensor).reshape(-1).float().cpu().numpy())
-        return np.stack(rows)
+            if len(wave) > self.MAX_SECONDS * self.sample_rate:
+                raise ValueError(f"{len(wave) / self.sample_rate:.1f} s of audio: CosyVoice2's speech tokenizer "
+                                 f"reads at most {self.MAX_SECONDS} s")
+        pairs = self._each(waves, self.frontend._extract_speech_token)
+        return [tokens.reshape(-1).cpu().numpy().astype(np.int64) for tokens, _ in pairs]
 
 
 def create_engines(options: EngineOptions) -> Engines:
@@ -158,6 +201,7 @@ def create_engines(options: EngineOptions) -> Engines:
     return Engines(
         token2wav=token2wav,
         asr=sensevoice(options.sensevoice_dir, options.device),
-        speaker=CampplusSpeaker(token2wav) if options.need_speaker else None,
+        speaker=CampplusSpeaker(token2wav),
         asr_eval=paraformer(options.asr_eval_dir, options.device) if options.asr_eval_dir else None,
+        speech_tokenizer=CosyVoice2SpeechTokenizer(token2wav),
     )

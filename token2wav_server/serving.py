@@ -118,6 +118,7 @@ class _Item:
     transcript: str = ""
     nll: Optional[float] = None
     similarity: Optional[float] = None
+    rate: int = 0  # sample rate of ``wave`` for the waveform models
 
 
 class Slot:
@@ -305,12 +306,11 @@ class Pipeline:
             )
         return outputs
 
-    def asr(self, requests: list, parameters: Optional[list] = None, which: str = "asr") -> list:
-        """Inputs WAV (FP32, padded), WAV_LENS (optional), SAMPLE_RATE (optional, default the
-        ASR's rate) -> TRANSCRIPTS, ASR_NLL, ERRORS. ``which``: ``asr`` or ``asr_eval``."""
-        asr = getattr(self.slot.engines, which)
+    def _wave_items(self, requests: list, default_rate: int) -> list:
+        """Parse WAV (padded), WAV_LENS (optional), SAMPLE_RATE (optional, default
+        ``default_rate``) of every request -> one item per row, with ``wave`` and ``rate``
+        set, or ``error``."""
         items = []
-        rates = []
         for r, request in enumerate(requests):
             batch = request_batch_size(request, "WAV")
             try:
@@ -318,12 +318,11 @@ class Pipeline:
                 lens = _rows(request, "WAV_LENS", batch)[:, 0] if "WAV_LENS" in request else [None] * batch
                 rate_rows = _rows(request, "SAMPLE_RATE", batch)[:, 0] if "SAMPLE_RATE" in request else None
             except ItemError as error:
-                items.extend(_Item(r, row, error=str(error)) for row in range(batch))
-                rates.extend([asr.sample_rate] * batch)
+                items.extend(_Item(r, row, error=str(error), rate=default_rate) for row in range(batch))
                 continue
             for row in range(batch):
-                item = _Item(r, row)
-                rate = int(rate_rows[row]) if rate_rows is not None else asr.sample_rate
+                rate = int(rate_rows[row]) if rate_rows is not None else default_rate
+                item = _Item(r, row, rate=rate)
                 length = waves.shape[1] if lens[row] is None else int(lens[row])
                 if not 1000 <= rate <= 192000:
                     item.error = f"SAMPLE_RATE {rate} is outside [1000, 192000]"
@@ -336,16 +335,30 @@ class Pipeline:
                 else:
                     item.wave = waves[row, :length]
                 items.append(item)
-                rates.append(rate)
-        with self.slot.lock:
-            todo = [it for it in items if not it.error]
-            if todo:
-                resampled = [resample(it.wave, rate, asr.sample_rate) for it, rate in zip(items, rates) if not it.error]
-                results = _run_batched(asr.transcribe, resampled, todo, which)
-                for item, result in zip(todo, results):
-                    if result is not None:
-                        item.transcript = str(result.text)
-                        item.nll = None if result.nll is None else float(result.nll)
+        return items
+
+    def _run_on_waves(self, engine, method, items: list, what: str) -> list:
+        """``method`` (an engine's batch method) on the good items' waves, resampled to the
+        engine's rate, under the slot lock -> results aligned with ``items`` (None: no result)."""
+        results = [None] * len(items)
+        todo = [i for i, it in enumerate(items) if not it.error]
+        if todo:
+            with self.slot.lock:
+                waves = [resample(items[i].wave, items[i].rate, engine.sample_rate) for i in todo]
+                outputs = _run_batched(method, waves, [items[i] for i in todo], what)
+            for i, output in zip(todo, outputs):
+                results[i] = output
+        return results
+
+    def asr(self, requests: list, parameters: Optional[list] = None, which: str = "asr") -> list:
+        """Inputs WAV (FP32, padded), WAV_LENS (optional), SAMPLE_RATE (optional, default the
+        ASR's rate) -> TRANSCRIPTS, ASR_NLL, ERRORS. ``which``: ``asr`` or ``asr_eval``."""
+        asr = getattr(self.slot.engines, which)
+        items = self._wave_items(requests, asr.sample_rate)
+        for item, result in zip(items, self._run_on_waves(asr, asr.transcribe, items, which)):
+            if result is not None:
+                item.transcript = str(result.text)
+                item.nll = None if result.nll is None else float(result.nll)
         outputs = []
         for r in range(len(requests)):
             mine = [it for it in items if it.request == r]
@@ -356,4 +369,52 @@ class Pipeline:
                     "ERRORS": _text_array([it.error for it in mine]),
                 }
             )
+        return outputs
+
+    def speaker(self, requests: list, parameters: Optional[list] = None) -> list:
+        """Inputs WAV, WAV_LENS, SAMPLE_RATE (as ``asr``) -> EMBEDDING (FP32, one speaker
+        embedding per item; NaN for a failed item), ERRORS."""
+        engine = self.slot.engines.speaker
+        items = self._wave_items(requests, engine.sample_rate)
+
+        def embed(waves):
+            return list(np.asarray(engine.embed(waves), dtype=np.float32).reshape(len(waves), -1))
+
+        embeddings = self._run_on_waves(engine, embed, items, "speaker")
+        outputs = []
+        for r in range(len(requests)):
+            mine = [(it, e) for it, e in zip(items, embeddings) if it.request == r]
+            width = max([e.size for _, e in mine if e is not None] + [1])
+            rows = np.full((len(mine), width), math.nan, dtype=np.float32)
+            for i, (_, embedding) in enumerate(mine):
+                if embedding is not None:
+                    rows[i, : embedding.size] = embedding
+            outputs.append({"EMBEDDING": rows, "ERRORS": _text_array([it.error for it, _ in mine])})
+        return outputs
+
+    def speech_tokenizer(self, requests: list, parameters: Optional[list] = None) -> list:
+        """Inputs WAV, WAV_LENS, SAMPLE_RATE (as ``asr``) -> TOKENS (INT32 speech token ids,
+        zero-padded), TOKEN_LENS, ERRORS."""
+        engine = self.slot.engines.speech_tokenizer
+        items = self._wave_items(requests, engine.sample_rate)
+        token_lists = self._run_on_waves(engine, engine.tokenize, items, "speech_tokenizer")
+        for item, ids in zip(items, token_lists):
+            if ids is None:
+                continue
+            ids = np.asarray(ids).reshape(-1)
+            if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= SPEECH_VOCAB_SIZE):
+                item.error = f"speech_tokenizer returned ids outside [0, {SPEECH_VOCAB_SIZE})"
+            else:
+                item.tokens = ids.astype(np.int32)
+        outputs = []
+        for r in range(len(requests)):
+            mine = [it for it in items if it.request == r]
+            width = max([it.tokens.size for it in mine if it.tokens is not None] + [1])
+            tokens = np.zeros((len(mine), width), dtype=np.int32)
+            lens = np.zeros((len(mine), 1), dtype=np.int32)
+            for i, item in enumerate(mine):
+                if item.tokens is not None:
+                    tokens[i, : item.tokens.size] = item.tokens
+                    lens[i, 0] = item.tokens.size
+            outputs.append({"TOKENS": tokens, "TOKEN_LENS": lens, "ERRORS": _text_array([it.error for it in mine])})
         return outputs

@@ -23,6 +23,9 @@ model weights, with transcripts and error rates a test can predict.
 - Speaker embedding: a 4-dim vector of waveform statistics (mean, std, mean
   absolute first difference, fraction of non-zero samples), L2-normalized; equal
   for equal waveforms.
+- Speech tokenizer: ``wave_to_tokens`` of stand-in audio, i.e. exactly the ids that
+  made it (16 kHz); any other waveform raises ``ValueError`` ("not stand-in audio"),
+  which the server reports as that item's error.
 
 The token2wav engine counts ``prepare_prompt`` calls (``prepared_prompts``) and
 records the prompt of each synthesized item (``last_prompts``) so tests can check
@@ -152,6 +155,20 @@ class StandinSpeaker:
         return np.stack(rows).astype(np.float32)
 
 
+class StandinSpeechTokenizer:
+    sample_rate = SAMPLE_RATE
+
+    def tokenize(self, waves: list) -> list:
+        results = []
+        for wave in waves:
+            ids = wave_to_tokens(wave)
+            if ids is None:
+                raise ValueError("not stand-in audio: the stand-in speech tokenizer only reads audio made by "
+                                 "tokens_to_wave (640 equal samples per token at 16 kHz)")
+            results.append(ids)
+        return results
+
+
 def create_engines(options: EngineOptions | None = None) -> Engines:
     """Factory for ``--engines token2wav_server.standin:create_engines``."""
     options = options or EngineOptions()
@@ -162,4 +179,5 @@ def create_engines(options: EngineOptions | None = None) -> Engines:
         asr=StandinAsr(delay_ms, tokens_per_char),
         speaker=StandinSpeaker(),
         asr_eval=StandinAsr(delay_ms, tokens_per_char),
+        speech_tokenizer=StandinSpeechTokenizer(),
     )

@@ -2,8 +2,9 @@
 
 The GRPO reward hook (reward_tts.py) has its own pooled asynchronous client for
 ``token2wav_asr``; evaluation needs plain batch calls to ``token2wav`` (speech
-tokens -> waveform) and ``asr`` / ``asr_eval`` (waveform -> transcript). The
-tensor names are those the server binds (docs/reward_server.md).
+tokens -> waveform), ``asr`` / ``asr_eval`` (waveform -> transcript), ``speaker``
+(waveform -> speaker embedding) and ``speech_tokenizer`` (waveform -> speech
+tokens). The tensor names are those the server binds (docs/reward_server.md).
 
 Per-item problems come back in the server's ``ERRORS`` output; they are returned
 as exceptions in the item's place, so one bad item does not lose the others.
@@ -88,9 +89,11 @@ class TritonModelClient:
                 results.append((out["WAV"][row, :length].astype(np.float32), int(out["SAMPLE_RATE"].reshape(-1)[row])))
         return results
 
-    def transcribe(self, waves: list[np.ndarray], sample_rates: list[int]) -> list:
-        """Waveforms -> [transcript str or ServerItemError]."""
-        results: list = []
+    def _wave_requests(self, waves: list[np.ndarray], sample_rates: list[int], outputs: list[str]):
+        """Send waveforms in requests of REQUEST_ITEMS (padded, with WAV_LENS and SAMPLE_RATE);
+        yields (output arrays, row, error message or "") per item, in order."""
+        if len(waves) != len(sample_rates):
+            raise ValueError(f"{len(waves)} waveforms but {len(sample_rates)} sample rates")
         for start in range(0, len(waves), REQUEST_ITEMS):
             chunk = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves[start:start + REQUEST_ITEMS]]
             rates = sample_rates[start:start + REQUEST_ITEMS]
@@ -100,15 +103,48 @@ class TritonModelClient:
                 wav[row, :len(wave)] = wave
             lengths = np.array([[len(w)] for w in chunk], dtype=np.int32)
             rate_array = np.array([[r] for r in rates], dtype=np.int32)
-            out = self._infer({"WAV": wav, "WAV_LENS": lengths, "SAMPLE_RATE": rate_array}, ["TRANSCRIPTS", "ERRORS"])
+            out = self._infer({"WAV": wav, "WAV_LENS": lengths, "SAMPLE_RATE": rate_array}, outputs + ["ERRORS"])
             for row in range(len(chunk)):
-                error = self._error(out["ERRORS"], row)
-                if error:
-                    results.append(ServerItemError(error))
-                else:
-                    value = out["TRANSCRIPTS"].reshape(-1)[row]
-                    results.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+                yield out, row, self._error(out["ERRORS"], row)
+
+    def transcribe(self, waves: list[np.ndarray], sample_rates: list[int]) -> list:
+        """Waveforms -> [transcript str or ServerItemError] (models ``asr``, ``asr_eval``)."""
+        results: list = []
+        for out, row, error in self._wave_requests(waves, sample_rates, ["TRANSCRIPTS"]):
+            if error:
+                results.append(ServerItemError(error))
+            else:
+                value = out["TRANSCRIPTS"].reshape(-1)[row]
+                results.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
         return results
+
+    def embed(self, waves: list[np.ndarray], sample_rates: list[int]) -> list:
+        """Waveforms -> [float32 speaker embedding (1-D) or ServerItemError] (model ``speaker``)."""
+        results: list = []
+        for out, row, error in self._wave_requests(waves, sample_rates, ["EMBEDDING"]):
+            results.append(ServerItemError(error) if error else out["EMBEDDING"][row].astype(np.float32))
+        return results
+
+    def tokenize(self, waves: list[np.ndarray], sample_rates: list[int]) -> list:
+        """Waveforms -> [speech token ids (list of int) or ServerItemError] (model ``speech_tokenizer``)."""
+        results: list = []
+        for out, row, error in self._wave_requests(waves, sample_rates, ["TOKENS", "TOKEN_LENS"]):
+            if error:
+                results.append(ServerItemError(error))
+            else:
+                length = int(out["TOKEN_LENS"].reshape(-1)[row])
+                results.append([int(i) for i in out["TOKENS"][row, :length]])
+        return results
+
+
+def cosine_similarity(a, b) -> float:
+    """Cosine of two embeddings, in float64; 0.0 when either is all zeros."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"embeddings of different sizes: {a.size} and {b.size}")
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.dot(a, b) / norm) if norm > 0 else 0.0
 
 
 READY_MODEL = "token2wav_asr"

@@ -58,3 +58,67 @@ def test_synthesize_writes_a_wav_and_prints_its_path(tmp_path, reward_server, ti
     assert done.stdout.strip().splitlines()[-1] == str(output)
     wave, rate = soundfile.read(output, dtype="float32")
     assert rate == standin.SAMPLE_RATE and len(wave) % standin.SAMPLES_PER_TOKEN == 0 and len(wave) > 0
+
+
+def test_speaker_similarity_to_the_prompt_wav(tmp_path, reward_server, capsys):
+    """Stand-in speaker embeddings: a prompt wav that IS the generated audio gives 1; another
+    prompt gives the cosine of the documented stand-in embeddings; no prompt wav: skipped."""
+    import numpy as np
+
+    from scripts import compute_wer
+
+    out = tmp_path / "step_0"
+    spoken = {"a": "你们好", "b": "今天去公园", "c": "北京", "d": "中国", "e": "上下"}
+    write_output_dir(out, spoken, spoken)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    same = standin.tokens_to_wave(standin.text_to_tokens(spoken["a"]))
+    other = standin.tokens_to_wave(standin.text_to_tokens("一丁七万丈三"))
+    soundfile.write(prompts / "same.wav", same, standin.SAMPLE_RATE, subtype="FLOAT")
+    soundfile.write(prompts / "other.wav", other, standin.SAMPLE_RATE, subtype="FLOAT")
+    (prompts / "broken.wav").write_bytes(b"not a wav file")
+    prompt_of = {"a": str(prompts / "same.wav"), "b": str(prompts / "other.wav"), "c": "",
+                 "d": str(prompts / "gone.wav"), "e": str(prompts / "broken.wav")}
+    records = [{"id": utt_id, "text": text, "prompt_wav": prompt_of[utt_id], "error": None}
+               for utt_id, text in spoken.items()]
+    (out / "manifest.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n",
+                                        encoding="utf-8")
+
+    code = compute_wer.main(["--output-dir", str(out), "--server-url", reward_server.grpc_url, "--metric", "char"])
+    assert code == 0
+    generated_b = standin.tokens_to_wave(standin.text_to_tokens(spoken["b"]))
+    e_b, e_other = standin.StandinSpeaker().embed([generated_b, other]).astype(np.float64)
+    expected_b = float(e_b @ e_other / (np.linalg.norm(e_b) * np.linalg.norm(e_other)))
+    assert expected_b < 0.999  # the two prompts really differ
+
+    payload = json.loads((out / "wer.json").read_text(encoding="utf-8"))
+    similarity = {u["utt_id"]: u["speaker_similarity"] for u in payload["utterances"]}
+    assert similarity["a"] == pytest.approx(1.0, abs=1e-6)
+    assert similarity["b"] == pytest.approx(expected_b, abs=1e-6)
+    assert similarity["c"] is None and similarity["d"] is None and similarity["e"] is None
+    summary = payload["summary"]
+    assert summary["speaker_similarity_mean"] == pytest.approx((1.0 + expected_b) / 2, abs=1e-6)
+    assert summary["speaker_similarity_utterances"] == 2 and summary["speaker_similarity_skipped"] == 3
+    assert summary["errors"] == 0
+    lines = (out / "wer.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[-2] == (f"%SIM {(1.0 + expected_b) / 2:.4f} mean speaker similarity to the prompt over "
+                         "2 utterances, 3 skipped")
+    assert lines[-1].startswith("%CER 0.00 [ 0 / ")
+    assert "  sim: 1.0000" in lines and f"  sim: {expected_b:.4f}" in lines
+    skipped_line = next(line for line in lines if line.startswith("# no speaker similarity (3): "))
+    assert "c (no prompt wav) d (prompt wav " in skipped_line and f"e (cannot read {prompts / 'broken.wav'})" in skipped_line
+    assert capsys.readouterr().out.splitlines()[-1].startswith("%CER")
+
+    assert compute_wer.main(["--output-dir", str(out), "--server-url", reward_server.grpc_url, "--metric", "char",
+                             "--no-similarity"]) == 0
+    payload = json.loads((out / "wer.json").read_text(encoding="utf-8"))
+    assert "speaker_similarity_mean" not in payload["summary"]
+    assert all(u["speaker_similarity"] is None for u in payload["utterances"])
+    assert not any(line.startswith("%SIM") for line in (out / "wer.txt").read_text(encoding="utf-8").splitlines())
+
+
+def test_compute_wer_sh_refuses_a_bad_eval_similarity(tmp_path):
+    env = dict(os.environ, eval_similarity="maybe")
+    done = subprocess.run(["bash", str(REPO / "scripts" / "compute_wer.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "eval_similarity must be true or false, got 'maybe'" in done.stderr

@@ -41,3 +41,19 @@ def test_nothing_to_summarize_is_an_error(tmp_path, capsys):
     (tmp_path / "step_5" / "wer.json").write_text("{")
     with pytest.raises(summarize_eval.EvalError, match="unreadable"):
         summarize_eval.summarize(tmp_path)
+
+
+def test_speaker_similarity_column_when_scored(tmp_path, capsys):
+    fake_result(tmp_path / "step_0", 0.12, 0.08)
+    fake_result(tmp_path / "step_100", 0.05, 0.03)
+    wer = tmp_path / "step_100" / "wer.json"
+    payload = json.loads(wer.read_text())
+    payload["summary"]["speaker_similarity_mean"] = 0.81234
+    wer.write_text(json.dumps(payload))
+    assert summarize_eval.main(["--eval-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| step | CER % | pinyin ER % | SIM | utterances | missing |" in out
+    assert "| 100 (best) | 5.00 | 3.00 | 0.8123 | 7 | 0 |" in out and "| 0 | 12.00 | 8.00 | - | 7 | 0 |" in out
+    tsv = (tmp_path / "cer_by_step.tsv").read_text().splitlines()
+    assert tsv == ["step\tcer\tper\tsim\tutterances\tmissing", "0\t0.120000\t0.080000\t\t7\t0",
+                   "100\t0.050000\t0.030000\t0.812340\t7\t0"]

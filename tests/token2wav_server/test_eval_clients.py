@@ -1,0 +1,60 @@
+"""ttsrl.triton_client against the live reward server (stand-in engines): the evaluation
+models ``speaker`` and ``speech_tokenizer`` over gRPC and HTTP."""
+import numpy as np
+import pytest
+
+from token2wav_server import standin
+from ttsrl.triton_client import ServerItemError, TritonModelClient, cosine_similarity, server_ready
+
+
+def _url(server, protocol):
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_tokenize_returns_the_ids_of_standin_audio_and_item_errors(reward_server, protocol):
+    assert server_ready(_url(reward_server, protocol), model="speech_tokenizer")
+    waves = [standin.tokens_to_wave(standin.text_to_tokens(text)) for text in ("一丁七万", "三", "丈七万丁三上下")] * 3
+    waves.insert(4, np.full(1000, 0.25, dtype=np.float32))  # not stand-in audio
+    rates = [standin.SAMPLE_RATE] * len(waves)
+    rates[5] = 5  # refused by the server's input check
+    client = TritonModelClient(_url(reward_server, protocol), "speech_tokenizer")
+    try:
+        results = client.tokenize(waves, rates)
+    finally:
+        client.close()
+    assert len(results) == 10  # more than one request of REQUEST_ITEMS
+    for index, result in enumerate(results):
+        if index == 4:
+            assert isinstance(result, ServerItemError) and "not stand-in audio" in str(result)
+        elif index == 5:
+            assert isinstance(result, ServerItemError) and "SAMPLE_RATE 5" in str(result)
+        else:
+            assert result == standin.wave_to_tokens(waves[index]).tolist()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_embed_returns_the_standin_embeddings(reward_server, protocol):
+    waves = [standin.tokens_to_wave([5, 6, 7]), np.sin(np.arange(3200) / 7.0).astype(np.float32)]
+    client = TritonModelClient(_url(reward_server, protocol), "speaker")
+    try:
+        results = client.embed(waves, [16000, 16000])
+    finally:
+        client.close()
+    np.testing.assert_allclose(np.stack(results), standin.StandinSpeaker().embed(waves), rtol=1e-6)
+    assert cosine_similarity(results[0], results[0]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cosine_similarity():
+    assert cosine_similarity([1, 0], [0, 2]) == 0.0
+    assert cosine_similarity([1, 1], [2, 2]) == pytest.approx(1.0)
+    assert cosine_similarity([1, 0], [-3, 0]) == pytest.approx(-1.0)
+    assert cosine_similarity([0, 0], [1, 0]) == 0.0
+    with pytest.raises(ValueError, match="different sizes"):
+        cosine_similarity([1, 0], [1, 0, 0])
+    client = TritonModelClient("grpc://127.0.0.1:1", "speaker")  # nothing is sent: the check comes first
+    try:
+        with pytest.raises(ValueError, match="2 waveforms but 1 sample rates"):
+            client.embed([np.zeros(3), np.zeros(3)], [16000])
+    finally:
+        client.close()
