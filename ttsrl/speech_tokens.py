@@ -25,8 +25,10 @@ LLM_EMBEDDING_TOKENS = (SOS_TOKEN, TASK_ID_TOKEN)
 
 _SPECIAL_PIECE = re.compile(r"<\|[^|<>]*\|>")
 _SPEECH_TOKEN = re.compile(r"<\|s_(\d+)\|>")
-# The usual policy response: speech tokens only, perhaps one end token.
-_ONLY_SPEECH = re.compile(r"(?:<\|s_\d+\|>)+(?P<end>" + "|".join(re.escape(t) for t in SPEECH_END_TOKENS) + ")?")
+# The usual policy response: speech tokens only (some tokenizers decode them space-separated),
+# perhaps one end token.
+_ONLY_SPEECH = re.compile(r"\s*(?:<\|s_\d+\|>\s*)+(?P<end>" + "|".join(re.escape(t) for t in SPEECH_END_TOKENS)
+                          + r")?\s*")
 
 
 def speech_token(index: int) -> str:

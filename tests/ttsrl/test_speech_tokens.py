@@ -7,6 +7,7 @@ from ttsrl.speech_tokens import (SPEECH_END_TOKENS, SPEECH_VOCAB_SIZE, _parse_an
 @pytest.mark.parametrize("text", [
     "<|s_1|><|s_2|>", "<|s_1|><|s_6560|><|eos1|>", "<|s_1|><|s_6561|>", "<|s_007|>", "<|s_1|> <|s_2|>",
     "<|s_1|><|eos2|><|s_3|>", "hi<|s_1|>", "<|s_1|>hi", "", "<|eos1|>", "<|s_1|><|eos1|><|eos2|>", "<|s_|>",
+    " <|s_1|> <|s_2|> <|eos1|> ", "<|s_1|>\n<|s_2|>", "<|s_1|> <|eos1|> <|s_2|>",
 ])
 def test_fast_path_agrees_with_the_general_parser(text):
     assert parse_speech_tokens(text) == _parse_any(text)
