@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from ttsrl.scoring import EmptyReferenceError
+from ttsrl.triton_client import pad_rows
 
 from .engines import Engines, resample
 from .prompt_bank import PromptBank
@@ -289,13 +290,7 @@ class Pipeline:
         outputs = []
         for r in range(len(requests)):
             mine = [it for it in items if it.request == r]
-            width = max([it.wave.size for it in mine if it.wave is not None] + [1])
-            waves = np.zeros((len(mine), width), dtype=np.float32)
-            lens = np.zeros((len(mine), 1), dtype=np.int32)
-            for i, item in enumerate(mine):
-                if item.wave is not None:
-                    waves[i, : item.wave.size] = item.wave
-                    lens[i, 0] = item.wave.size
+            waves, lens = pad_rows([it.wave for it in mine], np.float32)
             outputs.append(
                 {
                     "WAV": waves,
@@ -409,12 +404,6 @@ class Pipeline:
         outputs = []
         for r in range(len(requests)):
             mine = [it for it in items if it.request == r]
-            width = max([it.tokens.size for it in mine if it.tokens is not None] + [1])
-            tokens = np.zeros((len(mine), width), dtype=np.int32)
-            lens = np.zeros((len(mine), 1), dtype=np.int32)
-            for i, item in enumerate(mine):
-                if item.tokens is not None:
-                    tokens[i, : item.tokens.size] = item.tokens
-                    lens[i, 0] = item.tokens.size
+            tokens, lens = pad_rows([it.tokens for it in mine], np.int32)
             outputs.append({"TOKENS": tokens, "TOKEN_LENS": lens, "ERRORS": _text_array([it.error for it in mine])})
         return outputs

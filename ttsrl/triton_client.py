@@ -20,6 +20,23 @@ REQUEST_ITEMS = 8
 """Items per request; well under the server's default --max-batch-size."""
 
 
+def pad_rows(rows, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """1-D arrays (or None) -> zero-padded (n, width) array and (n, 1) int32 lengths.
+
+    The wire form of every batched tensor the server takes and returns (TOKENS and
+    TOKEN_LENS, WAV and WAV_LENS); a None row is all zeros with length 0.
+    """
+    rows = [None if row is None else np.asarray(row).reshape(-1) for row in rows]
+    width = max([row.size for row in rows if row is not None] + [1])
+    padded = np.zeros((len(rows), width), dtype=dtype)
+    lengths = np.zeros((len(rows), 1), dtype=np.int32)
+    for index, row in enumerate(rows):
+        if row is not None:
+            padded[index, :row.size] = row
+            lengths[index, 0] = row.size
+    return padded, lengths
+
+
 class ServerItemError(RuntimeError):
     """The server refused or failed one item; the message is the server's."""
 
@@ -74,11 +91,7 @@ class TritonModelClient:
         results: list = []
         for start in range(0, len(token_lists), REQUEST_ITEMS):
             chunk = token_lists[start:start + REQUEST_ITEMS]
-            width = max(1, max(len(tokens) for tokens in chunk))
-            tokens = np.zeros((len(chunk), width), dtype=np.int32)
-            for row, ids in enumerate(chunk):
-                tokens[row, :len(ids)] = ids
-            lengths = np.array([[len(ids)] for ids in chunk], dtype=np.int32)
+            tokens, lengths = pad_rows([np.asarray(ids, dtype=np.int32) for ids in chunk], np.int32)
             out = self._infer({"TOKENS": tokens, "TOKEN_LENS": lengths}, ["WAV", "WAV_LENS", "SAMPLE_RATE", "ERRORS"])
             for row in range(len(chunk)):
                 error = self._error(out["ERRORS"], row)
@@ -97,11 +110,7 @@ class TritonModelClient:
         for start in range(0, len(waves), REQUEST_ITEMS):
             chunk = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves[start:start + REQUEST_ITEMS]]
             rates = sample_rates[start:start + REQUEST_ITEMS]
-            width = max(1, max(len(w) for w in chunk))
-            wav = np.zeros((len(chunk), width), dtype=np.float32)
-            for row, wave in enumerate(chunk):
-                wav[row, :len(wave)] = wave
-            lengths = np.array([[len(w)] for w in chunk], dtype=np.int32)
+            wav, lengths = pad_rows(chunk, np.float32)
             rate_array = np.array([[r] for r in rates], dtype=np.int32)
             out = self._infer({"WAV": wav, "WAV_LENS": lengths, "SAMPLE_RATE": rate_array}, outputs + ["ERRORS"])
             for row in range(len(chunk)):
