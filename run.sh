@@ -213,7 +213,8 @@ start_server() {
   local log_file=$exp_dir/logs/reward_server.log
   if [ "${server_foreground:-false}" = true ]; then
     log "serving in the foreground (Ctrl-C stops it); log also in $log_file"
-    exec "$server_python" -m token2wav_server "${args[@]}" 2>&1 | tee -a "$log_file"
+    "$server_python" -m token2wav_server "${args[@]}" 2>&1 | tee -a "$log_file"
+    exit "${PIPESTATUS[0]}"
   fi
   # Its own session, so stopping it stops Triton and its stubs too.
   setsid "$server_python" -m token2wav_server "${args[@]}" >>"$log_file" 2>&1 < /dev/null &
