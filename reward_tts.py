@@ -62,6 +62,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from ttsrl.speech_tokens import parse_speech_tokens  # noqa: E402
+from ttsrl.triton_client import parse_urls  # noqa: E402  (re-exported: the hook's URL format)
 
 DEFAULT_SERVER_URL = "grpc://127.0.0.1:8001"
 DEFAULT_MODEL_NAME = "token2wav_asr"
@@ -98,28 +99,6 @@ def _setting(kwargs: dict, key: str, env: str, default):
     if os.environ.get(env):
         return os.environ[env]
     return default
-
-
-def parse_urls(text: str, protocol: Optional[str] = None) -> tuple:
-    """``"grpc://a:1,http://b:2"`` -> (("grpc", "a:1"), ("http", "b:2")); bare ``host:port``
-    takes ``protocol`` (default grpc)."""
-    urls = []
-    for piece in (p.strip() for p in str(text).split(",")):
-        if not piece:
-            continue
-        scheme, sep, address = piece.partition("://")
-        if not sep:
-            scheme, address = (protocol or "grpc"), piece
-        scheme = scheme.lower()
-        if scheme not in ("grpc", "http"):
-            raise ValueError(f"reward server URL {piece!r}: protocol must be grpc or http")
-        host, colon, port = address.rstrip("/").rpartition(":")
-        if not colon or not host or not port.isdigit():
-            raise ValueError(f"reward server URL {piece!r}: expected {scheme}://HOST:PORT")
-        urls.append((scheme, f"{host}:{port}"))
-    if not urls:
-        raise ValueError(f"no reward server URL in {text!r}")
-    return tuple(urls)
 
 
 def settings_from(kwargs: dict) -> Settings:

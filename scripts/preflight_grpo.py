@@ -54,7 +54,7 @@ def parse_server_urls(text: str, protocol: str | None = None) -> list[ServerURL]
     Same format as the reward hook: a bare ``host:port`` takes ``protocol``
     ($REWARD_PROTOCOL, default grpc).
     """
-    from ttsrl.triton_client import parse_url
+    from ttsrl.triton_client import parse_urls
 
     protocol = (protocol or os.environ.get("REWARD_PROTOCOL") or "grpc").lower()
     urls = []
@@ -62,7 +62,7 @@ def parse_server_urls(text: str, protocol: str | None = None) -> list[ServerURL]
         if not entry:
             continue
         try:
-            scheme, address = parse_url(entry if "://" in entry else f"{protocol}://{entry}")
+            ((scheme, address),) = parse_urls(entry, protocol)
         except ValueError:
             raise CheckFailed(f"REWARD_SERVER_URL entry {entry!r} is not grpc://HOST:PORT or http://HOST:PORT; "
                               "fix REWARD_SERVER_URL in configs/default.sh") from None

@@ -12,8 +12,6 @@ tritonclient is imported lazily (both environments have it).
 """
 from __future__ import annotations
 
-from urllib.parse import urlparse
-
 import numpy as np
 
 REQUEST_ITEMS = 8
@@ -41,12 +39,37 @@ class ServerItemError(RuntimeError):
     """The server refused or failed one item; the message is the server's."""
 
 
+def parse_urls(text: str, protocol: str | None = None) -> tuple[tuple[str, str], ...]:
+    """``"grpc://a:1,http://b:2"`` -> (("grpc", "a:1"), ("http", "b:2")).
+
+    The one reading of server URLs (REWARD_SERVER_URL, --server-url): a bare
+    ``host:port`` takes ``protocol`` (default grpc); anything else is a ValueError.
+    """
+    urls = []
+    for piece in (p.strip() for p in str(text).split(",")):
+        if not piece:
+            continue
+        scheme, sep, address = piece.partition("://")
+        if not sep:
+            scheme, address = (protocol or "grpc"), piece
+        scheme = scheme.lower()
+        if scheme not in ("grpc", "http"):
+            raise ValueError(f"reward server URL {piece!r}: protocol must be grpc or http")
+        host, colon, port = address.rstrip("/").rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"reward server URL {piece!r}: expected {scheme}://HOST:PORT")
+        urls.append((scheme, f"{host}:{port}"))
+    if not urls:
+        raise ValueError(f"no reward server URL in {text!r}")
+    return tuple(urls)
+
+
 def parse_url(url: str) -> tuple[str, str]:
-    """``grpc://host:port`` or ``http://host:port`` -> (protocol, "host:port")."""
-    parsed = urlparse(url if "://" in url else f"grpc://{url}")
-    if parsed.scheme not in ("grpc", "http") or not parsed.hostname or not parsed.port:
-        raise ValueError(f"server URL {url!r}: expected grpc://HOST:PORT or http://HOST:PORT")
-    return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
+    """One ``grpc://host:port`` or ``http://host:port`` -> (protocol, "host:port")."""
+    urls = parse_urls(url)
+    if len(urls) != 1:
+        raise ValueError(f"server URL {url!r}: expected one URL, got {len(urls)}")
+    return urls[0]
 
 
 class TritonModelClient:
@@ -188,9 +211,11 @@ def main(argv=None) -> int:
     """``python -m ttsrl.triton_client URL [URL ...]``: exit 0 when every server is ready, else name the first that is not."""
     import sys
 
-    urls = [u.strip() for arg in (argv if argv is not None else sys.argv[1:]) for u in arg.split(",") if u.strip()]
-    if not urls:
-        print("usage: python -m ttsrl.triton_client URL[,URL...]", file=sys.stderr)
+    try:
+        urls = [f"{scheme}://{address}" for scheme, address in parse_urls(",".join(argv if argv is not None
+                                                                                    else sys.argv[1:]))]
+    except ValueError as error:
+        print(f"usage: python -m ttsrl.triton_client URL[,URL...] ({error})", file=sys.stderr)
         return 2
     for url in urls:
         if not server_ready(url):
