@@ -3,8 +3,9 @@
     torchrun --nproc_per_node=N infer_dist.py --model DIR --manifest FILE --output-dir OUT [options]
     python infer_dist.py --model DIR --manifest FILE --output-dir OUT     # one process
 
-Manifests, paths relative to the manifest's folder:
-  - seed-tts-eval ``meta.lst``: ``utt|prompt_text|prompt_wav|text`` per line;
+Test sets (``--manifest``, read by ttsrl.eval_sets; prompt paths as each layout publishes them):
+  - Seed-TTS-eval ``meta.lst`` (zh or en): ``utt|prompt_text|prompt_wav|text`` per line;
+  - a CosyVoice3-Eval task folder (``data/zero_shot/zh``): ``text``, ``prompt_text``, ``prompt_wav.scp``;
   - JSONL: ``id``, ``text``, optional ``prompt_text``, ``prompt_wav`` and
     ``prompt_tokens`` (the prompt's CosyVoice2 speech tokens, precomputed).
 
@@ -12,11 +13,24 @@ Each rank generates speech tokens with transformers (batched, left padding, the
 model's chat template, sampling flags) or vLLM (``--backend vllm``), turns them
 into audio with the reward server's ``token2wav`` model (``--server-url``), and
 writes ``OUT/wavs/<id>.wav`` plus ``OUT/records/<id>.json`` (text, token count,
-duration, error) and a line in ``OUT/logs/rank_<r>.log``. Rank 0 then writes
-``OUT/manifest.jsonl`` of every utterance and prints a summary.
+duration, the prompt that conditioned the audio, error) and a line in
+``OUT/logs/rank_<r>.log``. Rank 0 then writes ``OUT/manifest.jsonl`` of every
+utterance and prints a summary.
 
-Zero-shot prompting (prompt text + text, then the prompt's speech tokens as the
-start of the answer) is used when an utterance's prompt speech tokens are known:
+Voice (zero-shot protocol): by default every utterance is decoded in the voice of
+its own prompt wav, sent to ``token2wav`` with its transcript (or prepared by the
+in-process engines); the record's ``prompt_id`` is that prompt's content hash
+(``ttsrl.triton_client.speaker_prompt_key``) as the decoder reported it, and audio
+the decoder says it conditioned on anything else is refused. ``--prompt-voice bank``
+decodes everything in the server's prompt-bank voice instead (``prompt_id``
+``bank:<name>``). A row whose prompt wav is missing, unreadable, empty, below 16 kHz,
+too long (``--max-prompt-seconds``) or without a prompt transcript is reported with
+its file:line; ``--on-bad-prompt fail`` (default) stops before generating anything,
+``skip`` leaves those rows out (a record each, OUT/bad_prompts.txt, counted as
+``bad_prompt`` in the summary).
+
+Zero-shot prompting of the LLM (prompt text + text, then the prompt's speech tokens as
+the start of the answer) is used when an utterance's prompt speech tokens are known:
 from the manifest's ``prompt_tokens``, else, for an utterance with a
 ``prompt_wav``, from the reward server's ``speech_tokenizer`` model (each rank
 tokenizes the prompt wavs of its own utterances before generating, each distinct
@@ -35,82 +49,96 @@ with its reason and is retried by the next run; it does not stop this one.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # torchrun may start us from elsewhere
 
 from ttsrl.chat_template import prompt_messages  # noqa: E402
+from ttsrl.eval_sets import LAYOUTS as EVAL_LAYOUTS, EvalSetError, EvalUtterance, load_eval_set  # noqa: E402
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, format_speech_tokens, parse_speech_tokens  # noqa: E402
 
 LOGGER = logging.getLogger("infer_dist")
 
 
-class ManifestError(Exception):
-    """A manifest line is malformed; the message names file and line."""
+ManifestError = EvalSetError  # a test set that cannot be read (the message names file and line)
+Utterance = EvalUtterance
 
 
-@dataclass
-class Utterance:
-    id: str
-    text: str
-    prompt_text: str = ""
-    prompt_wav: str = ""
-    prompt_tokens: list[int] = field(default_factory=list)
+class BadPromptError(Exception):
+    """Utterances whose prompt cannot condition their audio, with --on-bad-prompt fail."""
 
 
-def _check_id(utt_id: str, where: str, seen: dict[str, str]) -> None:
-    if not utt_id:
-        raise ManifestError(f"{where}: empty utterance id")
-    if "/" in utt_id or utt_id in (".", ".."):
-        raise ManifestError(f"{where}: utterance id {utt_id!r} cannot be a file name")
-    if utt_id in seen:
-        raise ManifestError(f"{where}: duplicate utterance id {utt_id!r} (first at {seen[utt_id]})")
-    seen[utt_id] = where
+def read_manifest(path: str, layout: str = "auto") -> list[Utterance]:
+    """A Seed-TTS-eval meta.lst, a CV3-Eval task folder or a JSONL -> utterances (ttsrl.eval_sets)."""
+    return load_eval_set(path, layout).utterances
 
 
-def read_manifest(path: str) -> list[Utterance]:
-    """A meta.lst or JSONL manifest -> utterances, prompt wav paths made absolute."""
-    manifest = Path(path)
-    if not manifest.is_file():
-        raise ManifestError(f"{path}: no such file")
-    base = manifest.resolve().parent
-    utterances: list[Utterance] = []
-    seen: dict[str, str] = {}
-    is_jsonl = manifest.suffix in (".jsonl", ".json")
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        if is_jsonl:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ManifestError(f"{where}: malformed JSON: {error.msg}") from None
-            if not isinstance(record, dict):
-                raise ManifestError(f"{where}: expected a JSON object")
-            utt = Utterance(str(record.get("id", "")), record.get("text", ""), record.get("prompt_text") or "",
-                            record.get("prompt_wav") or "", record.get("prompt_tokens") or [])
-            if not isinstance(utt.prompt_tokens, list) or not all(isinstance(t, int) for t in utt.prompt_tokens):
-                raise ManifestError(f"{where}: prompt_tokens must be a list of integers")
+def check_prompts(utterances: list[Utterance], max_seconds: float | None = None) -> dict[str, str]:
+    """{utt_id: "file:line: why"} for every utterance whose prompt cannot condition its audio:
+    no prompt wav, a wav that is missing, unreadable, empty, of too low a sample rate or
+    longer than ``max_seconds`` (default: the server's limit), or no prompt transcript.
+    Reads only the wav headers; each distinct wav once."""
+    import soundfile
+
+    from token2wav_server.prompt_bank import MAX_PROMPT_SECONDS, MIN_PROMPT_SAMPLE_RATE
+
+    max_seconds = MAX_PROMPT_SECONDS if max_seconds is None else max_seconds
+    header_problem: dict[str, str | None] = {}
+    bad: dict[str, str] = {}
+    for utt in utterances:
+        if not utt.prompt_wav:
+            why = "no prompt wav (its own voice is unknown; --prompt-voice bank decodes in the server's voice)"
         else:
-            fields = line.rstrip("\r").split("|")
-            if len(fields) != 4:
-                raise ManifestError(f"{where}: expected 'utt|prompt_text|prompt_wav|text', got {len(fields)} fields")
-            utt = Utterance(fields[0].strip(), fields[3].strip(), fields[1].strip(), fields[2].strip())
-        _check_id(utt.id, where, seen)
-        if not isinstance(utt.text, str) or not utt.text.strip():
-            raise ManifestError(f"{where}: utterance {utt.id!r} has no text")
-        if utt.prompt_wav:
-            utt.prompt_wav = str((base / utt.prompt_wav).resolve())
-        utterances.append(utt)
-    if not utterances:
-        raise ManifestError(f"{path}: no utterances")
-    return utterances
+            if utt.prompt_wav not in header_problem:
+                problem = None
+                if not os.path.isfile(utt.prompt_wav):
+                    problem = f"prompt wav {utt.prompt_wav} not found"
+                else:
+                    try:
+                        info = soundfile.info(utt.prompt_wav)
+                        seconds = info.frames / info.samplerate if info.samplerate else 0.0
+                        if info.frames <= 0:
+                            problem = f"prompt wav {utt.prompt_wav} has no samples"
+                        elif info.samplerate < MIN_PROMPT_SAMPLE_RATE:
+                            problem = (f"prompt wav {utt.prompt_wav} is {info.samplerate} Hz, below the "
+                                       f"{MIN_PROMPT_SAMPLE_RATE} Hz a prompt needs")
+                        elif seconds > max_seconds:
+                            problem = (f"prompt wav {utt.prompt_wav} is {seconds:.1f} s long, over the maximum of "
+                                       f"{max_seconds:g} s (--max-prompt-seconds)")
+                    except (OSError, RuntimeError) as error:  # soundfile's LibsndfileError is a RuntimeError
+                        problem = f"cannot read prompt wav {utt.prompt_wav}: {error}"
+                header_problem[utt.prompt_wav] = problem
+            why = header_problem[utt.prompt_wav]
+            if why is None and not utt.prompt_text.strip():
+                why = "no prompt transcript (prompt_text)"
+        if why:
+            bad[utt.id] = f"{utt.where}: utterance {utt.id!r}: {why}"
+    return bad
+
+
+@functools.lru_cache(maxsize=64)
+def _read_prompt_file(path: str):
+    import soundfile
+
+    wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1).astype("float32")
+    wave.setflags(write=False)  # shared by every utterance of this prompt
+    return wave, int(rate)
+
+
+def read_prompt_audio(utt: Utterance):
+    """The utterance's prompt as ``ttsrl.triton_client.SpeakerPromptAudio`` (mono float32);
+    a prompt shared by several utterances is read once (small LRU)."""
+    from ttsrl.triton_client import SpeakerPromptAudio
+
+    wave, rate = _read_prompt_file(utt.prompt_wav)
+    return SpeakerPromptAudio(wave, rate, utt.prompt_text.strip())
 
 
 # ---- output files -----------------------------------------------------------------------------
@@ -168,7 +196,8 @@ def shard(items: list, rank: int, world_size: int) -> list:
 def write_manifest(utterances: list[Utterance], output_dir: Path) -> dict:
     """Collect every utterance's record into OUT/manifest.jsonl; returns the summary."""
     lines = []
-    summary = {"utterances": len(utterances), "ok": 0, "failed": 0, "missing": 0, "seconds_of_audio": 0.0}
+    summary = {"utterances": len(utterances), "ok": 0, "failed": 0, "bad_prompt": 0, "missing": 0,
+               "seconds_of_audio": 0.0}
     for utt in utterances:
         path = record_path(output_dir, utt.id)
         if path.exists():
@@ -179,6 +208,8 @@ def write_manifest(utterances: list[Utterance], output_dir: Path) -> dict:
         if record.get("error") is None:
             summary["ok"] += 1
             summary["seconds_of_audio"] += record.get("duration", 0.0)
+        elif record.get("bad_prompt"):
+            summary["bad_prompt"] += 1
         elif path.exists():
             summary["failed"] += 1
         lines.append(json.dumps(record, ensure_ascii=False))
@@ -332,30 +363,74 @@ class ServerToken2Wav:
         self.client = TritonModelClient(url, model_name, timeout_s)
 
     def synthesize(self, token_lists: list[list[int]]):
-        """-> list of (waveform float32, sample_rate) or an Exception per item."""
+        """In the server's prompt-bank voice -> list of (waveform float32, sample_rate) or an Exception per item."""
         return self.client.token2wav(token_lists)
+
+    def decode(self, token_lists: list[list[int]], prompts: list):
+        """Each item in the voice of its own prompt (``SpeakerPromptAudio``; None: the bank's)
+        -> list of ``ttsrl.triton_client.Synthesis`` or an Exception per item."""
+        return self.client.synthesize(token_lists, prompts)
 
 
 class InProcessToken2Wav:
     """token2wav engines loaded in this process instead of a server (``--engines MODULE_OR_FILE:FACTORY``).
 
     For runs in the server environment (it has torch, transformers and the engines'
-    packages); every utterance is decoded with the prompt bank's first prompt.
+    packages). Each item is decoded with its own prompt, prepared once per distinct prompt
+    (the server's ``PromptCache`` and ``check_prompt``); an item without one uses the prompt
+    bank's first prompt (``--prompt-bank``).
     """
 
     def __init__(self, spec: str, device: str, cosyvoice2_dir: str | None = None, prompt_bank: str | None = None):
         from token2wav_server.engines import EngineOptions, create_engines
-        from token2wav_server.prompt_bank import load_prompts
+        from token2wav_server.prompt_bank import PromptCache, load_prompts
 
         self.engine = create_engines(EngineOptions(device=device, cosyvoice2_dir=cosyvoice2_dir), spec).token2wav
-        self.prompt = self.engine.prepare_prompt(load_prompts(prompt_bank)[0])
+        self.prompt_bank = prompt_bank
+        self._bank = None
+        self.cache = PromptCache(self.engine.prepare_prompt)
+        self._load_prompts = load_prompts
+
+    def _bank_prompt(self):
+        if self._bank is None:
+            prompt = self._load_prompts(self.prompt_bank)[0]
+            self._bank = (prompt.name, self.engine.prepare_prompt(prompt))
+        return self._bank
 
     def synthesize(self, token_lists: list[list[int]]):
+        return [r if isinstance(r, Exception) else (r.wave, r.sample_rate)
+                for r in self.decode(token_lists, [None] * len(token_lists))]
+
+    def decode(self, token_lists: list[list[int]], prompts: list):
         import numpy as np
 
-        waves = self.engine.synthesize([np.asarray(ids, dtype=np.int64) for ids in token_lists],
-                                       [self.prompt] * len(token_lists))
-        return [(np.asarray(wave, dtype=np.float32), self.engine.sample_rate) for wave in waves]
+        from token2wav_server.engines import SpeakerPrompt
+        from token2wav_server.prompt_bank import PromptBankError, check_prompt
+        from ttsrl.triton_client import BANK_PROMPT_PREFIX, Synthesis
+
+        results: list = [None] * len(token_lists)
+        todo, features, prompt_ids = [], [], []
+        for index, prompt in enumerate(prompts):
+            try:
+                if prompt is None:
+                    name, prepared = self._bank_prompt()
+                    prompt_ids.append(BANK_PROMPT_PREFIX + name)
+                else:
+                    check_prompt(prompt.wave, prompt.sample_rate, prompt.text, "speaker prompt")
+                    key = prompt.key
+                    prepared = self.cache.features(key, SpeakerPrompt(f"item-{key[:16]}", np.asarray(prompt.wave),
+                                                                      prompt.sample_rate, prompt.text))
+                    prompt_ids.append(key)
+            except (PromptBankError, RuntimeError, ValueError) as error:
+                results[index] = error
+                continue
+            todo.append(index)
+            features.append(prepared)
+        if todo:
+            waves = self.engine.synthesize([np.asarray(token_lists[i], dtype=np.int64) for i in todo], features)
+            for index, wave, prompt_id in zip(todo, waves, prompt_ids):
+                results[index] = Synthesis(np.asarray(wave, dtype=np.float32), self.engine.sample_rate, prompt_id)
+        return results
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -393,8 +468,12 @@ def append_rank_log(output_dir: Path, rank: int, records: list[dict]) -> None:
 
 
 def synthesize_batch(batch: list[Utterance], generator, token2wav, output_dir: Path,
-                     prompt_sources: dict | None = None) -> list[dict]:
-    """Generate, decode and write one batch; each utterance gets a record, success or not."""
+                     prompt_sources: dict | None = None, prompt_voice: str = "utterance") -> list[dict]:
+    """Generate, decode and write one batch; each utterance gets a record, success or not.
+
+    ``prompt_voice``: ``utterance`` decodes each utterance in the voice of its own prompt wav
+    (the record's ``prompt_id`` is the content hash of that prompt, checked against what the
+    decoder reports); ``bank`` decodes in the server's prompt-bank voice (``bank:<name>``)."""
     prompt_sources = prompt_sources or {}
     records: list[dict] = []
     try:
@@ -407,6 +486,7 @@ def synthesize_batch(batch: list[Utterance], generator, token2wav, output_dir: P
         record = {"id": utt.id, "text": utt.text, "prompt_text": utt.prompt_text, "prompt_wav": utt.prompt_wav,
                   "zero_shot": bool(utt.prompt_tokens),
                   "prompt_tokens_source": prompt_sources.get(utt.id, "manifest" if utt.prompt_tokens else "none"),
+                  "prompt_voice": prompt_voice, "prompt_id": None,
                   "tokens": 0, "duration": 0.0, "error": None}
         if isinstance(response, Exception):
             record["error"] = f"generation failed: {response}"
@@ -418,45 +498,85 @@ def synthesize_batch(batch: list[Utterance], generator, token2wav, output_dir: P
             if not parsed.ids:
                 record["error"] = "no speech tokens generated"
             else:
-                to_decode.append((record, parsed.ids))
+                prompt = None
+                if prompt_voice == "utterance":
+                    try:
+                        prompt = read_prompt_audio(utt)
+                    except (OSError, RuntimeError) as error:  # soundfile's LibsndfileError is a RuntimeError
+                        record["error"] = f"cannot read prompt wav {utt.prompt_wav}: {error}"
+                if record["error"] is None:
+                    to_decode.append((record, parsed.ids, prompt))
         records.append(record)
     if to_decode:
         try:
-            results = token2wav.synthesize([ids for _, ids in to_decode])
+            results = token2wav.decode([ids for _, ids, _ in to_decode], [prompt for _, _, prompt in to_decode])
         except Exception as error:
             results = [error] * len(to_decode)
-        for (record, _), result in zip(to_decode, results):
+        for (record, _, prompt), result in zip(to_decode, results):
             if isinstance(result, Exception):
                 record["error"] = f"token2wav failed: {result}"
                 continue
-            wave, sample_rate = result
-            write_wav_atomically(wav_path(output_dir, record["id"]), wave, sample_rate)
-            record["duration"] = round(len(wave) / sample_rate, 4)
-            record["sample_rate"] = sample_rate
+            if prompt is not None and result.prompt_id != prompt.key:
+                # Never keep audio spoken in another voice than the utterance's prompt.
+                record["error"] = (f"token2wav conditioned the audio on prompt {result.prompt_id or '(none reported)'}, "
+                                   f"not on this utterance's prompt {prompt.key} (a server without per-item prompts?)")
+                continue
+            record["prompt_id"] = result.prompt_id
+            write_wav_atomically(wav_path(output_dir, record["id"]), result.wave, result.sample_rate)
+            record["duration"] = round(len(result.wave) / result.sample_rate, 4)
+            record["sample_rate"] = result.sample_rate
     for record in records:
         write_json_atomically(record_path(output_dir, record["id"]), record)
     return records
 
 
+def write_bad_prompt_records(bad: dict[str, str], utterances: list[Utterance], output_dir: Path) -> None:
+    """--on-bad-prompt skip: a record per skipped utterance (retried by the next run, like a
+    failure) and OUT/bad_prompts.txt listing them with file:line."""
+    for utt in utterances:
+        if utt.id in bad:
+            write_json_atomically(record_path(output_dir, utt.id), {
+                "id": utt.id, "text": utt.text, "prompt_text": utt.prompt_text, "prompt_wav": utt.prompt_wav,
+                "prompt_voice": "utterance", "prompt_id": None, "tokens": 0, "duration": 0.0,
+                "bad_prompt": True, "error": f"skipped, bad prompt: {bad[utt.id]}"})
+    tmp = output_dir / f".bad_prompts.txt.tmp-{os.getpid()}"
+    tmp.write_text("".join(f"{bad[u.id]}\n" for u in utterances if u.id in bad), encoding="utf-8")
+    os.replace(tmp, output_dir / "bad_prompts.txt")
+
+
 def run(args, generator_factory=None, token2wav=None) -> dict:
     """The whole job on this rank; returns rank 0's summary (others return their own counts)."""
-    rank, world_size, device = init_distributed()
     output_dir = Path(args.output_dir)
-    utterances = read_manifest(args.manifest)
+    utterances = read_manifest(args.manifest, getattr(args, "layout", "auto"))
     if args.max_utterances:
         utterances = utterances[:args.max_utterances]
+    prompt_voice = getattr(args, "prompt_voice", "utterance")
+    bad = check_prompts(utterances, getattr(args, "max_prompt_seconds", None)) if prompt_voice == "utterance" else {}
+    bad = {utt_id: why for utt_id, why in bad.items() if not is_done(output_dir, utt_id)}  # done stays done
+    if bad and getattr(args, "on_bad_prompt", "fail") == "fail":
+        # Every rank reads the same set and finds the same rows, so all stop here together.
+        listed = "\n  ".join(bad[u.id] for u in utterances if u.id in bad)
+        raise BadPromptError(f"{len(bad)} utterance(s) have a prompt that cannot condition their audio "
+                             f"(--on-bad-prompt skip leaves them out):\n  {listed}")
+    rank, world_size, device = init_distributed()
     (output_dir / "wavs").mkdir(parents=True, exist_ok=True)
     (output_dir / "records").mkdir(parents=True, exist_ok=True)
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-    pending = pending_utterances(utterances, output_dir)
+    pending = [u for u in pending_utterances(utterances, output_dir) if u.id not in bad]
     if rank == 0:
         remove_stale_temporaries(output_dir)
     # Everyone has listed the pending utterances before anyone writes, so all ranks split the same list.
     barrier(world_size)
     mine = shard(pending, rank, world_size)
     if rank == 0:
-        LOGGER.info("%d utterances, %d already done, %d to do on %d ranks", len(utterances),
-                    len(utterances) - len(pending), len(pending), world_size)
+        if bad:
+            LOGGER.warning("skipping %d utterance(s) with a bad prompt (--on-bad-prompt skip), listed in %s",
+                           len(bad), output_dir / "bad_prompts.txt")
+            write_bad_prompt_records(bad, utterances, output_dir)
+        else:
+            (output_dir / "bad_prompts.txt").unlink(missing_ok=True)  # from an earlier run
+        LOGGER.info("%d utterances, %d already done, %d skipped for a bad prompt, %d to do on %d ranks",
+                    len(utterances), len(utterances) - len(pending) - len(bad), len(bad), len(pending), world_size)
     counts = {"done": 0, "failed": 0}
     if mine:
         import torch
@@ -486,7 +606,7 @@ def run(args, generator_factory=None, token2wav=None) -> dict:
             progress = tqdm(total=len(mine), desc=f"rank 0 of {world_size}", unit="utt")
         for start in range(0, len(mine), args.batch_size):
             batch = mine[start:start + args.batch_size]
-            records = synthesize_batch(batch, generator, token2wav, output_dir, prompt_sources)
+            records = synthesize_batch(batch, generator, token2wav, output_dir, prompt_sources, prompt_voice)
             append_rank_log(output_dir, rank, records)
             for record in records:
                 counts["failed" if record["error"] else "done"] += 1
@@ -501,6 +621,7 @@ def run(args, generator_factory=None, token2wav=None) -> dict:
         summary["produced_this_run"] = len(pending)
         LOGGER.info("summary: %s", json.dumps(summary))
         print(f"infer_dist: {summary['ok']}/{summary['utterances']} utterances ok, {summary['failed']} failed, "
+              f"{summary['bad_prompt']} skipped for a bad prompt, "
               f"{summary['missing']} missing, {summary['seconds_of_audio']:.1f} s of audio; "
               f"{len(pending)} attempted this run; manifest: {output_dir / 'manifest.jsonl'}")
     if world_size > 1:
@@ -513,7 +634,20 @@ def run(args, generator_factory=None, token2wav=None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face model directory (merged or converted)")
-    parser.add_argument("--manifest", required=True, help="meta.lst (utt|prompt_text|prompt_wav|text) or JSONL")
+    parser.add_argument("--manifest", required=True,
+                        help="test set: a Seed-TTS-eval meta.lst, a CV3-Eval task folder (text, prompt_text, "
+                             "prompt_wav.scp) or a JSONL (see ttsrl/eval_sets.py)")
+    parser.add_argument("--layout", choices=("auto",) + EVAL_LAYOUTS, default="auto",
+                        help="layout of --manifest (auto: a folder is cv3-eval, .jsonl is jsonl, else seed-tts)")
+    parser.add_argument("--prompt-voice", choices=("utterance", "bank"), default="utterance",
+                        help="utterance: decode each utterance in the voice of its own prompt wav (the zero-shot "
+                             "protocol); bank: decode every utterance in the server's prompt-bank voice")
+    parser.add_argument("--on-bad-prompt", choices=("fail", "skip"), default="fail",
+                        help="an utterance whose prompt wav is missing, unreadable, too long or has no transcript: "
+                             "fail (stop before generating, listing every such row) or skip it (recorded, counted "
+                             "in the summary, listed in OUT/bad_prompts.txt)")
+    parser.add_argument("--max-prompt-seconds", type=float, default=None,
+                        help="longest prompt wav accepted (default: the server's limit, 30 s)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--server-url", default=os.environ.get("REWARD_SERVER_URL", "grpc://127.0.0.1:8001"),
                         help="reward server serving token2wav (and speech_tokenizer for prompt wavs without "
@@ -545,7 +679,7 @@ def main(argv=None) -> int:
     args.server_url = args.server_url.split(",")[0].strip()
     try:
         run(args)
-    except ManifestError as error:
+    except (ManifestError, BadPromptError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -22,7 +22,8 @@ server_url          REWARD_SERVER_URL          ``grpc://host:port`` or ``http://
                                                ``grpc://127.0.0.1:8001``.
 protocol            REWARD_PROTOCOL            ``grpc`` / ``http`` for URLs without scheme
 model_name          REWARD_MODEL_NAME          Triton model, default ``token2wav_asr``
-request_timeout_s   REWARD_REQUEST_TIMEOUT_S   one attempt's limit, default 120
+request_timeout_s   REWARD_REQUEST_TIMEOUT_S   one attempt's limit, default 120 (capped by
+                                               what is left of the retry budget)
 retry_budget_s      REWARD_RETRY_BUDGET_S      keep retrying transient failures this long
                                                (exponential backoff), then raise; default 300
 startup_wait_s      REWARD_STARTUP_WAIT_S      how long the first call waits for every server
@@ -272,14 +273,14 @@ class RewardClient:
                 return endpoint
         return min(self.endpoints, key=lambda e: e.failed_until)
 
-    async def _infer_once(self, endpoint: _Endpoint, client, batch: list) -> list:
+    async def _infer_once(self, endpoint: _Endpoint, client, batch: list, timeout: float) -> list:
         """One request for a batch of (ids, ground truth): a result dict or a
         RewardRequestError per item (the server reports bad items in-band)."""
         inputs, outputs = _build_inputs(endpoint.scheme, batch)
         parameters = {"prompt": self.settings.prompt} if self.settings.prompt else None
         result = await asyncio.wait_for(
             client.infer(self.settings.model_name, inputs, outputs=outputs, parameters=parameters),
-            timeout=self.settings.request_timeout_s,
+            timeout=timeout,
         )
         columns = {name: result.as_numpy(name).reshape(-1) for name in OUTPUTS}
         if any(len(column) != len(batch) for column in columns.values()):
@@ -311,7 +312,11 @@ class RewardClient:
             client = endpoint.connect()
             attempts += 1
             try:
-                return await self._infer_once(endpoint, client, batch)
+                # An attempt never outlives the retry budget: a hung server (accepts, never
+                # answers) must not hold rollouts for request_timeout_s past it.
+                remaining = settings.retry_budget_s - (time.monotonic() - start)
+                return await self._infer_once(endpoint, client, batch,
+                                              min(settings.request_timeout_s, max(1.0, remaining)))
             except Exception as error:  # tritonclient / grpc / aiohttp raise many types
                 if _is_request_error(error):
                     raise RewardRequestError(f"reward server {endpoint.url} refused the request: {error}") from error

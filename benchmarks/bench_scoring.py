@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script, only benchmarks/ is on sys.path; ttsrl lives in the repo root
 
 
 def make_workload(texts: list[str], seed: int = 0) -> list[tuple[str, str]]:

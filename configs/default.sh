@@ -43,8 +43,15 @@
 : "${server_foreground=false}"            # true: stage 1 serves in the foreground (SLURM, a dedicated terminal)
 : "${server_start_timeout=900}"           # seconds to wait for the models to load
 : "${stop_server_at_exit=false}"          # true: stop a server this run started when run.sh exits
+: "${server_supervise=true}"              # restart Triton when it dies; false under systemd/SLURM restarts
+: "${server_max_restarts=10}"             # supervised restarts allowed within 10 minutes before giving up
 
 # --- GRPO (stage 2) ----------------------------------------------------------
+: "${sft_data=}"                         # JSONL of {text, speech_tokens}: supervised warm-up before GRPO
+: "${sft_steps=200}"                     # warm-up optimizer steps (batch 16)
+: "${sft_lr=1e-3}"
+: "${sft_args=}"                         # extra scripts/sft_warmup.py flags (--batch-size, --seed, --standin-targets)
+: "${grpo_overrides=}"                   # veRL key=value overrides of this config (before the command line's)
 : "${train_batch_size=32}"               # prompts per step (x rollout_n responses)
 : "${rollout_n=4}"
 : "${ppo_mini_batch_size=8}"
@@ -57,8 +64,16 @@
 : "${merge_steps=all}"                   # all, latest, or a list such as 100,200
 
 # --- evaluation (stages 4-6) -------------------------------------------------
-: "${eval_manifest=data/seed-tts-eval/zh/meta.lst}"  # meta.lst (utt|prompt_text|prompt_wav|text) or JSONL
+: "${eval_manifest=data/seedtts_testset/zh/meta.lst}"  # Seed-TTS-eval meta.lst (zh/en), a CV3-Eval task
+                                         # folder (CV3-Eval/data/zero_shot/zh) or JSONL; see README "Stage 4"
 : "${eval_set_name=zh}"
+: "${eval_prompt_voice=utterance}"       # utterance: each utterance in its own prompt's voice; bank: the server's
+: "${eval_on_bad_prompt=fail}"           # a row with a missing/unreadable/too long/untranscribed prompt: fail|skip
+: "${eval_language=auto}"                # protocol metric: zh (CER), en (WER), auto (from the texts)
+: "${eval_select_by=cer}"                # best_step.txt by: cer|wer (published error rate), pinyin, sim
+: "${eval_sim_model=$pretrained_dir/wavlm_large_finetune.pth}"  # Seed-TTS-eval SIM model (stage -1 on GPU);
+                                         # when the file exists, stage 1 serves it as 'speaker'; empty: campplus
+: "${eval_sim_model_gdrive_id=1-aE1NfzpRCLxA4GUxX9ITI3F9LlbtEGP}"  # its file on Google Drive (seed-tts-eval README)
 : "${eval_nproc=$n_gpus_per_node}"       # infer_dist.py processes (one per GPU)
 : "${eval_master_port=29511}"
 : "${eval_asr_model=asr_eval}"           # served ASR that transcribes for CER (asr_eval: Paraformer-zh)

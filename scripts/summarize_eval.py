@@ -1,14 +1,17 @@
-"""Stage 4 summary: CER of every evaluated checkpoint -> table, plot, best checkpoint.
+"""Stage 4 summary: every evaluated checkpoint -> table, plot, best checkpoint.
 
-    python scripts/summarize_eval.py --eval-dir EXP/eval
+    python scripts/summarize_eval.py --eval-dir EXP/eval [--select-by cer|wer|pinyin|sim]
 
-Reads EVAL_DIR/step_<N>/wer.json (CER, from compute_wer.sh) and, when present,
-per.json (pinyin error rate); step 0 is the base model. When any wer.json has a
-speaker similarity (``speaker_similarity_mean``, from a server with a ``speaker``
-model), the table and TSV get a SIM column (mean cosine similarity to the prompt). Writes
-EVAL_DIR/cer_by_step.tsv, EVAL_DIR/cer_by_step.md, EVAL_DIR/cer_by_step.png and
-EVAL_DIR/best_step.txt (the step with the lowest CER; ties go to the earlier
-step), and prints the table.
+Reads EVAL_DIR/step_<N>/wer.json (from compute_wer.sh: the published metric, CER for a zh
+set or WER for an en set, Seed-TTS-eval protocol; with the mean speaker similarity to the
+prompts, ``speaker_similarity_mean``, when the server has a ``speaker`` model) and, when
+present, per.json (our pinyin error rate of the same transcripts); step 0 is the base model.
+
+Writes EVAL_DIR/cer_by_step.tsv, EVAL_DIR/cer_by_step.md, EVAL_DIR/cer_by_step.png (error
+rates, and SIM on a second axis) and EVAL_DIR/best_step.txt, and prints the table. The best
+step is chosen by ``--select-by``: ``cer`` (default) or ``wer`` (both: the set's published
+error rate, lowest wins), ``pinyin`` (lowest pinyin error rate) or ``sim`` (highest speaker
+similarity); ties go to the earlier step, and steps without the chosen metric are passed over.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import sys
 from pathlib import Path
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+SELECT_BY = ("cer", "wer", "pinyin", "sim")
+_COLUMN = {"cer": "error_rate", "wer": "error_rate", "pinyin": "per", "sim": "sim"}
 
 
 class EvalError(Exception):
@@ -36,59 +41,84 @@ def collect(eval_dir: Path) -> list[dict]:
         if not match or not (child / "wer.json").exists():
             continue
         try:
-            cer = json.loads((child / "wer.json").read_text(encoding="utf-8"))["summary"]
+            summary = json.loads((child / "wer.json").read_text(encoding="utf-8"))["summary"]
             per = None
             if (child / "per.json").exists():
                 per = json.loads((child / "per.json").read_text(encoding="utf-8"))["summary"]["error_rate"]
-        except (json.JSONDecodeError, KeyError) as error:
+            row = {"step": int(match.group(1)), "error_rate": summary["error_rate"], "per": per,
+                   "label": summary.get("label", "CER"), "sim": summary.get("speaker_similarity_mean"),
+                   "utterances": summary["utterances"], "missing": len(summary["missing"]),
+                   "bad_prompt": len(summary.get("bad_prompt", [])), "dir": str(child)}
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise EvalError(f"{child}: unreadable score file ({error})") from None
-        rows.append({"step": int(match.group(1)), "cer": cer["error_rate"], "per": per,
-                     "sim": cer.get("speaker_similarity_mean"),
-                     "utterances": cer["utterances"], "missing": len(cer["missing"]), "dir": str(child)})
+        rows.append(row)
     if not rows:
         raise EvalError(f"{eval_dir}: no step_N/wer.json found (run inference and compute_wer.sh first)")
+    labels = sorted({r["label"] for r in rows})
+    if len(labels) > 1:
+        raise EvalError(f"{eval_dir}: steps were scored with different metrics {labels} (one test set per eval dir)")
     return sorted(rows, key=lambda r: r["step"])
 
 
-def best(rows: list[dict]) -> dict:
-    return min(rows, key=lambda r: (r["cer"], r["step"]))
+def best(rows: list[dict], select_by: str = "cer") -> dict:
+    if select_by not in SELECT_BY:
+        raise EvalError(f"unknown --select-by {select_by!r}; expected one of {SELECT_BY}")
+    column = _COLUMN[select_by]
+    scored = [r for r in rows if r.get(column) is not None]
+    if not scored:
+        raise EvalError(f"no step has a {select_by} score to select by"
+                        + (" (the server serves no speaker model)" if select_by == "sim" else ""))
+    sign = -1.0 if select_by == "sim" else 1.0
+    return min(scored, key=lambda r: (sign * r[column], r["step"]))
 
 
 def has_similarity(rows: list[dict]) -> bool:
     return any(r.get("sim") is not None for r in rows)
 
 
-def table(rows: list[dict]) -> str:
-    winner = best(rows)["step"]
+def table(rows: list[dict], select_by: str = "cer") -> str:
+    winner = best(rows, select_by)["step"]
     with_sim = has_similarity(rows)
-    lines = ["| step | CER % | pinyin ER % | " + ("SIM | " if with_sim else "") + "utterances | missing |",
-             "|---:|---:|---:|" + ("---:|" if with_sim else "") + "---:|---:|"]
+    label = rows[0]["label"]
+    lines = [f"| step | {label} % | pinyin ER % | " + ("SIM | " if with_sim else "") + "utterances | missing | bad prompts |",
+             "|---:|---:|---:|" + ("---:|" if with_sim else "") + "---:|---:|---:|"]
     for r in rows:
         per = f"{100 * r['per']:.2f}" if r["per"] is not None else "-"
         sim = (f"{r['sim']:.4f} | " if r.get("sim") is not None else "- | ") if with_sim else ""
         mark = " (best)" if r["step"] == winner else ""
-        lines.append(f"| {r['step']}{mark} | {100 * r['cer']:.2f} | {per} | {sim}{r['utterances']} | {r['missing']} |")
+        lines.append(f"| {r['step']}{mark} | {100 * r['error_rate']:.2f} | {per} | {sim}{r['utterances']} | "
+                     f"{r['missing']} | {r['bad_prompt']} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, select_by: str = "cer") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
-    axis.plot(steps, [100 * r["cer"] for r in rows], marker="o", label="CER")
+    label = rows[0]["label"]
+    figure, axis = plt.subplots(figsize=(6.5, 3.8), dpi=120)
+    axis.plot(steps, [100 * r["error_rate"] for r in rows], marker="o", label=f"{label} (Seed-TTS-eval protocol)")
     if all(r["per"] is not None for r in rows):
-        axis.plot(steps, [100 * r["per"] for r in rows], marker="s", label="pinyin error rate")
-    winner = best(rows)
-    axis.annotate("best", (winner["step"], 100 * winner["cer"]), textcoords="offset points", xytext=(0, 8),
-                  ha="center")
+        axis.plot(steps, [100 * r["per"] for r in rows], marker="s", label="pinyin error rate (ours)")
+    handles, labels = axis.get_legend_handles_labels()
+    if has_similarity(rows):
+        sim_axis = axis.twinx()
+        sim_rows = [r for r in rows if r.get("sim") is not None]
+        sim_axis.plot([r["step"] for r in sim_rows], [r["sim"] for r in sim_rows], marker="^", color="tab:green",
+                      label="SIM")
+        sim_axis.set_ylabel("speaker similarity")
+        more_handles, more_labels = sim_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    winner = best(rows, select_by)
+    axis.annotate(f"best by {select_by}", (winner["step"], 100 * winner["error_rate"]), textcoords="offset points",
+                  xytext=(0, 8), ha="center")
     axis.set_xlabel("training step (0: base model)")
     axis.set_ylabel("error rate (%)")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(handles, labels, fontsize="small")
     figure.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     figure.savefig(tmp)
@@ -102,34 +132,42 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def summarize(eval_dir: Path) -> dict:
+def summarize(eval_dir: Path, select_by: str = "cer") -> dict:
     rows = collect(eval_dir)
+    winner = best(rows, select_by)
     with_sim = has_similarity(rows)
-    tsv = ["step\tcer\tper\t" + ("sim\t" if with_sim else "") + "utterances\tmissing"]
+    metric = rows[0]["label"].lower()
+    tsv = [f"step\t{metric}\tper\t" + ("sim\t" if with_sim else "") + "utterances\tmissing\tbad_prompt"]
     for r in rows:
         per = "" if r["per"] is None else f"{r['per']:.6f}"
         sim = ("" if r.get("sim") is None else f"{r['sim']:.6f}") + "\t" if with_sim else ""
-        tsv.append(f"{r['step']}\t{r['cer']:.6f}\t{per}\t{sim}{r['utterances']}\t{r['missing']}")
+        tsv.append(f"{r['step']}\t{r['error_rate']:.6f}\t{per}\t{sim}{r['utterances']}\t{r['missing']}\t{r['bad_prompt']}")
     write_text(eval_dir / "cer_by_step.tsv", "\n".join(tsv) + "\n")
-    markdown = table(rows)
+    markdown = table(rows, select_by)
     write_text(eval_dir / "cer_by_step.md", markdown + "\n")
-    plot(rows, eval_dir / "cer_by_step.png")
-    winner = best(rows)
+    plot(rows, eval_dir / "cer_by_step.png", select_by)
     write_text(eval_dir / "best_step.txt", f"{winner['step']}\n")
-    return {"rows": rows, "best": winner, "table": markdown}
+    return {"rows": rows, "best": winner, "table": markdown, "select_by": select_by}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-dir", required=True)
+    parser.add_argument("--select-by", choices=SELECT_BY, default="cer",
+                        help="metric that picks best_step.txt: cer/wer (the set's published error rate), "
+                             "pinyin (our pinyin error rate) or sim (speaker similarity, highest wins)")
     args = parser.parse_args(argv)
     try:
-        result = summarize(Path(args.eval_dir))
+        result = summarize(Path(args.eval_dir), args.select_by)
     except EvalError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(result["table"])
-    print(f"best checkpoint: step {result['best']['step']} (CER {100 * result['best']['cer']:.2f}%), "
+    winner = result["best"]
+    scores = f"{winner['label']} {100 * winner['error_rate']:.2f}%"
+    if winner.get("sim") is not None:
+        scores += f", SIM {winner['sim']:.4f}"
+    print(f"best checkpoint by {args.select_by}: step {winner['step']} ({scores}), "
           f"plot: {Path(args.eval_dir) / 'cer_by_step.png'}")
     return 0
 

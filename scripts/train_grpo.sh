@@ -5,8 +5,10 @@
 #
 # Composes configs/grpo.yaml (layered on veRL's ppo_trainer) with the paths and
 # sizes of configs/default.sh (or --config FILE / $TTSRL_CONFIG; variables
-# already set in the environment win) and then the key=value overrides given
-# here, which win over everything. Paths are made absolute so Ray workers on
+# already set in the environment win), the config's $grpo_overrides, and then
+# the key=value overrides given here, which win over everything. Without a GPU
+# (or with TTSRL_DEVICE=cpu) it adds the CPU settings below: same recipe, real
+# GRPO steps on the CPU. Paths are made absolute so Ray workers on
 # any node resolve them.
 #
 # --compose-only (or TTSRL_COMPOSE_ONLY=1): print the composed job config
@@ -148,7 +150,9 @@ if [ "$device" = cpu ]; then
     data.dataloader_num_workers=0
   )
 fi
-cmd+=("${overrides[@]}")
+# the config file's grpo_overrides (e.g. configs/smoke.sh), then the command line's
+# shellcheck disable=SC2206
+cmd+=(${grpo_overrides:-} "${overrides[@]}")
 
 export PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}
 export REWARD_SERVER_URL

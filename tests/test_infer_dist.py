@@ -22,17 +22,43 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["你好世界", "今天天气很好", "我们去公园", "电话138", "吃葡萄", "明天见", "春天来了"]
 
 
+PROMPT_TEXT = "提示文本"
+
+
+def voice_of(utt_index: int) -> int:
+    """The stand-in voice of utterance i's own prompt: all different, none the bank's (0)."""
+    return utt_index % (standin.VOICES - 1) + 1
+
+
+def write_prompt(path: Path, utt_index: int) -> np.ndarray:
+    """A prompt wav of stand-in audio in utterance i's voice (16-bit PCM keeps it exact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wave = standin.tokens_to_wave([utt_index, 5, 6], voice=voice_of(utt_index))
+    soundfile.write(path, wave, standin.SAMPLE_RATE, subtype="PCM_16")
+    return soundfile.read(path, dtype="float32")[0]
+
+
 def write_manifests(folder: Path) -> dict[str, Path]:
-    """The same 7 utterances as seed-tts-eval meta.lst and as JSONL (prompt paths relative to the folder)."""
-    (folder / "prompts").mkdir(parents=True)
-    soundfile.write(folder / "prompts" / "p.wav", np.zeros(1600, dtype=np.float32), 16000)
-    meta = [f"utt{i}|提示文本|prompts/p.wav|{text}" for i, text in enumerate(TEXTS)]
+    """The same 7 utterances, each with its own prompt wav, as a Seed-TTS-eval meta.lst, a
+    CV3-Eval task folder (as published: scp paths relative to the CV3-Eval checkout) and JSONL."""
+    for i in range(len(TEXTS)):
+        write_prompt(folder / "prompt-wavs" / f"p{i}.wav", i)
+    meta = [f"utt{i}|{PROMPT_TEXT}|prompt-wavs/p{i}.wav|{text}" for i, text in enumerate(TEXTS)]
     (folder / "meta.lst").write_text("\n".join(meta) + "\n", encoding="utf-8")
-    records = [{"id": f"utt{i}", "text": text} for i, text in enumerate(TEXTS)]
-    records[1].update(prompt_text="提示", prompt_wav="prompts/p.wav", prompt_tokens=[1, 2, 3])
+    records = [{"id": f"utt{i}", "text": text, "prompt_text": PROMPT_TEXT, "prompt_wav": f"prompt-wavs/p{i}.wav"}
+               for i, text in enumerate(TEXTS)]
+    records[1].update(prompt_tokens=[1, 2, 3])
     (folder / "test.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n",
                                        encoding="utf-8")
-    return {"meta.lst": folder / "meta.lst", "jsonl": folder / "test.jsonl"}
+    cv3 = folder / "CV3-Eval" / "data" / "zero_shot" / "zh"
+    for i in range(len(TEXTS)):
+        write_prompt(cv3 / "waveform" / f"prompt_audio_{i}.wav", i)
+    (cv3 / "text").write_text("".join(f"utt{i} {t}\n" for i, t in enumerate(TEXTS)), encoding="utf-8")
+    (cv3 / "prompt_text").write_text("".join(f"utt{i} {PROMPT_TEXT}\n" for i in range(len(TEXTS))), encoding="utf-8")
+    (cv3 / "prompt_wav.scp").write_text(
+        "".join(f"utt{i} data/zero_shot//zh/waveform/prompt_audio_{i}.wav\n" for i in range(len(TEXTS))),
+        encoding="utf-8")
+    return {"meta.lst": folder / "meta.lst", "jsonl": folder / "test.jsonl", "cv3-eval": cv3}
 
 
 def torchrun_command(policy: Path, manifest: Path, out: Path, server_url: str, *extra: str) -> list[str]:
@@ -83,10 +109,14 @@ def rank_log_ids(out: Path, since: dict[str, list[str]] | None = None) -> list[s
     return ids
 
 
-def check_outputs(out: Path):
+def check_outputs(out: Path, own_voice: bool = True):
+    """Every record is whole; each wav is the stand-in decoder's audio, spoken in the voice of
+    the utterance's own prompt (own_voice) or the bank's voice 0, as its record says."""
+    from ttsrl.triton_client import speaker_prompt_key
+
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in manifest] == [f"utt{i}" for i in range(len(TEXTS))]
-    for record in manifest:
+    for index, record in enumerate(manifest):
         if record["error"] is not None:
             assert record["error"] == "no speech tokens generated" and record["tokens"] == 0
             continue
@@ -95,11 +125,19 @@ def check_outputs(out: Path):
         assert len(wave) == record["tokens"] * standin.SAMPLES_PER_TOKEN
         assert record["duration"] == pytest.approx(len(wave) / rate)
         assert standin.wave_to_tokens(wave) is not None  # exactly the stand-in decoder's audio
+        if own_voice:
+            prompt_wave, prompt_rate = soundfile.read(record["prompt_wav"], dtype="float32")
+            assert standin.wave_voice(wave) == voice_of(index) == standin.wave_voice(prompt_wave)
+            assert record["prompt_voice"] == "utterance"
+            assert record["prompt_id"] == speaker_prompt_key(prompt_wave, prompt_rate, PROMPT_TEXT)
+        else:
+            assert standin.wave_voice(wave) == 0
+            assert record["prompt_voice"] == "bank" and record["prompt_id"].startswith("bank:")
     return manifest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["meta.lst", "jsonl"])
+@pytest.mark.parametrize("kind", ["meta.lst", "jsonl", "cv3-eval"])
 def test_two_ranks_each_utterance_once_then_resume_does_nothing(tmp_path, tiny_policy, reward_server, kind):
     manifest = write_manifests(tmp_path / "set")[kind]
     out = tmp_path / "out"
@@ -112,7 +150,8 @@ def test_two_ranks_each_utterance_once_then_resume_does_nothing(tmp_path, tiny_p
     assert sorted(ids) == sorted(f"utt{i}" for i in range(len(TEXTS)))  # every utterance exactly once
     assert {p.name for p in (out / "logs").iterdir()} == {"rank_0.log", "rank_1.log"}
     if kind == "jsonl":
-        assert records[1]["zero_shot"] and not records[0]["zero_shot"]
+        assert records[1]["prompt_tokens_source"] == "manifest"
+    assert all(r["zero_shot"] for r in records)  # prompt tokens from the manifest or the server's tokenizer
     ok = [r["id"] for r in records if r["error"] is None]
     second = run_torchrun(torchrun_command(tiny_policy, manifest, out, reward_server.grpc_url))
     assert second.returncode == 0, second.stderr[-3000:]
@@ -150,7 +189,7 @@ def test_killed_run_is_completed_by_the_next(tmp_path, tiny_policy, reward_serve
 def test_manifest_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "meta.lst"
     bad.write_text("a|p|w.wav|你好\nb|only|three\n", encoding="utf-8")
-    with pytest.raises(infer_dist.ManifestError, match=r"meta\.lst:2: expected 'utt\|prompt_text\|prompt_wav\|text'"):
+    with pytest.raises(infer_dist.ManifestError, match=r"meta\.lst:2: expected 'utt\|prompt_text\|prompt_wav\|text'.* 3 fields"):
         infer_dist.read_manifest(str(bad))
     dup = tmp_path / "dup.jsonl"
     dup.write_text('{"id": "a", "text": "好"}\n{"id": "a", "text": "行"}\n', encoding="utf-8")
@@ -162,11 +201,21 @@ def test_manifest_errors_name_file_and_line(tmp_path):
         infer_dist.read_manifest(str(empty))
 
 
-def test_relative_prompt_paths_resolve_against_the_manifest_folder(tmp_path):
+def test_relative_prompt_paths_resolve_as_each_layout_publishes_them(tmp_path):
     manifests = write_manifests(tmp_path / "set")
     utterances = infer_dist.read_manifest(str(manifests["meta.lst"]))
-    assert utterances[0].prompt_wav == str((tmp_path / "set" / "prompts" / "p.wav").resolve())
+    assert utterances[0].prompt_wav == str((tmp_path / "set" / "prompt-wavs" / "p0.wav").resolve())
+    assert utterances[0].where == f"{manifests['meta.lst']}:1"
     assert infer_dist.read_manifest(str(manifests["jsonl"]))[1].prompt_tokens == [1, 2, 3]
+    cv3 = infer_dist.read_manifest(str(manifests["cv3-eval"]))
+    assert [(u.id, u.text, u.prompt_text) for u in cv3[:2]] == [("utt0", TEXTS[0], PROMPT_TEXT),
+                                                                 ("utt1", TEXTS[1], PROMPT_TEXT)]
+    assert cv3[2].prompt_wav == str((manifests["cv3-eval"] / "waveform" / "prompt_audio_2.wav").resolve())
+    assert cv3[0].where == f"{manifests['cv3-eval'].resolve() / 'text'}:1"
+    # a five-field Seed-TTS-eval line (with the ground-truth wav) reads the same
+    five = tmp_path / "five.lst"
+    five.write_text("u|提示|p.wav|你好|gt/u.wav\n", encoding="utf-8")
+    assert infer_dist.read_manifest(str(five))[0].text == "你好"
 
 
 def test_zero_shot_messages_put_prompt_speech_in_the_answer():
@@ -212,7 +261,7 @@ def test_prompt_tokens_come_from_the_server_speech_tokenizer(tmp_path, tiny_poli
     out = tmp_path / "out"
     args = infer_dist.build_parser().parse_args(["--model", str(tiny_policy), "--manifest", str(manifest),
                                                  "--output-dir", str(out), "--server-url", reward_server.grpc_url,
-                                                 "--max-new-tokens", "4", "--greedy"])
+                                                 "--max-new-tokens", "4", "--greedy", "--prompt-voice", "bank"])
     infer_dist.run(args)
     written = {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines())}
     assert [(written[u]["zero_shot"], written[u]["prompt_tokens_source"]) for u in ("u0", "u1", "u2", "u3")] == [
@@ -224,7 +273,7 @@ def test_in_process_engines_in_the_server_environment(tmp_path, tiny_policy):
     """No server: the server environment runs infer_dist with the stand-in engines in-process."""
     manifest = write_manifests(tmp_path / "set")["jsonl"]
     out = tmp_path / "out"
-    server_python = REPO / ".venv-server" / "bin" / "python"
+    server_python = REPO / ".venv-server" / "bin" / "python"  # each utterance in its own prompt's voice
     done = subprocess.run([str(server_python), str(REPO / "infer_dist.py"), "--model", str(tiny_policy), "--manifest",
                            str(manifest), "--output-dir", str(out), "--engines", "token2wav_server.standin:create_engines",
                            "--max-new-tokens", "12", "--batch-size", "4", "--max-utterances", "3"],
@@ -238,3 +287,56 @@ def test_in_process_engines_in_the_server_environment(tmp_path, tiny_policy):
     for record in check_outputs_of:
         wave, rate = soundfile.read(out / "wavs" / f"{record['id']}.wav", dtype="float32")
         assert rate == standin.SAMPLE_RATE and len(wave) == record["tokens"] * standin.SAMPLES_PER_TOKEN
+        assert standin.wave_voice(wave) == voice_of(int(record["id"][3:]))
+        assert record["prompt_voice"] == "utterance" and len(record["prompt_id"]) == 64
+
+
+def run_in_process(policy: Path, manifest: Path, out: Path, server_url: str, *extra: str) -> dict:
+    args = infer_dist.build_parser().parse_args(["--model", str(policy), "--manifest", str(manifest), "--output-dir",
+                                                 str(out), "--server-url", server_url, "--max-new-tokens", "6",
+                                                 "--batch-size", "4", "--seed", "1", *extra])
+    return infer_dist.run(args)
+
+
+def test_bank_voice_only_when_asked(tmp_path, tiny_policy, reward_server):
+    manifest = write_manifests(tmp_path / "set")["meta.lst"]
+    run_in_process(tiny_policy, manifest, tmp_path / "bank", reward_server.grpc_url, "--prompt-voice", "bank")
+    check_outputs(tmp_path / "bank", own_voice=False)
+
+
+def test_bad_prompts_are_reported_with_file_and_line_then_failed_or_skipped(tmp_path, tiny_policy, reward_server):
+    folder = tmp_path / "set"
+    write_manifests(folder)
+    (folder / "prompt-wavs" / "broken.wav").write_bytes(b"RIFF....not a wav")
+    soundfile.write(folder / "prompt-wavs" / "long.wav", np.full(16000 * 31, 0.1, np.float32), 16000, subtype="PCM_16")
+    lines = [f"utt0|{PROMPT_TEXT}|prompt-wavs/p0.wav|{TEXTS[0]}",
+             f"utt1|{PROMPT_TEXT}|prompt-wavs/missing.wav|{TEXTS[1]}",
+             f"utt2|{PROMPT_TEXT}|prompt-wavs/broken.wav|{TEXTS[2]}",
+             f"utt3|{PROMPT_TEXT}|prompt-wavs/long.wav|{TEXTS[3]}",
+             f"utt4||prompt-wavs/p4.wav|{TEXTS[4]}",
+             f"utt5|{PROMPT_TEXT}|prompt-wavs/p5.wav|{TEXTS[5]}"]
+    manifest = folder / "bad.lst"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(infer_dist.BadPromptError) as failed:
+        run_in_process(tiny_policy, manifest, tmp_path / "fail", reward_server.grpc_url)
+    message = str(failed.value)
+    assert message.startswith("4 utterance(s) have a prompt that cannot condition their audio")
+    assert f"bad.lst:2: utterance 'utt1': prompt wav {folder.resolve() / 'prompt-wavs' / 'missing.wav'} not found" in message
+    assert "bad.lst:3: utterance 'utt2': cannot read prompt wav" in message
+    assert "bad.lst:4: utterance 'utt3': prompt wav" in message and "31.0 s long" in message
+    assert "bad.lst:5: utterance 'utt4': no prompt transcript" in message
+    assert not (tmp_path / "fail" / "wavs").exists()  # nothing generated
+
+    out = tmp_path / "skip"
+    summary = run_in_process(tiny_policy, manifest, out, reward_server.grpc_url, "--on-bad-prompt", "skip")
+    assert summary["bad_prompt"] == 4 and summary["ok"] + summary["failed"] == 2
+    records = {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines())}
+    for utt_id in ("utt1", "utt2", "utt3", "utt4"):
+        assert records[utt_id]["bad_prompt"] and records[utt_id]["error"].startswith("skipped, bad prompt: ")
+        assert not (out / "wavs" / f"{utt_id}.wav").exists()  # nothing decoded in another voice
+    listed = (out / "bad_prompts.txt").read_text(encoding="utf-8").splitlines()
+    assert [line.split(": utterance")[0].rsplit(":", 1)[1] for line in listed] == ["2", "3", "4", "5"]
+    for utt_id in ("utt0", "utt5"):
+        if records[utt_id]["error"] is None:
+            wave, _ = soundfile.read(out / "wavs" / f"{utt_id}.wav", dtype="float32")
+            assert standin.wave_voice(wave) == voice_of(int(utt_id[3:]))

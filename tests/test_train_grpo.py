@@ -48,7 +48,8 @@ def compose(tmp_path: Path, overrides: list[str] = (), settings: dict = SETTINGS
                       + "".join(f"{k}='{v}'\n" for k, v in settings.items()))
     env = {k: v for k, v in os.environ.items()
            if k not in config_names() and k != "PYTHONPATH" and not k.startswith("REWARD_")}
-    env.update(TTSRL_CONFIG=str(config), TTSRL_COMPOSE_ONLY="1", **(env_extra or {}))
+    # the GPU command unless a test asks for the CPU one (train_grpo.sh detects the device otherwise)
+    env.update(TTSRL_CONFIG=str(config), TTSRL_COMPOSE_ONLY="1", TTSRL_DEVICE="cuda", **(env_extra or {}))
     result = subprocess.run(["bash", str(SCRIPT), *overrides], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=180)
     if result.returncode != 0:
@@ -95,6 +96,9 @@ def mismatches(cfg, settings: dict = SETTINGS) -> list[str]:
         "ray_kwargs.ray_init.runtime_env.env_vars.REWARD_SERVER_URL": settings["REWARD_SERVER_URL"],
         "ray_kwargs.ray_init.runtime_env.env_vars.PYTHONPATH": str(REPO_ROOT),
         "ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR": f"{exp}/tensorboard",
+        # the recipe's veRL plugins: trainer mode with per-step reward components and validation audio
+        "ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES": "verl_plugins",
+        "trainer.v1.trainer_mode": "tts_sync",
     }
     found = []
     for key, want in expected.items():
@@ -191,3 +195,37 @@ def test_composed_data_and_reward_settings_load_in_verl(tmp_path):
     assert hook.__name__ == "compute_score" and inspect.iscoroutinefunction(hook)
     assert Path(inspect.getsourcefile(hook)) == REPO_ROOT / "reward_tts.py"
     assert resolve_reward_manager_cls(cfg).__name__ == "NaiveRewardManager"
+
+
+CPU_SETTINGS = {
+    # what train_grpo.sh must add without a GPU (docs/training.md, "CPU training")
+    "trainer.device": "cpu",
+    "actor_rollout_ref.actor.strategy": "fsdp2",
+    "actor_rollout_ref.actor.fsdp_config.strategy": "fsdp2",
+    "actor_rollout_ref.actor.fsdp_config.use_torch_compile": False,
+    "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",
+    "actor_rollout_ref.rollout.enforce_eager": True,
+    "actor_rollout_ref.rollout.free_cache_engine": False,
+    "actor_rollout_ref.rollout.enable_sleep_mode": False,
+    "actor_rollout_ref.rollout.agent.num_workers": 1,
+    "reward.num_workers": 1,
+    "ray_kwargs.ray_init.num_gpus": 2,  # n_gpus_per_node logical GPUs for veRL's placement groups
+    "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,
+    "ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM": "cpu",
+    "ray_kwargs.ray_init.runtime_env.env_vars.VERL_ENGINE_DEVICE": "cuda",
+    "ray_kwargs.ray_init.runtime_env.env_vars.VLLM_TARGET_DEVICE": "cpu",
+}
+
+
+def test_cpu_command_adds_the_cpu_settings_and_only_them(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "cpu").mkdir()
+    gpu = compose(tmp_path / "gpu")
+    cpu = compose(tmp_path / "cpu", env_extra={"TTSRL_DEVICE": "cpu"})
+    found = {key: OmegaConf.select(cpu, key, default="<missing>") for key in CPU_SETTINGS}
+    assert found == CPU_SETTINGS
+    assert OmegaConf.select(gpu, "ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM", default=None) is None
+    assert gpu.actor_rollout_ref.actor.strategy == "fsdp"
+    # everything the recipe sets is the same on both devices
+    assert mismatches(cpu, SETTINGS) == ["actor_rollout_ref.actor.strategy: got 'fsdp2', want 'fsdp'"]
+    validate_with_verl(cpu)

@@ -12,6 +12,8 @@ Modules:
   ``token2wav_asr``.
 - ``standin``: deterministic stand-in engines (no weights) for tests and smoke runs.
 - ``engines_cosyvoice2`` / ``engines_sensevoice``: the real engines.
+- ``engines_wavlm_sv``: Seed-TTS-eval's SIM model (WavLM + ECAPA-TDNN) as the ``speaker``
+  engine over any other engines.
 - ``launch``: start a server in a subprocess on free ports, wait until ready, stop it.
 - ``__main__``: the command line (``python -m token2wav_server``).
 

@@ -12,11 +12,16 @@ Example (stand-in engines, no weights needed)::
 
     python -m token2wav_server --engines token2wav_server.standin:create_engines --devices cpu
 
+This process is the front (token2wav_server/supervisor.py): it serves the public HTTP port
+through a guard (token2wav_server/http_guard.py) and the metrics port, and runs Triton in
+a worker process (``--worker``, started by the front itself) that it restarts when it dies.
+
 See docs/reward_server.md for every option.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -26,13 +31,16 @@ import time
 
 import numpy as np
 
-from .engines import EngineOptions, create_engines
+from .engines import EngineOptions, create_engines, load_factory
+from .http_guard import DEFAULT_MAX_BODY_MB, GuardLimits
 from .prompt_bank import load_prompts
 from .rewarding import DEFAULT_CONFIG_PATH, load_reward_config
 from .serving import DEFAULT_MAX_TOKENS, Limits, Pipeline, Slot
+from .supervisor import EXIT_CONFIG_ERROR, FrontConfig, RestartPolicy, run_supervisor
 
 LOGGER = logging.getLogger("token2wav_server")
 DEFAULT_ENGINES = "token2wav_server.engines_cosyvoice2:create_engines"
+EXIT_TRITON_DIED = 3  # the worker's status when tritonserver ended without being asked to
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--http-port", type=int, default=8000)
     net.add_argument("--grpc-port", type=int, default=8001)
     net.add_argument("--metrics-port", type=int, default=8002)
+    net.add_argument("--http-guard", action=argparse.BooleanOptionalAction, default=True,
+                     help="serve HTTP through the guard that refuses bodies Triton cannot parse safely "
+                          "(--no-http-guard: Triton's HTTP on the public port, which one malformed request can crash)")
+    net.add_argument("--http-max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                     help="largest HTTP request body the guard accepts, MiB (larger: 413)")
+    sup = parser.add_argument_group("supervision")
+    sup.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=True,
+                     help="restart Triton when it dies (--no-supervise: exit instead, for systemd / SLURM to restart)")
+    sup.add_argument("--max-restarts", type=int, default=10,
+                     help="give up after this many restarts within --restart-window-s")
+    sup.add_argument("--restart-window-s", type=float, default=600.0)
+    sup.add_argument("--restart-backoff-s", type=float, default=1.0,
+                     help="wait before the first restart; doubles per restart within the window, at most 30 s")
+    sup.add_argument("--hang-timeout-s", type=float, default=30.0,
+                     help="restart Triton when it has not answered health checks for this long (0: never)")
+    # Set by the front for the worker process it starts; not for users.
+    for flag, kind in (("--worker", None), ("--triton-http-address", str), ("--triton-http-port", int),
+                       ("--triton-metrics-port", int)):
+        if kind is None:
+            parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
     eng = parser.add_argument_group("engines")
     eng.add_argument("--engines", default=DEFAULT_ENGINES, help="engine factory, MODULE_OR_FILE:FACTORY")
     eng.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
@@ -188,13 +218,18 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
     token_inputs = [
         Tensor(name="TOKENS", shape=(-1,), dtype=np.int32),
         Tensor(name="TOKEN_LENS", shape=(1,), dtype=np.int32, optional=True),
+        # per-item speaker prompt (serving.py); without it, the prompt bank's voice
+        Tensor(name="PROMPT_WAV", shape=(-1,), dtype=np.float32, optional=True),
+        Tensor(name="PROMPT_WAV_LENS", shape=(1,), dtype=np.int32, optional=True),
+        Tensor(name="PROMPT_SAMPLE_RATE", shape=(1,), dtype=np.int32, optional=True),
+        Tensor(name="PROMPT_TEXT", shape=(1,), dtype=bytes, optional=True),
     ]
     triton.bind(
         model_name="token2wav",
         infer_func=[_infer_function(p.token2wav) for p in pipelines],
         inputs=token_inputs,
         outputs=[Tensor(name="WAV", shape=(-1,), dtype=np.float32), Tensor(name="WAV_LENS", shape=(1,), dtype=np.int32),
-                 Tensor(name="SAMPLE_RATE", shape=(1,), dtype=np.int32), text_out("ERRORS")],
+                 Tensor(name="SAMPLE_RATE", shape=(1,), dtype=np.int32), text_out("PROMPT_ID"), text_out("ERRORS")],
         config=config(),
         strict=False,
     )
@@ -256,14 +291,94 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
     return models
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def warn_if_exposed(host: str) -> bool:
+    """Log that the API has no authentication when ``host`` is not a loopback address."""
+    if is_loopback(host):
+        return False
+    LOGGER.warning(
+        "binding %s: the reward server's HTTP, gRPC and metrics ports have NO authentication; anyone who can reach "
+        "them can run inference and read the metrics. Keep --host 127.0.0.1 and reach it through an SSH tunnel, or "
+        "put an authenticating reverse proxy in front (docs/reward_server.md, 'Exposure')", host)
+    return True
+
+
+def front_checks(args) -> tuple:
+    """Check what the front can check cheaply before it binds any port (the worker loads
+    the engines): reward config, devices, engine factory, limits and policy."""
+    load_reward_config(args.reward_config)
+    parse_devices(args.devices)
+    parse_engine_options(args.engine_option)
+    load_factory(args.engines)
+    if args.instances_per_device < 1:
+        raise ValueError("--instances-per-device must be >= 1")
+    limits = GuardLimits(max_body_bytes=int(args.http_max_body_mb * 1024 * 1024))
+    policy = RestartPolicy(max_restarts=args.max_restarts if args.supervise else 0,
+                           window_s=args.restart_window_s, backoff_initial_s=args.restart_backoff_s,
+                           backoff_max_s=max(30.0, args.restart_backoff_s), hang_timeout_s=args.hang_timeout_s)
+    return limits, policy
+
+
+def run_front(args, argv: list[str]) -> int:
+    warn_if_exposed(args.host)
+    try:
+        limits, policy = front_checks(args)
+    except (ValueError, FileNotFoundError, AttributeError, TypeError, ImportError) as error:
+        LOGGER.error("cannot start: %s", error)
+        return EXIT_CONFIG_ERROR
+    worker_command = [sys.executable, "-m", "token2wav_server", *argv, "--worker"]
+    front = FrontConfig(host=args.host, http_port=args.http_port, metrics_port=args.metrics_port,
+                        http_guard=args.http_guard, limits=limits)
+    LOGGER.info("front: HTTP %s on %s:%d, gRPC %s:%d, metrics %s:%d; %s", "guarded" if args.http_guard else
+                "UNGUARDED", args.host, args.http_port, args.host, args.grpc_port, args.host, args.metrics_port,
+                f"restarts: up to {policy.max_restarts} in {policy.window_s:.0f} s" if policy.max_restarts
+                else "no restarts (--no-supervise)")
+    try:
+        return run_supervisor(worker_command, front, policy)
+    except OSError as error:  # a public port taken
+        LOGGER.error("cannot start: %s", error)
+        return 1
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Stop this worker when the front that started it is gone (killed with SIGKILL, say),
+    so no Triton is left holding the ports. Runs in a daemon thread."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    LOGGER.error("the front process (pid %d) is gone: stopping", parent)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(45.0)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.worker:
+        return run_front(args, argv)
+    return run_worker(args)
+
+
+def run_worker(args) -> int:
+    """Load the engines and serve them with Triton until SIGINT / SIGTERM (status 0) or until
+    Triton dies (status 3); a start-up configuration error is status 2."""
+    import threading
+
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
     try:
         pipelines = build_pipelines(args)
     except (ValueError, FileNotFoundError, AttributeError, TypeError, ImportError) as error:
         LOGGER.error("cannot start: %s", error)
-        return 2
+        return EXIT_CONFIG_ERROR
 
     # PyTriton's Python-backend stub links libpython; point it at this interpreter's
     # own library, or model loading fails with '_thread.RLock' ... '_recursion_count'.
@@ -274,31 +389,40 @@ def main(argv=None) -> int:
     from pytriton.triton import Triton, TritonConfig
 
     _allow_ragged_batching()
+    http_address = args.triton_http_address or args.host
+    http_port = args.triton_http_port or args.http_port
     triton_config = TritonConfig(
-        http_address=args.host,
-        http_port=args.http_port,
+        http_address=http_address,
+        http_port=http_port,
         grpc_address=args.host,
         grpc_port=args.grpc_port,
-        metrics_address=args.host,
-        metrics_port=args.metrics_port,
+        # The front serves the public metrics port (Triton's metrics plus its own).
+        metrics_address="127.0.0.1" if args.triton_metrics_port else args.host,
+        metrics_port=args.triton_metrics_port or args.metrics_port,
         exit_on_error=True,
         log_verbose=args.triton_log_verbose,
     )
 
+    stop_requested = []
+
     def stop(signum, _frame):
+        stop_requested.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     with Triton(config=triton_config) as triton:
         models = bind_models(triton, pipelines, args)
-        LOGGER.info(
-            "serving %s on %s: http %d, grpc %d, metrics %d", models, args.host, args.http_port, args.grpc_port,
-            args.metrics_port,
-        )
+        LOGGER.info("serving %s: Triton http %s:%d, grpc %s:%d", models, http_address, http_port, args.host,
+                    args.grpc_port)
         try:
             triton.serve()
         except KeyboardInterrupt:
             LOGGER.info("stopping")
+    if not stop_requested:
+        # PyTriton's serve() also returns when tritonserver itself ended (a crash).
+        LOGGER.error("Triton stopped without being asked to (crashed or killed); see its log above")
+        return EXIT_TRITON_DIED
     return 0
 
 

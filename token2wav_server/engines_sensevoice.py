@@ -3,15 +3,23 @@
 
 The whole batch goes to ``AutoModel.generate`` in one call, with the front end's random
 dither off (same audio, same transcript); SenseVoice's rich-transcription
-tags (``<|zh|><|NEUTRAL|><|Speech|><|woitn|>``) are stripped from the text. FunASR gives no
-per-token likelihood through ``generate``, so ``nll`` is None (the reward's confidence
-component then needs another ASR engine).
+tags (``<|zh|><|NEUTRAL|><|Speech|><|woitn|>``) are stripped from the text.
+
+Confidence (``AsrResult.nll``, the reward's ``confidence`` component): for SenseVoice, the
+mean per-token negative log-likelihood of its own transcript under its CTC posteriors.
+The CTC log-probabilities of the very ``generate`` call that produced the transcript are
+captured with forward hooks (encoder lengths, ``ctc.ctc_lo`` logits); over the speech
+frames (after SenseVoice's 4 query frames: language, emotion, event, text norm) the
+greedy CTC path is collapsed to its token sequence, whose negative log-likelihood summed
+over all CTC alignments (``torch.nn.functional.ctc_loss``) is divided by its length (by 1
+for an empty transcript). Other FunASR models (Paraformer) give ``nll=None``.
 """
 from __future__ import annotations
 
 import logging
 import pathlib
 import re
+import threading
 from typing import Optional
 
 import numpy as np
@@ -38,6 +46,67 @@ def check_model_dir(path: Optional[str], option: str, what: str) -> pathlib.Path
     return directory
 
 
+FUNASR_FILES = {"config.yaml": "the model config", "model.pt": "the model weights"}
+
+
+def check_funasr_dir(path: Optional[str], option: str, what: str) -> pathlib.Path:
+    """A FunASR model directory with the files ``AutoModel`` loads, or an error naming each
+    missing file and where the directory comes from."""
+    directory = check_model_dir(path, option, what)
+    missing = [f"{name} ({meaning})" for name, meaning in FUNASR_FILES.items() if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{option} {directory} lacks " + "; ".join(missing)
+                                + " (a FunASR model directory, e.g. iic/SenseVoiceSmall downloaded by "
+                                  "`bash run.sh -1 -1`)")
+    return directory
+
+
+SENSEVOICE_QUERY_FRAMES = 4
+"""Frames SenseVoiceSmall prepends to the speech frames: language, emotion, event, text norm."""
+
+
+class CtcPosteriors:
+    """Captures the CTC log-probabilities (and encoder output lengths) of a FunASR CTC model's
+    forward passes, through forward hooks on its encoder and ``ctc.ctc_lo``."""
+
+    def __init__(self, model):
+        import torch
+
+        self._torch = torch
+        self._lengths = []
+        self._logits = []
+        model.encoder.register_forward_hook(lambda _m, _i, out: self._lengths.append(out[1].detach()))
+        model.ctc.ctc_lo.register_forward_hook(lambda _m, _i, out: self._logits.append(out.detach()))
+
+    def clear(self) -> None:
+        self._lengths.clear()
+        self._logits.clear()
+
+    def take(self) -> list:
+        """Per utterance of the captured passes (in order): log-probs [frames, vocab]."""
+        rows = []
+        for logits, lengths in zip(self._logits, self._lengths):
+            log_probs = self._torch.log_softmax(logits.float(), dim=-1)
+            rows.extend(log_probs[i, : int(lengths[i])] for i in range(log_probs.shape[0]))
+        self.clear()
+        return rows
+
+
+def ctc_transcript_nll(log_probs, blank_id: int = 0) -> float:
+    """Mean per-token negative log-likelihood of the greedy CTC transcript of ``log_probs``
+    [frames, vocab]: the greedy path collapsed (repeats merged, blanks dropped) is the
+    transcript; its NLL sums over every CTC alignment; divided by the token count (by 1 when
+    the transcript is empty)."""
+    import torch
+    import torch.nn.functional as F
+
+    path = torch.unique_consecutive(log_probs.argmax(dim=-1))
+    targets = path[path != blank_id]
+    total = F.ctc_loss(log_probs[:, None, :], targets[None].long(), torch.tensor([log_probs.shape[0]]),
+                       torch.tensor([targets.numel()]), blank=blank_id, reduction="sum", zero_infinity=False)
+    return float(total) / max(1, targets.numel())
+
+
 class FunasrAsr:
     """A FunASR model as an ``AsrEngine``."""
 
@@ -48,7 +117,7 @@ class FunasrAsr:
         self.language = language
         self.use_itn = use_itn
         if model is None:
-            directory = check_model_dir(model_dir, option, "the ASR engine")
+            directory = check_funasr_dir(model_dir, option, "the ASR engine")
             from funasr import AutoModel
 
             # FunASR's fbank front end adds random dither by default; a reward must not
@@ -56,6 +125,13 @@ class FunasrAsr:
             model = AutoModel(model=str(directory), device=device, disable_update=True, log_level="ERROR",
                               frontend_conf={"dither": 0.0})
         self.model = model
+        self._lock = threading.Lock()  # the slot's models may transcribe from different threads
+        inner = getattr(model, "model", None)
+        # SenseVoice: CTC over speech frames after its query frames -> confidence (module doc).
+        self._posteriors = None
+        if inner is not None and hasattr(inner, "ctc") and hasattr(inner, "textnorm_dict"):
+            self._posteriors = CtcPosteriors(inner)
+            self._blank_id = int(getattr(inner, "blank_id", 0))
         # Warm up: load kernels and lazily built state before the first request.
         self.transcribe([np.zeros(SAMPLE_RATE, dtype=np.float32)])
 
@@ -63,11 +139,21 @@ class FunasrAsr:
         if not waves:
             return []
         inputs = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves]
-        outputs = self.model.generate(input=inputs, cache={}, language=self.language, use_itn=self.use_itn,
-                                      batch_size=len(inputs), disable_pbar=True)
+        with self._lock:
+            if self._posteriors is not None:
+                self._posteriors.clear()
+            outputs = self.model.generate(input=inputs, cache={}, language=self.language, use_itn=self.use_itn,
+                                          batch_size=len(inputs), disable_pbar=True)
+            posteriors = self._posteriors.take() if self._posteriors is not None else None
         if len(outputs) != len(inputs):
             raise RuntimeError(f"FunASR returned {len(outputs)} results for {len(inputs)} waveforms")
-        return [AsrResult(clean_transcript(str(out.get("text", "")))) for out in outputs]
+        texts = [clean_transcript(str(out.get("text", ""))) for out in outputs]
+        if posteriors is None:
+            return [AsrResult(text) for text in texts]
+        if len(posteriors) != len(inputs):
+            raise RuntimeError(f"captured CTC posteriors of {len(posteriors)} utterances for {len(inputs)} waveforms")
+        return [AsrResult(text, ctc_transcript_nll(log_probs[SENSEVOICE_QUERY_FRAMES:], self._blank_id))
+                for text, log_probs in zip(texts, posteriors)]
 
 
 def sensevoice(model_dir: Optional[str], device: str = "cpu") -> FunasrAsr:

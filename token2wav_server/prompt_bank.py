@@ -11,14 +11,20 @@ A prompt bank is one of:
 Each request uses the prompt named by its ``prompt`` request parameter, or else
 prompt number ``crc32(token ids as little-endian int32) % len(bank)``, so the same
 tokens always get the same prompt and rewards are reproducible.
+
+Per-item prompts (evaluation: each utterance in its own prompt's voice) come with the
+request instead; ``check_prompt`` validates them like bank prompts, and ``PromptCache``
+prepares each distinct one once (bounded LRU keyed by ``ttsrl.triton_client.speaker_prompt_key``).
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import pathlib
+import threading
 import zlib
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -29,6 +35,11 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_PROMPT_WAV = "CosyVoice/asset/zero_shot_prompt.wav"
 KNOWN_TRANSCRIPTS = {"zero_shot_prompt.wav": "希望你以后能够做的比我还好呦。"}
 SILENT_PROMPT_NAME = "silence"
+MAX_PROMPT_SECONDS = 30.0
+"""CosyVoice2's frontend asserts on longer prompts (and zero-shot prompts are a few seconds)."""
+MIN_PROMPT_SAMPLE_RATE = 16000
+"""CosyVoice2's frontend resamples prompts down to 16 kHz and asserts on lower rates."""
+DEFAULT_PROMPT_CACHE_SIZE = 512
 
 
 class PromptBankError(ValueError):
@@ -46,6 +57,24 @@ def _read_wav(path: pathlib.Path) -> tuple[np.ndarray, int]:
     if wave.size == 0:
         raise PromptBankError(f"prompt wav {path} is empty")
     return wave, int(rate)
+
+
+def check_prompt(wave: np.ndarray, sample_rate: int, text: str, what: str) -> None:
+    """Raise PromptBankError (naming ``what``) unless the prompt is usable: non-empty finite
+    mono samples, a sample rate of at least MIN_PROMPT_SAMPLE_RATE, at most
+    MAX_PROMPT_SECONDS long, and a non-empty transcript."""
+    wave = np.asarray(wave)
+    if wave.ndim != 1 or wave.size == 0:
+        raise PromptBankError(f"{what}: no audio samples")
+    if not MIN_PROMPT_SAMPLE_RATE <= int(sample_rate) <= 192000:
+        raise PromptBankError(f"{what}: sample rate {sample_rate} Hz is outside [{MIN_PROMPT_SAMPLE_RATE}, 192000]")
+    seconds = wave.size / int(sample_rate)
+    if seconds > MAX_PROMPT_SECONDS:
+        raise PromptBankError(f"{what}: {seconds:.1f} s long, over the maximum of {MAX_PROMPT_SECONDS:g} s for a prompt")
+    if not np.all(np.isfinite(wave)):
+        raise PromptBankError(f"{what}: audio has NaN or infinite samples")
+    if not isinstance(text, str) or not text.strip():
+        raise PromptBankError(f"{what}: no transcript (a zero-shot prompt needs the text spoken in it)")
 
 
 def _transcript_for(wav: pathlib.Path) -> str:
@@ -141,3 +170,43 @@ class PromptBank:
             return self._index[name]
         data = np.ascontiguousarray(np.asarray(tokens).astype("<i4")).tobytes()
         return zlib.crc32(data) % len(self.prompts)
+
+
+class PromptCache:
+    """Prepared features of per-item prompts, each distinct prompt prepared once.
+
+    Bounded LRU keyed by the prompt's content hash: at most ``capacity`` prepared prompts
+    are kept, the least recently used one is dropped first. Thread-safe; ``prepare`` runs
+    outside the cache's own lock (callers serialize engine use themselves)."""
+
+    def __init__(self, prepare: Callable[[SpeakerPrompt], object], capacity: int = DEFAULT_PROMPT_CACHE_SIZE):
+        if capacity < 1:
+            raise ValueError(f"prompt cache capacity must be >= 1, got {capacity}")
+        self.prepare = prepare
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def features(self, key: str, prompt: SpeakerPrompt) -> object:
+        """The engine's features of ``prompt`` (stored under ``key``), preparing it on a miss."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+            self.misses += 1
+        features = self.prepare(prompt)
+        with self._lock:
+            self._entries[key] = features
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return features

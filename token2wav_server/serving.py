@@ -9,6 +9,14 @@ item that fails gets its message in the ``ERRORS`` output (empty string when fin
 NaN in its numeric outputs, while the other items of the batch are served normally.
 (PyTriton 0.7 can only fail a whole batch of requests, so per-item errors travel in-band.)
 A rollout with zero speech tokens is not an error: it gets ``rewarding.minimum_score``.
+
+Speaker prompt per item (optional, ``token2wav`` and ``token2wav_asr``): inputs
+PROMPT_WAV (FP32, padded), PROMPT_WAV_LENS, PROMPT_SAMPLE_RATE and PROMPT_TEXT give each
+item its own prompt; it is checked like a bank prompt (``prompt_bank.check_prompt``),
+prepared once per distinct prompt (``prompt_bank.PromptCache``, keyed by
+``ttsrl.triton_client.speaker_prompt_key``) and conditions that item's audio. A row with
+PROMPT_WAV_LENS 0 (or a request without PROMPT_WAV) uses the prompt bank. ``token2wav``
+reports the prompt it used in PROMPT_ID: the prompt's key, or ``bank:<name>``.
 Wrong dtypes, missing inputs and mismatched batch sizes are refused by Triton itself,
 per request, before they reach the model.
 """
@@ -23,10 +31,10 @@ from typing import Optional
 import numpy as np
 
 from ttsrl.scoring import EmptyReferenceError
-from ttsrl.triton_client import pad_rows
+from ttsrl.triton_client import BANK_PROMPT_PREFIX, pad_rows, speaker_prompt_key
 
-from .engines import Engines, resample
-from .prompt_bank import PromptBank
+from .engines import Engines, SpeakerPrompt, resample
+from .prompt_bank import DEFAULT_PROMPT_CACHE_SIZE, PromptBank, PromptBankError, PromptCache, check_prompt
 from .rewarding import RewardConfig, minimum_score, score_item
 
 LOGGER = logging.getLogger(__name__)
@@ -114,6 +122,9 @@ class _Item:
     tokens: Optional[np.ndarray] = None
     text: str = ""
     prompt: int = 0
+    speaker_prompt: Optional[SpeakerPrompt] = None  # the item's own prompt, when the request sent one
+    prompt_key: str = ""  # its speaker_prompt_key
+    prompt_features: object = None  # its prepared features (PromptCache)
     error: str = ""
     wave: Optional[np.ndarray] = None
     transcript: str = ""
@@ -125,10 +136,13 @@ class _Item:
 class Slot:
     """One model instance's engines plus its precomputed prompt features."""
 
-    def __init__(self, engines: Engines, prompts: list, need_speaker: bool = False):
+    def __init__(self, engines: Engines, prompts: list, need_speaker: bool = False,
+                 prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE):
         self.engines = engines
         self.lock = threading.Lock()  # the three models of a slot share its engines
         self.bank = PromptBank(prompts, engines.token2wav.prepare_prompt)
+        self.prompt_cache = PromptCache(engines.token2wav.prepare_prompt, prompt_cache_size)
+        self.item_prompt_embeddings = PromptCache(self._embed_prompt, prompt_cache_size)
         self.prompt_embeddings = None
         if need_speaker:
             if engines.speaker is None:
@@ -136,6 +150,57 @@ class Slot:
             rate = engines.speaker.sample_rate
             waves = [resample(p.wave, p.sample_rate, rate) for p in self.bank.prompts]
             self.prompt_embeddings = np.asarray(engines.speaker.embed(waves), dtype=np.float32)
+
+    def _embed_prompt(self, prompt: SpeakerPrompt) -> np.ndarray:
+        speaker = self.engines.speaker
+        wave = resample(prompt.wave, prompt.sample_rate, speaker.sample_rate)
+        return np.asarray(speaker.embed([wave]), dtype=np.float32).reshape(-1)
+
+
+def _text_value(value, name: str) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0] if value.size else b""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ItemError(f"{name} is not valid UTF-8 ({error})") from None
+    return str(value)
+
+
+class _PromptRows:
+    """The optional per-item prompt inputs of one request."""
+
+    def __init__(self, request: dict, batch: int):
+        self.present = "PROMPT_WAV" in request
+        if not self.present:
+            return
+        for name in ("PROMPT_SAMPLE_RATE", "PROMPT_TEXT"):
+            if name not in request:
+                raise ItemError(f"PROMPT_WAV needs {name} too")
+        self.waves = _rows(request, "PROMPT_WAV", batch)
+        self.lens = (_rows(request, "PROMPT_WAV_LENS", batch)[:, 0] if "PROMPT_WAV_LENS" in request
+                     else [self.waves.shape[1]] * batch)
+        self.rates = _rows(request, "PROMPT_SAMPLE_RATE", batch)[:, 0]
+        self.texts = _rows(request, "PROMPT_TEXT", batch)[:, 0]
+
+    def prompt(self, row: int) -> Optional[SpeakerPrompt]:
+        """Row ``row``'s prompt (None: zero length, the bank's), validated like a bank prompt."""
+        if not self.present:
+            return None
+        length = int(self.lens[row])
+        if length == 0:
+            return None
+        if not 0 < length <= self.waves.shape[1]:
+            raise ItemError(f"PROMPT_WAV_LENS is {length} but PROMPT_WAV has {self.waves.shape[1]} samples")
+        wave = np.ascontiguousarray(self.waves[row, :length], dtype=np.float32)
+        rate = int(self.rates[row])
+        text = _text_value(self.texts[row], "PROMPT_TEXT").strip()
+        try:
+            check_prompt(wave, rate, text, "speaker prompt of this item")
+        except PromptBankError as error:
+            raise ItemError(str(error)) from None
+        return SpeakerPrompt("", wave, rate, text)
 
 
 def _run_batched(function, inputs: list, items: list, what: str) -> list:
@@ -172,6 +237,7 @@ class Pipeline:
                 tokens = _rows(request, "TOKENS", batch)
                 lens = _rows(request, "TOKEN_LENS", batch)[:, 0] if "TOKEN_LENS" in request else [None] * batch
                 texts = _rows(request, "GT_TEXT", batch)[:, 0] if with_text and "GT_TEXT" in request else None
+                prompt_rows = _PromptRows(request, batch)
             except ItemError as error:
                 items.extend(_Item(r, row, error=str(error)) for row in range(batch))
                 continue
@@ -182,7 +248,13 @@ class Pipeline:
                     item.tokens = parse_tokens(tokens[row], lens[row], self.limits)
                     if texts is not None:
                         item.text = parse_text(texts[row])
-                    item.prompt = self.slot.bank.choose(item.tokens, str(prompt_name) if prompt_name else None)
+                    item.speaker_prompt = prompt_rows.prompt(row)
+                    if item.speaker_prompt is None:
+                        item.prompt = self.slot.bank.choose(item.tokens, str(prompt_name) if prompt_name else None)
+                    else:
+                        sp = item.speaker_prompt
+                        item.prompt_key = speaker_prompt_key(sp.wave, sp.sample_rate, sp.text)
+                        item.speaker_prompt = dataclasses.replace(sp, name=f"item-{item.prompt_key[:16]}")
                 except (ItemError, KeyError) as error:
                     item.error = str(error).strip("'\"")
                     item.tokens = None
@@ -190,17 +262,31 @@ class Pipeline:
         return items
 
     # ---- stages --------------------------------------------------------------------
+    def _prepare_item_prompts(self, items: list) -> None:
+        """Features of each item's own prompt, each distinct prompt prepared once (cached)."""
+        for item in items:
+            if item.error or item.speaker_prompt is None or item.tokens is None or not item.tokens.size:
+                continue
+            try:
+                item.prompt_features = self.slot.prompt_cache.features(item.prompt_key, item.speaker_prompt)
+            except Exception as error:  # an engine may raise anything
+                LOGGER.exception("preparing a per-item speaker prompt failed")
+                item.error = f"preparing the speaker prompt failed: {type(error).__name__}: {error}"
+
     def _synthesize(self, items: list) -> None:
+        self._prepare_item_prompts(items)
         todo = [it for it in items if not it.error and it.tokens is not None and it.tokens.size]
         if not todo:
             return
         engine = self.slot.engines.token2wav
-        features = self.slot.bank.features
+        bank = self.slot.bank.features
 
         def run(batch):
-            return engine.synthesize([tokens for tokens, _ in batch], [features[p] for _, p in batch])
+            return engine.synthesize([it.tokens for it in batch],
+                                     [bank[it.prompt] if it.speaker_prompt is None else it.prompt_features
+                                      for it in batch])
 
-        waves = _run_batched(run, [(it.tokens, it.prompt) for it in todo], todo, "token2wav")
+        waves = _run_batched(run, todo, todo, "token2wav")
         for item, wave in zip(todo, waves):
             if wave is not None:
                 item.wave = np.asarray(wave, dtype=np.float32).reshape(-1)
@@ -227,7 +313,14 @@ class Pipeline:
         for item, row in zip(todo, rows):
             if row is None:
                 continue
-            reference = self.slot.prompt_embeddings[item.prompt]
+            if item.speaker_prompt is None:
+                reference = self.slot.prompt_embeddings[item.prompt]
+            else:
+                try:
+                    reference = self.slot.item_prompt_embeddings.features(item.prompt_key, item.speaker_prompt)
+                except Exception as error:  # an engine may raise anything
+                    item.error = f"speaker embedding of the prompt failed: {type(error).__name__}: {error}"
+                    continue
             norm = float(np.linalg.norm(row) * np.linalg.norm(reference))
             item.similarity = float(np.dot(row, reference) / norm) if norm > 0 else 0.0
 
@@ -277,8 +370,15 @@ class Pipeline:
             )
         return outputs
 
+    def _prompt_id(self, item: _Item) -> str:
+        if item.error or item.tokens is None:
+            return ""
+        return item.prompt_key if item.speaker_prompt is not None else BANK_PROMPT_PREFIX + self.slot.bank.names[item.prompt]
+
     def token2wav(self, requests: list, parameters: Optional[list] = None) -> list:
-        """Inputs TOKENS, TOKEN_LENS -> WAV (padded with zeros), WAV_LENS, SAMPLE_RATE, ERRORS."""
+        """Inputs TOKENS, TOKEN_LENS (+ optional per-item PROMPT_WAV, PROMPT_WAV_LENS,
+        PROMPT_SAMPLE_RATE, PROMPT_TEXT) -> WAV (padded with zeros), WAV_LENS, SAMPLE_RATE,
+        PROMPT_ID, ERRORS."""
         parameters = parameters or [None] * len(requests)
         items = self._token_items(requests, parameters, with_text=False)
         for item in items:
@@ -296,6 +396,7 @@ class Pipeline:
                     "WAV": waves,
                     "WAV_LENS": lens,
                     "SAMPLE_RATE": np.full((len(mine), 1), rate, dtype=np.int32),
+                    "PROMPT_ID": _text_array([self._prompt_id(it) for it in mine]),
                     "ERRORS": _text_array([it.error for it in mine]),
                 }
             )

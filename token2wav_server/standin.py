@@ -6,9 +6,16 @@ model weights, with transcripts and error rates a test can predict.
 
 - Token -> audio: every speech token id ``i`` becomes ``SAMPLES_PER_TOKEN`` (640)
   samples at ``SAMPLE_RATE`` (16 kHz, i.e. 25 tokens/s like CosyVoice2) that all
-  equal ``(i + 1) / 8192`` (exact in float32).
+  equal ``(i + 1) / 8192`` (exact in float32), except in a voice other than 0 (below).
+- Voices (the speaker prompt made observable): the audio is spoken in one of ``VOICES``
+  (16) voices; in voice ``v`` the last ``v * VOICE_GAP`` (8v) samples of every segment are
+  0, so the stand-in speaker embedding (its fraction of non-zero samples) and
+  ``wave_voice`` tell the voice, while the ASR reads the same text. Voice 0 is the plain
+  audio above. ``prompt_voice`` gives the voice a prompt conditions: the voice of a prompt
+  that is itself stand-in audio (a test writes prompts with ``tokens_to_wave(ids, voice)``),
+  0 for silence, else ``1 + crc32(samples) % 15``.
 - Audio -> text: a waveform cut into 640-sample segments, each constant at
-  ``k / 8192`` with ``1 <= k <= 6561``, is stand-in audio; segment ``k`` reads as
+  ``k / 8192`` with ``1 <= k <= 6561`` (up to its voice's trailing zeros), is stand-in audio; segment ``k`` reads as
   character ``TABLE[k - 1]``. Any other waveform (a real recording, a resampled
   or truncated one) transcribes as ``UNKNOWN_AUDIO_TEXT`` with ``nll`` 5.0, so it
   never crashes and is always scored the same.
@@ -28,14 +35,17 @@ model weights, with transcripts and error rates a test can predict.
   which the server reports as that item's error.
 
 The token2wav engine counts ``prepare_prompt`` calls (``prepared_prompts``) and
-records the prompt of each synthesized item (``last_prompts``) so tests can check
-prompts are prepared once and chosen deterministically. Options
+records the prepared prompt (``StandinPrompt(name, voice)``) of each synthesized item
+(``last_prompts``) so tests can check prompts are prepared once and chosen
+deterministically; it synthesizes each item in its prompt's voice. Options
 (``--engine-option KEY=VALUE``): ``delay_ms`` sleeps that long per batch in each
 engine, to imitate model cost; ``tokens_per_char`` as above.
 """
 from __future__ import annotations
 
 import time
+import zlib
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -48,6 +58,8 @@ SCALE = 8192.0
 TABLE = "".join(chr(0x4E00 + i) for i in range(SPEECH_VOCAB_SIZE))
 UNKNOWN_AUDIO_TEXT = "未知音频"
 UNKNOWN_AUDIO_NLL = 5.0
+VOICES = 16
+VOICE_GAP = 8  # trailing zero samples per segment per voice step
 _CHAR_TO_ID = {char: index for index, char in enumerate(TABLE)}
 
 
@@ -70,28 +82,71 @@ def tokens_to_text(ids, tokens_per_char: int = 1) -> str:
     return "".join(TABLE[int(i)] for i in list(ids)[::tokens_per_char])
 
 
-def tokens_to_wave(ids) -> np.ndarray:
-    """The stand-in waveform of speech token ids (float32, ``SAMPLE_RATE``)."""
+def tokens_to_wave(ids, voice: int = 0) -> np.ndarray:
+    """The stand-in waveform of speech token ids (float32, ``SAMPLE_RATE``) in ``voice``."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= SPEECH_VOCAB_SIZE):
         raise ValueError(f"speech token ids must be in [0, {SPEECH_VOCAB_SIZE})")
-    return np.repeat(((ids + 1) / SCALE).astype(np.float32), SAMPLES_PER_TOKEN)
+    if not 0 <= voice < VOICES:
+        raise ValueError(f"voice must be in [0, {VOICES}), got {voice}")
+    segments = np.repeat(((ids + 1) / SCALE).astype(np.float32)[:, None], SAMPLES_PER_TOKEN, axis=1)
+    if voice:
+        segments[:, SAMPLES_PER_TOKEN - voice * VOICE_GAP:] = 0.0
+    return segments.reshape(-1)
 
 
-def wave_to_tokens(wave: np.ndarray):
-    """Token ids of a stand-in waveform, or None when it is not stand-in audio."""
+def _decode(wave) -> Optional[tuple]:
+    """(token ids, voice) of a stand-in waveform, or None when it is not stand-in audio."""
     wave = np.asarray(wave, dtype=np.float32).reshape(-1)
     if wave.size == 0 or wave.size % SAMPLES_PER_TOKEN:
         return None
     segments = wave.reshape(-1, SAMPLES_PER_TOKEN)
-    first = segments[:, :1]
-    if not np.array_equal(segments, np.broadcast_to(first, segments.shape)):
+    nonzero = np.flatnonzero(segments[0])
+    if nonzero.size == 0:
+        return None
+    zeros = SAMPLES_PER_TOKEN - 1 - int(nonzero[-1])
+    voice, rest = divmod(zeros, VOICE_GAP)
+    if rest or voice >= VOICES:
+        return None
+    body = segments[:, :SAMPLES_PER_TOKEN - zeros]
+    first = body[:, :1]
+    if not np.array_equal(body, np.broadcast_to(first, body.shape)) or np.any(segments[:, body.shape[1]:]):
         return None
     codes = first[:, 0] * SCALE
     ids = np.rint(codes).astype(np.int64)
     if not np.array_equal(codes, ids.astype(np.float32)) or ids.min() < 1 or ids.max() > SPEECH_VOCAB_SIZE:
         return None
-    return ids - 1
+    return ids - 1, voice
+
+
+def wave_to_tokens(wave: np.ndarray):
+    """Token ids of a stand-in waveform (any voice), or None when it is not stand-in audio."""
+    decoded = _decode(wave)
+    return None if decoded is None else decoded[0]
+
+
+def wave_voice(wave: np.ndarray) -> Optional[int]:
+    """The voice of a stand-in waveform, or None when it is not stand-in audio."""
+    decoded = _decode(wave)
+    return None if decoded is None else decoded[1]
+
+
+def prompt_voice(wave: np.ndarray) -> int:
+    """The voice a speaker prompt's samples condition (see the module doc)."""
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    voice = wave_voice(wave)
+    if voice is not None:
+        return voice
+    if not np.any(wave):
+        return 0
+    return 1 + zlib.crc32(np.ascontiguousarray(wave.astype("<f4")).tobytes()) % (VOICES - 1)
+
+
+class StandinPrompt(NamedTuple):
+    """The stand-in token2wav's prepared prompt: its name and the voice it conditions."""
+
+    name: str
+    voice: int
 
 
 def _sleep(delay_ms: float) -> None:
@@ -107,14 +162,15 @@ class StandinToken2Wav:
         self.prepared_prompts = 0
         self.last_prompts: list = []
 
-    def prepare_prompt(self, prompt: SpeakerPrompt) -> object:
+    def prepare_prompt(self, prompt: SpeakerPrompt) -> StandinPrompt:
         self.prepared_prompts += 1
-        return prompt.name
+        return StandinPrompt(prompt.name, prompt_voice(prompt.wave))
 
     def synthesize(self, token_batch: list, prompts: list) -> list:
         _sleep(self.delay_ms)
         self.last_prompts = list(prompts)
-        return [tokens_to_wave(tokens) for tokens in token_batch]
+        return [tokens_to_wave(tokens, prompt.voice if isinstance(prompt, StandinPrompt) else 0)
+                for tokens, prompt in zip(token_batch, prompts)]
 
 
 class StandinAsr:

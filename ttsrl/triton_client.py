@@ -8,9 +8,18 @@ tokens). The tensor names are those the server binds (docs/reward_server.md).
 
 Per-item problems come back in the server's ``ERRORS`` output; they are returned
 as exceptions in the item's place, so one bad item does not lose the others.
+Per-item speaker prompts: ``synthesize`` sends each item's own prompt (waveform,
+sample rate, transcript) with its tokens, so the audio is spoken in that prompt's
+voice; the server answers with the ``PROMPT_ID`` it conditioned on, which is
+``speaker_prompt_key`` of the prompt (or ``bank:<name>`` for the server's bank voice).
+
 tritonclient is imported lazily (both environments have it).
 """
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -37,6 +46,43 @@ def pad_rows(rows, dtype) -> tuple[np.ndarray, np.ndarray]:
 
 class ServerItemError(RuntimeError):
     """The server refused or failed one item; the message is the server's."""
+
+
+BANK_PROMPT_PREFIX = "bank:"
+"""``PROMPT_ID`` of audio conditioned on the server's prompt bank: ``bank:<prompt name>``."""
+
+
+def speaker_prompt_key(wave, sample_rate: int, text: str) -> str:
+    """Content hash of a speaker prompt: sha256 over the sample rate, the transcript and the
+    float32 samples. The server caches prepared prompts under it and reports it as
+    ``PROMPT_ID``, so a client can check which prompt conditioned its audio."""
+    digest = hashlib.sha256()
+    digest.update(np.int64(int(sample_rate)).astype("<i8").tobytes())
+    digest.update(text.encode("utf-8") + b"\0")
+    digest.update(np.ascontiguousarray(np.asarray(wave, dtype="<f4").reshape(-1)).tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeakerPromptAudio:
+    """One item's speaker prompt as sent to ``token2wav``: mono float32 samples, their
+    sample rate and the transcript of what is said in them."""
+
+    wave: np.ndarray
+    sample_rate: int
+    text: str
+
+    @property
+    def key(self) -> str:
+        return speaker_prompt_key(self.wave, self.sample_rate, self.text)
+
+
+class Synthesis(NamedTuple):
+    """One decoded item: waveform, its sample rate, and the prompt that conditioned it."""
+
+    wave: np.ndarray
+    sample_rate: int
+    prompt_id: str
 
 
 def parse_urls(text: str, protocol: str | None = None) -> tuple[tuple[str, str], ...]:
@@ -105,24 +151,51 @@ class TritonModelClient:
         return {name: result.as_numpy(name) for name in outputs}
 
     @staticmethod
-    def _error(errors: np.ndarray, index: int) -> str:
-        value = errors.reshape(-1)[index]
+    def _error(texts: np.ndarray, index: int) -> str:
+        """Row ``index`` of a BYTES output (ERRORS, PROMPT_ID) as str."""
+        value = texts.reshape(-1)[index]
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
     def token2wav(self, token_lists: list[list[int]]) -> list:
-        """Speech token id lists -> [(float32 waveform, sample_rate) or ServerItemError]."""
+        """Speech token id lists -> [(float32 waveform, sample_rate) or ServerItemError],
+        in the server's prompt-bank voice."""
+        return [r if isinstance(r, Exception) else (r.wave, r.sample_rate) for r in self.synthesize(token_lists)]
+
+    def synthesize(self, token_lists: list[list[int]], prompts: Optional[list] = None) -> list:
+        """Speech token id lists, each with its own speaker prompt (``SpeakerPromptAudio``;
+        None: the server's prompt bank) -> [Synthesis or ServerItemError] (model ``token2wav``).
+
+        A request carries prompt inputs only when one of its items has a prompt; an item
+        without one then gets a zero-length prompt row, which the server reads as "bank voice"."""
+        if prompts is None:
+            prompts = [None] * len(token_lists)
+        if len(prompts) != len(token_lists):
+            raise ValueError(f"{len(token_lists)} token lists but {len(prompts)} prompts")
         results: list = []
+        outputs = ["WAV", "WAV_LENS", "SAMPLE_RATE", "PROMPT_ID", "ERRORS"]
         for start in range(0, len(token_lists), REQUEST_ITEMS):
             chunk = token_lists[start:start + REQUEST_ITEMS]
+            chunk_prompts = prompts[start:start + REQUEST_ITEMS]
             tokens, lengths = pad_rows([np.asarray(ids, dtype=np.int32) for ids in chunk], np.int32)
-            out = self._infer({"TOKENS": tokens, "TOKEN_LENS": lengths}, ["WAV", "WAV_LENS", "SAMPLE_RATE", "ERRORS"])
+            arrays = {"TOKENS": tokens, "TOKEN_LENS": lengths}
+            if any(p is not None for p in chunk_prompts):
+                wav, wav_lens = pad_rows([None if p is None else np.asarray(p.wave, dtype=np.float32)
+                                          for p in chunk_prompts], np.float32)
+                arrays.update(
+                    PROMPT_WAV=wav, PROMPT_WAV_LENS=wav_lens,
+                    PROMPT_SAMPLE_RATE=np.array([[0 if p is None else int(p.sample_rate)] for p in chunk_prompts],
+                                                dtype=np.int32),
+                    PROMPT_TEXT=np.array([[("" if p is None else p.text).encode("utf-8")] for p in chunk_prompts],
+                                         dtype=object))
+            out = self._infer(arrays, outputs)
             for row in range(len(chunk)):
                 error = self._error(out["ERRORS"], row)
                 if error:
                     results.append(ServerItemError(error))
                     continue
                 length = int(out["WAV_LENS"].reshape(-1)[row])
-                results.append((out["WAV"][row, :length].astype(np.float32), int(out["SAMPLE_RATE"].reshape(-1)[row])))
+                results.append(Synthesis(out["WAV"][row, :length].astype(np.float32),
+                                         int(out["SAMPLE_RATE"].reshape(-1)[row]), self._error(out["PROMPT_ID"], row)))
         return results
 
     def _wave_requests(self, waves: list[np.ndarray], sample_rates: list[int], outputs: list[str]):

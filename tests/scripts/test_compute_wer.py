@@ -64,3 +64,22 @@ def test_runs_as_a_script_from_elsewhere(tmp_path):
     done = subprocess.run([sys.executable, compute_wer.__file__, "--ref", ref, "--hyp", hyp], cwd=tmp_path,
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip().split("\n")[-1] == "%PER 0.00 [ 0 / 2, 0 ins, 0 del, 0 sub ] 1 utterances"
+
+
+def test_protocol_metric_in_text_mode_by_language(tmp_path, capsys):
+    # en: ref 1 "hello world it's a wellknown fact" (6 words) vs "hello world its a well known fact":
+    # 2 sub + 1 ins = 0.5; ref 2 "Good morning." vs "good morning": 0. Mean of rates: 25%.
+    ref = write(tmp_path / "ref_en", ["a Hello, world! It's a well-known fact.", "b Good morning."])
+    hyp = write(tmp_path / "hyp_en", ["a hello world its a well known fact", "b good morning"])
+    out_json = tmp_path / "en.json"
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--metric", "protocol", "--json", str(out_json)]) == 0
+    last = capsys.readouterr().out.strip().split("\n")[-1]
+    assert last == ("%WER 25.00 [ 3 / 8, 1 ins, 0 del, 2 sub ] 2 utterances, "
+                    "Seed-TTS-eval protocol (en, mean of utterance rates)")
+    summary = json.loads(out_json.read_text())["summary"]
+    assert summary["corpus_error_rate"] == pytest.approx(3 / 8) and summary["language"] == "en"
+    # zh: traditional characters in the transcript are converted; punctuation ignored: 1 insertion / 6.
+    ref = write(tmp_path / "ref_zh", ["a 今天，天气很好！"])
+    hyp = write(tmp_path / "hyp_zh", ["a 今天天氣很好嗎"])
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--metric", "protocol", "--language", "zh"]) == 0
+    assert capsys.readouterr().out.strip().split("\n")[-1].startswith("%CER 16.67 [ 1 / 6, 1 ins, 0 del, 0 sub ]")

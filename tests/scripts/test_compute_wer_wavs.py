@@ -34,11 +34,15 @@ def test_cer_of_known_transcripts_and_missing_wavs(tmp_path, reward_server):
     done = subprocess.run(["bash", str(REPO / "scripts" / "compute_wer.sh"), str(out), "test_set"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    # a: 0/3, b: 1 deletion/5, c: 1 substitution/2, d: missing -> 2 deletions/2  => 4/12
-    expected = "%CER 33.33 [ 4 / 12, 0 ins, 3 del, 1 sub ] 4 utterances, 1 missing from hyp (test_set)"
+    # a: 0/3, b: 1 deletion/5, c: 1 substitution/2, d: missing -> 2 deletions/2  => 4/12 errors;
+    # the protocol's figure is the mean of the utterance rates: (0 + 0.2 + 0.5 + 1) / 4 = 42.5%
+    expected = ("%CER 42.50 [ 4 / 12, 0 ins, 3 del, 1 sub ] 4 utterances, Seed-TTS-eval protocol "
+                "(zh, mean of utterance rates), 1 missing from hyp (test_set)")
     assert expected in done.stdout.splitlines()
     summary = json.loads((out / "wer.json").read_text())["summary"]
     assert summary["errors"] == 4 and summary["missing"] == ["d"]
+    assert (summary["metric"], summary["label"], summary["language"]) == ("protocol", "CER", "zh")
+    assert summary["error_rate"] == pytest.approx(0.425) and summary["corpus_error_rate"] == pytest.approx(4 / 12)
     assert (out / "wer.txt").read_text().rstrip().endswith(expected)
     assert "missing wav:" in done.stdout
     assert (out / "hyp.txt").read_text(encoding="utf-8") == "a 你们好\nb 今天去公\nc 南京\n"
@@ -122,3 +126,44 @@ def test_compute_wer_sh_refuses_a_bad_eval_similarity(tmp_path):
     done = subprocess.run(["bash", str(REPO / "scripts" / "compute_wer.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "eval_similarity must be true or false, got 'maybe'" in done.stderr
+
+
+@pytest.mark.slow
+def test_protocol_sim_model_served_as_speaker(tmp_path):
+    """The Seed-TTS-eval SIM model (tiny random WavLM + ECAPA-TDNN in the published checkpoint
+    layout) served as 'speaker' over the stand-in engines: compute_wer's SIM equals the cosine
+    of the model's own embeddings of the generated and prompt wavs."""
+    import numpy as np
+
+    from scripts import compute_wer
+    from token2wav_server import engines_wavlm_sv as sv
+    from token2wav_server.launch import start_server
+    from ttsrl.triton_client import cosine_similarity
+
+    checkpoint = tmp_path / "wavlm_large_finetune.pth"
+    sv.save_checkpoint(sv.random_model(seed=5), str(checkpoint))
+    out = tmp_path / "step_0"
+    spoken = {"a": "你们好", "b": "今天去公园"}
+    write_output_dir(out, spoken, spoken)
+    prompt_waves = {"a": standin.tokens_to_wave([5, 6, 7, 8], voice=3), "b": standin.tokens_to_wave([9, 10], voice=9)}
+    records = []
+    for utt_id, wave in prompt_waves.items():
+        soundfile.write(tmp_path / f"prompt_{utt_id}.wav", wave, standin.SAMPLE_RATE, subtype="FLOAT")
+        records.append({"id": utt_id, "text": spoken[utt_id], "prompt_wav": str(tmp_path / f"prompt_{utt_id}.wav"),
+                        "error": None})
+    (out / "manifest.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n",
+                                        encoding="utf-8")
+    engines = ["--engine-option", "base_engines=token2wav_server.standin:create_engines",
+               "--engine-option", f"sim_model={checkpoint}"]
+    with start_server(engines="token2wav_server.engines_wavlm_sv:create_engines", extra_args=engines) as server:
+        assert compute_wer.main(["--output-dir", str(out), "--server-url", server.grpc_url]) == 0
+    model = sv.load_checkpoint(str(checkpoint))
+    expected = {}
+    for utt_id in spoken:
+        generated, _ = soundfile.read(out / "wavs" / f"{utt_id}.wav", dtype="float32")
+        expected[utt_id] = cosine_similarity(model.embed_one(generated), model.embed_one(prompt_waves[utt_id]))
+    payload = json.loads((out / "wer.json").read_text(encoding="utf-8"))
+    got = {u["utt_id"]: u["speaker_similarity"] for u in payload["utterances"]}
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert payload["summary"]["speaker_similarity_mean"] == pytest.approx(np.mean(list(expected.values())), abs=1e-4)
+    assert payload["summary"]["label"] == "CER" and payload["summary"]["error_rate"] == 0.0

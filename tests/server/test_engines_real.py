@@ -1,66 +1,26 @@
-"""The real engines without downloaded weights: a tiny SenseVoiceSmall built here runs the
-real FunASR inference path; CosyVoice2's loader is checked up to where weights are needed."""
-import pathlib
+"""The real ASR engines without downloaded weights: tiny SenseVoiceSmall and Paraformer
+directories (scripts/make_tiny_cosyvoice2.py) run the real FunASR inference path, and
+SenseVoice's confidence (NLL of its own transcript) is checked against an independent CTC
+computation. (The CosyVoice2 engines on the real CosyVoice code: test_engines_cosyvoice2.py.)"""
+import math
+import sys
 
 import numpy as np
 import pytest
-import torch
-import yaml
 
 from token2wav_server import engines_cosyvoice2, standin
 from token2wav_server.engines import EngineOptions, Engines, SpeakerPrompt
-from token2wav_server.engines_sensevoice import FunasrAsr, clean_transcript, sensevoice
+from token2wav_server.engines_sensevoice import FunasrAsr, clean_transcript, paraformer, sensevoice
 from token2wav_server.rewarding import RewardConfig
 from token2wav_server.serving import Pipeline, Slot
+from scripts.make_tiny_cosyvoice2 import ASR_CORPUS, write_tiny_paraformer, write_tiny_sensevoice
 from ttsrl.reward import error_rate_utility
 from ttsrl.scoring import error_rate
 
 
-def build_tiny_sensevoice(directory: pathlib.Path) -> pathlib.Path:
-    """A SenseVoiceSmall in FunASR's directory layout: config.yaml, model.pt, a
-    sentencepiece model trained here; random weights, 2 tiny encoder blocks."""
-    import sentencepiece as spm
-    from funasr.register import tables
-    import funasr.models.sense_voice.model  # noqa: F401  (registers SenseVoiceSmall)
-
-    directory.mkdir(parents=True, exist_ok=True)
-    corpus = directory / "corpus.txt"
-    corpus.write_text("\n".join(["今天天气不错", "我们一起去公园", "你好世界", "一丁七万丈三上下"] * 20), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "bpe"), vocab_size=32,
-                                   model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
-                                   minloglevel=2)
-    vocab = spm.SentencePieceProcessor(model_file=str(directory / "bpe.model")).get_piece_size()
-    model_args = {
-        "encoder": "SenseVoiceEncoderSmall",
-        "encoder_conf": {"output_size": 16, "attention_heads": 2, "linear_units": 32, "num_blocks": 2,
-                         "tp_blocks": 1, "dropout_rate": 0.0, "positional_dropout_rate": 0.0,
-                         "attention_dropout_rate": 0.0, "input_layer": "pe",
-                         "pos_enc_class": "SinusoidalPositionEncoder", "normalize_before": True, "kernel_size": 3,
-                         "sanm_shfit": 0, "selfattention_layer_type": "sanm"},
-        "input_size": 16,  # 8 mel bins x lfr_m 2
-        "vocab_size": vocab,
-    }
-    config = {
-        "model": "SenseVoiceSmall",
-        "model_conf": {"length_normalized_loss": True, "sos": 1, "eos": 2, "ignore_id": -1},
-        "frontend": "WavFrontend",
-        "frontend_conf": {"fs": 16000, "window": "hamming", "n_mels": 8, "frame_length": 25, "frame_shift": 10,
-                          "lfr_m": 2, "lfr_n": 2},
-        "tokenizer": "SentencepiecesTokenizer",
-        "tokenizer_conf": {"bpemodel": str(directory / "bpe.model"), "unk_symbol": "<unk>",
-                           "split_with_space": True},
-        **model_args,
-    }
-    (directory / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
-    torch.manual_seed(0)
-    model = tables.model_classes["SenseVoiceSmall"](**model_args, **config["model_conf"])
-    torch.save(model.state_dict(), directory / "model.pt")
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_sensevoice(tmp_path_factory):
-    return build_tiny_sensevoice(tmp_path_factory.mktemp("sensevoice"))
+    return write_tiny_sensevoice(tmp_path_factory.mktemp("models") / "SenseVoiceSmall", seed=0)
 
 
 def _noise(seconds, seed):
@@ -74,8 +34,9 @@ def test_tiny_sensevoice_transcribes_a_batch(tiny_sensevoice):
     waves = [_noise(1.0, 0), _noise(0.5, 1), _noise(0.3, 2)]
     results = asr.transcribe(waves)
     assert len(results) == 3
-    vocabulary = set("今天气不错我们一起去公园你好世界丁七万丈三上下 ")
-    assert all(isinstance(r.text, str) and set(r.text) <= vocabulary and r.nll is None for r in results)
+    vocabulary = set("".join(ASR_CORPUS) + " ")
+    assert all(isinstance(r.text, str) and set(r.text) <= vocabulary for r in results)
+    assert all(isinstance(r.nll, float) and math.isfinite(r.nll) and r.nll >= 0 for r in results)
     # No random dither: the same audio always gets the same transcript (and reward).
     tone = standin.tokens_to_wave(standin.text_to_tokens("一丁七万丈三上下" * 3))
     assert len({asr.transcribe([tone])[0].text for _ in range(3)}) == 1
@@ -101,6 +62,74 @@ def test_clean_transcript_strips_sensevoice_tags():
     assert clean_transcript("<|zh|><|NEUTRAL|><|Speech|><|woitn|>今天天气不错 ") == "今天天气不错"
 
 
+def _ctc_forward_nll(log_probs: np.ndarray, targets: list, blank: int) -> float:
+    """-log sum over CTC alignments of ``targets`` (the textbook forward recursion, numpy)."""
+    extended = [blank]
+    for token in targets:
+        extended += [token, blank]
+    alpha = np.full(len(extended), -np.inf)
+    alpha[0] = log_probs[0, blank]
+    if len(extended) > 1:
+        alpha[1] = log_probs[0, extended[1]]
+    for frame in range(1, log_probs.shape[0]):
+        previous = alpha.copy()
+        for s, token in enumerate(extended):
+            terms = [previous[s]] + ([previous[s - 1]] if s >= 1 else [])
+            if s >= 2 and token != blank and token != extended[s - 2]:
+                terms.append(previous[s - 2])
+            alpha[s] = np.logaddexp.reduce(terms) + log_probs[frame, token]
+    return -float(np.logaddexp.reduce(alpha[-2:] if len(extended) > 1 else alpha[-1:]))
+
+
+def test_sensevoice_nll_is_the_ctc_likelihood_of_its_own_transcript(tiny_sensevoice):
+    """The engine's nll equals an independent computation on the log-probabilities FunASR's
+    own decoding used (recorded from ``ctc.log_softmax`` during the same kind of call)."""
+    asr = sensevoice(str(tiny_sensevoice), "cpu")
+    inner = asr.model.model
+    recorded = []
+    original = inner.ctc.log_softmax
+    inner.ctc.log_softmax = lambda hs: recorded.append(original(hs)) or recorded[-1]
+    try:
+        waves = [_noise(0.8, 5), standin.tokens_to_wave(standin.text_to_tokens("一丁七万丈三上下"))]
+        results = [asr.transcribe([wave])[0] for wave in waves]
+    finally:
+        inner.ctc.log_softmax = original
+    assert len(recorded) == 2
+    token_counts = []
+    for result, log_probs in zip(results, recorded):
+        speech = log_probs[0, 4:].double().numpy()  # after SenseVoice's 4 query frames
+        path = speech.argmax(axis=1)
+        collapsed = [int(t) for i, t in enumerate(path) if i == 0 or t != path[i - 1]]
+        targets = [t for t in collapsed if t != inner.blank_id]
+        expected = _ctc_forward_nll(speech, targets, inner.blank_id) / max(1, len(targets))
+        assert math.isfinite(result.nll)
+        assert result.nll == pytest.approx(expected, rel=1e-4)
+        token_counts.append(len(targets))
+    assert max(token_counts) >= 2  # a transcript with repeats and blanks between tokens was checked
+
+
+def test_confidence_component_works_with_sensevoice(tiny_sensevoice):
+    asr = sensevoice(str(tiny_sensevoice), "cpu")
+    engines = Engines(token2wav=standin.StandinToken2Wav(), asr=asr)
+    prompt = SpeakerPrompt("silence", np.zeros(16000, dtype=np.float32), 16000, "")
+    config = RewardConfig(weights={"error_rate": 1.0, "confidence": 1.0})
+    pipeline = Pipeline(Slot(engines, [prompt]), config)
+    ids = standin.text_to_tokens("一丁七万丈三上下")
+    request = {"TOKENS": np.array([ids], dtype=np.int32), "TOKEN_LENS": np.array([[len(ids)]], dtype=np.int32),
+               "GT_TEXT": np.array([["今天天气不错".encode()]], dtype=object)}
+    out = pipeline.token2wav_asr([request])[0]
+    assert out["ERRORS"].ravel()[0] == b""
+    assert math.isfinite(out["ASR_NLL"].ravel()[0]) and out["ASR_NLL"].ravel()[0] >= 0
+    assert 0.0 <= out["REWARDS"].ravel()[0] <= 1.0
+
+
+def test_tiny_paraformer_transcribes_without_nll(tmp_path):
+    asr = paraformer(str(write_tiny_paraformer(tmp_path / "paraformer-zh", seed=0)), "cpu")
+    results = asr.transcribe([_noise(1.0, 3), _noise(0.4, 4)])
+    assert len(results) == 2 and all(set(r.text) <= set("".join(ASR_CORPUS) + " ") for r in results)
+    assert all(r.nll is None for r in results)
+
+
 def test_missing_model_directories_name_the_option(tmp_path):
     with pytest.raises(FileNotFoundError, match="--sensevoice-dir"):
         sensevoice(None)
@@ -108,15 +137,20 @@ def test_missing_model_directories_name_the_option(tmp_path):
         engines_cosyvoice2.check_cosyvoice2_dir(str(tmp_path / "nope"))
     (tmp_path / "cv2").mkdir()
     (tmp_path / "cv2" / "flow.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="lacks .*cosyvoice2.yaml.*hift.pt"):
+    with pytest.raises(FileNotFoundError, match=r"lacks cosyvoice2.yaml \(the model's hyperpyyaml config\);.*hift.pt"):
         engines_cosyvoice2.check_cosyvoice2_dir(str(tmp_path / "cv2"))
+    (tmp_path / "sv").mkdir()
+    (tmp_path / "sv" / "config.yaml").write_text("model: SenseVoiceSmall\n")
+    with pytest.raises(FileNotFoundError, match=r"--sensevoice-dir .*sv lacks model.pt \(the model weights\)"):
+        sensevoice(str(tmp_path / "sv"))
 
 
-def test_cosyvoice2_factory_explains_a_missing_cosyvoice_checkout(tmp_path, tiny_sensevoice):
+def test_cosyvoice2_factory_explains_a_missing_cosyvoice_checkout(tmp_path, tiny_sensevoice, monkeypatch):
     model_dir = tmp_path / "CosyVoice2-0.5B"
-    model_dir.mkdir()
-    for name in engines_cosyvoice2.REQUIRED_FILES:
+    for name in [*engines_cosyvoice2.REQUIRED_FILES, engines_cosyvoice2.QWEN2_WEIGHTS[0]]:
+        (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (model_dir / name).write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "cosyvoice", None)  # as if no checkout were on PYTHONPATH
     options = EngineOptions(device="cpu", cosyvoice2_dir=str(model_dir), sensevoice_dir=str(tiny_sensevoice))
     with pytest.raises(ImportError, match="put the CosyVoice source .* on PYTHONPATH"):
         engines_cosyvoice2.create_engines(options)

@@ -74,3 +74,19 @@ def test_generated_triton_config_allows_ragged_batches():
     assert by_name["TOKENS"].get("allow_ragged_batch") is True
     assert "allow_ragged_batch" not in by_name["LEN"]
     assert ModelConfig and Tensor
+
+
+def test_front_options_become_guard_limits_and_restart_policy():
+    parser = cli.build_parser()
+    base = ["--engines", "token2wav_server.standin:create_engines", "--devices", "cpu"]
+    limits, policy = cli.front_checks(parser.parse_args(base + ["--http-max-body-mb", "2", "--max-restarts", "4",
+                                                                "--restart-backoff-s", "0.5", "--hang-timeout-s", "0"]))
+    assert limits.max_body_bytes == 2 * 1024 * 1024
+    assert (policy.max_restarts, policy.backoff_initial_s, policy.hang_timeout_s) == (4, 0.5, 0)
+    _, unsupervised = cli.front_checks(parser.parse_args(base + ["--no-supervise"]))
+    assert unsupervised.max_restarts == 0
+    with pytest.raises(ValueError, match="--max-restarts"):
+        cli.front_checks(parser.parse_args(base + ["--max-restarts", "-1"]))
+    usage = parser.format_help()
+    assert "--no-supervise" in usage and "--no-http-guard" in usage
+    assert "--worker" not in usage and "--triton-http-port" not in usage  # the front's private flags

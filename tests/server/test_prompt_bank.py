@@ -80,7 +80,7 @@ def test_features_are_prepared_once_and_choice_is_deterministic(tmp_path):
         (tmp_path / f"{name}.txt").write_text(name, encoding="utf-8")
     engine = StandinToken2Wav()
     bank = PromptBank(load_prompts(str(tmp_path)), engine.prepare_prompt)
-    assert engine.prepared_prompts == 3 and bank.features == ["a", "b", "c"]
+    assert engine.prepared_prompts == 3 and [f.name for f in bank.features] == ["a", "b", "c"]
     rng = np.random.default_rng(0)
     token_rows = [rng.integers(0, 6561, rng.integers(1, 50)) for _ in range(60)]
     choices = [bank.choose(t) for t in token_rows]
@@ -90,3 +90,35 @@ def test_features_are_prepared_once_and_choice_is_deterministic(tmp_path):
     with pytest.raises(KeyError, match="unknown prompt 'z'"):
         bank.choose(token_rows[0], "z")
     assert engine.prepared_prompts == 3
+
+
+def test_check_prompt_names_what_is_wrong():
+    from token2wav_server.prompt_bank import check_prompt
+
+    ok = np.zeros(16000, dtype=np.float32) + 0.1
+    check_prompt(ok, 16000, "你好", "p")
+    for args, message in (((np.zeros(0, np.float32), 16000, "t"), "p: no audio samples"),
+                          ((ok, 8000, "t"), "p: sample rate 8000 Hz"),
+                          ((np.zeros(16000 * 31, np.float32), 16000, "t"), "p: 31.0 s long"),
+                          ((np.array([np.nan], np.float32), 16000, "t"), "NaN"),
+                          ((ok, 16000, " "), "p: no transcript")):
+        with pytest.raises(PromptBankError, match=message):
+            check_prompt(*args, "p")
+
+
+def test_prompt_cache_prepares_each_prompt_once_and_is_bounded():
+    from token2wav_server.engines import SpeakerPrompt
+    from token2wav_server.prompt_bank import PromptCache
+
+    engine = StandinToken2Wav()
+    cache = PromptCache(engine.prepare_prompt, capacity=2)
+    prompts = {k: SpeakerPrompt(k, np.full(160, 0.1 * (i + 1), np.float32), 16000, k) for i, k in enumerate("abc")}
+    for key in "aabab":
+        assert cache.features(key, prompts[key]).name == key
+    assert engine.prepared_prompts == 2 and (cache.hits, cache.misses) == (3, 2)
+    cache.features("c", prompts["c"])  # evicts the least recently used: a
+    assert "a" not in cache and "b" in cache and len(cache) == 2
+    cache.features("a", prompts["a"])
+    assert engine.prepared_prompts == 4
+    with pytest.raises(ValueError):
+        PromptCache(engine.prepare_prompt, capacity=0)

@@ -49,9 +49,9 @@ def test_prompt_choice_is_deterministic_and_overridable():
     pipeline.token2wav_asr([request])
     first = list(pipeline.slot.engines.token2wav.last_prompts)
     pipeline.token2wav_asr([request])
-    assert pipeline.slot.engines.token2wav.last_prompts == first and set(first) == {"p0", "p1"}
+    assert pipeline.slot.engines.token2wav.last_prompts == first and {p.name for p in first} == {"p0", "p1"}
     pipeline.token2wav_asr([request], [{"prompt": "p1"}])
-    assert set(pipeline.slot.engines.token2wav.last_prompts) == {"p1"}
+    assert {p.name for p in pipeline.slot.engines.token2wav.last_prompts} == {"p1"}
 
 
 class _FlakyToken2Wav(standin.StandinToken2Wav):
@@ -140,3 +140,73 @@ def test_asr_without_nll_reports_nan_and_confidence_weight_is_an_item_error():
     pipeline = _pipeline(RewardConfig(weights={"error_rate": 1.0, "confidence": 1.0}), engines=engines)
     out = pipeline.token2wav_asr([_request([([0], "一")])])[0]
     assert "gives no nll" in out["ERRORS"].ravel()[0].decode()
+
+
+def _prompted_request(items, prompts):
+    """token2wav request whose item i has speaker prompt prompts[i] ((wave, rate, text) or None)."""
+    from ttsrl.triton_client import pad_rows
+
+    request = _request([(ids, "") for ids in items])
+    del request["GT_TEXT"]
+    waves, lens = pad_rows([None if p is None else p[0] for p in prompts], np.float32)
+    request.update(PROMPT_WAV=waves, PROMPT_WAV_LENS=lens,
+                   PROMPT_SAMPLE_RATE=np.array([[0 if p is None else p[1]] for p in prompts], dtype=np.int32),
+                   PROMPT_TEXT=np.array([[b"" if p is None else p[2].encode()] for p in prompts], dtype=object))
+    return request
+
+
+def test_each_item_is_decoded_in_its_own_prompt_voice_and_prompts_are_prepared_once():
+    from ttsrl.triton_client import speaker_prompt_key
+
+    pipeline = _pipeline()
+    engine = pipeline.slot.engines.token2wav
+    voice3 = (standin.tokens_to_wave([7, 8], voice=3), standin.SAMPLE_RATE, "提示三")
+    voice5 = (standin.tokens_to_wave([9], voice=5), standin.SAMPLE_RATE, "提示五")
+    items = [[1, 2], [3], [4, 5, 6], [7]]
+    out = pipeline.token2wav([_prompted_request(items, [voice3, voice5, None, voice3])])[0]
+    assert [e.decode() for e in out["ERRORS"].ravel()] == [""] * 4
+    waves = [out["WAV"][row, :out["WAV_LENS"][row, 0]] for row in range(4)]
+    assert [standin.wave_to_tokens(w).tolist() for w in waves] == items  # same words in every voice
+    assert [standin.wave_voice(w) for w in waves] == [3, 5, 0, 3]
+    ids = [i.decode() for i in out["PROMPT_ID"].ravel()]
+    assert ids[0] == ids[3] == speaker_prompt_key(*voice3) and ids[1] == speaker_prompt_key(*voice5)
+    assert ids[2] in ("bank:p0", "bank:p1")
+    assert engine.prepared_prompts == 2 + 2  # the bank's two at start-up, then each distinct prompt once
+    pipeline.token2wav([_prompted_request([[1]], [voice5])])
+    assert engine.prepared_prompts == 4 and pipeline.slot.prompt_cache.hits >= 2
+    # the speaker embedding of the output follows the prompt
+    emb = pipeline.slot.engines.speaker.embed([standin.tokens_to_wave([1, 2], v) for v in (0, 3, 5)])
+    assert len({tuple(np.round(row, 6)) for row in emb}) == 3
+
+
+def test_bad_item_prompts_fail_only_their_item():
+    pipeline = _pipeline()
+    good = (standin.tokens_to_wave([1], voice=2), standin.SAMPLE_RATE, "好")
+    long = (np.full(16000 * 31, 0.1, dtype=np.float32), 16000, "太长")
+    untranscribed = (standin.tokens_to_wave([1]), standin.SAMPLE_RATE, "  ")
+    low_rate = (np.full(800, 0.1, dtype=np.float32), 8000, "低")
+    out = pipeline.token2wav([_prompted_request([[1], [2], [3], [4]], [good, long, untranscribed, low_rate])])[0]
+    errors = [e.decode() for e in out["ERRORS"].ravel()]
+    assert errors[0] == ""
+    assert "31.0 s long, over the maximum of 30 s" in errors[1]
+    assert "no transcript" in errors[2]
+    assert "sample rate 8000 Hz" in errors[3]
+    assert out["WAV_LENS"].ravel().tolist() == [640, 0, 0, 0]  # nothing decoded in another voice
+    assert [p.decode() for p in out["PROMPT_ID"].ravel()[1:]] == ["", "", ""]
+    missing = _prompted_request([[1]], [good])
+    del missing["PROMPT_TEXT"]
+    assert "PROMPT_WAV needs PROMPT_TEXT" in pipeline.token2wav([missing])[0]["ERRORS"].ravel()[0].decode()
+
+
+def test_similarity_to_a_per_item_prompt():
+    config = RewardConfig(weights={"error_rate": 1.0, "similarity": 1.0}, rule="harmonic")
+    pipeline = _pipeline(config)
+    prompt_wave = standin.tokens_to_wave([1, 2, 3], voice=4)
+    request = _request([([1, 2, 3], standin.tokens_to_text([1, 2, 3]))])
+    request.update(PROMPT_WAV=prompt_wave[None, :], PROMPT_WAV_LENS=np.array([[prompt_wave.size]], dtype=np.int32),
+                   PROMPT_SAMPLE_RATE=np.array([[16000]], dtype=np.int32),
+                   PROMPT_TEXT=np.array([["提示".encode()]], dtype=object))
+    out = pipeline.token2wav_asr([request])[0]
+    # same tokens in the prompt's voice: the output equals the prompt audio, similarity 1
+    assert out["SPEAKER_SIMILARITY"].ravel()[0] == pytest.approx(1.0, abs=1e-6)
+    assert out["ERRORS"].ravel()[0] == b""

@@ -58,10 +58,11 @@ def test_delay_option_and_prompt_bookkeeping():
     engines = standin.create_engines(EngineOptions(extra={"delay_ms": "1"}))
     assert engines.token2wav.delay_ms == 1.0
     prompt = SpeakerPrompt("p", np.zeros(10, dtype=np.float32), 16000, "text")
-    assert engines.token2wav.prepare_prompt(prompt) == "p"
+    prepared = engines.token2wav.prepare_prompt(prompt)
+    assert prepared == standin.StandinPrompt("p", 0)  # silence: the neutral voice
     assert engines.token2wav.prepared_prompts == 1
-    engines.token2wav.synthesize([np.array([1])], ["p"])
-    assert engines.token2wav.last_prompts == ["p"]
+    engines.token2wav.synthesize([np.array([1])], [prepared])
+    assert engines.token2wav.last_prompts == [prepared]
 
 
 def test_tokens_per_char_reads_runs_of_tokens_as_one_character():
@@ -74,3 +75,30 @@ def test_tokens_per_char_reads_runs_of_tokens_as_one_character():
     assert standin.tokens_to_text(ids, 5) == "一丁七"
     with pytest.raises(ValueError):
         standin.StandinAsr(tokens_per_char=0)
+
+
+def test_voices_change_the_audio_and_its_speaker_embedding_but_not_the_text():
+    ids = standin.text_to_tokens("一丁七万")
+    waves = [standin.tokens_to_wave(ids, voice) for voice in range(standin.VOICES)]
+    assert np.array_equal(waves[0], standin.tokens_to_wave(ids))  # voice 0 is the plain audio
+    assert [standin.wave_voice(w) for w in waves] == list(range(standin.VOICES))
+    assert all(standin.wave_to_tokens(w).tolist() == ids for w in waves)
+    assert {r.text for r in standin.StandinAsr().transcribe(waves)} == {"一丁七万"}
+    embeddings = standin.StandinSpeaker().embed(waves)
+    assert len({tuple(np.round(e, 6)) for e in embeddings}) == standin.VOICES
+    assert standin.wave_voice(waves[3][:-1]) is None
+    with pytest.raises(ValueError, match="voice"):
+        standin.tokens_to_wave(ids, standin.VOICES)
+
+
+def test_a_prompt_conditions_its_own_voice():
+    token2wav = standin.StandinToken2Wav()
+    prompts = [SpeakerPrompt("a", standin.tokens_to_wave([5, 6], voice=7), 16000, "甲"),
+               SpeakerPrompt("b", np.zeros(800, dtype=np.float32), 16000, "乙"),
+               SpeakerPrompt("c", np.random.default_rng(1).normal(0, 0.1, 1600).astype(np.float32), 16000, "丙")]
+    prepared = [token2wav.prepare_prompt(p) for p in prompts]
+    assert [p.voice for p in prepared[:2]] == [7, 0]
+    assert 1 <= prepared[2].voice < standin.VOICES
+    assert prepared[2] == token2wav.prepare_prompt(prompts[2])  # deterministic
+    waves = token2wav.synthesize([np.array([1, 2])] * 3, prepared)
+    assert [standin.wave_voice(w) for w in waves] == [p.voice for p in prepared]

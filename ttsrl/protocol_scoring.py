@@ -1,0 +1,112 @@
+"""CER (zh) and WER (en) as the Seed-TTS-eval protocol computes them, for comparable numbers.
+
+Published zero-shot TTS results (Seed-TTS-eval ``test_zh`` / ``test_en``, CosyVoice3-Eval)
+are scored by Seed-TTS-eval's ``run_wer.py`` + ``average_wer.py``; this module is our own
+implementation of that procedure, so stage 4's numbers can be set beside the papers':
+
+1. zh: the ASR transcript is converted to simplified Chinese (``zhconv``, ``zh-cn``);
+   the reference is left as it is.
+2. Both texts lose every punctuation mark of ``zhon.hanzi.punctuation`` and
+   ``string.punctuation`` except the apostrophe (``don't`` stays one word). Nothing else
+   is normalized: no number reading, no case folding for zh, no full-width folding.
+3. zh: every non-space character is a token (Latin words split into letters; spaces
+   vanish). en: the texts are lower-cased and split on whitespace.
+4. Per utterance: (substitutions + deletions + insertions) / reference tokens.
+5. The set's figure is the plain mean of the per-utterance rates (not errors over all
+   reference tokens), as ``average_wer.py`` reports it.
+
+Our own scoring (``ttsrl.scoring``: number readings, pinyin) stays the reward and the
+extra "pinyin error rate" column; this module only reproduces the published metric.
+Unlike ``run_wer.py``, which silently drops utterances whose audio is missing, callers
+here count a missing transcript as an empty one (every reference token deleted).
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from rapidfuzz.distance import Levenshtein
+
+from .scoring import EmptyReferenceError
+
+LANGUAGES = ("zh", "en")
+METRIC_OF_LANGUAGE = {"zh": "cer", "en": "wer"}
+
+
+def _punctuation() -> str:
+    from zhon.hanzi import punctuation as hanzi_punctuation
+
+    return "".join(sorted(set(hanzi_punctuation + string.punctuation) - {"'"}))
+
+
+_REMOVE_PUNCTUATION = str.maketrans("", "", _punctuation())
+
+
+def _check_language(language: str) -> None:
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; the protocol scores {LANGUAGES}")
+
+
+def metric_of(language: str) -> str:
+    """``cer`` for zh, ``wer`` for en."""
+    _check_language(language)
+    return METRIC_OF_LANGUAGE[language]
+
+
+def protocol_tokens(text: str, language: str, hypothesis: bool = False) -> tuple[str, ...]:
+    """The tokens the protocol compares (``hypothesis``: the ASR side, converted to
+    simplified Chinese for zh)."""
+    _check_language(language)
+    if language == "zh" and hypothesis:
+        import zhconv
+
+        text = zhconv.convert(text, "zh-cn")
+    text = text.translate(_REMOVE_PUNCTUATION)
+    if language == "zh":
+        return tuple(char for char in text if not char.isspace())
+    return tuple(text.lower().split())
+
+
+@dataclass(frozen=True)
+class ProtocolAlignment:
+    substitutions: int
+    deletions: int
+    insertions: int
+    reference: tuple[str, ...]
+    hypothesis: tuple[str, ...]
+
+    @property
+    def ref_length(self) -> int:
+        return len(self.reference)
+
+    @property
+    def errors(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / len(self.reference)
+
+
+def protocol_align(reference: str, hypothesis: str, language: str) -> ProtocolAlignment:
+    """Edit counts of the transcript against the reference, protocol tokens. Raises
+    EmptyReferenceError when the reference has no token (the protocol cannot score it)."""
+    ref = protocol_tokens(reference, language)
+    if not ref:
+        raise EmptyReferenceError(f"reference {reference!r} has no {metric_of(language)} token after the "
+                                  "protocol's punctuation removal")
+    hyp = protocol_tokens(hypothesis, language, hypothesis=True)
+    counts = {"replace": 0, "delete": 0, "insert": 0}
+    for op in Levenshtein.editops(ref, hyp):
+        counts[op.tag] += 1
+    return ProtocolAlignment(counts["replace"], counts["delete"], counts["insert"], ref, hyp)
+
+
+def protocol_error_rate(reference: str, hypothesis: str, language: str) -> float:
+    return protocol_align(reference, hypothesis, language).error_rate
+
+
+def mean_error_rate(rates) -> float:
+    """The set's figure: the plain mean of per-utterance rates (0.0 for no utterance)."""
+    rates = list(rates)
+    return sum(rates) / len(rates) if rates else 0.0
