@@ -22,7 +22,6 @@ CosyVoice source: ``--cosyvoice-src``, else ``$cosyvoice_src``, else the pinned 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -54,10 +53,7 @@ def build_flow(size: str, cosyvoice_src: Path, device: str, workdir: Path):
 def find_source(given: str | None) -> Path:
     if given:
         return Path(given)
-    if os.environ.get("cosyvoice_src"):
-        return Path(os.environ["cosyvoice_src"])
-    sys.path.insert(0, str(REPO / "tests" / "server"))
-    from conftest import find_cosyvoice_source  # the tests' unpacking of the pinned tarball
+    from scripts.make_tiny_cosyvoice2 import find_cosyvoice_source
 
     return find_cosyvoice_source()
 

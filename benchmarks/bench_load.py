@@ -13,8 +13,9 @@ must still be the same process (no crash hidden by a restart).
 
 Then the reference: the same good-only HTTP traffic against Triton's own HTTP port
 (--no-http-guard, which the bad requests above would crash) and through the guard, both
-servers up at once and phases alternated (twice each), as a ratio (the guard's cost). Prints a table per phase. Every target is a loopback server this
-script starts; every loop is bounded.
+servers up at once and phases alternated (twice each), as a ratio (the guard's cost).
+Prints a table per phase. Every target is a loopback server this script starts; every
+loop is bounded.
 """
 from __future__ import annotations
 
@@ -137,8 +138,8 @@ def _grpc_bad_requests(address: str):
         return raises(lambda: client.infer("token2wav_asr", [tokens], client_timeout=REQUEST_TIMEOUT_S))
 
     return {
-        "wrong dtype": lambda c: raises(lambda: c.infer("token2wav_asr", _triton_inputs(grpcclient, [1, 2], "一", "FP32"),
-                                                        client_timeout=REQUEST_TIMEOUT_S)),
+        "wrong dtype": lambda c: raises(lambda: c.infer(
+            "token2wav_asr", _triton_inputs(grpcclient, [1, 2], "一", "FP32"), client_timeout=REQUEST_TIMEOUT_S)),
         "unknown model": lambda c: raises(lambda: c.infer("nobody", _triton_inputs(grpcclient, [1], "一"),
                                                           client_timeout=REQUEST_TIMEOUT_S)),
         "batch over the limit": oversized_batch,
@@ -186,7 +187,8 @@ def run_phase(server, protocol: str, clients: int, requests_each: int, bad_fract
         if protocol == "grpc":
             client, session = grpcclient.InferenceServerClient(grpc_address), None
         else:
-            client = httpclient.InferenceServerClient(f"{server.host}:{server.http_port}", network_timeout=REQUEST_TIMEOUT_S)
+            client = httpclient.InferenceServerClient(f"{server.host}:{server.http_port}",
+                                                      network_timeout=REQUEST_TIMEOUT_S)
             session = requests.Session()
         barrier.wait()
         try:

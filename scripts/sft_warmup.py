@@ -121,7 +121,7 @@ def train(model, examples, steps: int, lr: float, batch_size: int, seed: int, lo
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"sft step {step + 1}/{steps}: loss {losses[-1]:.4f}", flush=True)
     model.eval()
@@ -139,6 +139,9 @@ def warm_up(model_dir: str, data: str, output_dir: str, steps: int, lr: float, b
         return output
     if steps < 1 or lr <= 0 or batch_size < 1:
         raise ValueError(f"need steps >= 1, lr > 0, batch_size >= 1 (got {steps}, {lr}, {batch_size})")
+    if not (pathlib.Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"{model_dir} is not a Hugging Face model directory (no config.json): convert the LLM "
+                         "first (bash run.sh -1 -1) or set hf_model_dir")
     pairs = load_pairs(data, standin_targets)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = encode_pairs(tokenizer, pairs)

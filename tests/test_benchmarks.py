@@ -34,7 +34,8 @@ for name in sorted(names):
         # A helper the script puts on sys.path itself at run time, from a repository folder
         # (bench_flow_batching.py: tests/server/conftest.py): the file must be there.
         relative = name.replace(".", os.sep) + ".py"
-        if not any(os.path.isfile(os.path.join(folder, relative)) for folder, _, _ in os.walk(os.path.join(repo, "tests"))):
+        folders = [folder for folder, _, _ in os.walk(os.path.join(repo, "tests"))]
+        if not any(os.path.isfile(os.path.join(folder, relative)) for folder in folders):
             raise
 try:
     namespace["main"](["--help"])

@@ -16,6 +16,7 @@ import pytest
 import soundfile
 
 import prepare_data
+from scripts import sft_warmup
 from scripts.merge_checkpoints import checkpoint_problem
 from tests.policy_utils import build_tiny_policy
 from token2wav_server import standin
@@ -33,8 +34,11 @@ def config_names() -> set[str]:
 @pytest.fixture(scope="module")
 def grpo_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_cpu")
-    policy = build_tiny_policy(root / "policy")
-    prepare_data.prepare(str(REPO_ROOT / "assets" / "smoke_numerals.jsonl"), str(root / "data"), test_size=8)
+    texts = REPO_ROOT / "assets" / "smoke_numerals.jsonl"
+    # the smoke task's warm-up, so rollouts differ in reward and GRPO has a gradient to follow
+    policy = sft_warmup.warm_up(str(build_tiny_policy(root / "policy")), str(texts), str(root / "sft"), steps=75,
+                                lr=1e-3, batch_size=16, seed=0, standin_targets=True)
+    prepare_data.prepare(str(texts), str(root / "data"), test_size=8)
     return root, policy
 
 

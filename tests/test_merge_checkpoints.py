@@ -163,6 +163,20 @@ def test_selection_skips_incomplete_and_rejects_unknown_steps(fsdp_exp, tmp_path
         select_checkpoints(exp, steps=[20])
 
 
+def test_a_step_beyond_the_tracker_is_never_taken_as_complete(fsdp_exp, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    for step in (10, 20):
+        shutil.copytree(fsdp_exp / f"global_step_{STEP}" / "actor", exp / f"global_step_{step}" / "actor")
+    # every file of step 20 is there, but veRL had not yet recorded it as saved (killed mid-save)
+    (exp / "latest_checkpointed_iteration.txt").write_text("10")
+    assert [c.step for c in select_checkpoints(exp)] == [10]
+    assert "step 20: skipping incomplete checkpoint: step 20 is newer than" in capsys.readouterr().out
+    with pytest.raises(MergeError, match="step 20 is incomplete: .*the run stopped while saving it"):
+        select_checkpoints(exp, steps=[20])
+    (exp / "latest_checkpointed_iteration.txt").write_text("20")
+    assert [c.step for c in select_checkpoints(exp)] == [10, 20]
+
+
 def test_no_checkpoints_is_a_clear_error(tmp_path, capsys):
     assert merge_checkpoints.main(["--exp_dir", str(tmp_path)]) == 1
     assert f"no checkpoints under {tmp_path}" in capsys.readouterr().err

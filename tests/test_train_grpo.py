@@ -49,7 +49,7 @@ def compose(tmp_path: Path, overrides: list[str] = (), settings: dict = SETTINGS
     env = {k: v for k, v in os.environ.items()
            if k not in config_names() and k != "PYTHONPATH" and not k.startswith("REWARD_")}
     # the GPU command unless a test asks for the CPU one (train_grpo.sh detects the device otherwise)
-    env.update(TTSRL_CONFIG=str(config), TTSRL_COMPOSE_ONLY="1", TTSRL_DEVICE="cuda", **(env_extra or {}))
+    env.update({"TTSRL_CONFIG": str(config), "TTSRL_COMPOSE_ONLY": "1", "TTSRL_DEVICE": "cuda", **(env_extra or {})})
     result = subprocess.run(["bash", str(SCRIPT), *overrides], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=180)
     if result.returncode != 0:

@@ -13,7 +13,8 @@ endpoint listens on a loopback port only, and this guard owns the public one:
 - everything else is forwarded unchanged (method, path, query, headers, body) and
   Triton's answer is streamed back unchanged (status, headers, binary outputs);
 - while Triton is down (the supervisor is restarting it) requests get 503, so clients
-  retry instead of failing (the reward hook retries 503 within its budget).
+  retry instead of failing (the reward hook retries 503 within its budget);
+- bytes that are not HTTP at all get aiohttp's own 400 (counted, not logged).
 
 Error bodies have Triton's shape, ``{"error": "..."}``, so Triton clients show the message.
 Runs in the server environment (aiohttp, numpy).
@@ -121,6 +122,24 @@ def error_response(status: int, message: str):
     return web.Response(status=status, text=json.dumps({"error": message}), content_type="application/json")
 
 
+class _CountMalformedHttp(logging.Filter):
+    """aiohttp answers a request that is not valid HTTP (garbage bytes, a header line over
+    8 KB, a bad Content-Length) with 400 itself and logs it with a traceback: count it
+    instead, so clients cannot fill the log."""
+
+    def __init__(self, counts: Counter):
+        super().__init__()
+        self.counts = counts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            self.counts["bad_http"] += 1
+            return False
+        return True
+
+
 class HttpGuard:
     """aiohttp application that checks requests and forwards them to ``upstream()``.
 
@@ -138,6 +157,7 @@ class HttpGuard:
         from aiohttp import web
 
         app = web.Application(client_max_size=self.limits.max_body_bytes)
+        logging.getLogger("aiohttp.server").addFilter(_CountMalformedHttp(self.counts))
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.on_cleanup.append(self._close)
         return app

@@ -178,7 +178,7 @@ class Supervisor:
         if self.front.http_guard:
             lines += ["# HELP token2wav_server_http_requests_total Requests on the public HTTP port, by outcome.",
                       "# TYPE token2wav_server_http_requests_total counter"]
-            for outcome in ("forwarded", "too_large", "bad_json", "triton_down", "triton_failed"):
+            for outcome in ("forwarded", "too_large", "bad_json", "bad_http", "triton_down", "triton_failed"):
                 lines.append(f'token2wav_server_http_requests_total{{outcome="{outcome}"}} '
                              f"{self.guard.counts[outcome]}")
         return "\n".join(lines) + "\n"
@@ -213,8 +213,8 @@ class Supervisor:
         # and a Ctrl-C at a terminal reaches only the front, which stops the worker in order.
         group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
         process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL, **group)
-        self.worker = WorkerState(process=process, http_url=http_url, metrics_url=f"http://127.0.0.1:{internal_metrics}",
-                                  started_at=time.monotonic())
+        self.worker = WorkerState(process=process, http_url=http_url,
+                                  metrics_url=f"http://127.0.0.1:{internal_metrics}", started_at=time.monotonic())
         self.counters.starts += 1
         LOGGER.info("worker started (pid %d, start %d): Triton HTTP %s", process.pid, self.counters.starts, http_url)
 
@@ -329,7 +329,7 @@ class Supervisor:
                 self.counters.last_exit_status = status
                 uptime = time.monotonic() - self.worker.started_at
                 LOGGER.error("worker (pid %d) exited with status %d after %.1f s%s", self.worker.process.pid, status,
-                             uptime, "" if self.worker.ready_once else ", before it was ready")
+                             uptime, "" if self.worker.ready_once else ", before the front saw it ready")
                 if status == EXIT_CONFIG_ERROR and not self.worker.ready_once:
                     LOGGER.error("the worker could not start (configuration error above): not restarting")
                     return status

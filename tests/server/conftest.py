@@ -12,56 +12,11 @@ built once per session.
 import dataclasses
 import os
 import pathlib
-import shutil
 import sys
-import tarfile
-import tempfile
 
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-PINNED_TARBALL = REPO_ROOT.parent / "shared" / "third_party" / "cosyvoice-ace7c47.tar.gz"
-UNPACK_ROOT = REPO_ROOT / ".cache" / "third_party"
-
-
-def unpack_pinned_source(tarball: pathlib.Path = PINNED_TARBALL, root: pathlib.Path = UNPACK_ROOT) -> pathlib.Path:
-    """``root/<tarball stem>/CosyVoice``, unpacked once (atomically: a half-written tree is
-    never seen by a concurrent run)."""
-    target = root / tarball.name.replace(".tar.gz", "")
-    source = target / "CosyVoice"
-    if (source / "cosyvoice" / "cli" / "cosyvoice.py").is_file():
-        return source
-    root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".unpack.", dir=root))
-    try:
-        with tarfile.open(tarball) as archive:
-            archive.extractall(staging, filter="tar")  # trusted; has an absolute symlink (Matcha-TTS/data)
-        if not (staging / "CosyVoice" / "cosyvoice" / "cli" / "cosyvoice.py").is_file():
-            raise RuntimeError(f"{tarball} does not unpack to CosyVoice/cosyvoice/cli/cosyvoice.py")
-        try:
-            os.replace(staging, target)
-        except OSError:  # another run unpacked it first
-            if not source.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return source
-
-
-def find_cosyvoice_source() -> pathlib.Path:
-    """``$cosyvoice_src`` if set, else the unpacked pinned tarball; a clear error otherwise."""
-    configured = os.environ.get("cosyvoice_src")
-    if configured:
-        source = pathlib.Path(configured).resolve()
-        if not (source / "cosyvoice" / "cli" / "cosyvoice.py").is_file():
-            raise FileNotFoundError(f"$cosyvoice_src={configured} is not a CosyVoice checkout "
-                                    "(no cosyvoice/cli/cosyvoice.py)")
-        return source
-    if PINNED_TARBALL.is_file():
-        return unpack_pinned_source()
-    raise FileNotFoundError(
-        f"the real-engine tests need the pinned CosyVoice source: set $cosyvoice_src to a checkout of "
-        f"FunAudioLLM/CosyVoice at ace7c47 (with submodules), or provide {PINNED_TARBALL}")
+from scripts.make_tiny_cosyvoice2 import find_cosyvoice_source
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,13 @@ def test_tiny_directory_has_the_real_layout(real_models):
     assert [o.name for o in tokenizer.get_outputs()] == ["indices"]
 
 
+def test_model_and_frontend_are_pinned_to_the_slot_device(token2wav):
+    """Upstream leaves both on the bare default device; the engine pins them to its slot's."""
+    assert token2wav.cosyvoice.model.device == token2wav.cosyvoice.frontend.device == torch.device("cpu")
+    assert token2wav.cosyvoice.model.llm is None  # freed: the reward server never runs the LLM
+    assert next(token2wav.cosyvoice.model.hift.parameters()).dtype == torch.float32
+
+
 def test_prompt_from_the_real_zero_shot_wav(prepared, zero_shot_prompt):
     assert zero_shot_prompt.text == KNOWN_TRANSCRIPTS["zero_shot_prompt.wav"]
     tokens, feat, embedding = (prepared[k] for k in ("flow_prompt_speech_token", "prompt_speech_feat",
@@ -190,3 +197,20 @@ def test_engine_options(real_models):
     assert engines_cosyvoice2.parse_bool_option(EngineOptions(), "flow_batch") is False
     with pytest.raises(ValueError, match="TensorRT"):
         CosyVoice2Token2Wav(str(real_models.cosyvoice2_dir), "cpu", load_trt=True, flow_batch=True)
+
+
+def test_cosyvoice_source_comes_from_env_or_the_pinned_archive_else_an_error(monkeypatch, tmp_path):
+    from scripts import make_tiny_cosyvoice2 as builder
+
+    monkeypatch.delenv("cosyvoice_src", raising=False)
+    if builder.PINNED_SOURCE_ARCHIVE.is_file():
+        source = builder.unpack_pinned_source(root=tmp_path / "cache")
+        assert (source / "asset" / "zero_shot_prompt.wav").is_file()
+        assert builder.unpack_pinned_source(root=tmp_path / "cache") == source  # once
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == ["cosyvoice-ace7c47"]  # no staging left
+    monkeypatch.setattr(builder, "PINNED_SOURCE_ARCHIVE", tmp_path / "missing.tar.gz")
+    with pytest.raises(FileNotFoundError, match=r"set \$cosyvoice_src .* or provide .*missing.tar.gz"):
+        builder.find_cosyvoice_source()
+    monkeypatch.setenv("cosyvoice_src", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is not a CosyVoice checkout"):
+        builder.find_cosyvoice_source()

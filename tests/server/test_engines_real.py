@@ -150,7 +150,9 @@ def test_cosyvoice2_factory_explains_a_missing_cosyvoice_checkout(tmp_path, tiny
     for name in [*engines_cosyvoice2.REQUIRED_FILES, engines_cosyvoice2.QWEN2_WEIGHTS[0]]:
         (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (model_dir / name).write_bytes(b"")
-    monkeypatch.setitem(sys.modules, "cosyvoice", None)  # as if no checkout were on PYTHONPATH
+    # As if no checkout were on PYTHONPATH (other tests of the session may have imported it).
+    for name in ["cosyvoice", *(m for m in list(sys.modules) if m.startswith("cosyvoice."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     options = EngineOptions(device="cpu", cosyvoice2_dir=str(model_dir), sensevoice_dir=str(tiny_sensevoice))
     with pytest.raises(ImportError, match="put the CosyVoice source .* on PYTHONPATH"):
         engines_cosyvoice2.create_engines(options)

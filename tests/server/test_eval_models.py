@@ -1,12 +1,9 @@
-"""The evaluation models ``speaker`` and ``speech_tokenizer`` without a server, and the
-CosyVoice2 wrappers for them up to CosyVoice's frontend (which needs weights)."""
-import os
-
+"""The evaluation models ``speaker`` and ``speech_tokenizer`` without a server (stand-in
+engines; CosyVoice2's own: test_engines_cosyvoice2.py, test_server_cosyvoice2.py)."""
 import numpy as np
 import pytest
-import soundfile
 
-from token2wav_server import engines_cosyvoice2, standin
+from token2wav_server import standin
 from token2wav_server.engines import EngineOptions, Engines, SpeakerPrompt, resample
 from token2wav_server.rewarding import RewardConfig
 from token2wav_server.serving import Pipeline, Slot
@@ -72,57 +69,8 @@ def test_speaker_input_is_resampled_to_the_engine_rate():
     np.testing.assert_allclose(out["EMBEDDING"], resampled, rtol=1e-6)
 
 
-class _PathOnlyFrontend:
-    """Stands for CosyVoice2's frontend at the pinned commit, whose extractors take a wav
-    path (they load it at 16 kHz themselves): here the wav is read back with soundfile."""
-
-    def __init__(self):
-        self.paths = []
-
-    def _read(self, path):
-        import torch
-
-        assert isinstance(path, str), f"expected a wav path, got {type(path).__name__}"
-        self.paths.append(path)
-        wave, rate = soundfile.read(path, dtype="float32")
-        assert rate == 16000
-        return torch.as_tensor(wave).reshape(1, -1)
-
-    def _extract_speech_token(self, path):
-        import torch
-
-        ids = standin.wave_to_tokens(self._read(path).numpy())
-        tokens = torch.as_tensor(ids, dtype=torch.int32).reshape(1, -1)
-        return tokens, torch.tensor([tokens.shape[1]], dtype=torch.int32)
-
-    def _extract_spk_embedding(self, path):
-        import torch
-
-        return torch.as_tensor(standin.StandinSpeaker().embed([self._read(path).numpy()]))
-
-
-class _FakeCosyVoice2:
-    sample_rate = 24000
-
-    def __init__(self):
-        self.frontend = _PathOnlyFrontend()
-
-
-def test_cosyvoice2_wrappers_pass_temporary_wav_files_to_the_frontend():
-    token2wav = engines_cosyvoice2.CosyVoice2Token2Wav("unused", cosyvoice=_FakeCosyVoice2())
-    tokenizer = engines_cosyvoice2.CosyVoice2SpeechTokenizer(token2wav)
-    speaker = engines_cosyvoice2.CampplusSpeaker(token2wav)
-    waves = [standin.tokens_to_wave([1, 2, 3]), standin.tokens_to_wave([42])]
-    assert [t.tolist() for t in tokenizer.tokenize(waves)] == [[1, 2, 3], [42]]
-    np.testing.assert_array_equal(speaker.embed(waves), standin.StandinSpeaker().embed(waves))
-    frontend = token2wav.cosyvoice.frontend
-    assert len(frontend.paths) == 4 and not any(os.path.exists(p) for p in frontend.paths)
-    with pytest.raises(ValueError, match="at most 30 s"):
-        tokenizer.tokenize([np.zeros(31 * 16000, dtype=np.float32)])
-    engines = Engines(token2wav=standin.StandinToken2Wav(), asr=standin.StandinAsr(), speaker=speaker,
-                      speech_tokenizer=tokenizer)
-    out = _pipeline(engines).speech_tokenizer([_wave_request([waves[0]])])[0]
-    assert out["TOKENS"].ravel().tolist() == [1, 2, 3]
+# CosyVoice2's speaker and speech-tokenizer engines run on the real pinned CosyVoice code in
+# test_engines_cosyvoice2.py (in process) and test_server_cosyvoice2.py (served).
 
 
 def test_engines_bundle_checks_the_speech_tokenizer_interface():

@@ -80,6 +80,17 @@ def _wait_ready(server, replaced, timeout=240.0):
     raise AssertionError("the server did not come back:\n" + server.log()[-3000:])
 
 
+def _metrics_once_up(server, timeout=60.0) -> dict:
+    """The metrics once the front itself has seen the worker ready (it polls once a second,
+    so it may lag a client that just got an answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = _metrics(server)
+        if metrics["token2wav_server_worker_up"] == 1 or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.5)
+
+
 def _metrics(server) -> dict:
     text = requests.get(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10).text
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
@@ -128,7 +139,7 @@ def test_server_comes_back_after_worker_crash_and_triton_hang_and_cleans_up_when
         first_worker = server.kill_worker(signal.SIGKILL)
         _wait_ready(server, lambda: server.worker_pid() != first_worker)
         _good_request(server)
-        metrics = _metrics(server)
+        metrics = _metrics_once_up(server)
         assert metrics["token2wav_server_worker_restarts_total"] == restarts + 1
         assert metrics["token2wav_server_worker_last_exit_status"] == 128 + signal.SIGKILL
         assert metrics["token2wav_server_worker_up"] == 1
@@ -154,7 +165,7 @@ def test_server_comes_back_after_worker_crash_and_triton_hang_and_cleans_up_when
         asyncio.run(score_then_hang())
         _wait_ready(server, lambda: server.triton_pid() != hung)
         _good_request(server)
-        metrics = _metrics(server)
+        metrics = _metrics_once_up(server)
         assert metrics["token2wav_server_worker_hang_kills_total"] == 1
         assert metrics["token2wav_server_worker_restarts_total"] == restarts + 2
         assert metrics["token2wav_server_worker_starts_total"] == starts + 2
