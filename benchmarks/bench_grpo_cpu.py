@@ -4,7 +4,7 @@
 
 Builds the tiny policy and the smoke task's data, starts a reward server (stand-in engines)
 from the server environment, and runs real GRPO steps with ``scripts/train_grpo.sh`` and
-``configs/smoke.sh``'s sizes (batch 32 x 8 rollouts, 8-token responses) twice:
+``configs/smoke.sh``'s sizes (64 prompts x 8 rollouts, 8-token responses) twice:
 
 1. ours: the CPU settings ``train_grpo.sh`` adds (1 agent-loop worker, 1 reward worker,
    no dataloader workers, one TransferQueue storage unit);
@@ -17,8 +17,11 @@ reward requests: veRL's agent loop scores each rollout as it finishes), old log-
 advantages, actor update, weight push into vLLM. The reward phase alone is read from the
 reward server's Triton metrics (``token2wav_asr`` compute time per step; it overlaps the
 rollout). Peak memory is the largest sum of resident memory of every process of the run
-(driver, Ray daemons and workers, vLLM), sampled every 0.25 s. Timings move with the
-machine's load: compare within one run.
+(driver, Ray daemons and workers, vLLM), sampled every 0.25 s; shared pages count once per
+process, so it overstates what the machine needs, alike for both runs. The reference run
+peaks near 25 GiB by that measure: on a 24 GiB machine run nothing else beside it
+(``--skip-reference`` leaves it out). Timings move with the machine's load: compare within
+one run.
 """
 from __future__ import annotations
 
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     names = list(runs)
-    print(f"\nCPU GRPO, smoke settings (32 prompts x 8 rollouts, 8-token responses), {args.steps} steps, "
+    print(f"\nCPU GRPO, configs/smoke.sh sizes (64 prompts x 8 rollouts, 8-token responses), {args.steps} steps, "
           f"{os.cpu_count()} cores")
     header = "| phase | " + " | ".join(f"{n}: step 1 (s) | {n}: later steps, mean (s)" for n in names) + " |"
     print(header)
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
             first, later = phase_values(runs[name], key)
             cells += [f"{first:.2f}", f"{later:.2f}"]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    print("\n| run | reward server compute per step, s (overlaps rollout) | peak memory, GiB (all processes) "
+    print("\n| run | reward server compute per step, s (overlaps rollout) | peak memory, GiB (sum of RSS) "
           "| wall time incl. start-up, s |")
     print("| --- | --- | --- | --- |")
     for name in names:

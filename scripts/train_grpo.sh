@@ -128,6 +128,9 @@ if [ "$device" = cpu ]; then
     cmd+=("++$ray_env.${pair%%=*}=$(quoted "${pair#*=}")")
     export "${pair?}"
   done
+  # Ray checks its logical GPUs against CUDA_VISIBLE_DEVICES when that is set, even empty
+  # (configs/smoke.sh sets it empty): a CPU run has no CUDA devices to pin.
+  unset CUDA_VISIBLE_DEVICES
   cmd+=(
     trainer.device=cpu
     # one logical GPU per worker for veRL's placement groups; TransferQueue wants 9 CPU slots
@@ -158,7 +161,7 @@ export PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}
 export REWARD_SERVER_URL
 export VERL_USE_EXTERNAL_MODULES=verl_plugins
 # configs/default.sh picks the GPUs; vLLM and the FSDP workers must see the same ones.
-if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then export CUDA_VISIBLE_DEVICES; fi
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$device" != cpu ]; then export CUDA_VISIBLE_DEVICES; fi
 
 if [ "$compose_only" = 1 ]; then
   exec "${cmd[@]}" --cfg job

@@ -58,7 +58,8 @@ def training_command(root: Path, policy: Path, exp_dir: Path, server_url: str, s
     config.write_text("".join(f"{key}='{value}'\n" for key, value in settings.items())
                       + f"source {REPO_ROOT / 'configs' / 'default.sh'}\n")
     env = {k: v for k, v in os.environ.items() if k not in config_names() and not k.startswith("REWARD_")}
-    env.update(TTSRL_DEVICE="cpu", PYTHONPATH=str(REPO_ROOT))
+    # as run.sh stage 2 exports it on a machine without GPUs (configs/smoke.sh: empty)
+    env.update(TTSRL_DEVICE="cpu", PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="")
     command = ["bash", str(SCRIPT), "--config", str(config), f"trainer.total_training_steps={steps}",
                "data.max_prompt_length=16", "data.max_response_length=8", "data.val_max_samples=4",
                "trainer.log_val_generations=2", *extra]

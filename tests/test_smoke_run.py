@@ -18,9 +18,10 @@ import pytest
 from token2wav_server.launch import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
-LEARNING_MARGIN = 0.1
-"""Validation reward gained from step 0 to step 12 that the test requires (the runs measured for
-configs/smoke.sh are in the README; the margin leaves room for sampling noise)."""
+LEARNING_MARGIN = 0.05
+"""Validation reward gained from step 0 to step 16 that the test requires. Runs measured with
+configs/smoke.sh gained more (README); a validation mean over 24 prompts x 16 samples moves by
+about 0.03 between runs of the same policy, so the margin stays well below the expected gain."""
 
 
 def smoke_env(tmp_path: Path, **extra) -> dict:
@@ -61,28 +62,28 @@ def assert_nothing_left(env: dict) -> None:
 def test_smoke_profile_runs_every_stage_and_cleans_up(tmp_path):
     env = smoke_env(tmp_path)
     done = subprocess.run(["bash", "run.sh", "--config", "configs/smoke.sh"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1500)
+                          text=True, timeout=2700)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     exp = tmp_path / "smoke"
     for stage in ("-1", "0", "1", "2", "3", "4", "5", "6"):
         assert f"stage {stage}:" in done.stdout
     assert "no training ran" not in done.stdout
-    assert json.loads((exp / "sft_model" / "sft_warmup.json").read_text())["steps"] == 100
+    assert json.loads((exp / "sft_model" / "sft_warmup.json").read_text())["steps"] == 75
     lines = [json.loads(line) for path in (exp / "metrics").glob("*.jsonl") for line in path.read_text().splitlines()]
     steps = {line["step"]: line["data"] for line in lines}
-    assert [s for s in sorted(steps) if "actor/grad_norm" in steps[s]] == list(range(1, 13))  # 12 real GRPO steps
-    assert all("reward/error_rate/mean" in steps[s] for s in range(1, 13))
+    assert [s for s in sorted(steps) if "actor/grad_norm" in steps[s]] == list(range(1, 17))  # 16 real GRPO steps
+    assert all("reward/error_rate/mean" in steps[s] for s in range(1, 17))
     validation = {s: data[key] for s, data in steps.items() for key in data
-                  if key.startswith("val-core/") and key.endswith("/reward/mean@4")}
-    assert sorted(validation) == [0, 3, 6, 9, 12]
+                  if key.startswith("val-core/") and key.endswith("/reward/mean@16")}
+    assert sorted(validation) == [0, 4, 8, 12, 16]
     print(f"smoke validation reward by step: {validation}")
     # learning you can see: the last validation is clearly above the warm-started policy's
-    assert validation[12] >= validation[0] + LEARNING_MARGIN, validation
-    assert (exp / "validation_audio" / "step_12" / "0.wav").exists()
-    for step in (6, 12):
+    assert validation[16] >= validation[0] + LEARNING_MARGIN, validation
+    assert (exp / "validation_audio" / "step_16" / "0.wav").exists()
+    for step in (8, 16):
         assert (exp / f"global_step_{step}" / "merged_hf_model" / "merge_complete.json").exists()
     table = (exp / "eval" / "cer_by_step.md").read_text()
-    assert all(f"| {step}" in table for step in (0, 6, 12))
+    assert all(f"| {step}" in table for step in (0, 8, 16))
     assert (exp / "eval" / "cer_by_step.png").read_bytes().startswith(b"\x89PNG")
     best = (exp / "eval" / "best_step.txt").read_text().strip()
     assert (exp / "synth" / f"step_{best}.wav").exists() or best == "0"

@@ -23,11 +23,10 @@ here count a missing transcript as an empty one (every reference token deleted).
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
 
 from rapidfuzz.distance import Levenshtein
 
-from .scoring import EmptyReferenceError
+from .scoring import Alignment, EmptyReferenceError
 
 LANGUAGES = ("zh", "en")
 METRIC_OF_LANGUAGE = {"zh": "cer", "en": "wer"}
@@ -67,28 +66,7 @@ def protocol_tokens(text: str, language: str, hypothesis: bool = False) -> tuple
     return tuple(text.lower().split())
 
 
-@dataclass(frozen=True)
-class ProtocolAlignment:
-    substitutions: int
-    deletions: int
-    insertions: int
-    reference: tuple[str, ...]
-    hypothesis: tuple[str, ...]
-
-    @property
-    def ref_length(self) -> int:
-        return len(self.reference)
-
-    @property
-    def errors(self) -> int:
-        return self.substitutions + self.deletions + self.insertions
-
-    @property
-    def error_rate(self) -> float:
-        return self.errors / len(self.reference)
-
-
-def protocol_align(reference: str, hypothesis: str, language: str) -> ProtocolAlignment:
+def protocol_align(reference: str, hypothesis: str, language: str) -> Alignment:
     """Edit counts of the transcript against the reference, protocol tokens. Raises
     EmptyReferenceError when the reference has no token (the protocol cannot score it)."""
     ref = protocol_tokens(reference, language)
@@ -99,7 +77,7 @@ def protocol_align(reference: str, hypothesis: str, language: str) -> ProtocolAl
     counts = {"replace": 0, "delete": 0, "insert": 0}
     for op in Levenshtein.editops(ref, hyp):
         counts[op.tag] += 1
-    return ProtocolAlignment(counts["replace"], counts["delete"], counts["insert"], ref, hyp)
+    return Alignment(counts["replace"], counts["delete"], counts["insert"], ref, hyp)
 
 
 def protocol_error_rate(reference: str, hypothesis: str, language: str) -> float:
