@@ -161,7 +161,8 @@ export PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}
 export REWARD_SERVER_URL
 export VERL_USE_EXTERNAL_MODULES=verl_plugins
 # configs/default.sh picks the GPUs; vLLM and the FSDP workers must see the same ones.
-if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$device" != cpu ]; then export CUDA_VISIBLE_DEVICES; fi
+# (a CPU run unset it above)
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then export CUDA_VISIBLE_DEVICES; fi
 
 if [ "$compose_only" = 1 ]; then
   exec "${cmd[@]}" --cfg job

@@ -120,13 +120,10 @@ def write_vllm_alias(site_packages: Optional[str] = None) -> pathlib.Path:
 VLLM_LAYER_UTILS = "vllm.model_executor.layers.utils"
 
 
-def _live_weight_linear(layer, x, weight, bias):
-    import torch.nn.functional as F
-    return F.linear(x, weight, bias)
-
-
 def live_linear_weights(utils_module: ModuleType) -> None:
     """Make vLLM's CPU GEMM dispatch keep ``layer.weight`` and compute on it (shim 2)."""
+    import torch
+
     original = getattr(utils_module, "dispatch_cpu_unquantized_gemm", None)
     if original is None:
         raise CpuTrainingError(f"{VLLM_LAYER_UTILS}.dispatch_cpu_unquantized_gemm is gone: this vLLM is not "
@@ -137,7 +134,8 @@ def live_linear_weights(utils_module: ModuleType) -> None:
     def dispatch_keeping_weight(layer, remove_weight: bool) -> None:
         if layer.weight.is_meta or layer.weight.ndim != 2:
             return original(layer, remove_weight)  # not a dense linear layer: vLLM's own handling
-        layer.cpu_linear = lambda x, weight, bias: _live_weight_linear(layer, x, weight, bias)
+        # vLLM calls layer.cpu_linear(x, layer.weight, bias): plain linear on the live weight
+        layer.cpu_linear = torch.nn.functional.linear
 
     dispatch_keeping_weight._verl_cpu_shim = True
     utils_module.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
