@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import reward_tts  # noqa: E402
 from token2wav_server.engines import EngineOptions, SpeakerPrompt  # noqa: E402
 from token2wav_server.launch import start_server  # noqa: E402
-from token2wav_server.rewarding import load_reward_config  # noqa: E402
+from token2wav_server.reward_scoring import load_reward_config  # noqa: E402
 from token2wav_server.serving import Limits, Pipeline, Slot  # noqa: E402
 from token2wav_server.standin import create_engines, text_to_tokens  # noqa: E402
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, all_speech_tokens  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: creates both environments when missing (or when the
 # requirement files changed), then runs the whole suite:
-#   - server environment: the shared package (tests/ttsrl) and tests/server
+#   - server environment: the shared package (tests/ttsrl, less its trainer-side subpackages) and tests/server
 #   - trainer environment: everything else in tests/ (it starts reward servers
 #     in the server environment where a test needs one)
 # Extra arguments go to both pytest runs, e.g. bash scripts/run_tests.sh -x -k scoring
@@ -24,7 +24,9 @@ run_pytest() {
 }
 
 echo "== server environment (.venv-server) =="
-run_pytest .venv-server/bin/python -m pytest -p no:cacheprovider tests/ttsrl tests/server "$@"
+# tests/ttsrl/{policy,training,evaluation} test trainer-side subpackages (veRL, pyarrow): trainer env only
+run_pytest .venv-server/bin/python -m pytest -p no:cacheprovider tests/ttsrl tests/server \
+  --ignore=tests/ttsrl/policy --ignore=tests/ttsrl/training --ignore=tests/ttsrl/evaluation "$@"
 echo "== trainer environment (.venv) =="
 run_pytest .venv/bin/python -m pytest -p no:cacheprovider tests --ignore=tests/server "$@"
 exit $status

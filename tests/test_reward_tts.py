@@ -14,7 +14,7 @@ import torch
 import reward_tts
 from token2wav_server.launch import free_ports, start_server
 from token2wav_server.standin import text_to_tokens
-from ttsrl.reward import error_rate_utility
+from ttsrl.reward_shaping import error_rate_utility
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, all_speech_tokens, format_speech_tokens
 
 TEXTS = ["一丁七万", "三上下", "丈三上", "万丈", "七七七", "下上"]

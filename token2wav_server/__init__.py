@@ -6,8 +6,8 @@ Modules:
   ``Engines`` bundle) and loading a factory from ``MODULE_OR_FILE:FACTORY``.
 - ``prompt_bank``: speaker prompts (wav + transcript), loaded once, chosen per request
   deterministically.
-- ``rewarding``: the reward configuration (``configs/reward.yaml``) and per-item scoring
-  with ``ttsrl.scoring`` / ``ttsrl.reward``.
+- ``reward_scoring``: the reward configuration (``configs/reward.yaml``) and per-item scoring
+  with ``ttsrl.scoring`` / ``ttsrl.reward_shaping``.
 - ``serving``: input validation and the Triton models ``token2wav``, ``asr`` and
   ``token2wav_asr``.
 - ``standin``: deterministic stand-in engines (no weights) for tests and smoke runs.

@@ -34,7 +34,7 @@ import numpy as np
 from .engines import EngineOptions, create_engines, load_factory
 from .http_guard import DEFAULT_MAX_BODY_MB, GuardLimits
 from .prompt_bank import load_prompts
-from .rewarding import DEFAULT_CONFIG_PATH, load_reward_config
+from .reward_scoring import DEFAULT_CONFIG_PATH, load_reward_config
 from .serving import DEFAULT_MAX_TOKENS, Limits, Pipeline, Slot
 from .supervisor import EXIT_CONFIG_ERROR, FrontConfig, RestartPolicy, run_supervisor
 

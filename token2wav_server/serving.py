@@ -8,7 +8,7 @@ Bad input never fails a call: each item of each request is checked on its own, a
 item that fails gets its message in the ``ERRORS`` output (empty string when fine) and
 NaN in its numeric outputs, while the other items of the batch are served normally.
 (PyTriton 0.7 can only fail a whole batch of requests, so per-item errors travel in-band.)
-A rollout with zero speech tokens is not an error: it gets ``rewarding.minimum_score``.
+A rollout with zero speech tokens is not an error: it gets ``reward_scoring.minimum_score``.
 
 Speaker prompt per item (optional, ``token2wav`` and ``token2wav_asr``): inputs
 PROMPT_WAV (FP32, padded), PROMPT_WAV_LENS, PROMPT_SAMPLE_RATE and PROMPT_TEXT give each
@@ -35,7 +35,7 @@ from ttsrl.triton_client import BANK_PROMPT_PREFIX, pad_rows, speaker_prompt_key
 
 from .engines import Engines, SpeakerPrompt, resample
 from .prompt_bank import DEFAULT_PROMPT_CACHE_SIZE, PromptBank, PromptBankError, PromptCache, check_prompt
-from .rewarding import RewardConfig, minimum_score, score_item
+from .reward_scoring import RewardConfig, minimum_score, score_item
 
 LOGGER = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import pytest
 from token2wav_server import engines_cosyvoice2, standin
 from token2wav_server.engines import EngineOptions, Engines, SpeakerPrompt
 from token2wav_server.engines_sensevoice import FunasrAsr, clean_transcript, paraformer, sensevoice
-from token2wav_server.rewarding import RewardConfig
+from token2wav_server.reward_scoring import RewardConfig
 from token2wav_server.serving import Pipeline, Slot
 from scripts.make_tiny_cosyvoice2 import ASR_CORPUS, write_tiny_paraformer, write_tiny_sensevoice
-from ttsrl.reward import error_rate_utility
+from ttsrl.reward_shaping import error_rate_utility
 from ttsrl.scoring import error_rate
 
 

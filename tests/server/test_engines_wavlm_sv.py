@@ -7,7 +7,7 @@ import torch
 from token2wav_server import engines_wavlm_sv as sv
 from token2wav_server import standin
 from token2wav_server.engines import EngineOptions
-from token2wav_server.rewarding import RewardConfig
+from token2wav_server.reward_scoring import RewardConfig
 from token2wav_server.serving import Limits, Pipeline, Slot
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from token2wav_server import standin
 from token2wav_server.engines import EngineOptions, Engines, SpeakerPrompt, resample
-from token2wav_server.rewarding import RewardConfig
+from token2wav_server.reward_scoring import RewardConfig
 from token2wav_server.serving import Pipeline, Slot
 
 PROMPTS = [SpeakerPrompt("p0", standin.tokens_to_wave([1, 2, 3]), standin.SAMPLE_RATE, "p0")]

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import REWARD_SERVER_MAX_TOKENS
 from token2wav_server.standin import SAMPLE_RATE, UNKNOWN_AUDIO_TEXT, text_to_tokens, tokens_to_wave
-from ttsrl.reward import error_rate_utility
+from ttsrl.reward_shaping import error_rate_utility
 
 TEXT = "一丁七万"
 WRONG = "一丁七三"  # one syllable of four differs (wan4 vs san1)

@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from token2wav_server.rewarding import (RewardConfig, RewardConfigError, load_reward_config, minimum_score,
+from token2wav_server.reward_scoring import (RewardConfig, RewardConfigError, load_reward_config, minimum_score,
                                         score_item)
-from ttsrl.reward import confidence_utility, error_rate_utility
+from ttsrl.reward_shaping import confidence_utility, error_rate_utility
 from ttsrl.scoring import EmptyReferenceError
 
 

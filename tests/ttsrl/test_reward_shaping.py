@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ttsrl.reward import combine, confidence_utility, error_rate_utility, similarity_utility
+from ttsrl.reward_shaping import combine, confidence_utility, error_rate_utility, similarity_utility
 
 
 def test_error_rate_utility_matches_reference_formula():

@@ -1,6 +1,6 @@
 """Reward configuration (configs/reward.yaml) and the per-item reward.
 
-The maths lives in ``ttsrl.scoring`` (error rates) and ``ttsrl.reward`` (utilities and
+The maths lives in ``ttsrl.scoring`` (error rates) and ``ttsrl.reward_shaping`` (utilities and
 their combination); this module only reads the configuration and applies it.
 
 Components (YAML ``weights`` keys):
@@ -24,7 +24,7 @@ from typing import Mapping, Optional
 
 import yaml
 
-from ttsrl.reward import COMBINATION_RULES, combine, confidence_utility, error_rate_utility, similarity_utility
+from ttsrl.reward_shaping import COMBINATION_RULES, combine, confidence_utility, error_rate_utility, similarity_utility
 from ttsrl.scoring import METRICS, error_rate
 
 COMPONENTS = ("error_rate", "similarity", "confidence")
