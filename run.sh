@@ -8,7 +8,8 @@
 #
 # Settings come from configs/default.sh (or --config FILE); variables already set
 # in the environment win. Words after "--" are passed to the stage that takes
-# overrides (stage 2: veRL key=value overrides).
+# overrides (stage 2: veRL key=value overrides). The functions the stages call live in
+# scripts/run_helpers.sh (log, die and the checks in scripts/lib.sh).
 #
 # Stages (what each needs -> what it makes):
 #  -1  install          python3.10-3.12, PyPI; on CUDA machines also git + ModelScope access
@@ -32,17 +33,10 @@ cd "$(dirname "$0")"
 repo=$(pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-log() {
-  # icefall style: time, file:line:function, message
-  local fname=${BASH_SOURCE[1]##*/}
-  echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
-}
-
-die() {
-  local fname=${BASH_SOURCE[1]##*/}
-  echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) ERROR: $*" >&2
-  exit 1
-}
+# log, die, has_cuda, require_env/dir/gpus; then this recipe's helpers (stage -1 downloads,
+# stage 1 server start/stop, which model a stage uses)
+source scripts/lib.sh
+source scripts/run_helpers.sh
 
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -88,255 +82,7 @@ fi
 trainer_python=${TRAINER_VENV:-$repo/.venv}/bin/python
 server_python=${SERVER_VENV:-$repo/.venv-server}/bin/python
 current_stage=""
-report_failure() {
-  local status=$?
-  if [ $status -ne 0 ] && [ -n "$current_stage" ]; then
-    echo "$(date '+%Y-%m-%d %H:%M:%S') run.sh: stage $current_stage failed (exit $status)" >&2
-  fi
-  if [ "$server_started_here" = true ] && [ "${stop_server_at_exit:-false}" = true ]; then
-    stop_server
-  fi
-}
 trap report_failure EXIT
-
-run_stage() {
-  # true when stage $1 is in START..STOP; records it for the failure message
-  if [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; then
-    current_stage=$1
-    return 0
-  fi
-  return 1
-}
-
-has_cuda() {
-  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
-}
-
-require_env() {
-  # $1: trainer|server
-  local python=$trainer_python
-  [ "$1" = server ] && python=$server_python
-  [ -x "$python" ] || die "the $1 environment is missing ($python); run 'bash run.sh -1 -1' first"
-}
-
-require_gpus() {
-  # $1: how many GPUs this stage needs
-  has_cuda || die "stage $current_stage needs CUDA GPUs and nvidia-smi finds none (see README: 'What runs where')"
-  local count
-  count=$(nvidia-smi -L | wc -l)
-  [ "$count" -ge "$1" ] || die "stage $current_stage needs $1 GPUs, nvidia-smi lists $count; lower n_gpus_per_node"
-}
-
-require_dir() {
-  # $1: directory, $2: what it is and how to get it
-  [ -d "$1" ] || die "$1 not found: $2"
-}
-
-not_implemented() {
-  die "stage $current_stage ($1) is not implemented yet in this version of the recipe"
-}
-
-get_cosyvoice_source() {
-  # $cosyvoice_archive (a tarball of the pinned checkout that unpacks to CosyVoice/, for machines
-  # without GitHub access) when set and $cosyvoice_src is missing; else clone at $cosyvoice_commit.
-  if [ -n "${cosyvoice_archive:-}" ] && [ ! -d "$cosyvoice_src" ]; then
-    [ -f "$cosyvoice_archive" ] || die "cosyvoice_archive '$cosyvoice_archive' not found"
-    log "unpacking CosyVoice source $cosyvoice_archive into $cosyvoice_src"
-    local staging
-    staging=$(mktemp -d "$(dirname "$cosyvoice_src")/.cosyvoice.XXXXXX")
-    tar -xzf "$cosyvoice_archive" -C "$staging" && [ -d "$staging/CosyVoice/cosyvoice" ] \
-      || { rm -rf "$staging"; die "$cosyvoice_archive does not unpack to CosyVoice/cosyvoice"; }
-    mv "$staging/CosyVoice" "$cosyvoice_src" && rm -rf "$staging"
-  elif [ ! -f "$cosyvoice_src/cosyvoice/cli/cosyvoice.py" ]; then
-    fetch_cosyvoice_source
-  fi
-}
-
-fetch_cosyvoice_source() {
-  if [ -d "$cosyvoice_src/.git" ] && [ "$(git -C "$cosyvoice_src" rev-parse HEAD)" = "$cosyvoice_commit" ]; then
-    log "CosyVoice source already at $cosyvoice_commit in $cosyvoice_src"
-    return
-  fi
-  local url=https://github.com/FunAudioLLM/CosyVoice.git
-  log "fetching CosyVoice source $url at $cosyvoice_commit into $cosyvoice_src"
-  if ! { [ -d "$cosyvoice_src/.git" ] || git clone "$url" "$cosyvoice_src"; } \
-      || ! git -C "$cosyvoice_src" checkout -q "$cosyvoice_commit" \
-      || ! git -C "$cosyvoice_src" submodule update --init --recursive; then
-    die "could not fetch $url at $cosyvoice_commit. By hand: git clone $url $cosyvoice_src &&" \
-        "git -C $cosyvoice_src checkout $cosyvoice_commit && git -C $cosyvoice_src submodule update --init --recursive"
-  fi
-}
-
-download_model() {
-  # $1: ModelScope model id, $2: target dir, $3: a file that proves the download is complete
-  if [ -f "$2/$3" ] && [ "$force" = false ]; then
-    log "$1 already in $2"
-    return
-  fi
-  log "downloading $1 from ModelScope into $2"
-  "$trainer_python" -c 'import sys; from modelscope import snapshot_download; snapshot_download(sys.argv[1], local_dir=sys.argv[2])' \
-      "$1" "$2" \
-    || die "could not download $1 with ModelScope. By hand: 'modelscope download --model $1 --local_dir $2'" \
-           "(pip install modelscope), or copy the model files there from a machine that has them"
-  [ -f "$2/$3" ] || die "$1 downloaded into $2 but $2/$3 is missing; delete $2 and retry"
-}
-
-download_sim_model() {
-  # Seed-TTS-eval's SIM model (UniSpeech WavLM-large + ECAPA-TDNN, wavlm_large_finetune.pth), linked
-  # from its README as a Google Drive file; served as the 'speaker' model (engines_wavlm_sv.py).
-  if [ -f "$eval_sim_model" ] && [ "$force" = false ]; then
-    log "speaker-similarity model already at $eval_sim_model"
-    return
-  fi
-  mkdir -p "$(dirname "$eval_sim_model")"
-  log "downloading Seed-TTS-eval's wavlm_large_finetune.pth (Google Drive $eval_sim_model_gdrive_id) to $eval_sim_model"
-  "$server_python" -m pip install --disable-pip-version-check -q gdown==5.2.0 \
-    && "$server_python" -c 'import sys, gdown; sys.exit(0 if gdown.download(id=sys.argv[1], output=sys.argv[2]) else 1)' \
-      "$eval_sim_model_gdrive_id" "$eval_sim_model" \
-    || die "could not download the SIM model. By hand: open https://drive.google.com/file/d/$eval_sim_model_gdrive_id" \
-           "and save it as $eval_sim_model (or set eval_sim_model= to serve CosyVoice2's campplus as 'speaker')"
-}
-
-convert_llm() {
-  # CosyVoice2 llm.pt + CosyVoice-BlankEN -> Hugging Face Qwen2 checkpoint (skips a complete one)
-  local flags=()
-  [ "$force" = true ] && flags=(--force)
-  [ -f "$cosyvoice2_dir/llm.pt" ] || die "$cosyvoice2_dir/llm.pt not found: download iic/CosyVoice2-0.5B (stage -1)"
-  "$trainer_python" scripts/convert_cosyvoice2_to_hf.py --cosyvoice2-dir "$cosyvoice2_dir" \
-    --output-dir "$hf_model_dir" "${flags[@]}"
-}
-
-server_client_http_url() {
-  # the address clients on this machine use for the server's HTTP port
-  local host=$server_host
-  [ "$host" = 0.0.0.0 ] && host=127.0.0.1
-  echo "http://$host:$http_port"
-}
-
-server_answers() {
-  "$trainer_python" -m ttsrl.triton_client "$(server_client_http_url)" 2>/dev/null
-}
-
-check_server() {
-  # every URL of $REWARD_SERVER_URL must answer
-  "$trainer_python" -m ttsrl.triton_client "$REWARD_SERVER_URL" || die "stage $current_stage needs the reward server"
-}
-
-server_pid_file() { echo "$exp_dir/reward_server.pid"; }
-
-start_server() {
-  local args=(--host "$server_host" --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port"
-              --engines "$server_engines" --devices "$server_devices"
-              --instances-per-device "$server_instances_per_device" --reward-config "$reward_config"
-              --max-restarts "${server_max_restarts:-10}")
-  # false: no restarts by the server itself, for systemd / SLURM to restart it (README: Troubleshooting)
-  [ "${server_supervise:-true}" = true ] || args+=(--no-supervise)
-  if [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
-    require_dir "$cosyvoice2_dir" "download iic/CosyVoice2-0.5B (stage -1) or set cosyvoice2_dir"
-    require_dir "$sensevoice_dir" "download iic/SenseVoiceSmall (stage -1) or set sensevoice_dir"
-    [ "$server_devices" = cpu ] || require_gpus 1
-    [ -f "$prompt_bank" ] || [ -d "$prompt_bank" ] || die "prompt_bank '$prompt_bank' not found: CosyVoice's" \
-      "asset/zero_shot_prompt.wav comes with the source (stage -1), or point prompt_bank at your own wav/JSONL/folder"
-    args+=(--cosyvoice2-dir "$cosyvoice2_dir" --sensevoice-dir "$sensevoice_dir" --prompt-bank "$prompt_bank")
-    [ -d "$paraformer_dir" ] && args+=(--asr-eval-dir "$paraformer_dir")
-    # CosyVoice is not a package: its source and Matcha-TTS must be importable by the server.
-    require_dir "$cosyvoice_src" "fetch the CosyVoice source (stage -1 on a CUDA machine) or set cosyvoice_src"
-    local source_dir
-    source_dir=$(cd "$cosyvoice_src" && pwd)
-    export PYTHONPATH="$source_dir:$source_dir/third_party/Matcha-TTS:$PYTHONPATH"
-  fi
-  if [ -n "${eval_sim_model:-}" ] && [ -f "$eval_sim_model" ]; then
-    # the protocol's SIM model as the 'speaker' engine, over the configured engines
-    args+=(--engines token2wav_server.engines_wavlm_sv:create_engines
-           --engine-option "base_engines=$server_engines" --engine-option "sim_model=$eval_sim_model")
-  fi
-  # shellcheck disable=SC2206
-  args+=(${server_args:-})
-  mkdir -p "$exp_dir/logs"
-  local log_file=$exp_dir/logs/reward_server.log
-  if [ "${server_foreground:-false}" = true ]; then
-    log "serving in the foreground (Ctrl-C stops it); log also in $log_file"
-    "$server_python" -m token2wav_server "${args[@]}" 2>&1 | tee -a "$log_file"
-    exit "${PIPESTATUS[0]}"
-  fi
-  # Its own session, so stopping it stops Triton and its stubs too.
-  setsid "$server_python" -m token2wav_server "${args[@]}" >>"$log_file" 2>&1 < /dev/null &
-  local pid=$!
-  echo "$pid" > "$(server_pid_file)"
-  log "reward server starting (pid $pid, log $log_file); waiting up to ${server_start_timeout}s until it is ready"
-  local waited=0
-  until server_answers; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      tail -n 30 "$log_file" >&2 || true
-      rm -f "$(server_pid_file)"
-      die "the reward server exited during start-up; see $log_file"
-    fi
-    if [ "$waited" -ge "$server_start_timeout" ]; then
-      stop_server
-      die "the reward server was not ready after ${server_start_timeout}s; see $log_file"
-    fi
-    sleep 2
-    waited=$((waited + 2))
-  done
-  server_started_here=true
-  log "reward server ready: $(server_client_http_url) (gRPC port $grpc_port); stop it with 'bash run.sh --stop-server'"
-}
-
-stop_server() {
-  local pid_file pid
-  pid_file=$(server_pid_file)
-  [ -f "$pid_file" ] || { log "no reward server pid file ($pid_file)"; return 0; }
-  pid=$(cat "$pid_file")
-  if kill -0 "$pid" 2>/dev/null; then
-    log "stopping the reward server (pid $pid)"
-    kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
-    local waited=0
-    while kill -0 "$pid" 2>/dev/null && [ $waited -lt 40 ]; do sleep 1; waited=$((waited + 1)); done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  # The server was started with setsid: whatever is left of its session (a Triton worker
-  # whose front died) goes too, so no tritonserver keeps the ports.
-  if [ -x "$server_python" ]; then
-    "$server_python" -m token2wav_server.launch kill-session "$pid" || true
-  fi
-  rm -f "$pid_file"
-}
-
-first_server_url() {
-  echo "${REWARD_SERVER_URL%%,*}"
-}
-
-policy_start_dir() {
-  # what GRPO starts from: the supervised warm-up's output when sft_data is set, else $hf_model_dir
-  if [ -n "${sft_data:-}" ]; then echo "$exp_dir/sft_model"; else echo "$hf_model_dir"; fi
-}
-
-merged_models() {
-  # "step dir" lines: the policy GRPO started from as step 0, then every completely merged checkpoint
-  echo "0 $(policy_start_dir)"
-  local dir step
-  for dir in "$exp_dir"/global_step_*/merged_hf_model; do
-    [ -f "$dir/merge_complete.json" ] || continue
-    step=${dir%/merged_hf_model}
-    step=${step##*global_step_}
-    echo "$step $dir"
-  done | sort -n
-}
-
-chosen_step() {
-  # $1: explicit step or empty -> that step, else stage 4's best, else the latest merged one
-  if [ -n "$1" ]; then
-    echo "$1"
-  elif [ -f "$exp_dir/eval/best_step.txt" ]; then
-    cat "$exp_dir/eval/best_step.txt"
-  else
-    merged_models | tail -n 1 | cut -d' ' -f1
-  fi
-}
-
-model_of_step() {
-  if [ "$1" = 0 ]; then policy_start_dir; else echo "$exp_dir/global_step_$1/merged_hf_model"; fi
-}
 
 if [ "$stop_server_only" = true ]; then
   stop_server
@@ -417,8 +163,7 @@ if run_stage 1; then
 fi
 
 if run_stage 2; then
-  device=cuda
-  has_cuda || device=cpu
+  device=$(default_device)
   log "stage 2: GRPO on $([ $device = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
   require_env trainer
   export CUDA_VISIBLE_DEVICES REWARD_SERVER_URL
@@ -514,20 +259,5 @@ if run_stage 6; then
 fi
 
 current_stage=""
-print_artifacts() {
-  local found=()
-  local path
-  for path in "$hf_model_dir" "$data_dir/train.parquet" "$data_dir/test.parquet" "$exp_dir/logs/reward_server.log" \
-      "$exp_dir"/logs/train_*.log "$exp_dir/logs/grpo_job_config.yaml" "$exp_dir/sft_model" "$exp_dir"/global_step_*/actor "$exp_dir"/global_step_*/merged_hf_model \
-      "$exp_dir/eval/cer_by_step.md" "$exp_dir/eval/cer_by_step.png" "$exp_dir/eval/best_step.txt" \
-      "$exp_dir"/eval/step_*/wer.txt "$exp_dir"/validation_audio "$exp_dir"/synth/*.wav "$exp_dir"/global_step_*/llm.pt; do
-    [ -e "$path" ] && found+=("$path")
-  done
-  [ ${#found[@]} -gt 0 ] || return 0
-  log "artifacts:"
-  for path in "${found[@]}"; do
-    echo "  $path"
-  done
-}
 print_artifacts
 log "done: stages $stage..$stop_stage"

@@ -2,10 +2,11 @@
 
 The conversion drops ``llm_decoder.bias`` (transformers' Qwen2 lm_head has none)
 and gives every non-speech token a logit of 0. For tiny CosyVoice2-shaped
-models (scripts/make_tiny_cosyvoice2.py) with speech-logit spread ``logit_std``
+models (ttsrl.tiny_models.llm) with speech-logit spread ``logit_std``
 and bias spread ``bias_std``, this converts each one and runs
-``measure_conversion`` (positions CosyVoice2 itself visits: 3 sentences x 50
-steps sampled top-k 25 from the biased original), then prints one row per model.
+``measure_conversion`` of ttsrl.policy.conversion_bias (positions CosyVoice2
+itself visits: 3 sentences x 50 steps sampled top-k 25 from the biased
+original), then prints one row per model.
 The same measurement on the real model: ``convert_cosyvoice2_to_hf.py --measure``.
 
     .venv/bin/python benchmarks/bench_conversion_bias.py [--seeds 3]
@@ -24,20 +25,13 @@ GRID = [(4.0, 0.03), (4.0, 0.1), (4.0, 0.3), (4.0, 0.5), (4.0, 1.0), (3.0, 0.0),
 
 
 def measure(logit_std: float, bias_std: float, seed: int, workdir: Path) -> dict:
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    from scripts.cosyvoice2_hf import convert_cosyvoice2, measure_conversion
-    from scripts.make_tiny_cosyvoice2 import write_tiny_cosyvoice2
+    from ttsrl.policy.conversion_bias import measure_converted
+    from ttsrl.policy.hf_conversion import LLM_PT, convert_cosyvoice2
+    from ttsrl.tiny_models.llm import write_tiny_cosyvoice2
 
     source = write_tiny_cosyvoice2(workdir / f"m{logit_std}_{bias_std}_{seed}", seed=seed, logit_std=logit_std,
                                    bias_std=bias_std)
-    converted = convert_cosyvoice2(source)
-    model = Qwen2ForCausalLM(converted.config)
-    model.load_state_dict(converted.state, strict=True)
-    model.eval()
-    bias = torch.load(source / "llm.pt", weights_only=True)["llm_decoder.bias"]
-    return measure_conversion(model, converted.tokenizer, bias, seed=seed)
+    return measure_converted(convert_cosyvoice2(source), source / LLM_PT, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:

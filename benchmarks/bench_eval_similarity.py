@@ -68,22 +68,23 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
 
-    from scripts import compute_wer
     from token2wav_server.launch import start_server
+    from ttsrl.evaluation.output_scoring import speaker_similarity_of_output_dir, transcribe_output_dir
+    from ttsrl.evaluation.outputs import read_records, read_wave
     from ttsrl.triton_client import TritonModelClient, cosine_similarity
 
     quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp, start_server() as server:
         out = write_folder(Path(tmp), args.utterances, args.prompts, args.seconds)
-        records = compute_wer.read_infer_records(out / "manifest.jsonl")
+        records = read_records(out / "manifest.jsonl")
         url = server.grpc_url
 
         def per_pair():
             client = TritonModelClient(url, "speaker")
             try:
                 for utt_id, record in records.items():
-                    generated = compute_wer.read_wave(out / "wavs" / f"{utt_id}.wav")
-                    prompt = compute_wer.read_wave(Path(record["prompt_wav"]))
+                    generated = read_wave(out / "wavs" / f"{utt_id}.wav")
+                    prompt = read_wave(Path(record["prompt_wav"]))
                     a, b = client.embed([generated[0], prompt[0]], [generated[1], prompt[1]])
                     cosine_similarity(a, b)
             finally:
@@ -91,20 +92,20 @@ def main(argv=None) -> int:
 
         def tokenize_prompts():
             paths = sorted({r["prompt_wav"] for r in records.values()})
-            waves = [compute_wer.read_wave(Path(p)) for p in paths]
+            waves = [read_wave(Path(p)) for p in paths]
             client = TritonModelClient(url, "speech_tokenizer")
             try:
                 client.tokenize([w for w, _ in waves], [r for _, r in waves])
             finally:
                 client.close()
 
-        timed(lambda: compute_wer.speaker_similarity_of_output_dir(out, records, url, log=quiet))  # warm-up
+        timed(lambda: speaker_similarity_of_output_dir(out, records, url, log=quiet))  # warm-up
         n = args.utterances
         rows = [
             ("transcription only (--no-similarity)", n,
-             timed(lambda: compute_wer.transcribe_output_dir(out, url, "asr_eval", log=quiet))),
+             timed(lambda: transcribe_output_dir(out, url, "asr_eval", log=quiet))),
             ("similarity, ours (prompts once, 8 per request)", n,
-             timed(lambda: compute_wer.speaker_similarity_of_output_dir(out, records, url, log=quiet))),
+             timed(lambda: speaker_similarity_of_output_dir(out, records, url, log=quiet))),
             ("similarity, per pair (1 request per utterance)", n, timed(per_pair)),
             ("speech tokenizer over the prompt wavs", args.prompts, timed(tokenize_prompts)),
         ]

@@ -38,8 +38,10 @@ def build_flow(size: str, cosyvoice_src: Path, device: str, workdir: Path):
     import torch
     from hyperpyyaml import load_hyperpyyaml
 
-    from scripts.make_tiny_cosyvoice2 import (BLANK_EN, add_cosyvoice_to_path, cosyvoice2_yaml, write_qwen2_weights,
-                                              write_tiny_cosyvoice2)
+    from ttsrl.cosyvoice_source import add_cosyvoice_to_path
+    from ttsrl.policy.hf_conversion import BLANK_EN
+    from ttsrl.tiny_models.cosyvoice2 import cosyvoice2_yaml, write_qwen2_weights
+    from ttsrl.tiny_models.llm import write_tiny_cosyvoice2
 
     add_cosyvoice_to_path(cosyvoice_src)
     # The yaml's (always tiny) LLM part is built too: it needs a Qwen2 directory.
@@ -53,7 +55,7 @@ def build_flow(size: str, cosyvoice_src: Path, device: str, workdir: Path):
 def find_source(given: str | None) -> Path:
     if given:
         return Path(given)
-    from scripts.make_tiny_cosyvoice2 import find_cosyvoice_source
+    from ttsrl.cosyvoice_source import find_cosyvoice_source
 
     return find_cosyvoice_source()
 

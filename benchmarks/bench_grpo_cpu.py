@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -41,9 +40,10 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import prepare_data  # noqa: E402
-from scripts import convert_cosyvoice2_to_hf, make_tiny_cosyvoice2  # noqa: E402
 from token2wav_server.launch import start_server  # noqa: E402
+from ttsrl.policy.hf_conversion import convert_cosyvoice2, save_converted  # noqa: E402
+from ttsrl.tiny_models.llm import write_tiny_cosyvoice2  # noqa: E402
+from ttsrl.training.data import prepare  # noqa: E402
 
 PHASES = [("rollout + reward (gen)", "timing_s/gen"), ("old log-probs", "timing_s/old_log_prob"),
           ("advantages", "timing_s/adv"), ("actor update", "timing_s/update_actor"),
@@ -133,9 +133,8 @@ def main(argv=None) -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_grpo_cpu_"))
     server = None
     try:
-        make_tiny_cosyvoice2.write_tiny_cosyvoice2(work / "cosyvoice2", seed=0)
-        convert_cosyvoice2_to_hf.main(["--cosyvoice2-dir", str(work / "cosyvoice2"), "--output-dir", str(work / "hf")])
-        prepare_data.prepare(str(ROOT / "assets" / "smoke_numerals.jsonl"), str(work / "data"), test_size=24)
+        save_converted(convert_cosyvoice2(write_tiny_cosyvoice2(work / "cosyvoice2", seed=0)), work / "hf")
+        prepare(str(ROOT / "assets" / "smoke_numerals.jsonl"), str(work / "data"), test_size=24)
         server = start_server()
         runs = {"ours": run_training(work, "ours", work / "hf", server, args.steps, [])}
         if not args.skip_reference:

@@ -68,13 +68,13 @@ def _rollout(rng: random.Random):
     return text, text_to_tokens(said), 0.0 if said == text else 1 / len(text)
 
 
-def _triton_inputs(module, ids, text, dtype="INT32"):
+def _triton_inputs(protocol, ids, text, dtype="int32"):
+    """One rollout as TOKENS and GT_TEXT only (the server derives TOKEN_LENS); dtype float32 is a bad request."""
     import numpy as np
 
-    tokens = np.array([ids], dtype=np.float32 if dtype == "FP32" else np.int32)
-    inputs = [module.InferInput("TOKENS", list(tokens.shape), dtype), module.InferInput("GT_TEXT", [1, 1], "BYTES")]
-    inputs[0].set_data_from_numpy(tokens)
-    inputs[1].set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+    from ttsrl.triton_client.wire import infer_request, text_column
+
+    inputs, _ = infer_request(protocol, {"TOKENS": np.array([ids], dtype=dtype), "GT_TEXT": text_column([text])}, [])
     return inputs
 
 
@@ -115,6 +115,8 @@ def _grpc_bad_requests(address: str):
     import numpy as np
     import tritonclient.grpc as grpcclient
 
+    from ttsrl.triton_client.wire import infer_request
+
     def raises(call):
         try:
             call()
@@ -123,7 +125,7 @@ def _grpc_bad_requests(address: str):
         return False
 
     def item_error(client):
-        result = client.infer("token2wav_asr", _triton_inputs(grpcclient, [5, 6561], "一丁"),
+        result = client.infer("token2wav_asr", _triton_inputs("grpc", [5, 6561], "一丁"),
                               client_timeout=REQUEST_TIMEOUT_S)
         return "outside [0, 6561)" in result.as_numpy("ERRORS").reshape(-1)[0].decode()
 
@@ -133,14 +135,13 @@ def _grpc_bad_requests(address: str):
             return raises(lambda: infer(bytes(range(256)) * 64, timeout=REQUEST_TIMEOUT_S))
 
     def oversized_batch(client):
-        tokens = grpcclient.InferInput("TOKENS", [65, 4], "INT32")
-        tokens.set_data_from_numpy(np.ones((65, 4), np.int32))
-        return raises(lambda: client.infer("token2wav_asr", [tokens], client_timeout=REQUEST_TIMEOUT_S))
+        inputs, _ = infer_request("grpc", {"TOKENS": np.ones((65, 4), np.int32)}, [])
+        return raises(lambda: client.infer("token2wav_asr", inputs, client_timeout=REQUEST_TIMEOUT_S))
 
     return {
         "wrong dtype": lambda c: raises(lambda: c.infer(
-            "token2wav_asr", _triton_inputs(grpcclient, [1, 2], "一", "FP32"), client_timeout=REQUEST_TIMEOUT_S)),
-        "unknown model": lambda c: raises(lambda: c.infer("nobody", _triton_inputs(grpcclient, [1], "一"),
+            "token2wav_asr", _triton_inputs("grpc", [1, 2], "一", "float32"), client_timeout=REQUEST_TIMEOUT_S)),
+        "unknown model": lambda c: raises(lambda: c.infer("nobody", _triton_inputs("grpc", [1], "一"),
                                                           client_timeout=REQUEST_TIMEOUT_S)),
         "batch over the limit": oversized_batch,
         "garbage bytes": garbage,
@@ -149,23 +150,19 @@ def _grpc_bad_requests(address: str):
 
 
 def _good_grpc(client, rng):
-    import tritonclient.grpc as grpcclient
-
     text, ids, expected = _rollout(rng)
-    result = client.infer("token2wav_asr", _triton_inputs(grpcclient, ids, text), client_timeout=REQUEST_TIMEOUT_S)
+    result = client.infer("token2wav_asr", _triton_inputs("grpc", ids, text), client_timeout=REQUEST_TIMEOUT_S)
     return abs(float(result.as_numpy("ERROR_RATE").reshape(-1)[0]) - expected) < 1e-6
 
 
 def _good_http(client, session, infer_url, rng, index):
     """Alternately tritonclient's binary protocol and the reference recipe's JSON request."""
-    import tritonclient.http as httpclient
-
     text, ids, expected = _rollout(rng)
     if index % 2:
         response = session.post(infer_url, json=_reference_json(ids, text), timeout=REQUEST_TIMEOUT_S)
         outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
         return response.status_code == 200 and abs(outputs["ERROR_RATE"][0] - expected) < 1e-6
-    result = client.infer("token2wav_asr", _triton_inputs(httpclient, ids, text))
+    result = client.infer("token2wav_asr", _triton_inputs("http", ids, text))
     return abs(float(result.as_numpy("ERROR_RATE").reshape(-1)[0]) - expected) < 1e-6
 
 

@@ -8,7 +8,7 @@ Skips the work when the output directory already holds a finished conversion
 renames it, so an interrupted run leaves nothing half-written. --measure also
 compares the converted model with CosyVoice2's biased distribution on a few
 sentences and stores the numbers in cosyvoice2_conversion.json. The layout and
-what is not exact are described in docs/conversion.md.
+what is not exact are described in docs/conversion.md; the code is ttsrl.policy.hf_conversion.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a file: the repository root holds ttsrl
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.cosyvoice2_hf import (DTYPES, LLM_PT, REPORT_FILE, ConversionError, check_output_dir, convert_cosyvoice2,
-                                   is_complete, measure_conversion, save_converted)
+from ttsrl.policy.conversion_bias import measure_converted  # noqa: E402
+from ttsrl.policy.hf_conversion import (DTYPES, LLM_PT, REPORT_FILE, ConversionError, check_output_dir,  # noqa: E402
+                                        convert_cosyvoice2, is_complete, save_converted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(output)
         converted = convert_cosyvoice2(args.cosyvoice2_dir, dtype=DTYPES[args.dtype])
         if args.measure:
-            from transformers import Qwen2ForCausalLM
-
-            import torch
-
-            model = Qwen2ForCausalLM(converted.config).to(DTYPES[args.dtype])
-            model.load_state_dict(converted.state, strict=True)
-            model.eval()
-            bias = torch.load(Path(args.cosyvoice2_dir) / LLM_PT, map_location="cpu",
-                              weights_only=True)["llm_decoder.bias"]
-            converted.report["measured"] = measure_conversion(model, converted.tokenizer, bias)
+            converted.report["measured"] = measure_converted(converted, Path(args.cosyvoice2_dir) / LLM_PT,
+                                                             DTYPES[args.dtype])
             print(json.dumps(converted.report["measured"], indent=2))
         save_converted(converted, output)
     except ConversionError as error:

@@ -9,7 +9,7 @@ over (or point CosyVoice2 at) ``llm.pt`` of a CosyVoice2-0.5B directory.
 embedding rows no token reaches; without it the layout recorded in the model's
 config.json is used. --check converts the export back and compares every
 tensor CosyVoice2 can hold with the Hugging Face checkpoint. Skips when the
-output exists unless --force; writes atomically.
+output exists unless --force; writes atomically. The code is ttsrl.policy.llm_export.
 """
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a file: the repository root holds ttsrl
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.cosyvoice2_hf import DTYPES, ConversionError, check_export, export_hf_dir, save_llm_state_dict
+from ttsrl.policy.hf_conversion import DTYPES, ConversionError  # noqa: E402
+from ttsrl.policy.llm_export import check_export, export_hf_dir, save_llm_state_dict  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,9 @@
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-log() { echo -e "$(date '+%Y-%m-%d %H:%M:%S') (ray_cluster.sh) $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=lib.sh
+source "$repo_root/scripts/lib.sh"
+log_fd=2  # stdout is the command itself with --dry-run
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 role=${1:-}

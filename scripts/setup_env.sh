@@ -23,12 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-log() {
-  local fname=${BASH_SOURCE[1]##*/}
-  echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
-}
-
-die() { log "ERROR: $*" >&2; exit 1; }
+# shellcheck source=lib.sh
+source scripts/lib.sh
 
 kind=${1:-}
 force=${2:-}
@@ -40,13 +36,7 @@ esac
 python=${PYTHON:-python3}
 cosyvoice_dir=${COSYVOICE_DIR:-$repo/CosyVoice}
 
-if [ -z "${TTSRL_DEVICE:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    TTSRL_DEVICE=cuda
-  else
-    TTSRL_DEVICE=cpu
-  fi
-fi
+TTSRL_DEVICE=${TTSRL_DEVICE:-$(default_device)}
 
 command -v "$python" >/dev/null || die "$python not found; set PYTHON to a Python 3.10-3.12 interpreter"
 "$python" -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 12)' 2>/dev/null \

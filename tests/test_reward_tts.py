@@ -1,33 +1,22 @@
-"""reward_tts.py (the veRL reward hook) against the real reward server (stand-in engines)."""
+"""reward_tts.py (the veRL reward hook) against the real reward server (stand-in engines).
+
+The client under it (coalescing, start-up check, load, faults): tests/token2wav_server/test_reward_client.py."""
 import asyncio
 import json
-import re
 import subprocess
 import sys
-import threading
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 
 import reward_tts
-from token2wav_server.launch import free_ports, start_server
+from tests.reward_utils import request_count, run
 from token2wav_server.standin import text_to_tokens
 from ttsrl.reward_shaping import error_rate_utility
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, all_speech_tokens, format_speech_tokens
 
 TEXTS = ["一丁七万", "三上下", "丈三上", "万丈", "七七七", "下上"]
-
-
-def run(coroutine):
-    async def wrapper():
-        try:
-            return await coroutine
-        finally:
-            await reward_tts.close_clients()
-
-    return asyncio.run(wrapper())
 
 
 def _kwargs(server, protocol="grpc", **extra):
@@ -73,49 +62,21 @@ def test_compute_score_perfect_wrong_and_ignored_pieces(reward_server, protocol)
     assert wrong["num_speech_tokens"] == 4
 
 
-def _request_count(server) -> float:
-    url = f"http://{server.host}:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = response.read().decode()
-    match = re.search(r'nv_inference_request_success\{model="token2wav_asr",version="1"\} (\d+)', body)
-    return float(match.group(1))
-
-
 def test_empty_response_gets_minimum_without_a_server_call(reward_server):
     kwargs = _kwargs(reward_server)
 
     async def go():
         await reward_tts.compute_score("tts", format_speech_tokens([1]), "一", **kwargs)  # start-up done
-        before = _request_count(reward_server)
+        before = request_count(reward_server)
         results = [await reward_tts.compute_score("tts", text, "一丁", **kwargs) for text in ("", "no speech", "<|eos1|>")]
         return before, results
 
     before, results = run(go())
-    assert _request_count(reward_server) == before
+    assert request_count(reward_server) == before
     for result in results:
         assert result["score"] == reward_tts.MIN_SCORE == 0.0
         assert result["error_rate"] == 1.0 and result["num_speech_tokens"] == 0
     assert results[1]["ignored_pieces"] == 1
-
-
-def test_concurrent_rollouts_share_requests_and_a_bad_one_fails_alone(reward_server):
-    kwargs = _kwargs(reward_server, max_batch=16)
-
-    async def go():
-        await reward_tts.compute_score("tts", format_speech_tokens([1]), "一", **kwargs)  # start-up done
-        before = _request_count(reward_server)
-        calls = [reward_tts.compute_score("tts", format_speech_tokens(text_to_tokens(t)), t, **kwargs)
-                 for t in TEXTS * 10]
-        calls.insert(7, reward_tts.compute_score("tts", format_speech_tokens([1, 2]), "。。", **kwargs))
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        return before, results
-
-    before, results = run(go())
-    assert isinstance(results[7], reward_tts.RewardRequestError)
-    good = results[:7] + results[8:]
-    assert len(good) == 60 and all(r["score"] == pytest.approx(1.0) for r in good)
-    requests_made = _request_count(reward_server) - before
-    assert 61 / 16 <= requests_made < 61  # coalesced into batches of at most 16
 
 
 def test_bad_ground_truth_raises_instead_of_scoring(reward_server):
@@ -123,14 +84,6 @@ def test_bad_ground_truth_raises_instead_of_scoring(reward_server):
         run(reward_tts.compute_score("tts", format_speech_tokens([1, 2]), "。。。", **_kwargs(reward_server)))
     with pytest.raises(reward_tts.RewardRequestError, match="empty"):
         run(reward_tts.compute_score("tts", format_speech_tokens([1, 2]), "", **_kwargs(reward_server)))
-
-
-def test_startup_health_check_names_the_url_not_answering(reward_server):
-    dead = f"grpc://127.0.0.1:{free_ports(1)[0]}"
-    kwargs = {"server_url": f"{reward_server.grpc_url},{dead}", "startup_wait_s": 1}
-    with pytest.raises(reward_tts.RewardServerUnavailable) as error:
-        run(reward_tts.compute_score("tts", format_speech_tokens([1]), "一", **kwargs))
-    assert dead in str(error.value) and reward_server.grpc_url not in str(error.value)
 
 
 def test_cli_scores_a_jsonl_file(reward_server, tmp_path):
@@ -218,81 +171,3 @@ def test_verl_naive_reward_manager_scores_real_token_ids(reward_server):
     keys = {frozenset(o["reward_extra_info"]) for o in outputs}
     assert keys == {frozenset({"score", "error_rate", "num_speech_tokens", "ignored_pieces", "transcript_length"})}
     assert outputs[-2]["reward_extra_info"]["ignored_pieces"] == 1
-
-
-# ---- load ----------------------------------------------------------------------------
-@pytest.mark.slow
-def test_load_32_concurrent_clients_x_100_requests(reward_server):
-    kwargs = _kwargs(reward_server)
-    rng = np.random.default_rng(0)
-    jobs = []
-    for _ in range(32 * 100):
-        text = TEXTS[rng.integers(len(TEXTS))]
-        said = text if rng.random() < 0.5 else text[:-1] + "丁"
-        jobs.append((text, said))
-
-    async def client(my_jobs):
-        return [await reward_tts.compute_score("tts", format_speech_tokens(text_to_tokens(said)), text, **kwargs)
-                for text, said in my_jobs]
-
-    async def go():
-        return await asyncio.gather(*(client(jobs[i::32]) for i in range(32)))
-
-    per_client = run(go())
-    failures = 0
-    for i, results in enumerate(per_client):
-        for (text, said), result in zip(jobs[i::32], results):
-            expected = 0.0 if text == said else sum(a != b for a, b in zip(text, said)) / len(text)
-            failures += result["error_rate"] != pytest.approx(expected, abs=1e-6)
-    assert sum(len(r) for r in per_client) == 3200 and failures == 0
-    assert reward_server.alive()
-    assert run(reward_tts.compute_score("tts", format_speech_tokens(text_to_tokens("三上")), "三上",
-                                        **kwargs))["score"] == pytest.approx(1.0)
-
-
-# ---- faults --------------------------------------------------------------------------
-@pytest.mark.slow
-def test_server_killed_mid_run_recovers_and_down_server_raises():
-    server = start_server()
-    thread = None
-    try:
-        good = format_speech_tokens(text_to_tokens("一丁七万"))
-        short_budget = {"server_url": server.grpc_url, "retry_budget_s": 2, "backoff_initial_s": 0.1}
-        long_budget = {"server_url": server.grpc_url, "retry_budget_s": 90, "backoff_initial_s": 0.1}
-        results, killed_at = [], []
-        give_up = threading.Event()
-
-        def kill_and_restart():
-            while len(results) < 40:
-                if give_up.wait(0.01):
-                    return
-            server.kill()
-            killed_at.append(len(results))
-            if not give_up.wait(1.0):
-                server.start()
-
-        async def worker(count):
-            for _ in range(count):
-                results.append(await reward_tts.compute_score("tts", good, "一丁七万", **long_budget))
-
-        async def go():
-            nonlocal thread
-            # A client that is up and healthy, then loses the server past its budget: it raises.
-            assert (await reward_tts.compute_score("tts", good, "一丁七万", **short_budget))["score"] == 1.0
-            server.kill()
-            with pytest.raises(reward_tts.RewardServerUnavailable, match="retry budget"):
-                await reward_tts.compute_score("tts", good, "一丁七万", **short_budget)
-            server.start()
-            # Killed mid-run and restarted: every rollout still gets its true score.
-            thread = threading.Thread(target=kill_and_restart)
-            thread.start()
-            await asyncio.gather(*(worker(25) for _ in range(8)))
-
-        run(go())
-        assert killed_at and killed_at[0] < 200
-        assert len(results) == 200 and all(r["score"] == 1.0 for r in results)
-    finally:
-        if thread is not None:
-            give_up.set()
-            thread.join()
-        server.stop()

@@ -45,3 +45,9 @@ def test_stage_0_missing_input_names_the_file_and_the_stage(tmp_path):
     assert done.returncode != 0
     assert f"train_file '{tmp_path / 'missing.jsonl'}' not found" in done.stderr
     assert "stage 0 failed" in done.stderr
+
+
+def test_stop_server_without_a_running_server_says_so(tmp_path):
+    done = run_sh("--stop-server", env={"exp_dir": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert f"no reward server pid file ({tmp_path / 'reward_server.pid'})" in done.stdout

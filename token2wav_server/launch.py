@@ -1,7 +1,9 @@
-"""Start a reward server in a subprocess on free ports, wait until it is ready, stop it.
+"""The one server lifecycle: start a reward server in its own session, wait until it is
+ready, stop the whole session.
 
-Runs from either environment (standard library only), so trainer-side tests,
-benchmarks and smoke runs can bring up a real server::
+Runs from either environment (standard library, plus ttsrl.triton_client's readiness
+check: both environments have tritonclient), so trainer-side tests, benchmarks and
+smoke runs can bring up a real server::
 
     from token2wav_server.launch import start_server
     with start_server(extra_args=["--max-batch-size", "64"]) as server:
@@ -11,6 +13,13 @@ The server runs in ``.venv-server`` (``SERVER_PYTHON`` overrides), in its own
 session, with stand-in engines unless ``engines`` says otherwise. Its front process
 (token2wav_server/supervisor.py) restarts Triton when it dies; ``kill_triton()`` and
 ``kill_worker()`` crash those on purpose, ``kill()`` crashes everything.
+
+run.sh's stage 1 and ``--stop-server`` use the same code through the CLI::
+
+    python -m token2wav_server.launch start --pid-file F --log-file L --url http://HOST:PORT \
+        --timeout S -- <python -m token2wav_server args>
+    python -m token2wav_server.launch stop --pid-file F
+    python -m token2wav_server.launch kill-session SID
 """
 from __future__ import annotations
 
@@ -23,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from typing import NamedTuple, Optional, Sequence
+
+from ttsrl.atomic_write import write_text
+from ttsrl.triton_client import server_ready
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 STANDIN_ENGINES = "token2wav_server.standin:create_engines"
@@ -61,24 +71,26 @@ class ProcessInfo(NamedTuple):
     name: str
 
 
+def process_info(pid: int) -> Optional[ProcessInfo]:
+    """``pid`` from /proc (Linux); None when it is gone or a zombie (a zombie holds no
+    ports and no memory; its parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return None  # ended meanwhile
+    # "pid (name) state ppid pgrp session ...": the name may hold spaces and parentheses.
+    name = stat[stat.index("(") + 1: stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return ProcessInfo(int(pid), int(fields[1]), int(fields[2]), int(fields[3]), name)
+
+
 def processes() -> list[ProcessInfo]:
-    """Every live (not zombie) process on this machine, from /proc (Linux)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                stat = handle.read().decode("utf-8", "replace")
-        except OSError:
-            continue  # ended meanwhile
-        # "pid (name) state ppid pgrp session ...": the name may hold spaces and parentheses.
-        name = stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] == "Z":
-            continue  # a zombie holds no ports and no memory; its parent reaps it
-        found.append(ProcessInfo(int(entry), int(fields[1]), int(fields[2]), int(fields[3]), name))
-    return found
+    """Every live (not zombie) process on this machine."""
+    found = (process_info(int(entry)) for entry in os.listdir("/proc") if entry.isdigit())
+    return [info for info in found if info is not None]
 
 
 def group_members(pgid: int) -> list[int]:
@@ -91,17 +103,50 @@ def session_members(sid: int) -> list[int]:
     return [p.pid for p in processes() if p.sid == sid]
 
 
-def is_ready(http_url: str, timeout: float = 2.0, model: str = "token2wav_asr") -> bool:
-    """Whether the server is ready and ``model`` is loaded (Triton starts answering
-    before PyTriton has loaded the models, so server readiness alone is not enough)."""
-    for path in ("/v2/health/ready", f"/v2/models/{model}/ready"):
-        try:
-            with urllib.request.urlopen(f"{http_url}{path}", timeout=timeout) as response:
-                if response.status != 200:
-                    return False
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return False
-    return True
+class ServerExited(RuntimeError):
+    """The server process ended before it was ready."""
+
+    def __init__(self, returncode: int):
+        super().__init__(f"reward server exited with {returncode}")
+        self.returncode = returncode
+
+
+def spawn(command: Sequence[str], log_path: pathlib.Path, cwd: pathlib.Path = REPO_ROOT,
+          env: Optional[dict] = None) -> subprocess.Popen:
+    """Run ``command`` in a session of its own (so stopping the session stops Triton and its
+    stubs too), stdin closed, stdout and stderr appended to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(list(command), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, timeout: float, poll_s: float = 0.3) -> None:
+    """Return once the server at ``url`` is ready; ServerExited if the process ends first,
+    TimeoutError after ``timeout`` seconds (the process is left running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerExited(process.returncode)
+        if server_ready(url, timeout_s=1.0):
+            return
+        time.sleep(poll_s)
+    raise TimeoutError(f"reward server not ready after {timeout} s")
+
+
+def stop_session(sid: int, timeout: float = 40.0) -> list[int]:
+    """Stop the server whose front leads session ``sid``: SIGINT to its process group (the
+    front stops its worker cleanly), up to ``timeout`` s for the front to end, SIGKILL of the
+    group, then of whatever else is left of the session (a Triton worker whose front died).
+    Returns the pids of that last step: processes that outlived their group."""
+    if process_info(sid) is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(sid, signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        while process_info(sid) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(sid, signal.SIGKILL)
+    return kill_session(sid)
 
 
 class ServerProcess:
@@ -139,22 +184,15 @@ class ServerProcess:
             raise RuntimeError("server already running")
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        log = open(self.log_path, "ab")
+        self.process = spawn(self.command, self.log_path, cwd=self.cwd, env=env)
         try:
-            self.process = subprocess.Popen(self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"reward server exited with {self.process.returncode}; log {self.log_path}:\n"
-                                   + self.log()[-4000:])
-            if is_ready(self.http_url, timeout=1.0):
-                return self
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"reward server not ready after {timeout} s; log {self.log_path}:\n" + self.log()[-4000:])
+            wait_until_ready(self.process, self.http_url, timeout)
+        except ServerExited as exited:
+            raise RuntimeError(f"{exited}; log {self.log_path}:\n" + self.log()[-4000:]) from None
+        except TimeoutError as late:
+            self.stop()
+            raise TimeoutError(f"{late}; log {self.log_path}:\n" + self.log()[-4000:]) from None
+        return self
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -210,14 +248,7 @@ class ServerProcess:
         """SIGINT to the front (it stops the worker cleanly), then SIGKILL of whatever is left."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill_session()
+        stop_session(self.process.pid, timeout)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
 
@@ -257,24 +288,107 @@ def kill_session(sid: int, timeout: float = 10.0) -> list[int]:
     return killed
 
 
+EXITED_DURING_START = 1
+NOT_READY_IN_TIME = 124  # as timeout(1) says it
+
+
+def _say(message: str) -> None:
+    # run.sh reads these lines as they come and logs each one
+    print(message, flush=True)
+
+
+def log_tail(path: pathlib.Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log that may have grown large over many runs."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 64 * 1024))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "".join(text.splitlines(keepends=True)[-lines:])
+
+
+def start_detached(server_args: Sequence[str], pid_file: pathlib.Path, log_file: pathlib.Path, url: str,
+                   timeout: float, python: str = sys.executable, say=_say) -> int:
+    """``python -m token2wav_server SERVER_ARGS`` in its own session, its pid in ``pid_file``,
+    left running once ready at ``url``: 0. It exits during start-up: its log's tail on stderr,
+    no pid file, EXITED_DURING_START. Not ready in ``timeout`` s: stopped, NOT_READY_IN_TIME."""
+    process = spawn([python, "-m", "token2wav_server", *server_args], log_file)
+    write_text(pid_file, f"{process.pid}\n")
+    say(f"reward server starting (pid {process.pid}, log {log_file}); waiting up to {timeout:g}s until it is ready")
+    try:
+        wait_until_ready(process, url, timeout)
+    except ServerExited:
+        sys.stderr.write(log_tail(log_file))
+        pid_file.unlink(missing_ok=True)
+        return EXITED_DURING_START
+    except TimeoutError:
+        stop_from_pid_file(pid_file, say=say)
+        return NOT_READY_IN_TIME
+    return 0
+
+
+def stop_from_pid_file(pid_file: pathlib.Path, timeout: float = 40.0, say=_say) -> int:
+    """Stop the server ``start_detached`` recorded in ``pid_file`` (``stop_session``), then
+    remove the file. 1 when some process of its session outlives SIGKILL, else 0."""
+    if not pid_file.is_file():
+        say(f"no reward server pid file ({pid_file})")
+        return 0
+    try:
+        pid = int(pid_file.read_text().strip())
+    except ValueError:
+        say(f"{pid_file} holds no pid; removing it")
+        pid_file.unlink(missing_ok=True)
+        return 0
+    if process_info(pid) is not None:
+        say(f"stopping the reward server (pid {pid})")
+    status = _report_leftovers(pid, stop_session(pid, timeout))
+    pid_file.unlink(missing_ok=True)
+    return status
+
+
+def _report_leftovers(sid: int, killed: list[int]) -> int:
+    left = session_members(sid)
+    if killed:
+        _say(f"killed leftover processes of session {sid}: {killed}")
+    if left:
+        print(f"processes of session {sid} still alive: {left}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
-    """``python -m token2wav_server.launch kill-session SID``: what run.sh --stop-server uses
-    to make sure no process of the server it started (front, worker, Triton, stubs) is left."""
+    """``start`` / ``stop`` a server for run.sh (stage 1, --stop-server); ``kill-session SID``
+    SIGKILLs whatever is left of a session."""
     import argparse
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    server_args: list[str] = []
+    if "--" in argv:  # everything after it is the server's own command line
+        server_args, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     parser = argparse.ArgumentParser(prog="python -m token2wav_server.launch")
     commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="start python -m token2wav_server ARGS (after --) in its own session "
+                                              "and wait until it is ready")
+    start.add_argument("--pid-file", type=pathlib.Path, required=True)
+    start.add_argument("--log-file", type=pathlib.Path, required=True, help="the server's output is appended here")
+    start.add_argument("--url", required=True, help="where to check readiness, e.g. http://127.0.0.1:8000")
+    start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait until it is ready")
+    stop = commands.add_parser("stop", help="stop the server of a pid file: SIGINT, then SIGKILL of its session")
+    stop.add_argument("--pid-file", type=pathlib.Path, required=True)
+    stop.add_argument("--timeout", type=float, default=40.0, help="seconds to wait after SIGINT")
     kill = commands.add_parser("kill-session", help="SIGKILL every process of a session (a server started with setsid)")
     kill.add_argument("sid", type=int)
     args = parser.parse_args(argv)
-    killed = kill_session(args.sid)
-    left = session_members(args.sid)
-    if killed:
-        print(f"killed leftover processes of session {args.sid}: {killed}")
-    if left:
-        print(f"processes of session {args.sid} still alive: {left}", file=sys.stderr)
-        return 1
-    return 0
+    if args.command == "start":
+        if not server_args:
+            parser.error("start needs the server's arguments after --")
+        return start_detached(server_args, args.pid_file, args.log_file, args.url, args.timeout)
+    if server_args:
+        parser.error(f"{args.command} takes no arguments after --")
+    if args.command == "stop":
+        return stop_from_pid_file(args.pid_file, args.timeout)
+    return _report_leftovers(args.sid, kill_session(args.sid))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,26 @@
-"""The served models: input validation and the batched token2wav -> ASR -> reward pipeline.
+"""The served models: the batched token2wav -> ASR -> reward pipeline of one slot.
 
 Nothing here imports PyTriton: ``Pipeline`` turns a list of requests (dicts of numpy
 arrays, as Triton's dynamic batcher hands them over) into a list of output dicts, so the
-logic is tested without a server; ``__main__`` binds these methods to Triton.
+logic is tested without a server; ``triton_worker`` binds these methods to Triton.
 
-Bad input never fails a call: each item of each request is checked on its own, and an
-item that fails gets its message in the ``ERRORS`` output (empty string when fine) and
-NaN in its numeric outputs, while the other items of the batch are served normally.
-(PyTriton 0.7 can only fail a whole batch of requests, so per-item errors travel in-band.)
-A rollout with zero speech tokens is not an error: it gets ``reward_scoring.minimum_score``.
+Bad input never fails a call: each item of each request is checked on its own
+(``request_items``), and an item that fails gets its message in the ``ERRORS`` output
+(empty string when fine) and NaN in its numeric outputs, while the other items of the batch
+are served normally. (PyTriton 0.7 can only fail a whole batch of requests, so per-item
+errors travel in-band.) An engine that fails on a batch is retried item by item, so one
+pathological input fails only itself. A rollout with zero speech tokens is not an error: it
+gets ``reward_scoring.minimum_score``.
 
-Speaker prompt per item (optional, ``token2wav`` and ``token2wav_asr``): inputs
-PROMPT_WAV (FP32, padded), PROMPT_WAV_LENS, PROMPT_SAMPLE_RATE and PROMPT_TEXT give each
-item its own prompt; it is checked like a bank prompt (``prompt_bank.check_prompt``),
-prepared once per distinct prompt (``prompt_bank.PromptCache``, keyed by
-``ttsrl.triton_client.speaker_prompt_key``) and conditions that item's audio. A row with
-PROMPT_WAV_LENS 0 (or a request without PROMPT_WAV) uses the prompt bank. ``token2wav``
-reports the prompt it used in PROMPT_ID: the prompt's key, or ``bank:<name>``.
+An item's own speaker prompt (``token2wav`` and ``token2wav_asr``) is prepared once per
+distinct prompt (``prompt_bank.PromptCache``, keyed by ``ttsrl.triton_client.speaker_prompt_key``)
+and conditions that item's audio; the others use the prompt bank. ``token2wav`` reports the
+prompt it used in PROMPT_ID: the prompt's key, or ``bank:<name>``.
 Wrong dtypes, missing inputs and mismatched batch sizes are refused by Triton itself,
 per request, before they reach the model.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import threading
@@ -31,80 +29,14 @@ from typing import Optional
 import numpy as np
 
 from ttsrl.scoring import EmptyReferenceError
-from ttsrl.triton_client import BANK_PROMPT_PREFIX, pad_rows, speaker_prompt_key
+from ttsrl.triton_client import BANK_PROMPT_PREFIX, pad_rows
 
 from .engines import Engines, SpeakerPrompt, resample
-from .prompt_bank import DEFAULT_PROMPT_CACHE_SIZE, PromptBank, PromptBankError, PromptCache, check_prompt
+from .prompt_bank import DEFAULT_PROMPT_CACHE_SIZE, PromptBank, PromptCache
+from .request_items import SPEECH_VOCAB_SIZE, Item, Limits, token_items, wave_items
 from .reward_scoring import RewardConfig, minimum_score, score_item
 
 LOGGER = logging.getLogger(__name__)
-
-SPEECH_VOCAB_SIZE = 6561  # ttsrl.speech_tokens.SPEECH_VOCAB_SIZE
-DEFAULT_MAX_TOKENS = 4000  # 160 s of CosyVoice2 speech (25 tokens/s)
-DEFAULT_MAX_WAVE_SECONDS = 300.0
-PROMPT_PARAMETER = "prompt"
-
-
-class ItemError(ValueError):
-    """A problem with one item of a request; reported in its ``ERRORS`` output."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    max_wave_seconds: float = DEFAULT_MAX_WAVE_SECONDS
-
-
-def _rows(request: dict, name: str, batch: int) -> np.ndarray:
-    """Input ``name`` as a 2-D (batch, n) array, checking its batch size."""
-    array = np.asarray(request[name])
-    if array.ndim == 1:
-        array = array.reshape(batch, -1) if batch and array.size % batch == 0 else array.reshape(1, -1)
-    if array.ndim != 2 or array.shape[0] != batch:
-        raise ItemError(f"{name} has shape {list(array.shape)}, expected [{batch}, n]")
-    return array
-
-
-def request_batch_size(request: dict, main_input: str) -> int:
-    array = np.asarray(request[main_input])
-    return 1 if array.ndim < 2 else int(array.shape[0])
-
-
-def parse_tokens(tokens_row: np.ndarray, length, limits: Limits) -> np.ndarray:
-    """One item's speech token ids (int64) from a padded row and its declared length."""
-    if length is None:
-        length = tokens_row.shape[0]
-    length = int(length)
-    if length < 0:
-        raise ItemError(f"TOKEN_LENS is {length}: must be >= 0")
-    if length > tokens_row.shape[0]:
-        raise ItemError(f"TOKEN_LENS is {length} but TOKENS has only {tokens_row.shape[0]} values")
-    if length > limits.max_tokens:
-        raise ItemError(f"{length} speech tokens is over the server's maximum of {limits.max_tokens} (--max-tokens)")
-    ids = tokens_row[:length].astype(np.int64)
-    if ids.size:
-        bad = np.flatnonzero((ids < 0) | (ids >= SPEECH_VOCAB_SIZE))
-        if bad.size:
-            raise ItemError(
-                f"speech token id {int(ids[bad[0]])} at position {int(bad[0])} is outside [0, {SPEECH_VOCAB_SIZE})"
-            )
-    return ids
-
-
-def parse_text(value) -> str:
-    """One item's ground-truth text: UTF-8 bytes (or str), non-empty."""
-    if isinstance(value, np.ndarray):
-        value = value.reshape(-1)[0] if value.size else b""
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ItemError(f"GT_TEXT is not valid UTF-8 ({error})") from None
-    if not isinstance(value, str):
-        raise ItemError(f"GT_TEXT must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ItemError("GT_TEXT is empty")
-    return value
 
 
 def _text_array(texts: list) -> np.ndarray:
@@ -113,24 +45,6 @@ def _text_array(texts: list) -> np.ndarray:
 
 def _float_column(values: list) -> np.ndarray:
     return np.array(values, dtype=np.float32).reshape(len(values), 1)
-
-
-@dataclasses.dataclass
-class _Item:
-    request: int
-    row: int
-    tokens: Optional[np.ndarray] = None
-    text: str = ""
-    prompt: int = 0
-    speaker_prompt: Optional[SpeakerPrompt] = None  # the item's own prompt, when the request sent one
-    prompt_key: str = ""  # its speaker_prompt_key
-    prompt_features: object = None  # its prepared features (PromptCache)
-    error: str = ""
-    wave: Optional[np.ndarray] = None
-    transcript: str = ""
-    nll: Optional[float] = None
-    similarity: Optional[float] = None
-    rate: int = 0  # sample rate of ``wave`` for the waveform models
 
 
 class Slot:
@@ -157,52 +71,6 @@ class Slot:
         return np.asarray(speaker.embed([wave]), dtype=np.float32).reshape(-1)
 
 
-def _text_value(value, name: str) -> str:
-    if isinstance(value, np.ndarray):
-        value = value.reshape(-1)[0] if value.size else b""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ItemError(f"{name} is not valid UTF-8 ({error})") from None
-    return str(value)
-
-
-class _PromptRows:
-    """The optional per-item prompt inputs of one request."""
-
-    def __init__(self, request: dict, batch: int):
-        self.present = "PROMPT_WAV" in request
-        if not self.present:
-            return
-        for name in ("PROMPT_SAMPLE_RATE", "PROMPT_TEXT"):
-            if name not in request:
-                raise ItemError(f"PROMPT_WAV needs {name} too")
-        self.waves = _rows(request, "PROMPT_WAV", batch)
-        self.lens = (_rows(request, "PROMPT_WAV_LENS", batch)[:, 0] if "PROMPT_WAV_LENS" in request
-                     else [self.waves.shape[1]] * batch)
-        self.rates = _rows(request, "PROMPT_SAMPLE_RATE", batch)[:, 0]
-        self.texts = _rows(request, "PROMPT_TEXT", batch)[:, 0]
-
-    def prompt(self, row: int) -> Optional[SpeakerPrompt]:
-        """Row ``row``'s prompt (None: zero length, the bank's), validated like a bank prompt."""
-        if not self.present:
-            return None
-        length = int(self.lens[row])
-        if length == 0:
-            return None
-        if not 0 < length <= self.waves.shape[1]:
-            raise ItemError(f"PROMPT_WAV_LENS is {length} but PROMPT_WAV has {self.waves.shape[1]} samples")
-        wave = np.ascontiguousarray(self.waves[row, :length], dtype=np.float32)
-        rate = int(self.rates[row])
-        text = _text_value(self.texts[row], "PROMPT_TEXT").strip()
-        try:
-            check_prompt(wave, rate, text, "speaker prompt of this item")
-        except PromptBankError as error:
-            raise ItemError(str(error)) from None
-        return SpeakerPrompt("", wave, rate, text)
-
-
 def _run_batched(function, inputs: list, items: list, what: str) -> list:
     """``function(inputs)`` for the whole batch; when that fails, item by item, so one
     pathological input fails only itself. Failed items get an error and result None."""
@@ -227,39 +95,6 @@ class Pipeline:
         self.slot = slot
         self.config = reward_config
         self.limits = limits
-
-    # ---- input parsing -------------------------------------------------------------
-    def _token_items(self, requests: list, parameters: list, with_text: bool) -> list:
-        items = []
-        for r, request in enumerate(requests):
-            batch = request_batch_size(request, "TOKENS")
-            try:
-                tokens = _rows(request, "TOKENS", batch)
-                lens = _rows(request, "TOKEN_LENS", batch)[:, 0] if "TOKEN_LENS" in request else [None] * batch
-                texts = _rows(request, "GT_TEXT", batch)[:, 0] if with_text and "GT_TEXT" in request else None
-                prompt_rows = _PromptRows(request, batch)
-            except ItemError as error:
-                items.extend(_Item(r, row, error=str(error)) for row in range(batch))
-                continue
-            prompt_name = (parameters[r] or {}).get(PROMPT_PARAMETER)
-            for row in range(batch):
-                item = _Item(r, row)
-                try:
-                    item.tokens = parse_tokens(tokens[row], lens[row], self.limits)
-                    if texts is not None:
-                        item.text = parse_text(texts[row])
-                    item.speaker_prompt = prompt_rows.prompt(row)
-                    if item.speaker_prompt is None:
-                        item.prompt = self.slot.bank.choose(item.tokens, str(prompt_name) if prompt_name else None)
-                    else:
-                        sp = item.speaker_prompt
-                        item.prompt_key = speaker_prompt_key(sp.wave, sp.sample_rate, sp.text)
-                        item.speaker_prompt = dataclasses.replace(sp, name=f"item-{item.prompt_key[:16]}")
-                except (ItemError, KeyError) as error:
-                    item.error = str(error).strip("'\"")
-                    item.tokens = None
-                items.append(item)
-        return items
 
     # ---- stages --------------------------------------------------------------------
     def _prepare_item_prompts(self, items: list) -> None:
@@ -329,7 +164,7 @@ class Pipeline:
         """Inputs TOKENS, TOKEN_LENS, GT_TEXT -> REWARDS, TRANSCRIPTS, ERROR_RATE,
         SPEAKER_SIMILARITY, ASR_NLL, ERRORS (one row per item)."""
         parameters = parameters or [None] * len(requests)
-        items = self._token_items(requests, parameters, with_text=True)
+        items = token_items(requests, parameters, self.limits, self.slot.bank, with_text=True)
         for item in items:
             if not item.error and "GT_TEXT" not in requests[item.request]:
                 item.error = "GT_TEXT is missing"
@@ -370,7 +205,7 @@ class Pipeline:
             )
         return outputs
 
-    def _prompt_id(self, item: _Item) -> str:
+    def _prompt_id(self, item: Item) -> str:
         if item.error or item.tokens is None:
             return ""
         return item.prompt_key if item.speaker_prompt is not None else BANK_PROMPT_PREFIX + self.slot.bank.names[item.prompt]
@@ -380,7 +215,7 @@ class Pipeline:
         PROMPT_SAMPLE_RATE, PROMPT_TEXT) -> WAV (padded with zeros), WAV_LENS, SAMPLE_RATE,
         PROMPT_ID, ERRORS."""
         parameters = parameters or [None] * len(requests)
-        items = self._token_items(requests, parameters, with_text=False)
+        items = token_items(requests, parameters, self.limits, self.slot.bank, with_text=False)
         for item in items:
             if not item.error and item.tokens.size == 0:
                 item.error = "no speech tokens to synthesize"
@@ -402,37 +237,6 @@ class Pipeline:
             )
         return outputs
 
-    def _wave_items(self, requests: list, default_rate: int) -> list:
-        """Parse WAV (padded), WAV_LENS (optional), SAMPLE_RATE (optional, default
-        ``default_rate``) of every request -> one item per row, with ``wave`` and ``rate``
-        set, or ``error``."""
-        items = []
-        for r, request in enumerate(requests):
-            batch = request_batch_size(request, "WAV")
-            try:
-                waves = _rows(request, "WAV", batch).astype(np.float32, copy=False)
-                lens = _rows(request, "WAV_LENS", batch)[:, 0] if "WAV_LENS" in request else [None] * batch
-                rate_rows = _rows(request, "SAMPLE_RATE", batch)[:, 0] if "SAMPLE_RATE" in request else None
-            except ItemError as error:
-                items.extend(_Item(r, row, error=str(error), rate=default_rate) for row in range(batch))
-                continue
-            for row in range(batch):
-                rate = int(rate_rows[row]) if rate_rows is not None else default_rate
-                item = _Item(r, row, rate=rate)
-                length = waves.shape[1] if lens[row] is None else int(lens[row])
-                if not 1000 <= rate <= 192000:
-                    item.error = f"SAMPLE_RATE {rate} is outside [1000, 192000]"
-                elif not 0 < length <= waves.shape[1]:
-                    item.error = f"WAV_LENS is {length} but WAV has {waves.shape[1]} samples"
-                elif length > self.limits.max_wave_seconds * rate:
-                    item.error = f"{length / rate:.1f} s of audio is over the maximum of {self.limits.max_wave_seconds} s"
-                elif not np.all(np.isfinite(waves[row, :length])):
-                    item.error = "WAV has NaN or infinite samples"
-                else:
-                    item.wave = waves[row, :length]
-                items.append(item)
-        return items
-
     def _run_on_waves(self, engine, method, items: list, what: str) -> list:
         """``method`` (an engine's batch method) on the good items' waves, resampled to the
         engine's rate, under the slot lock -> results aligned with ``items`` (None: no result)."""
@@ -450,7 +254,7 @@ class Pipeline:
         """Inputs WAV (FP32, padded), WAV_LENS (optional), SAMPLE_RATE (optional, default the
         ASR's rate) -> TRANSCRIPTS, ASR_NLL, ERRORS. ``which``: ``asr`` or ``asr_eval``."""
         asr = getattr(self.slot.engines, which)
-        items = self._wave_items(requests, asr.sample_rate)
+        items = wave_items(requests, asr.sample_rate, self.limits)
         for item, result in zip(items, self._run_on_waves(asr, asr.transcribe, items, which)):
             if result is not None:
                 item.transcript = str(result.text)
@@ -471,7 +275,7 @@ class Pipeline:
         """Inputs WAV, WAV_LENS, SAMPLE_RATE (as ``asr``) -> EMBEDDING (FP32, one speaker
         embedding per item; NaN for a failed item), ERRORS."""
         engine = self.slot.engines.speaker
-        items = self._wave_items(requests, engine.sample_rate)
+        items = wave_items(requests, engine.sample_rate, self.limits)
 
         def embed(waves):
             return list(np.asarray(engine.embed(waves), dtype=np.float32).reshape(len(waves), -1))
@@ -492,7 +296,7 @@ class Pipeline:
         """Inputs WAV, WAV_LENS, SAMPLE_RATE (as ``asr``) -> TOKENS (INT32 speech token ids,
         zero-padded), TOKEN_LENS, ERRORS."""
         engine = self.slot.engines.speech_tokenizer
-        items = self._wave_items(requests, engine.sample_rate)
+        items = wave_items(requests, engine.sample_rate, self.limits)
         token_lists = self._run_on_waves(engine, engine.tokenize, items, "speech_tokenizer")
         for item, ids in zip(items, token_lists):
             if ids is None:

@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
-from scripts import compute_wer
+from tests.cli import load_script
+
+compute_wer = load_script("compute_wer")
 
 
 def write(path, lines):

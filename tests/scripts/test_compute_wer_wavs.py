@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import soundfile
 
+from tests.cli import load_script
 from tests.policy_utils import tiny_policy  # noqa: F401 (a fixture)
 from token2wav_server import standin
 
 REPO = Path(__file__).resolve().parents[2]
+compute_wer = load_script("compute_wer")
 
 
 def write_output_dir(out: Path, references: dict[str, str], spoken: dict[str, str]) -> None:
@@ -69,7 +71,6 @@ def test_speaker_similarity_to_the_prompt_wav(tmp_path, reward_server, capsys):
     prompt gives the cosine of the documented stand-in embeddings; no prompt wav: skipped."""
     import numpy as np
 
-    from scripts import compute_wer
 
     out = tmp_path / "step_0"
     spoken = {"a": "你们好", "b": "今天去公园", "c": "北京", "d": "中国", "e": "上下"}
@@ -135,7 +136,6 @@ def test_protocol_sim_model_served_as_speaker(tmp_path):
     of the model's own embeddings of the generated and prompt wavs."""
     import numpy as np
 
-    from scripts import compute_wer
     from token2wav_server import engines_wavlm_sv as sv
     from token2wav_server.launch import start_server
     from ttsrl.triton_client import cosine_similarity

@@ -6,7 +6,7 @@ else ``../shared/third_party/cosyvoice-ace7c47.tar.gz`` unpacked once into the g
 CI must run these tests.
 
 ``real_models``: a complete tiny CosyVoice2-0.5B-layout directory from the real classes,
-plus tiny SenseVoiceSmall and Paraformer directories (scripts/make_tiny_cosyvoice2.py),
+plus tiny SenseVoiceSmall and Paraformer directories (ttsrl.tiny_models),
 built once per session.
 """
 import dataclasses
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from scripts.make_tiny_cosyvoice2 import find_cosyvoice_source
+from ttsrl.cosyvoice_source import find_cosyvoice_source
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,8 @@ class RealModels:
 
 @pytest.fixture(scope="session")
 def real_models(cosyvoice_src, tmp_path_factory) -> RealModels:
-    from scripts.make_tiny_cosyvoice2 import write_full_cosyvoice2, write_tiny_paraformer, write_tiny_sensevoice
+    from ttsrl.tiny_models.asr import write_tiny_paraformer, write_tiny_sensevoice
+    from ttsrl.tiny_models.cosyvoice2 import write_full_cosyvoice2
 
     root = tmp_path_factory.mktemp("real_models")
     return RealModels(

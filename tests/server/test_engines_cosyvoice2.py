@@ -1,5 +1,5 @@
 """The CosyVoice2 engines on the real pinned CosyVoice code with tiny random weights
-(scripts/make_tiny_cosyvoice2.py --full): prompt preparation from the real
+(ttsrl.tiny_models.cosyvoice2, scripts/make_tiny_cosyvoice2.py --full): prompt preparation from the real
 asset/zero_shot_prompt.wav, synthesis lengths, batched flow decoding, speaker and speech
 tokenizer, and the errors for bad model directories and prompts."""
 import shutil
@@ -200,7 +200,7 @@ def test_engine_options(real_models):
 
 
 def test_cosyvoice_source_comes_from_env_or_the_pinned_archive_else_an_error(monkeypatch, tmp_path):
-    from scripts import make_tiny_cosyvoice2 as builder
+    from ttsrl import cosyvoice_source as builder
 
     monkeypatch.delenv("cosyvoice_src", raising=False)
     if builder.PINNED_SOURCE_ARCHIVE.is_file():

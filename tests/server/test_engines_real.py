@@ -1,5 +1,5 @@
 """The real ASR engines without downloaded weights: tiny SenseVoiceSmall and Paraformer
-directories (scripts/make_tiny_cosyvoice2.py) run the real FunASR inference path, and
+directories (ttsrl.tiny_models.asr) run the real FunASR inference path, and
 SenseVoice's confidence (NLL of its own transcript) is checked against an independent CTC
 computation. (The CosyVoice2 engines on the real CosyVoice code: test_engines_cosyvoice2.py.)"""
 import math
@@ -13,7 +13,7 @@ from token2wav_server.engines import EngineOptions, Engines, SpeakerPrompt
 from token2wav_server.engines_sensevoice import FunasrAsr, clean_transcript, paraformer, sensevoice
 from token2wav_server.reward_scoring import RewardConfig
 from token2wav_server.serving import Pipeline, Slot
-from scripts.make_tiny_cosyvoice2 import ASR_CORPUS, write_tiny_paraformer, write_tiny_sensevoice
+from ttsrl.tiny_models.asr import ASR_CORPUS, write_tiny_paraformer, write_tiny_sensevoice
 from ttsrl.reward_shaping import error_rate_utility
 from ttsrl.scoring import error_rate
 

@@ -79,7 +79,8 @@ def test_engines_bundle_checks_the_speech_tokenizer_interface():
 
 
 def test_evaluation_models_are_bound_only_when_every_slot_has_the_engine():
-    from token2wav_server import __main__ as cli
+    from token2wav_server import cli
+    from token2wav_server.triton_worker import bind_models
 
     class Recorder:  # records what bind_models asks PyTriton to serve
         def __init__(self):
@@ -91,13 +92,13 @@ def test_evaluation_models_are_bound_only_when_every_slot_has_the_engine():
     args = cli.build_parser().parse_args(["--devices", "cpu"])
     full = [_pipeline(), _pipeline()]
     recorder = Recorder()
-    assert cli.bind_models(recorder, full, args) == ["token2wav", "asr", "asr_eval", "speaker", "speech_tokenizer",
-                                                     "token2wav_asr"]
+    assert bind_models(recorder, full, args) == ["token2wav", "asr", "asr_eval", "speaker", "speech_tokenizer",
+                                                 "token2wav_asr"]
     assert list(recorder.models)[-1] == "token2wav_asr"  # loaded last: its readiness means all are ready
     assert recorder.models["speaker"] == (["WAV", "WAV_LENS", "SAMPLE_RATE"], ["EMBEDDING", "ERRORS"], 2)
     assert recorder.models["speech_tokenizer"] == (["WAV", "WAV_LENS", "SAMPLE_RATE"],
                                                    ["TOKENS", "TOKEN_LENS", "ERRORS"], 2)
     partial = _pipeline(Engines(token2wav=standin.StandinToken2Wav(), asr=standin.StandinAsr(),
                                 speaker=standin.StandinSpeaker()))
-    assert cli.bind_models(Recorder(), [_pipeline(), partial], args) == ["token2wav", "asr", "speaker",
-                                                                         "token2wav_asr"]
+    assert bind_models(Recorder(), [_pipeline(), partial], args) == ["token2wav", "asr", "speaker",
+                                                                     "token2wav_asr"]

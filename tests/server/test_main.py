@@ -1,7 +1,7 @@
 """Command line, engine loading, multi-slot set-up and the generated Triton config."""
 import pytest
 
-from token2wav_server import __main__ as cli
+from token2wav_server import cli, triton_worker
 from token2wav_server.engines import EngineOptions, create_engines, load_factory
 from token2wav_server.standin import create_engines as standin_factory
 
@@ -65,7 +65,7 @@ def test_generated_triton_config_allows_ragged_batches():
     from pytriton.model_config.generator import ModelConfigGenerator
     from pytriton.model_config.triton_model_config import TensorSpec, TritonModelConfig
 
-    cli._allow_ragged_batching()
+    triton_worker._allow_ragged_batching()
     config = TritonModelConfig(model_name="m", max_batch_size=8, batching=True,
                                inputs=[TensorSpec("TOKENS", (-1,), np.int32), TensorSpec("LEN", (1,), np.int32)],
                                outputs=[TensorSpec("OUT", (1,), np.float32)])

@@ -6,8 +6,9 @@ import pytest
 
 from token2wav_server import standin
 from token2wav_server.engines import AsrResult, EngineOptions, Engines, SpeakerPrompt
+from token2wav_server.request_items import ItemError, Limits, parse_text, parse_tokens
 from token2wav_server.reward_scoring import RewardConfig
-from token2wav_server.serving import Limits, Pipeline, Slot, parse_tokens, parse_text, ItemError
+from token2wav_server.serving import Pipeline, Slot
 from ttsrl.reward_shaping import error_rate_utility
 
 PROMPTS = [SpeakerPrompt(name, standin.tokens_to_wave(ids), standin.SAMPLE_RATE, name)

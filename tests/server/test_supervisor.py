@@ -15,11 +15,12 @@ import requests
 import tritonclient.grpc as grpcclient
 
 import reward_tts
-from token2wav_server import __main__ as cli
-from token2wav_server.launch import free_ports, is_ready, session_members, start_server
+from token2wav_server import cli
+from token2wav_server.launch import free_ports, session_members, start_server
 from token2wav_server.standin import text_to_tokens
 from token2wav_server.supervisor import FrontConfig, RestartPolicy, Supervisor, client_host, exit_status
 from ttsrl.speech_tokens import format_speech_tokens
+from ttsrl.triton_client import server_ready
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEXT = "一丁七万"
@@ -73,7 +74,7 @@ def _wait_ready(server, replaced, timeout=240.0):
             new_process = replaced()
         except RuntimeError:  # between two workers
             new_process = False
-        if new_process and is_ready(server.http_url, timeout=2.0):
+        if new_process and server_ready(server.http_url, timeout_s=2.0):
             return
         assert server.alive(), "the front exited instead of restarting Triton:\n" + server.log()[-3000:]
         time.sleep(0.5)
@@ -208,7 +209,7 @@ def test_run_sh_stage_1_supervises_and_stop_server_leaves_nothing(tmp_path):
             if "restarting the worker" in log and "worker ready" in log.split("restarting the worker")[-1]:
                 break
             time.sleep(1)
-        assert is_ready(f"http://127.0.0.1:{http_port}")
+        assert server_ready(f"http://127.0.0.1:{http_port}")
     finally:
         stopped = subprocess.run(["bash", "run.sh", "--stop-server"], cwd=REPO, env=env, capture_output=True,
                                  text=True, timeout=120)

@@ -1,7 +1,20 @@
+"""ttsrl.triton_client without a server: the wire format, readiness of nothing, the CLI
+(both environments). Against a live server: tests/token2wav_server/test_eval_clients.py
+(TritonModelClient) and test_reward_client.py (RewardClient)."""
+import socket
+
 import numpy as np
 import pytest
 
-from ttsrl.triton_client import pad_rows, parse_url, parse_urls
+from ttsrl.triton_client import pad_rows, parse_url, parse_urls, server_ready
+from ttsrl.triton_client.__main__ import main as cli_main
+from ttsrl.triton_client.wire import infer_request, text_column
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_server_urls():
@@ -19,3 +32,24 @@ def test_pad_rows():
     padded, lengths = pad_rows([np.array([1, 2, 3]), None, np.array([4])], np.int32)
     assert padded.tolist() == [[1, 2, 3], [0, 0, 0], [4, 0, 0]] and padded.dtype == np.int32
     assert lengths.tolist() == [[3], [0], [1]]
+
+
+def test_text_column_and_infer_request():
+    column = text_column(["一丁", ""])
+    assert column.shape == (2, 1) and column.dtype == object and column[0, 0] == "一丁".encode()
+    tokens, lengths = pad_rows([np.array([5, 6])], np.int32)
+    inputs, outputs = infer_request("http", {"TOKENS": tokens, "TOKEN_LENS": lengths, "GT_TEXT": column[:1]},
+                                    ["REWARDS"])
+    assert [(t.name(), t.datatype(), t.shape()) for t in inputs] == [
+        ("TOKENS", "INT32", [1, 2]), ("TOKEN_LENS", "INT32", [1, 1]), ("GT_TEXT", "BYTES", [1, 1])]
+    assert [o.name() for o in outputs] == ["REWARDS"]
+
+
+def test_readiness_of_a_port_nobody_serves_and_the_cli(capsys):
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    assert server_ready(dead, timeout_s=1.0) is False
+    assert server_ready(dead.replace("grpc", "http"), timeout_s=1.0) is False
+    assert cli_main([dead]) == 1
+    assert f"reward server at {dead} is not answering" in capsys.readouterr().err
+    assert cli_main(["ftp://a:1"]) == 2
+    assert "usage: python -m ttsrl.triton_client" in capsys.readouterr().err

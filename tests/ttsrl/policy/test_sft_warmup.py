@@ -1,4 +1,5 @@
-"""scripts/sft_warmup.py: the supervised warm-up before GRPO, on the tiny converted policy."""
+"""ttsrl.policy.sft_warmup and scripts/sft_warmup.py: the supervised warm-up before GRPO, on the tiny
+converted policy."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from scripts import sft_warmup
+from tests.cli import run_script
 from tests.policy_utils import tiny_policy  # noqa: F401  (fixture)
 from token2wav_server import standin
 from ttsrl.chat_template import expected_prompt
+from ttsrl.policy import sft_warmup
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, format_speech_tokens
 
 
@@ -51,8 +53,8 @@ def test_warm_up_learns_the_pairs_and_writes_a_complete_model(tmp_path, tiny_pol
     data = write_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts])
     out = tmp_path / "sft"
     before = response_nll(tiny_policy, texts[0], standin.text_to_tokens(texts[0]))
-    assert sft_warmup.main(["--model", str(tiny_policy), "--data", str(data), "--standin-targets", "--output-dir",
-                            str(out), "--steps", "40", "--lr", "3e-3", "--batch-size", "4"]) == 0
+    common = ["--model", str(tiny_policy), "--data", str(data), "--standin-targets", "--output-dir", str(out)]
+    assert run_script("sft_warmup", [*common, "--steps", "40", "--lr", "3e-3", "--batch-size", "4"]) == 0
     summary = json.loads((out / sft_warmup.DONE_FILE).read_text())
     assert summary["pairs"] == 4 and summary["last_loss"] < summary["first_loss"] / 4
     after = response_nll(out, texts[0], standin.text_to_tokens(texts[0]))
@@ -61,13 +63,13 @@ def test_warm_up_learns_the_pairs_and_writes_a_complete_model(tmp_path, tiny_pol
     assert not list(tmp_path.glob(".sft.*"))  # no staging folder left behind
 
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert sft_warmup.main(["--model", str(tiny_policy), "--data", str(data), "--standin-targets", "--output-dir",
-                            str(out), "--steps", "40"]) == 0
+    assert run_script("sft_warmup", [*common, "--steps", "40"]) == 0
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # complete: reused, not redone
 
 
 def test_failure_leaves_no_output(tmp_path, tiny_policy, capsys):  # noqa: F811
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"text": "三", "speech_tokens": "nine"}])
-    assert sft_warmup.main(["--model", str(tiny_policy), "--data", str(data), "--output-dir", str(tmp_path / "o")]) == 1
+    argv = ["--model", str(tiny_policy), "--data", str(data), "--output-dir", str(tmp_path / "o")]
+    assert run_script("sft_warmup", argv) == 1
     assert f"{data}:1: 'speech_tokens' must be" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -1,6 +1,6 @@
-"""Stage 3 on CPU: a tiny CosyVoice2 converted by the real conversion script, saved as a
-real 2-process FSDP checkpoint (veRL's checkpoint manager, gloo), merged by veRL's own
-merger through scripts/merge_checkpoints.py."""
+"""Stage 3 on CPU (ttsrl.training.checkpoints and its CLI scripts/merge_checkpoints.py): a tiny
+CosyVoice2 converted by the real conversion script, saved as a real 2-process FSDP checkpoint
+(veRL's checkpoint manager, gloo), merged by veRL's own merger."""
 from __future__ import annotations
 
 import json
@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from scripts import make_fsdp_checkpoint, merge_checkpoints
-from scripts.merge_checkpoints import MergeError, check_merged_model, select_checkpoints
+from tests.cli import run_script
+from tests.fixtures import make_fsdp_checkpoint
 from tests.policy_utils import build_tiny_policy
+from ttsrl.training.checkpoints import MergeError, check_merged_model, select_checkpoints
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 STEP = 3
 PERTURB, SEED = 0.01, 7
 
@@ -53,9 +54,9 @@ def tiny_model(tmp_path_factory) -> Path:
 def fsdp_exp(tiny_model, tmp_path_factory) -> Path:
     """An experiment dir holding one real checkpoint, global_step_3/actor, 2 shards."""
     exp_dir = tmp_path_factory.mktemp("exp")
-    result = run_torchrun([str(REPO_ROOT / "scripts" / "make_fsdp_checkpoint.py"), "--model_dir", str(tiny_model),
-                           "--exp_dir", str(exp_dir), "--step", str(STEP), "--perturb", str(PERTURB),
-                           "--seed", str(SEED), "--check_resume"])
+    result = run_torchrun([str(REPO_ROOT / "tests" / "fixtures" / "make_fsdp_checkpoint.py"),
+                           "--model_dir", str(tiny_model), "--exp_dir", str(exp_dir), "--step", str(STEP),
+                           "--perturb", str(PERTURB), "--seed", str(SEED), "--check_resume"])
     assert result.returncode == 0, result.stdout[-4000:]
     (exp_dir / "torchrun.log").write_text(result.stdout)
     return exp_dir
@@ -94,7 +95,7 @@ def test_resume_mode_auto_finds_and_loads_the_checkpoint(fsdp_exp):
 
 
 def test_merge_reproduces_weights_then_skips(fsdp_exp, tiny_model, capsys):
-    assert merge_checkpoints.main(["--exp_dir", str(fsdp_exp)]) == 0
+    assert run_script("merge_checkpoints", ["--exp_dir", str(fsdp_exp)]) == 0
     merged = fsdp_exp / f"global_step_{STEP}" / "merged_hf_model"
     assert f"step {STEP}: merged to {merged}" in capsys.readouterr().out
 
@@ -110,10 +111,10 @@ def test_merge_reproduces_weights_then_skips(fsdp_exp, tiny_model, capsys):
     marker = json.loads((merged / "merge_complete.json").read_text())
     assert marker["step"] == STEP and marker["checked"] is True
     assert len(marker["generated_ids"]) >= 1
-    assert not (merged.parent / ".merged_hf_model.tmp").exists()
+    assert not list(merged.parent.glob(".merged_hf_model.tmp*"))  # the staging directory is gone
 
     stamp = (merged / "model.safetensors").stat().st_mtime_ns
-    assert merge_checkpoints.main(["--exp_dir", str(fsdp_exp), "--steps", "latest"]) == 0
+    assert run_script("merge_checkpoints", ["--exp_dir", str(fsdp_exp), "--steps", "latest"]) == 0
     assert f"step {STEP}: already merged" in capsys.readouterr().out
     assert (merged / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -121,7 +122,7 @@ def test_merge_reproduces_weights_then_skips(fsdp_exp, tiny_model, capsys):
 def test_merged_model_generates_speech_tokens(fsdp_exp):
     merged = fsdp_exp / f"global_step_{STEP}" / "merged_hf_model"
     if not (merged / "merge_complete.json").is_file():
-        assert merge_checkpoints.main(["--exp_dir", str(fsdp_exp)]) == 0
+        assert run_script("merge_checkpoints", ["--exp_dir", str(fsdp_exp)]) == 0
     summary = check_merged_model(merged, max_new_tokens=3)
     assert summary["dtype"] == "bfloat16"
     assert 1 <= len(summary["generated_ids"]) <= 3
@@ -178,11 +179,11 @@ def test_a_step_beyond_the_tracker_is_never_taken_as_complete(fsdp_exp, tmp_path
 
 
 def test_no_checkpoints_is_a_clear_error(tmp_path, capsys):
-    assert merge_checkpoints.main(["--exp_dir", str(tmp_path)]) == 1
+    assert run_script("merge_checkpoints", ["--exp_dir", str(tmp_path)]) == 1
     assert f"no checkpoints under {tmp_path}" in capsys.readouterr().err
 
 
 def test_bad_steps_argument_is_rejected(capsys):
     with pytest.raises(SystemExit):
-        merge_checkpoints.main(["--exp_dir", "x", "--steps", "100,abc"])
+        run_script("merge_checkpoints", ["--exp_dir", "x", "--steps", "100,abc"])
     assert "comma-separated integers" in capsys.readouterr().err

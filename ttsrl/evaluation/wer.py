@@ -1,0 +1,214 @@
+"""Error rate of ASR transcripts against reference texts, the published protocol's or ours,
+and the files it is reported in (``scripts/compute_wer.py`` documents the metrics, the
+summary line and wer.txt/wer.json).
+
+- ``protocol``: CER for zh, WER for en, as Seed-TTS-eval scores zero-shot TTS
+  (``ttsrl.protocol_scoring``; the set's figure is the mean of the utterance rates);
+- ``pinyin`` / ``char``: our own scoring (``ttsrl.scoring``), the reward's.
+
+Transcript files hold ``utt_id text`` lines.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ttsrl.atomic_write import write_json, write_text
+from ttsrl.eval_sets import detect_language
+from ttsrl.protocol_scoring import LANGUAGES, mean_error_rate, metric_of, protocol_align
+from ttsrl.scoring import METRICS as OUR_METRICS, EmptyReferenceError, align
+
+METRICS = ("protocol",) + OUR_METRICS
+METRIC_LABEL = {"pinyin": "PER", "char": "CER"}
+
+
+class TranscriptError(Exception):
+    """A transcript file is malformed; the message names file and line."""
+
+
+def read_transcripts(path: str, allow_empty_text: bool) -> dict[str, str]:
+    """``utt_id text`` lines -> {utt_id: text}; blank lines are skipped."""
+    transcripts: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except FileNotFoundError:
+        raise TranscriptError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise TranscriptError(f"{path}: not UTF-8 text ({error})") from None
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        utt_id, _, text = line.partition(" ")
+        text = text.strip()
+        if utt_id in transcripts:
+            raise TranscriptError(f"{path}:{number}: duplicate utterance id {utt_id!r} (first on line {first_line[utt_id]})")
+        if not text and not allow_empty_text:
+            raise TranscriptError(f"{path}:{number}: utterance {utt_id!r} has no reference text")
+        transcripts[utt_id] = text
+        first_line[utt_id] = number
+    return transcripts
+
+
+@dataclass
+class UtteranceScore:
+    utt_id: str
+    reference: str
+    hypothesis: str | None  # None: missing from the hypotheses
+    substitutions: int
+    deletions: int
+    insertions: int
+    ref_length: int
+    error_rate: float
+    aligned_reference: str = ""
+    aligned_hypothesis: str = ""
+    speaker_similarity: float | None = None  # cosine to the prompt's speaker embedding, when computed
+
+
+@dataclass
+class CorpusScore:
+    metric: str
+    utterances: list[UtteranceScore] = field(default_factory=list)
+    extra_hypotheses: list[str] = field(default_factory=list)
+    similarity: "SimilarityResult | None" = None  # wav mode with a served speaker model
+    language: str = ""  # protocol metric: zh (CER) or en (WER)
+    bad_prompt: list[str] = field(default_factory=list)  # skipped by infer_dist for a bad prompt, not scored
+
+    @property
+    def label(self) -> str:
+        return metric_of(self.language).upper() if self.metric == "protocol" else METRIC_LABEL[self.metric]
+
+    def total(self, name: str) -> int:
+        return sum(getattr(u, name) for u in self.utterances)
+
+    @property
+    def errors(self) -> int:
+        return self.total("substitutions") + self.total("deletions") + self.total("insertions")
+
+    @property
+    def corpus_error_rate(self) -> float:
+        length = self.total("ref_length")
+        return self.errors / length if length else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        """The set's figure: the protocol's mean of utterance rates, or our corpus rate."""
+        if self.metric == "protocol":
+            return mean_error_rate(u.error_rate for u in self.utterances)
+        return self.corpus_error_rate
+
+    @property
+    def missing(self) -> list[str]:
+        return [u.utt_id for u in self.utterances if u.hypothesis is None]
+
+    def summary_line(self) -> str:
+        line = (f"%{self.label} {100 * self.error_rate:.2f} [ {self.errors} / {self.total('ref_length')}, "
+                f"{self.total('insertions')} ins, {self.total('deletions')} del, {self.total('substitutions')} sub ] "
+                f"{len(self.utterances)} utterances")
+        if self.metric == "protocol":
+            line += f", Seed-TTS-eval protocol ({self.language}, mean of utterance rates)"
+        if self.missing:
+            line += f", {len(self.missing)} missing from hyp"
+        if self.bad_prompt:
+            line += f", {len(self.bad_prompt)} skipped for a bad prompt"
+        return line
+
+    def summary(self) -> dict:
+        protocol = {"language": self.language, "label": self.label} if self.metric == "protocol" else {}
+        return {"metric": self.metric, **protocol, "error_rate": self.error_rate,
+                "corpus_error_rate": self.corpus_error_rate, "errors": self.errors,
+                "substitutions": self.total("substitutions"), "deletions": self.total("deletions"),
+                "insertions": self.total("insertions"), "ref_length": self.total("ref_length"),
+                "utterances": len(self.utterances), "missing": self.missing, "bad_prompt": self.bad_prompt,
+                "extra_hypotheses": self.extra_hypotheses, **(self.similarity.summary() if self.similarity else {})}
+
+    def similarity_line(self) -> str | None:
+        return self.similarity.line() if self.similarity else None
+
+
+def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric: str = "pinyin",
+                 language: str = "auto") -> CorpusScore:
+    """Score every reference utterance; a missing hypothesis is scored as an empty one and flagged.
+    ``language`` (protocol metric): zh, en or auto (from the references)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    if language == "auto":
+        language = detect_language(references.values())
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; expected auto or one of {LANGUAGES}")
+    result = CorpusScore(metric, extra_hypotheses=sorted(set(hypotheses) - set(references)),
+                         language=language if metric == "protocol" else "")
+    for utt_id, reference in references.items():
+        hypothesis = hypotheses.get(utt_id)
+        try:
+            if metric == "protocol":
+                alignment = protocol_align(reference, hypothesis or "", language)
+            else:
+                alignment = align(reference, hypothesis or "", metric)
+        except EmptyReferenceError as error:
+            raise TranscriptError(f"utterance {utt_id!r}: {error}") from None
+        result.utterances.append(UtteranceScore(
+            utt_id, reference, hypothesis, alignment.substitutions, alignment.deletions, alignment.insertions,
+            alignment.ref_length, alignment.error_rate, " ".join(alignment.reference), " ".join(alignment.hypothesis)))
+    return result
+
+
+def format_details(result: CorpusScore, worst: int = 10) -> str:
+    """Per-utterance lines (file order), then the worst utterances and the missing ones."""
+    label = result.label
+    lines = [f"# per utterance: id {label}% errors/ref_length (sub del ins)"]
+    for u in result.utterances:
+        lines.append(f"{u.utt_id} {100 * u.error_rate:.2f} {u.substitutions + u.deletions + u.insertions}/{u.ref_length}"
+                     f" ({u.substitutions} {u.deletions} {u.insertions})")
+        lines.append(f"  ref: {u.reference}")
+        lines.append(f"  hyp: {u.hypothesis if u.hypothesis is not None else '<missing>'}")
+        if u.speaker_similarity is not None:
+            lines.append(f"  sim: {u.speaker_similarity:.4f}")
+    ranked = sorted(result.utterances, key=lambda u: (-u.error_rate, u.utt_id))[:worst]
+    lines.append(f"# worst {len(ranked)} utterances")
+    lines += [f"{u.utt_id} {100 * u.error_rate:.2f}" for u in ranked]
+    if result.missing:
+        lines.append(f"# missing from hyp ({len(result.missing)}): " + " ".join(result.missing))
+    if result.extra_hypotheses:
+        lines.append(f"# in hyp but not in ref, not scored ({len(result.extra_hypotheses)}): "
+                     + " ".join(result.extra_hypotheses))
+    if result.bad_prompt:
+        lines.append(f"# skipped by infer_dist for a bad prompt, not scored ({len(result.bad_prompt)}): "
+                     + " ".join(result.bad_prompt))
+    if result.similarity and result.similarity.skipped:
+        lines.append(f"# no speaker similarity ({len(result.similarity.skipped)}): "
+                     + " ".join(f"{utt_id} ({why})" for utt_id, why in result.similarity.skipped.items()))
+    return "\n".join(lines)
+
+
+@dataclass
+class SimilarityResult:
+    """Speaker similarity of generated wavs to their prompt wavs (wav mode)."""
+
+    values: dict[str, float] = field(default_factory=dict)   # utt_id -> cosine similarity
+    skipped: dict[str, str] = field(default_factory=dict)    # utt_id -> why it has none
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.values.values()) / len(self.values) if self.values else None
+
+    def summary(self) -> dict:
+        return {"speaker_similarity_mean": self.mean, "speaker_similarity_utterances": len(self.values),
+                "speaker_similarity_skipped": len(self.skipped)}
+
+    def line(self) -> str:
+        mean = "n/a" if self.mean is None else f"{self.mean:.4f}"
+        return (f"%SIM {mean} mean speaker similarity to the prompt over {len(self.values)} utterances, "
+                f"{len(self.skipped)} skipped")
+
+
+def write_score_json(result: CorpusScore, path: str) -> None:
+    """wer.json: the summary plus every utterance."""
+    payload = {"summary": result.summary(), "utterances": [asdict(u) for u in result.utterances]}
+    write_json(path, payload, indent=1)
+
+
+def write_transcripts(path: Path, transcripts: dict[str, str]) -> None:
+    """``utt_id text`` lines, as ``read_transcripts`` reads them."""
+    write_text(path, "".join(f"{utt_id} {text}\n" for utt_id, text in transcripts.items()))

