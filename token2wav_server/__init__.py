@@ -16,7 +16,8 @@ Modules:
 - ``engines_cosyvoice2`` / ``engines_sensevoice``: the real engines.
 - ``engines_wavlm_sv``: Seed-TTS-eval's SIM model (WavLM + ECAPA-TDNN) as the ``speaker``
   engine over any other engines.
-- ``launch``: start a server in a subprocess on free ports, wait until ready, stop it.
+- ``launch``: the one server lifecycle (start in its own session, wait until ready, stop the
+  whole session), for run.sh (its CLI), tests and benchmarks; runs from either environment.
 - ``cli``: the command line (``python -m token2wav_server``, ``__main__``): options, the
   front's checks, then the front or the worker.
 - ``supervisor`` / ``http_guard``: the front: restarts Triton, guards its public HTTP port.

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ttsrl.atomic_write import atomic_file
+
 SAMPLE_RATE = 16000
 MIN_SAMPLES = 400  # WavLM's conv front end needs 25 ms
 DEFAULT_BASE_ENGINES = "token2wav_server.engines_cosyvoice2:create_engines"
@@ -359,9 +361,8 @@ def save_checkpoint(model: WavLMEcapa, path: str) -> None:
             hf_state[f"encoder.pos_conv_embed.conv.{new}"] = hf_state.pop(key)
     state = {UPSTREAM_PREFIX + k: v for k, v in fairseq_wavlm_state(hf_state).items()}
     state.update({k: v.detach().cpu() for k, v in model.head.state_dict().items()})
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    torch.save({"model": state}, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save({"model": state}, tmp)
 
 
 def random_model(seed: int = 0, hidden: int = 32, layers: int = 2, channels: int = 16, emb_dim: int = 8) -> WavLMEcapa:

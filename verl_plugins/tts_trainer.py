@@ -77,6 +77,7 @@ def write_validation_audio(samples: list[dict], server_url: str, out_dir: pathli
     (and TensorBoard audio). Returns the wav paths written; items the server refused are logged."""
     import soundfile
 
+    from ttsrl.atomic_write import atomic_file
     from ttsrl.speech_tokens import parse_speech_tokens
     from ttsrl.triton_client import TritonModelClient, parse_urls
 
@@ -102,9 +103,8 @@ def write_validation_audio(samples: list[dict], server_url: str, out_dir: pathli
                 continue
             wave, rate = result
             wav_path = step_dir / f"{index}.wav"
-            partial = wav_path.with_suffix(".wav.partial")
-            soundfile.write(partial, wave, rate, format="WAV", subtype="FLOAT")
-            partial.replace(wav_path)
+            with atomic_file(wav_path) as partial:
+                soundfile.write(partial, wave, rate, format="WAV", subtype="FLOAT")
             record = {key: value for key, value in sample.items() if key != "output"}
             record.update(step=step, speech_tokens=tokens, sample_rate=rate, seconds=len(wave) / rate)
             (step_dir / f"{index}.json").write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n")

@@ -1,4 +1,5 @@
-"""The policy LLM in Hugging Face form (torch + transformers; the trainer environment, and the
-server environment for the tiny-model builders): conversion to and from CosyVoice2's
-``llm.pt``, the tiny random models tests and the smoke profile build, the supervised
-warm-up, and speech-token generation backends."""
+"""The policy LLM in Hugging Face form (torch + transformers; trainer environment):
+conversion of CosyVoice2's ``llm.pt`` to a Qwen2 checkpoint (``hf_conversion``) and back
+(``llm_export``), what the conversion changes (``conversion_bias``), the supervised warm-up
+(``sft_warmup``) and speech-token generation (``generation``). The tiny random models are
+in ``ttsrl.tiny_models``."""

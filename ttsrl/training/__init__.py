@@ -1,2 +1,2 @@
-"""Training-side stages (trainer environment): stage 0 data, stage 2's preflight, stage 3's
-merge of veRL checkpoints."""
+"""Training-side stages (trainer environment): stage 0 data (``data``), stage 2's preflight
+(``preflight``), stage 3's merge of veRL checkpoints (``checkpoints``)."""
