@@ -7,7 +7,9 @@
 # unless the script sets log_fd=2 (scripts whose stdout is data: train_grpo.sh's composed
 # config, ray_cluster.sh's --dry-run command). die exits 1.
 # has_cuda / default_device: what the GPU-or-CPU choices of every script go by (nvidia-smi).
-# require_env / require_dir / require_gpus: checks that die with what is missing and how to get it.
+# require_env / require_dir / require_gpus: checks that die with what is missing and how to get it
+# (require_env reads $trainer_python and $server_python, require_gpus names $current_stage:
+# run.sh sets them).
 
 log() {
   local fname=${BASH_SOURCE[1]##*/}
@@ -38,10 +40,10 @@ require_env() {
 
 require_gpus() {
   # $1: how many GPUs the current stage ($current_stage) needs
-  has_cuda || die "stage $current_stage needs CUDA GPUs and nvidia-smi finds none (see README: 'What runs where')"
+  has_cuda || die "stage ${current_stage:-?} needs CUDA GPUs and nvidia-smi finds none (see README: 'What runs where')"
   local count
   count=$(nvidia-smi -L | wc -l)
-  [ "$count" -ge "$1" ] || die "stage $current_stage needs $1 GPUs, nvidia-smi lists $count; lower n_gpus_per_node"
+  [ "$count" -ge "$1" ] || die "stage ${current_stage:-?} needs $1 GPUs, nvidia-smi lists $count; lower n_gpus_per_node"
 }
 
 require_dir() {

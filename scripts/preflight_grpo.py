@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated grpc://HOST:PORT / http://HOST:PORT (default: $REWARD_SERVER_URL)")
     parser.add_argument("--reward_model_name", default=os.environ.get("REWARD_MODEL_NAME", "token2wav_asr"),
                         help="Triton model the hook calls, checked for readiness (default: $REWARD_MODEL_NAME or "
-                             "token2wav_asr; empty: check the server only, by the model it loads last)")
+                             "token2wav_asr; empty: check the server only)")
     parser.add_argument("--reward_hook", type=Path, default=REPO_ROOT / "reward_tts.py",
                         help="reward hook file (default: reward_tts.py at the repo root)")
     parser.add_argument("--n_gpus_per_node", type=int, default=8)

@@ -152,10 +152,10 @@ start_server() {
   fi
   local status=0
   server_launch start --pid-file "$(server_pid_file)" --log-file "$log_file" --url "$(server_client_http_url)" \
-    --timeout "$server_start_timeout" -- "${args[@]}" || status=$?
+    --timeout "$server_start_timeout" --python "$server_python" -- "${args[@]}" || status=$?
   case $status in
     0) ;;
-    1) die "the reward server exited during start-up; see $log_file" ;;
+    3) die "the reward server exited during start-up; see $log_file" ;;
     124) die "the reward server was not ready after ${server_start_timeout}s; see $log_file" ;;
     *) die "could not start the reward server (token2wav_server.launch exit $status); see $log_file" ;;
   esac

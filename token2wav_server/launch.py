@@ -288,7 +288,7 @@ def kill_session(sid: int, timeout: float = 10.0) -> list[int]:
     return killed
 
 
-EXITED_DURING_START = 1
+EXITED_DURING_START = 3  # not 1, which any uncaught error of this CLI exits with
 NOT_READY_IN_TIME = 124  # as timeout(1) says it
 
 
@@ -342,15 +342,15 @@ def stop_from_pid_file(pid_file: pathlib.Path, timeout: float = 40.0, say=_say) 
         return 0
     if process_info(pid) is not None:
         say(f"stopping the reward server (pid {pid})")
-    status = _report_leftovers(pid, stop_session(pid, timeout))
+    status = _report_leftovers(pid, stop_session(pid, timeout), say)
     pid_file.unlink(missing_ok=True)
     return status
 
 
-def _report_leftovers(sid: int, killed: list[int]) -> int:
+def _report_leftovers(sid: int, killed: list[int], say=_say) -> int:
     left = session_members(sid)
     if killed:
-        _say(f"killed leftover processes of session {sid}: {killed}")
+        say(f"killed leftover processes of session {sid}: {killed}")
     if left:
         print(f"processes of session {sid} still alive: {left}", file=sys.stderr)
         return 1
@@ -374,6 +374,8 @@ def main(argv=None) -> int:
     start.add_argument("--log-file", type=pathlib.Path, required=True, help="the server's output is appended here")
     start.add_argument("--url", required=True, help="where to check readiness, e.g. http://127.0.0.1:8000")
     start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait until it is ready")
+    start.add_argument("--python", default=sys.executable,
+                       help="the server environment's interpreter (default: the one running this)")
     stop = commands.add_parser("stop", help="stop the server of a pid file: SIGINT, then SIGKILL of its session")
     stop.add_argument("--pid-file", type=pathlib.Path, required=True)
     stop.add_argument("--timeout", type=float, default=40.0, help="seconds to wait after SIGINT")
@@ -383,7 +385,7 @@ def main(argv=None) -> int:
     if args.command == "start":
         if not server_args:
             parser.error("start needs the server's arguments after --")
-        return start_detached(server_args, args.pid_file, args.log_file, args.url, args.timeout)
+        return start_detached(server_args, args.pid_file, args.log_file, args.url, args.timeout, args.python)
     if server_args:
         parser.error(f"{args.command} takes no arguments after --")
     if args.command == "stop":

@@ -25,7 +25,7 @@ from typing import Iterator
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
-    """The hidden temporary used for ``path``: ``.NAME.tmp-PID`` beside it (the suffix is kept,
+    """The hidden temporary used for ``path``: ``.STEM.tmp-PID.SUFFIX`` beside it (the suffix is kept,
     so writers that pick a format from it, like soundfile and matplotlib, still do)."""
     path = Path(path)
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")

@@ -5,6 +5,7 @@ import pytest
 
 from token2wav_server import standin
 from ttsrl.triton_client import ServerItemError, TritonModelClient, cosine_similarity, server_ready
+from ttsrl.triton_client.ready import readiness_problem
 
 
 def _url(server, protocol):
@@ -89,3 +90,11 @@ def test_synthesize_decodes_each_item_in_its_own_prompt_voice(reward_server, pro
             assert standin.wave_voice(result.wave) == standin.wave_voice(prompt.wave)
             assert result.prompt_id == prompt.key
     assert np.array_equal(plain[0][0], standin.tokens_to_wave([1, 2]))  # tokens only: the bank's voice
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_readiness_problem_says_what_is_not_ready(reward_server, protocol):
+    url = _url(reward_server, protocol)
+    assert readiness_problem(url) is None and readiness_problem(url, model=None) is None
+    assert readiness_problem(url, model="no_such_model") == "is up but model 'no_such_model' is not ready"
+    assert not server_ready(url, model="no_such_model")

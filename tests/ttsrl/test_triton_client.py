@@ -1,20 +1,14 @@
 """ttsrl.triton_client without a server: the wire format, readiness of nothing, the CLI
 (both environments). Against a live server: tests/token2wav_server/test_eval_clients.py
 (TritonModelClient) and test_reward_client.py (RewardClient)."""
-import socket
-
 import numpy as np
 import pytest
 
+from token2wav_server.launch import free_ports
 from ttsrl.triton_client import pad_rows, parse_url, parse_urls, server_ready
 from ttsrl.triton_client.__main__ import main as cli_main
-from ttsrl.triton_client.wire import infer_request, text_column
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from ttsrl.triton_client.ready import readiness_problem
+from ttsrl.triton_client.wire import DEFAULT_SERVER_URL, env_server_url, infer_request, text_column
 
 
 def test_server_urls():
@@ -46,10 +40,18 @@ def test_text_column_and_infer_request():
 
 
 def test_readiness_of_a_port_nobody_serves_and_the_cli(capsys):
-    dead = f"grpc://127.0.0.1:{free_port()}"
+    dead = f"grpc://127.0.0.1:{free_ports(1)[0]}"
     assert server_ready(dead, timeout_s=1.0) is False
     assert server_ready(dead.replace("grpc", "http"), timeout_s=1.0) is False
+    assert readiness_problem(dead, timeout_s=1.0).startswith("does not answer (")
     assert cli_main([dead]) == 1
     assert f"reward server at {dead} is not answering" in capsys.readouterr().err
     assert cli_main(["ftp://a:1"]) == 2
     assert "usage: python -m ttsrl.triton_client" in capsys.readouterr().err
+
+
+def test_clients_default_to_the_first_exported_server(monkeypatch):
+    monkeypatch.setenv("REWARD_SERVER_URL", "grpc://a:1, http://b:2")
+    assert env_server_url() == "grpc://a:1, http://b:2" and env_server_url(first=True) == "grpc://a:1"
+    monkeypatch.setenv("REWARD_SERVER_URL", "")
+    assert env_server_url() == DEFAULT_SERVER_URL == "grpc://127.0.0.1:8001"

@@ -187,7 +187,7 @@ def merge_checkpoint(checkpoint: Checkpoint, force: bool = False, check: bool = 
         return "skipped"
     # A merge killed half-way (SIGKILL skips atomic_dir's clean-up) leaves a staging
     # directory as large as the model; the next merge of that step removes it.
-    for stale in checkpoint.actor_dir.parent.glob(f".{MERGED_DIRNAME}.tmp-*"):
+    for stale in checkpoint.actor_dir.parent.glob(f".{MERGED_DIRNAME}.tmp*"):
         shutil.rmtree(stale, ignore_errors=True)
     started = time.monotonic()
     with atomic_dir(checkpoint.merged_dir) as staging:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttsrl.triton_client import READY_MODEL, parse_urls
+from ttsrl.triton_client import parse_urls
 from ttsrl.triton_client.ready import NOT_ANSWERING, NOT_READY, readiness_problem
 
 PARQUET_COLUMNS = ("prompt", "data_source", "reward_model")
@@ -163,9 +163,9 @@ def check_reward_hook(path: Path, name: str = "compute_score") -> str:
 
 
 def check_reward_server(url: str, timeout: float, model_name: str = "") -> None:
-    """Raise CheckFailed unless the Triton server at ``url`` serves ``model_name`` (empty: the
-    model it loads last, ``READY_MODEL``, whose readiness means every model is ready)."""
-    problem = readiness_problem(url, timeout, model_name or READY_MODEL)
+    """Raise CheckFailed unless the Triton server at ``url`` is ready and serves ``model_name``
+    (empty: the server's own readiness only)."""
+    problem = readiness_problem(url, timeout, model_name or None)
     if problem is None:
         return
     how = ("start the reward server (`bash run.sh 1 1` on that host; one per node for multi-node runs) "
@@ -173,7 +173,7 @@ def check_reward_server(url: str, timeout: float, model_name: str = "") -> None:
     if problem.startswith(NOT_ANSWERING):
         raise CheckFailed(f"reward server {url} {problem}: {how}")
     if problem == NOT_READY:
-        raise CheckFailed(f"reward server {url} {problem}: wait and retry (--wait_s), or check its log; {how}")
+        raise CheckFailed(f"reward server {url} {problem}: wait and retry, or check its log; {how}")
     raise CheckFailed(f"reward server {url} {problem}: check the server's log, or set REWARD_MODEL_NAME to the "
                       "model it serves")
 

@@ -11,8 +11,9 @@ NOT_ANSWERING = "does not answer"
 NOT_READY = "answers but is not ready (models still loading?)"
 
 
-def readiness_problem(url: str, timeout_s: float = 5.0, model: str = READY_MODEL) -> str | None:
-    """None when the server at ``url`` (grpc:// or http://) is ready and serves ``model``; else
+def readiness_problem(url: str, timeout_s: float = 5.0, model: str | None = READY_MODEL) -> str | None:
+    """None when the server at ``url`` (grpc:// or http://) is ready and serves ``model`` (None:
+    the server's own readiness only); else
     why not, in words callers put after the URL: ``does not answer (<transport error>)``,
     ``answers but is not ready (...)`` or ``is up but model 'X' is not ready``.
 
@@ -31,11 +32,13 @@ def readiness_problem(url: str, timeout_s: float = 5.0, model: str = READY_MODEL
         try:
             if not client.is_server_ready(**timeout):
                 return NOT_READY
-            if not client.is_model_ready(model, **timeout):
+            if model is not None and not client.is_model_ready(model, **timeout):
                 return f"is up but model {model!r} is not ready"
             return None
         finally:
             client.close()
+    except ImportError:  # no tritonclient: a broken environment, not a server that is down
+        raise
     except Exception as error:  # connection refused, timeout, DNS: all mean "not reachable"
         text = str(error).strip()
         return f"{NOT_ANSWERING} ({text.splitlines()[0] if text else type(error).__name__})"
