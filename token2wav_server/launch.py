@@ -17,7 +17,8 @@ session, with stand-in engines unless ``engines`` says otherwise. Its front proc
 run.sh's stage 1 and ``--stop-server`` use the same code through the CLI::
 
     python -m token2wav_server.launch start --pid-file F --log-file L --url http://HOST:PORT \
-        --timeout S -- <python -m token2wav_server args>
+        --timeout S [--python SERVER_PYTHON] -- <python -m token2wav_server args>
+        # exit 0: ready; 3: the server exited during start-up; 124: not ready in time (stopped)
     python -m token2wav_server.launch stop --pid-file F
     python -m token2wav_server.launch kill-session SID
 """
