@@ -10,7 +10,10 @@ Test sets (``--manifest``, read by ttsrl.eval_sets; prompt paths as each layout 
     ``prompt_tokens`` (the prompt's CosyVoice2 speech tokens, precomputed).
 
 Each rank generates speech tokens with transformers (batched, left padding, the
-model's chat template, sampling flags) or vLLM (``--backend vllm``), turns them
+model's chat template, sampling flags) or vLLM (``--backend vllm``: rank r's engine on
+the LOCAL_RANK-th visible GPU, at ``--gpu-memory-utilization``, or
+``--shared-gpu-memory-utilization`` on a GPU of the reward server's
+``--server-devices``; more ranks than GPUs is refused), turns them
 into audio with the reward server's ``token2wav`` model (``--server-url``), and
 writes ``OUT/wavs/<id>.wav`` plus ``OUT/records/<id>.json`` (text, token count,
 duration, the prompt that conditioned the audio, error) and a line in
@@ -58,6 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # torchrun may start u
 from ttsrl.eval_sets import LAYOUTS as EVAL_LAYOUTS, EvalSetError  # noqa: E402
 from ttsrl.evaluation.prompts import BadPromptError  # noqa: E402
 from ttsrl.evaluation.synthesis import run  # noqa: E402
+from ttsrl.policy.generation import (OWN_GPU_MEMORY_SHARE, SHARED_GPU_MEMORY_SHARE, PlacementError,  # noqa: E402
+                                     make_generator, rank_placement)
 from ttsrl.sampling import add_sampling_arguments  # noqa: E402
 from ttsrl.triton_client.wire import env_server_url  # noqa: E402
 
@@ -89,12 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
                              "(run in the server environment), e.g. token2wav_server.standin:create_engines")
     parser.add_argument("--cosyvoice2-dir", default=None, help="with --engines: the CosyVoice2-0.5B directory")
     parser.add_argument("--prompt-bank", default=None, help="with --engines: speaker prompt wav/JSONL/folder")
-    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                        help="vllm: one engine per rank, on the rank's own GPU (LOCAL_RANK-th visible GPU)")
+    parser.add_argument("--server-devices", default="0",
+                        help="with --backend vllm: the GPUs the reward server uses on this node, as its --devices "
+                             "names them (comma-separated indices of the visible GPUs; 'cpu' or 'none': none), so "
+                             "a rank on such a GPU takes --shared-gpu-memory-utilization (default: 0, the "
+                             "recipe's server_devices)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=OWN_GPU_MEMORY_SHARE,
+                        help="with --backend vllm: the share of a GPU of its own that a rank's engine takes "
+                             "(vLLM's gpu_memory_utilization; default %(default)s)")
+    parser.add_argument("--shared-gpu-memory-utilization", type=float, default=SHARED_GPU_MEMORY_SHARE,
+                        help="with --backend vllm: the share on a GPU the reward server also uses, leaving it "
+                             "room for token2wav, the ASR and the speaker model (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
     add_sampling_arguments(parser)  # the recipe's rollout sampling (configs/grpo.yaml), so stage 4 scores it
     parser.add_argument("--seed", type=int, default=0, help="rank r samples with seed + r")
     parser.add_argument("--max-utterances", type=int, default=0, help="only the first N of the manifest (0: all)")
     return parser
+
+
+def generator_factory(args):
+    """The vLLM backend gets its placement flags; the transformers backend is the library's default
+    (``None``: ``make_generator`` on the rank's device)."""
+    if args.backend != "vllm":
+        return None
+    placement = dict(server_devices=args.server_devices, own_share=args.gpu_memory_utilization,
+                     shared_share=args.shared_gpu_memory_utilization)
+    rank_placement(**placement)  # a bad flag or too many ranks stops every rank here, before the process group
+
+    def factory(device, sampling):
+        return make_generator("vllm", args.model, device, sampling, **placement)
+    return factory
 
 
 def main(argv=None) -> int:
@@ -105,8 +136,8 @@ def main(argv=None) -> int:
         return 2
     args.server_url = args.server_url.split(",")[0].strip()
     try:
-        run(args)
-    except (EvalSetError, BadPromptError) as error:
+        run(args, generator_factory=generator_factory(args))
+    except (EvalSetError, BadPromptError, PlacementError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,23 +1,50 @@
-"""Stage 0: JSON/JSONL text records -> veRL RL parquet files (train.parquet, test.parquet).
+"""Stage 0: JSON/JSONL text records -> veRL RL parquet files (train.parquet, test.parquet)
+and, with --dev_size, a dev set (dev.jsonl).
 
-Each input record needs a non-empty string ``text``; ``id``, ``prompt_text`` and
-``prompt_wav`` are carried into ``extra_info`` when present. Output rows follow
-veRL's RL schema::
+Each input record needs a non-empty string ``text``; ``id`` is carried into
+``extra_info`` when present. Output rows follow veRL's RL schema::
 
     data_source   str
-    prompt        [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+    prompt        ttsrl.chat_template.zero_shot_messages(text[, prompt_text, prompt_tokens])
     ability       "text-to-speech"
     reward_model  {"style": "rule", "ground_truth": text}
-    extra_info    {"split", "index", "text", ["id", "prompt_text", "prompt_wav"]}
+    extra_info    {"split", "index", "text", ["id"],
+                   zero-shot rows: "prompt_wav", "prompt_text", "prompt_id", "prompt_hash"}
+
+Text-only rows (the reference recipe's layout) have the prompt
+``[{"role": "user", "content": text}, {"role": "assistant", "content": ""}]``.
+Zero-shot rows are CosyVoice2's zero-shot LLM input in a speaker prompt's voice:
+the user turn is prompt_text + text, the assistant turn the prompt's speech
+tokens (``<|s_N|>...``); infer_dist.py builds its prompts with the same function.
+A row is zero-shot when its record has its own ``prompt_wav`` (relative to the
+record file's folder, or absolute) and ``prompt_text``, or when
+``--train_prompts`` names a prompt set (a folder of wavs with .txt/.lab
+transcripts, a JSONL of prompt_wav/prompt_text[/id/speaker], or a Seed-TTS-eval
+meta.lst): each text without its own prompt is then paired with one of the
+set's, deterministically by --seed and balanced across speakers.
+``extra_info.prompt_hash`` is ``ttsrl.triton_client.speaker_prompt_key`` of the
+prompt, the id the reward server caches it under.
+
+Each distinct prompt's speech tokens come once from the reward server's
+``speech_tokenizer`` (--server_url; start the server first) and are cached by
+content hash in --prompt_token_cache: a second run with the same prompts needs
+no server.
 
 Reference-compatible: ``python prepare_data.py --train_file F --test_file F --local_dir D``.
 One input split deterministically: ``--train_file F --test_size N --seed S``.
+``--dev_size N`` holds N more rows out of train.parquet as ``dev.jsonl`` (the
+``ttsrl.eval_sets`` JSONL layout), on which stage 4 chooses the best step.
 
 Bad records (malformed JSON, missing or non-string ``text``, empty or
-whitespace-only text, text over ``--max_chars``) stop the run with file:line
-and reason for each (first 20, then a count) and nothing is written; with
-``--skip_invalid`` they are skipped and counted by reason. Outputs are written
-to temporary files and renamed only when both are complete.
+whitespace-only text, text over ``--max_chars``, text with nothing left to score
+after the reward scorer's normalization, such as punctuation only) stop the run
+with file:line and reason for each (first 20, then a count) and nothing is
+written; with ``--skip_invalid`` they are skipped and counted by reason. Bad
+speaker prompts (wav missing, unreadable, under 1 s, over 30 s, below 16 kHz,
+no transcript, refused by the speech tokenizer) stop it the same way; with
+``--on_bad_prompt skip`` their records (or prompt-set entries) are skipped and
+counted. Outputs are written to temporary files and renamed only when all are
+complete.
 
 Speed: clean JSONL is parsed and validated by Arrow's C++ JSON reader and
 compute kernels, and the output columns are assembled from Arrow arrays, so
@@ -39,11 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_file", default=None, help="test records (else use --test_size)")
     parser.add_argument("--local_dir", required=True, help="output directory for train.parquet and test.parquet")
     parser.add_argument("--test_size", type=int, default=None, help="split this many test rows off --train_file")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --test_size split (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the --test_size and --dev_size splits and of prompt pairing (default 0)")
     parser.add_argument("--max_chars", type=int, default=None, help="texts longer than this are invalid")
     parser.add_argument("--dedup", action="store_true", help="keep only the first record of each text")
     parser.add_argument("--skip_invalid", action="store_true", help="skip invalid records instead of failing")
     parser.add_argument("--data_source", default=None, help="data_source column (default: train file name stem)")
+    parser.add_argument("--train_prompts", default=None,
+                        help="prompt set to pair texts with (folder of wavs + .txt/.lab, JSONL, or meta.lst); "
+                             "default: none (text-only rows, except records with their own prompt_wav)")
+    parser.add_argument("--on_bad_prompt", "--on-bad-prompt", choices=("fail", "skip"), default="fail",
+                        help="a bad speaker prompt stops the run (fail, default) or is skipped and counted (skip)")
+    parser.add_argument("--server_url", default=None,
+                        help="reward server whose speech_tokenizer tokenizes the prompts "
+                             "(default: the first of $REWARD_SERVER_URL, else the local default)")
+    parser.add_argument("--prompt_token_cache", default=None,
+                        help="JSON cache of prompt speech tokens by content hash (default: LOCAL_DIR/prompt_tokens.json)")
+    parser.add_argument("--dev_size", type=int, default=0,
+                        help="hold this many training rows out as LOCAL_DIR/dev.jsonl (default 0: none)")
     parser.add_argument("--hdfs_dir", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -56,11 +96,14 @@ def main(argv=None) -> int:
     try:
         counts = prepare(args.train_file, args.local_dir, test_file=args.test_file, test_size=args.test_size,
                          seed=args.seed, max_chars=args.max_chars, dedup=args.dedup,
-                         skip_invalid=args.skip_invalid, data_source=args.data_source)
+                         skip_invalid=args.skip_invalid, data_source=args.data_source,
+                         train_prompts=args.train_prompts or None, on_bad_prompt=args.on_bad_prompt,
+                         server_url=args.server_url or None, prompt_token_cache=args.prompt_token_cache or None,
+                         dev_size=args.dev_size)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"train: {counts['train']} rows, test: {counts['test']} rows")
+    print(", ".join(f"{name}: {rows} rows" for name, rows in counts.items()))
     return 0
 
 

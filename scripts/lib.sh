@@ -7,6 +7,8 @@
 # unless the script sets log_fd=2 (scripts whose stdout is data: train_grpo.sh's composed
 # config, ray_cluster.sh's --dry-run command). die exits 1.
 # has_cuda / default_device: what the GPU-or-CPU choices of every script go by (nvidia-smi).
+# cuda_gpu_problem / select_train_device: the training device of a profile (train_device=auto|cuda|cpu);
+# cuda dies naming the check that failed and the fix, auto logs what it picked and why.
 # require_env / require_dir / require_gpus: checks that die with what is missing and how to get it
 # (require_env reads $trainer_python and $server_python, require_gpus names $current_stage:
 # run.sh sets them).
@@ -29,6 +31,89 @@ has_cuda() {
 
 default_device() {
   if has_cuda; then echo cuda; else echo cpu; fi
+}
+
+cuda_gpu_problem() {
+  # $1: GPUs a node needs. Prints nothing and returns 0 when nvidia-smi works and at least $1 GPUs are
+  # visible (all it lists, or the entries of a non-empty CUDA_VISIBLE_DEVICES that it lists); else
+  # prints which check failed and returns 1.
+  local needed=$1 listing listed visible=0 entry
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "check 'nvidia-smi on PATH' failed: nvidia-smi not found, so no NVIDIA driver is installed. Fix: install" \
+         "the NVIDIA driver (>= 580 for the CUDA 13 torch 2.11.0 wheels)"
+    return 1
+  fi
+  if ! listing=$(nvidia-smi -L 2>&1); then
+    echo "check 'nvidia-smi -L' failed: $(echo "$listing" | head -n 1). Fix: repair or reinstall the NVIDIA driver" \
+         "(>= 580 for the CUDA 13 torch 2.11.0 wheels) until 'nvidia-smi -L' lists the GPUs"
+    return 1
+  fi
+  listed=$(grep -c '^GPU [0-9]' <<<"$listing" || true)
+  if [ "$listed" -eq 0 ]; then
+    echo "check 'nvidia-smi -L lists a GPU' failed: it lists none. Fix: check the driver and that the GPUs are" \
+         "passed into this machine or container"
+    return 1
+  fi
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    # an index must be one nvidia-smi lists; a UUID (GPU-...) or MIG id must appear in its listing
+    for entry in ${CUDA_VISIBLE_DEVICES//,/ }; do
+      if [[ $entry =~ ^[0-9]+$ ]]; then
+        if [ "$entry" -lt "$listed" ]; then visible=$((visible + 1)); fi
+      elif grep -qF "$entry" <<<"$listing"; then
+        visible=$((visible + 1))
+      fi
+    done
+    if [ "$visible" -lt "$needed" ]; then
+      echo "check 'GPUs visible >= $needed' failed: CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES' names $visible" \
+           "of the $listed GPU(s) nvidia-smi lists. Fix: lower n_gpus_per_node to $visible, or name more of the" \
+           "listed GPUs in CUDA_VISIBLE_DEVICES"
+      return 1
+    fi
+  elif [ "$listed" -lt "$needed" ]; then
+    echo "check 'GPUs visible >= $needed' failed: nvidia-smi lists $listed GPU(s). Fix: lower n_gpus_per_node to" \
+         "$listed (and CUDA_VISIBLE_DEVICES to match)"
+    return 1
+  fi
+  return 0
+}
+
+select_train_device() {
+  # $1: train_device (auto|cuda|cpu), $2: GPUs per node the run needs. Prints cuda or cpu on stdout
+  # (logs go to stderr). cuda with a failed GPU check dies naming the check and the fixes; auto
+  # says loudly which device it picked and why. TTSRL_SKIP_GPU_CHECK=1 lets cuda past the check:
+  # only scripts/check_cuda_envs.sh sets it, to compose the GPU command on a machine without GPUs.
+  local wanted=$1 needed=$2 problem
+  case $wanted in
+    cpu)
+      log "training device: cpu (train_device=cpu)" >&2
+      echo cpu ;;
+    cuda)
+      if [ "${TTSRL_SKIP_GPU_CHECK:-0}" = 1 ]; then
+        log "WARNING: training device: cuda WITHOUT the GPU check (TTSRL_SKIP_GPU_CHECK=1; for" \
+            "scripts/check_cuda_envs.sh, which only composes the command)" >&2
+        echo cuda
+        return 0
+      fi
+      if problem=$(cuda_gpu_problem "$needed"); then
+        log "training device: cuda (train_device=cuda; $needed GPU(s) per node visible)" >&2
+        echo cuda
+      else
+        die "train_device=cuda needs $needed CUDA GPU(s) per node (n_gpus_per_node=$needed), but the $problem." \
+            "Or, to train on the CPU: set train_device=cpu (CPU training is for tiny models: bash run.sh --config" \
+            "configs/smoke.sh)"
+      fi ;;
+    auto)
+      if problem=$(cuda_gpu_problem "$needed"); then
+        log "training device: cuda (train_device=auto picked cuda: $needed GPU(s) per node visible)" >&2
+        echo cuda
+      else
+        log "WARNING: training device: cpu. train_device=auto picked the CPU because the $problem." \
+            "Set train_device=cuda to stop instead, or train_device=cpu to say the CPU is meant" >&2
+        echo cpu
+      fi ;;
+    *)
+      die "train_device must be auto, cuda or cpu, got '$wanted' (set it in the config file or the environment)" ;;
+  esac
 }
 
 require_env() {

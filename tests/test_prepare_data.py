@@ -37,6 +37,8 @@ BAD_LINES = [
     ('{"text": "   \\t "}', "empty text"),
     ('{"text": "这句话太长了太长了太长了"}', "text too long"),
     ('["not", "an", "object"]', "not an object"),
+    ('{"text": "。！？"}', "nothing to score after normalization"),
+    ('{"text": "好", "prompt_wav": 3}', "non-string prompt field"),
 ]
 
 
@@ -78,3 +80,26 @@ def test_argument_errors(tmp_path, capsys):
                               "--test_size", "1"]) == 1
     assert "nope.jsonl: no such file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_zero_shot_flags_dev_slice_and_bad_prompt_spellings(tmp_path, capsys, reward_server):
+    from tests.ttsrl.training.test_data import _prompt_set, _texts
+
+    prompts, _ = _prompt_set(tmp_path, speakers=("alice", "bob"), per_speaker=1)
+    with open(prompts, "a", encoding="utf-8") as handle:
+        handle.write('{"prompt_wav": "nowhere.wav", "prompt_text": "没有"}\n')
+    train = write_jsonl(tmp_path / "train.jsonl", _texts(12))
+    out = tmp_path / "out"
+    argv = ["--train_file", train, "--test_size", "2", "--local_dir", str(out), "--train_prompts", prompts,
+            "--server_url", reward_server.grpc_url, "--dev_size", "3", "--prompt_token_cache", str(tmp_path / "c.json")]
+    assert prepare_data.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{prompts}:3: prompt wav" in err and "nowhere.wav not found" in err and "--on_bad_prompt skip" in err
+    assert not out.exists()
+    assert prepare_data.main(argv + ["--on-bad-prompt", "skip"]) == 0
+    captured = capsys.readouterr().out
+    assert "skipped 1 prompts of the prompt set (prompt wav not found: 1)" in captured
+    assert "train: 7 rows, dev: 3 rows, test: 2 rows" in captured
+    assert sorted(os.listdir(out)) == ["dev.jsonl", "test.parquet", "train.parquet"]
+    assert (tmp_path / "c.json").is_file()
+    assert {r["extra_info"]["prompt_id"] for r in read(out / "train.parquet")} == {"alice0", "bob0"}

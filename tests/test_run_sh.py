@@ -1,5 +1,6 @@
 """run.sh: argument handling, stage selection, idempotent stage 0, loud failures."""
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -51,3 +52,91 @@ def test_stop_server_without_a_running_server_says_so(tmp_path):
     done = run_sh("--stop-server", env={"exp_dir": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert f"no reward server pid file ({tmp_path / 'reward_server.pid'})" in done.stdout
+
+
+# ---- stage 2: the training device (train_device) and --force --------------------------------------------
+
+def no_gpu_path(tmp_path):
+    """PATH with an nvidia-smi that fails as it does on a machine without a driver (so the test means the
+    same on a machine that has GPUs); on this GPU-less machine the real PATH has no nvidia-smi at all."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'"
+                    "\nexit 9\n")
+    tool.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_stage_2_on_the_gpu_profile_without_gpus_stops_naming_the_check(tmp_path):
+    env = {"exp_dir": str(tmp_path / "exp"), "train_device": "cuda"}
+    if shutil.which("nvidia-smi") is None:  # this machine as it is: no driver at all
+        done = run_sh("2", "2", env=env)
+        assert done.returncode == 1
+        assert "train_device=cuda needs 8 CUDA GPU(s) per node (n_gpus_per_node=8), but the check" \
+               " 'nvidia-smi on PATH' failed: nvidia-smi not found" in done.stderr
+        assert "install the NVIDIA driver (>= 580" in done.stderr and "set train_device=cpu" in done.stderr
+        assert "stage 2 failed (exit 1)" in done.stderr
+    done = run_sh("2", "2", env={**env, "PATH": no_gpu_path(tmp_path)})
+    assert done.returncode == 1
+    assert "but the check 'nvidia-smi -L' failed: NVIDIA-SMI has failed" in done.stderr
+    assert "stage 2 failed (exit 1)" in done.stderr
+    assert not (tmp_path / "exp").exists()  # stopped before anything ran or was written
+    # the default config is the GPU profile
+    default = run_sh("2", "2", env={"exp_dir": str(tmp_path / "exp"), "PATH": no_gpu_path(tmp_path)})
+    assert default.returncode == 1 and "train_device=cuda needs 8 CUDA GPU(s)" in default.stderr
+
+
+def test_stage_2_refuses_a_bad_train_device(tmp_path):
+    done = run_sh("2", "2", env={"exp_dir": str(tmp_path / "exp"), "train_device": "bogus"})
+    assert done.returncode == 1
+    assert "train_device must be auto, cuda or cpu, got 'bogus'" in done.stderr
+    assert "stage 2 failed" in done.stderr
+
+
+def test_stage_2_auto_says_it_falls_back_to_the_cpu(tmp_path):
+    done = run_sh("2", "2", env={"exp_dir": str(tmp_path / "exp"), "train_device": "auto",
+                                 "PATH": no_gpu_path(tmp_path), "TRAINER_VENV": str(tmp_path / "no-venv")})
+    assert "WARNING: training device: cpu. train_device=auto picked the CPU because the check 'nvidia-smi -L'" \
+        in done.stderr
+    assert "stage 2: GRPO on the CPU" in done.stdout
+    assert done.returncode == 1 and "the trainer environment is missing" in done.stderr  # went on to stage 2's checks
+
+
+def fake_trainer_venv(tmp_path: Path, exp: Path) -> Path:
+    """A trainer 'python' that passes the preflight and, as the trainer, records what veRL would find in
+    exp_dir to resume from. Only stage 2's wiring is under test; the real training is tests/test_grpo_cpu.py's."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f"""#!/bin/bash
+case "$*" in
+  *preflight_grpo.py*) echo "preflight: all checks passed" ;;
+  *verl.trainer.main_ppo*) ls {exp} > {tmp_path / 'seen_by_trainer.txt'}; echo "$*" > {tmp_path / 'trainer_args.txt'} ;;
+  *) echo "unexpected: $*" >&2; exit 3 ;;
+esac
+""")
+    python.chmod(0o755)
+    return venv
+
+
+def test_force_makes_grpo_start_afresh_with_the_old_run_kept(tmp_path):
+    exp = tmp_path / "exp"
+    (exp / "global_step_100" / "actor").mkdir(parents=True)
+    (exp / "global_step_100" / "actor" / "model.pt").write_text("step 100")
+    (exp / "latest_checkpointed_iteration.txt").write_text("100")
+    env = {"exp_dir": str(exp), "train_device": "cpu", "TRAINER_VENV": str(fake_trainer_venv(tmp_path, exp)),
+           "n_gpus_per_node": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+    resumed = run_sh("2", "2", env=env)  # without --force: veRL finds the checkpoint (resume_mode=auto)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "global_step_100" in (tmp_path / "seen_by_trainer.txt").read_text()
+
+    fresh = run_sh("--force", "2", "2", env=env)
+    assert fresh.returncode == 0, fresh.stderr
+    seen = (tmp_path / "seen_by_trainer.txt").read_text().split()
+    assert "global_step_100" not in seen and "latest_checkpointed_iteration.txt" not in seen
+    [backup] = exp.glob("replaced_*")
+    assert f"moved to {backup}" in fresh.stdout
+    assert (backup / "global_step_100" / "actor" / "model.pt").read_text() == "step 100"
+    assert "trainer.resume_mode" not in (tmp_path / "trainer_args.txt").read_text()  # auto: nothing to resume

@@ -229,3 +229,138 @@ def test_cpu_command_adds_the_cpu_settings_and_only_them(tmp_path):
     # everything the recipe sets is the same on both devices
     assert mismatches(cpu, SETTINGS) == ["actor_rollout_ref.actor.strategy: got 'fsdp2', want 'fsdp'"]
     validate_with_verl(cpu)
+
+
+# ---- the reference recipe's settings ------------------------------------------------------------------------
+# CosyVoice examples/grpo/cosyvoice2/run.sh at the pinned commit (ace7c47f), stage 2's main_ppo command, as
+# written there (veRL 0.4 key names) -> our composed key. "same": the default config composes to the
+# reference's value. "differs": it does not, and configs/grpo.yaml says so ("DIFFERS from the reference")
+# in the comment above the key, with the reason.
+REFERENCE = [
+    # (our key, the reference's argument, the reference's value, same|differs)
+    ("algorithm.adv_estimator", "algorithm.adv_estimator", "grpo", "same"),
+    ("data.train_batch_size", "data.train_batch_size", 32, "same"),
+    ("data.max_prompt_length", "data.max_prompt_length", 1024, "differs"),
+    ("data.max_response_length", "data.max_response_length", 512, "same"),
+    ("data.truncation", "data.truncation", "error", "same"),
+    ("data.filter_overlong_prompts", "(not set: veRL's default)", False, "differs"),
+    ("actor_rollout_ref.model.use_remove_padding", "actor_rollout_ref.model.use_remove_padding", False, "same"),
+    ("actor_rollout_ref.model.enable_gradient_checkpointing",
+     "actor_rollout_ref.model.enable_gradient_checkpointing", True, "same"),
+    ("actor_rollout_ref.actor.optim.lr", "actor_rollout_ref.actor.optim.lr", 1e-6, "same"),
+    ("actor_rollout_ref.actor.ppo_mini_batch_size", "actor_rollout_ref.actor.ppo_mini_batch_size", 32, "same"),
+    ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+     4, "same"),
+    ("actor_rollout_ref.actor.use_kl_loss", "actor_rollout_ref.actor.use_kl_loss", False, "same"),
+    ("actor_rollout_ref.actor.fsdp_config.param_offload", "actor_rollout_ref.actor.fsdp_config.param_offload",
+     False, "same"),
+    ("actor_rollout_ref.actor.fsdp_config.optimizer_offload",
+     "actor_rollout_ref.actor.fsdp_config.optimizer_offload", False, "same"),
+    ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
+     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", 4, "same"),
+    ("actor_rollout_ref.rollout.tensor_model_parallel_size", "actor_rollout_ref.rollout.tensor_model_parallel_size",
+     1, "same"),
+    ("actor_rollout_ref.rollout.name", "actor_rollout_ref.rollout.name", "vllm", "same"),
+    ("actor_rollout_ref.rollout.gpu_memory_utilization", "actor_rollout_ref.rollout.gpu_memory_utilization",
+     0.6, "same"),
+    ("actor_rollout_ref.rollout.do_sample", "actor_rollout_ref.rollout.do_sample", True, "same"),
+    ("actor_rollout_ref.rollout.temperature", "actor_rollout_ref.rollout.temperature", 0.8, "same"),
+    ("actor_rollout_ref.rollout.top_p", "actor_rollout_ref.rollout.top_p", 0.95, "same"),
+    ("actor_rollout_ref.rollout.top_k", "actor_rollout_ref.rollout.top_k", 25, "same"),
+    ("actor_rollout_ref.rollout.n", "actor_rollout_ref.rollout.n", 4, "same"),
+    ("actor_rollout_ref.rollout.val_kwargs.do_sample", "actor_rollout_ref.rollout.val_kwargs.do_sample", True, "same"),
+    ("actor_rollout_ref.rollout.val_kwargs.temperature", "actor_rollout_ref.rollout.val_kwargs.temperature", 0.8,
+     "same"),
+    ("actor_rollout_ref.rollout.val_kwargs.top_p", "actor_rollout_ref.rollout.val_kwargs.top_p", 0.95, "same"),
+    ("actor_rollout_ref.rollout.val_kwargs.top_k", "actor_rollout_ref.rollout.val_kwargs.top_k", 25, "same"),
+    ("reward.reward_manager.name", "reward_model.reward_manager", "prime", "differs"),
+    ("reward.custom_reward_function.name", "custom_reward_function.name", "compute_score", "same"),
+    ("trainer.project_name", "trainer.project_name", "cosyvoice2_grpo", "same"),
+    ("trainer.logger", "trainer.logger", ["console", "wandb"], "differs"),
+    ("trainer.n_gpus_per_node", "trainer.n_gpus_per_node", 8, "same"),
+    ("trainer.nnodes", "trainer.nnodes", 1, "same"),
+    ("trainer.save_freq", "trainer.save_freq", 100, "same"),
+    ("trainer.test_freq", "trainer.test_freq", 100, "same"),
+    ("trainer.resume_mode", "trainer.resume_mode", "auto", "same"),
+    ("trainer.total_epochs", "trainer.total_epochs", 1, "same"),
+    ("trainer.val_before_train", "trainer.val_before_train", False, "differs"),
+]
+
+
+def default_sizes_config(tmp_path):
+    """The default config as a user runs it: only paths and the server URL set, every size from default.sh."""
+    paths = {k: SETTINGS[k] for k in ("hf_model_dir", "data_dir", "exp_name", "exp_dir", "REWARD_SERVER_URL")}
+    return compose(tmp_path, settings=paths)
+
+
+def yaml_comments(yaml_text: str) -> dict[str, str]:
+    """Dotted key path -> the comment lines right above that key in configs/grpo.yaml (blank lines skipped)."""
+    comments, stack, block = {}, [], []
+    for line in yaml_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            block.append(stripped)
+            continue
+        match = re.match(r"^( *)([A-Za-z_][A-Za-z0-9_]*):", line)
+        if match:
+            indent = len(match.group(1))
+            stack = [(i, k) for i, k in stack if i < indent] + [(indent, match.group(2))]
+            comments[".".join(k for _, k in stack)] = "\n".join(block)
+        if stripped:
+            block = []
+    return comments
+
+
+def test_default_config_matches_the_reference_where_it_says_so(tmp_path):
+    cfg = default_sizes_config(tmp_path)
+    comments = yaml_comments((REPO_ROOT / "configs" / "grpo.yaml").read_text())
+    wrong = []
+    for key, reference_arg, reference_value, status in REFERENCE:
+        got = OmegaConf.select(cfg, key, default="<missing>")
+        if OmegaConf.is_config(got):
+            got = OmegaConf.to_container(got)
+        labelled_differs = "DIFFERS from the reference" in comments.get(key, "")
+        if status == "same" and got != reference_value:
+            wrong.append(f"{key}: {got!r}, but the reference's {reference_arg} is {reference_value!r}")
+        if status == "same" and labelled_differs:
+            wrong.append(f"{key}: grpo.yaml says it differs from the reference, but it is the same")
+        if status == "differs" and got == reference_value:
+            wrong.append(f"{key}: listed as differing, but it is the reference's {reference_value!r}")
+        if status == "differs" and not labelled_differs:
+            wrong.append(f"{key}: differs from the reference ({reference_value!r}), and grpo.yaml does not say so")
+    assert wrong == []
+    # one optimizer update per step, as in the reference
+    assert cfg.data.train_batch_size // cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 1
+    validate_with_verl(cfg)
+
+
+def test_no_config_comment_calls_a_setting_the_reference_loosely():
+    # "as in the reference" was once written above a value the reference does not use: every
+    # claim must be the "reference: VALUE" / "DIFFERS from the reference" form the test above checks.
+    for name in ("grpo.yaml", "default.sh", "smoke.sh"):
+        text = (REPO_ROOT / "configs" / name).read_text().lower()
+        assert "as in the reference" not in text, name
+
+
+# ---- the device: TTSRL_DEVICE, else train_device ---------------------------------------------------------------
+
+def failing_nvidia_smi_path(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed'\nexit 9\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_train_device_decides_without_ttsrl_device(tmp_path):
+    no_gpu = {"TTSRL_DEVICE": "", "PATH": failing_nvidia_smi_path(tmp_path)}
+    with pytest.raises(ComposeError, match=r"train_device=cuda needs 2 CUDA GPU\(s\) per node.*'nvidia-smi -L' failed"):
+        compose(tmp_path, settings={**SETTINGS, "train_device": "cuda"}, env_extra=no_gpu)
+    cpu = compose(tmp_path, settings={**SETTINGS, "train_device": "cpu"}, env_extra=no_gpu)
+    assert cpu.trainer.device == "cpu"
+    # only scripts/check_cuda_envs.sh sets this: the GPU command composed on a machine without GPUs
+    gpu = compose(tmp_path, settings={**SETTINGS, "train_device": "cuda"},
+                  env_extra={**no_gpu, "TTSRL_SKIP_GPU_CHECK": "1"})
+    assert gpu.trainer.device == "cuda" and gpu.actor_rollout_ref.actor.strategy == "fsdp"
+    with pytest.raises(ComposeError, match="TTSRL_DEVICE must be cpu or cuda, got 'gpu'"):
+        compose(tmp_path, env_extra={"TTSRL_DEVICE": "gpu"})

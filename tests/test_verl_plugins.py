@@ -132,3 +132,29 @@ def test_validation_audio_is_written_from_the_server(tmp_path, reward_server):
     record = json.loads((tmp_path / "step_3" / "0.json").read_text())
     assert record["speech_tokens"] == ids and record["text"] == "三七九"
     assert record["seconds"] == len(ids) * standin.SAMPLES_PER_TOKEN / standin.SAMPLE_RATE
+
+
+def test_gdpo_components_feed_veRLs_estimator_per_component():
+    import numpy as np
+    from verl.trainer.ppo.core_algos import compute_gdpo_outcome_advantage
+
+    # two groups of two rollouts; in group "a" only the similarity differs, in "b" only the error rate
+    infos = [{"utility_error_rate": 0.5, "utility_similarity": 1.0}, {"utility_error_rate": 0.5, "utility_similarity": 0.0},
+             {"utility_error_rate": 0.9, "utility_similarity": 1.0}, {"utility_error_rate": 0.1, "utility_similarity": 1.0}]
+    fields = [{"reward_extra_info": info} for info in infos]
+    keys = ["utility_error_rate", "utility_similarity"]
+    components = tts_trainer.gdpo_components(fields, keys)
+    assert components["utility_similarity"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    # what the tts_sync trainer hands the estimator: an empty prompt block, the response mask as attention mask
+    batch = {"prompts": torch.zeros((4, 0), dtype=torch.long), "attention_mask": mask}
+    from omegaconf import OmegaConf
+    config = OmegaConf.create({"gdpo_reward_keys": keys})
+    advantages, _ = compute_gdpo_outcome_advantage(torch.zeros(4, 3), mask.float(), np.array(["a", "a", "b", "b"]),
+                                                   config=config, non_tensor_batch=components, batch=batch)
+    per_rollout = advantages[:, 0]
+    # each group's winner gains, although its own summed reward differs from the other group's scale
+    assert per_rollout[0] > 0 > per_rollout[1] and per_rollout[2] > 0 > per_rollout[3]
+    assert torch.all(advantages[mask == 0] == 0)
+    with pytest.raises(KeyError, match="utility_confidence"):
+        tts_trainer.gdpo_components(fields, ["utility_confidence"])

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long Triton waits to fill a batch, microseconds")
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument("--reward-config", default=DEFAULT_CONFIG_PATH, help="reward YAML")
+    scoring.add_argument("--reward-preset", default=None,
+                         help="named preset of the reward YAML (configs/reward.yaml: intelligibility, zero_shot); "
+                              "default: the file's own 'preset'")
     scoring.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest token sequence accepted")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--triton-log-verbose", type=int, default=0)
@@ -148,7 +151,7 @@ def engine_options(args, device: str, need_speaker: bool) -> EngineOptions:
 
 def build_pipelines(args) -> list[Pipeline]:
     """One Pipeline (engines + prompt features) per slot: devices x instances."""
-    config = load_reward_config(args.reward_config)
+    config = load_reward_config(args.reward_config, args.reward_preset)
     prompts = load_prompts(args.prompt_bank)
     limits = Limits(max_tokens=args.max_tokens)
     if args.instances_per_device < 1:
@@ -160,7 +163,8 @@ def build_pipelines(args) -> list[Pipeline]:
             engines = create_engines(engine_options(args, device, config.uses("similarity")), args.engines)
             slot = Slot(engines, prompts, need_speaker=config.uses("similarity"))
             pipelines.append(Pipeline(slot, config, limits))
-    LOGGER.info("%d slot(s), %d prompt(s), reward config %s", len(pipelines), len(prompts), config)
+    LOGGER.info("%d slot(s), %d prompt(s), reward config %s%s: %s", len(pipelines), len(prompts), args.reward_config,
+                f" preset {args.reward_preset}" if args.reward_preset else "", config)
     return pipelines
 
 
@@ -186,8 +190,8 @@ def warn_if_exposed(host: str) -> bool:
 
 def front_checks(args) -> tuple:
     """Check what the front can check cheaply before it binds any port (the worker loads
-    the engines): reward config, devices, engine factory, limits and policy."""
-    load_reward_config(args.reward_config)
+    the engines): reward config and preset, devices, engine factory, limits and policy."""
+    load_reward_config(args.reward_config, args.reward_preset)
     parse_devices(args.devices)
     parse_engine_options(args.engine_option)
     load_factory(args.engines)

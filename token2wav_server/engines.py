@@ -39,7 +39,10 @@ together where its model allows.
       and reports the failing item in-band).
 
 ``Engines`` bundles them; ``asr_eval`` is an optional second ASR (for example
-Paraformer) served as the ``asr_eval`` model for evaluation.
+Paraformer) served as the ``asr_eval`` model for evaluation. ``reward_speaker`` is an
+optional second ``SpeakerEngine`` for the reward's speaker similarity, so the reward and the
+evaluation's SIM can use different models (engines_wavlm_sv: CAM++ for the reward, WavLM for
+the ``speaker`` model); without it the reward uses ``speaker``.
 """
 from __future__ import annotations
 
@@ -102,13 +105,20 @@ class SpeechTokenizerEngine(Protocol):
 
 @dataclasses.dataclass
 class Engines:
-    """What one server slot runs. ``speaker``, ``asr_eval`` and ``speech_tokenizer`` are optional."""
+    """What one server slot runs. ``speaker``, ``asr_eval``, ``speech_tokenizer`` and
+    ``reward_speaker`` are optional."""
 
     token2wav: Token2WavEngine
     asr: AsrEngine
     speaker: Optional[SpeakerEngine] = None
     asr_eval: Optional[AsrEngine] = None
     speech_tokenizer: Optional[SpeechTokenizerEngine] = None
+    reward_speaker: Optional[SpeakerEngine] = None  # None: the reward uses ``speaker``
+
+    @property
+    def similarity_speaker(self) -> Optional[SpeakerEngine]:
+        """The speaker engine the reward's similarity is measured with."""
+        return self.reward_speaker if self.reward_speaker is not None else self.speaker
 
     def __post_init__(self):
         checks = [("token2wav", self.token2wav, Token2WavEngine), ("asr", self.asr, AsrEngine)]
@@ -118,6 +128,8 @@ class Engines:
             checks.append(("asr_eval", self.asr_eval, AsrEngine))
         if self.speech_tokenizer is not None:
             checks.append(("speech_tokenizer", self.speech_tokenizer, SpeechTokenizerEngine))
+        if self.reward_speaker is not None:
+            checks.append(("reward_speaker", self.reward_speaker, SpeakerEngine))
         for name, engine, protocol in checks:
             if not isinstance(engine, protocol):
                 raise TypeError(f"engine {name!r} ({type(engine).__name__}) does not implement {protocol.__name__}")

@@ -31,8 +31,10 @@ Use it through the factory::
         --engine-option base_engines=token2wav_server.engines_cosyvoice2:create_engines \\
         --engine-option sim_model=pretrained_models/wavlm_large_finetune.pth ...
 
-which builds the ``base_engines`` and replaces their ``speaker`` engine with this one
-(``sim_model`` defaults to ``--speaker-model``).
+which builds the ``base_engines`` and serves this engine as their ``speaker`` (the
+evaluation's SIM; ``sim_model`` defaults to ``--speaker-model``), keeping the base engines'
+own speaker engine (CosyVoice2's CAM++) as ``reward_speaker``: the training reward's
+similarity stays CosyVoice's own, the evaluation's is Seed-TTS-eval's.
 """
 from __future__ import annotations
 
@@ -412,4 +414,5 @@ def create_engines(options):
         raise ValueError("engines_wavlm_sv needs the speaker model: --engine-option sim_model=PATH "
                          "(Seed-TTS-eval's wavlm_large_finetune.pth) or --speaker-model PATH")
     engines = build(options, spec)
-    return dataclasses.replace(engines, speaker=WavLMEcapaSpeaker(checkpoint, options.device))
+    return dataclasses.replace(engines, speaker=WavLMEcapaSpeaker(checkpoint, options.device),
+                               reward_speaker=engines.similarity_speaker)

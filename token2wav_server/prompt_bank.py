@@ -37,6 +37,9 @@ KNOWN_TRANSCRIPTS = {"zero_shot_prompt.wav": "希望你以后能够做的比我�
 SILENT_PROMPT_NAME = "silence"
 MAX_PROMPT_SECONDS = 30.0
 """CosyVoice2's frontend asserts on longer prompts (and zero-shot prompts are a few seconds)."""
+MIN_PROMPT_SECONDS = 1.0
+"""The shortest prompt stage 0 accepts for training data (25 speech tokens). Not enforced by
+``check_prompt``: requests and tests may condition on shorter prompts."""
 MIN_PROMPT_SAMPLE_RATE = 16000
 """CosyVoice2's frontend resamples prompts down to 16 kHz and asserts on lower rates."""
 DEFAULT_PROMPT_CACHE_SIZE = 512

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from ttsrl.triton_client import speaker_prompt_key
+from ttsrl.triton_client import BANK_PROMPT_PREFIX, speaker_prompt_key
 
 from .engines import SpeakerPrompt
 from .prompt_bank import PromptBank, PromptBankError, check_prompt
@@ -58,6 +58,18 @@ class Item:
     nll: Optional[float] = None
     similarity: Optional[float] = None
     rate: int = 0  # sample rate of ``wave`` for the waveform models
+    prompt_name: str = ""  # the bank prompt's name, or ``item-<key prefix>`` for the item's own
+
+    def describe(self) -> str:
+        """Which item this is, for an error message: request, row, size and prompt."""
+        parts = []
+        if self.tokens is not None:
+            parts.append(f"{self.tokens.size} speech tokens")
+        elif self.wave is not None and self.rate:
+            parts.append(f"{self.wave.size / self.rate:.2f} s of audio")
+        if self.prompt_name:
+            parts.append(f"prompt {self.prompt_name}")
+        return f"request {self.request} row {self.row}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _rows(request: dict, name: str, batch: int) -> np.ndarray:
@@ -178,10 +190,12 @@ def token_items(requests: list, parameters: list, limits: Limits, bank: PromptBa
                 item.speaker_prompt = prompt_rows.prompt(row)
                 if item.speaker_prompt is None:
                     item.prompt = bank.choose(item.tokens, str(prompt_name) if prompt_name else None)
+                    item.prompt_name = BANK_PROMPT_PREFIX + bank.names[item.prompt]
                 else:
                     sp = item.speaker_prompt
                     item.prompt_key = speaker_prompt_key(sp.wave, sp.sample_rate, sp.text)
-                    item.speaker_prompt = dataclasses.replace(sp, name=f"item-{item.prompt_key[:16]}")
+                    item.prompt_name = f"item-{item.prompt_key[:16]}"
+                    item.speaker_prompt = dataclasses.replace(sp, name=item.prompt_name)
             except (ItemError, KeyError) as error:
                 item.error = str(error).strip("'\"")
                 item.tokens = None

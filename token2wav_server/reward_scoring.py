@@ -14,6 +14,20 @@ Components (YAML ``weights`` keys):
   utility ``exp(-nll / confidence_tau)``. Needs an ASR engine that reports ``nll``.
 
 Components with weight 0 (other than the error rate) are not computed; their outputs are NaN.
+Each weighted component's utility is returned too (``ItemScore.utilities``; the server's
+``UTILITY_*`` outputs), so that a multi-reward advantage estimator (veRL's ``gdpo``) can
+normalize each one on its own.
+
+Presets: a reward file either holds the settings themselves (flat, as above), or named
+presets and the default one::
+
+    preset: intelligibility          # used unless --reward-preset names another
+    presets:
+      intelligibility: {weights: {error_rate: 1.0}, beta: 3.0, rule: arithmetic}
+      zero_shot: {weights: {error_rate: 1.0, similarity: 1.0}, beta: 3.0, rule: arithmetic}
+
+``load_reward_config(path, preset)`` reads either form; an unknown preset name is an error
+that names the file, the name and the presets the file has.
 """
 from __future__ import annotations
 
@@ -29,6 +43,7 @@ from ttsrl.scoring import METRICS, error_rate
 
 COMPONENTS = ("error_rate", "similarity", "confidence")
 DEFAULT_CONFIG_PATH = "configs/reward.yaml"
+PRESET_KEYS = ("preset", "presets")
 
 
 class RewardConfigError(ValueError):
@@ -65,11 +80,23 @@ class RewardConfig:
         return self.weights.get(component, 0) > 0
 
 
-def load_reward_config(path: Optional[str]) -> RewardConfig:
-    """Read a reward YAML; ``None`` gives the defaults (error rate only, beta 3, arithmetic)."""
-    if path is None:
-        return RewardConfig()
-    file = pathlib.Path(path)
+def _config_from(data, where: str) -> RewardConfig:
+    """One flat mapping of settings -> RewardConfig; errors name ``where`` (file, preset)."""
+    if not isinstance(data, dict):
+        raise RewardConfigError(f"{where}: expected a mapping of settings")
+    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RewardConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    if "weights" in data and not isinstance(data["weights"], dict):
+        raise RewardConfigError(f"{where}: 'weights' must be a mapping of component -> weight")
+    try:
+        return RewardConfig(**data)
+    except RewardConfigError as error:
+        raise RewardConfigError(f"{where}: {error}") from None
+
+
+def _read_yaml(file: pathlib.Path) -> dict:
     if not file.is_file():
         raise RewardConfigError(f"reward config {file} not found")
     try:
@@ -78,16 +105,40 @@ def load_reward_config(path: Optional[str]) -> RewardConfig:
         raise RewardConfigError(f"{file}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
         raise RewardConfigError(f"{file}: expected a mapping at the top level")
-    known = {f.name for f in dataclasses.fields(RewardConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise RewardConfigError(f"{file}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    if "weights" in data and not isinstance(data["weights"], dict):
-        raise RewardConfigError(f"{file}: 'weights' must be a mapping of component -> weight")
-    try:
-        return RewardConfig(**data)
-    except RewardConfigError as error:
-        raise RewardConfigError(f"{file}: {error}") from None
+    return data
+
+
+def load_reward_config(path: Optional[str], preset: Optional[str] = None) -> RewardConfig:
+    """Read a reward YAML (flat, or with ``presets``: see the module doc); ``preset`` picks a
+    preset (default: the file's ``preset``). ``path=None`` gives the defaults (error rate
+    only, beta 3, arithmetic)."""
+    if path is None:
+        if preset:
+            raise RewardConfigError(f"reward preset {preset!r} needs a reward config file (--reward-config)")
+        return RewardConfig()
+    file = pathlib.Path(path)
+    data = _read_yaml(file)
+    if "presets" not in data:
+        if "preset" in data:
+            raise RewardConfigError(f"{file}: 'preset: {data['preset']}' but no 'presets' mapping")
+        if preset:
+            raise RewardConfigError(f"{file}: has no presets, so reward preset {preset!r} cannot be chosen; "
+                                    f"leave --reward-preset out or add a 'presets' mapping")
+        return _config_from(data, str(file))
+    presets = data["presets"]
+    others = sorted(set(data) - set(PRESET_KEYS))
+    if others:
+        raise RewardConfigError(f"{file}: key(s) {others} next to 'presets': with presets, every setting "
+                                f"goes inside a preset")
+    if not isinstance(presets, dict) or not presets:
+        raise RewardConfigError(f"{file}: 'presets' must be a non-empty mapping of name -> settings")
+    name = preset or data.get("preset")
+    if not name:
+        raise RewardConfigError(f"{file}: no default 'preset' and none chosen (--reward-preset); "
+                                f"known presets: {sorted(presets)}")
+    if name not in presets:
+        raise RewardConfigError(f"{file}: unknown reward preset {name!r}; known presets: {sorted(presets)}")
+    return _config_from(presets[name], f"{file}: preset {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +147,11 @@ class ItemScore:
     error_rate: float
     similarity: float = math.nan  # NaN: not computed
     nll: float = math.nan  # NaN: not computed
+    utilities: Mapping[str, float] = dataclasses.field(default_factory=dict)  # weighted components only
+
+    def utility(self, component: str) -> float:
+        """The utility of ``component`` (NaN: not weighted, so not computed)."""
+        return float(self.utilities.get(component, math.nan))
 
 
 def score_item(
@@ -119,15 +175,17 @@ def score_item(
         error_rate=rate,
         similarity=similarity if config.uses("similarity") else math.nan,
         nll=nll if config.uses("confidence") else math.nan,
+        utilities={name: u for name, u in utilities.items() if config.uses(name)},
     )
 
 
 def minimum_score(config: RewardConfig) -> ItemScore:
     """The documented score of a rollout with no speech tokens: reward 0, error rate 1,
-    similarity 0 and nll infinity where those are computed."""
+    similarity 0 and nll infinity where those are computed, every weighted utility 0."""
     return ItemScore(
         reward=0.0,
         error_rate=1.0,
         similarity=0.0 if config.uses("similarity") else math.nan,
         nll=math.inf if config.uses("confidence") else math.nan,
+        utilities={name: 0.0 for name in COMPONENTS if config.uses(name)},
     )

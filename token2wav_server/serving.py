@@ -9,8 +9,15 @@ Bad input never fails a call: each item of each request is checked on its own
 (empty string when fine) and NaN in its numeric outputs, while the other items of the batch
 are served normally. (PyTriton 0.7 can only fail a whole batch of requests, so per-item
 errors travel in-band.) An engine that fails on a batch is retried item by item, so one
-pathological input fails only itself. A rollout with zero speech tokens is not an error: it
-gets ``reward_scoring.minimum_score``.
+pathological input fails only itself. A failure that can pass (``is_transient``: CUDA out of
+memory) is retried up to ``TRANSIENT_ATTEMPTS`` times per item, after
+``torch.cuda.empty_cache()`` where torch with CUDA is loaded and a short backoff; if it
+persists, the item's ERRORS names it (request, row, number of tokens, prompt), the error
+and the number of attempts. No score is made up for it. A rollout with zero speech tokens
+is not an error: it gets ``reward_scoring.minimum_score``.
+
+The reward's speaker similarity uses ``Engines.similarity_speaker`` (``reward_speaker``,
+else ``speaker``); the ``speaker`` model (evaluation) always uses ``speaker``.
 
 An item's own speaker prompt (``token2wav`` and ``token2wav_asr``) is prepared once per
 distinct prompt (``prompt_bank.PromptCache``, keyed by ``ttsrl.triton_client.speaker_prompt_key``)
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
+import time
 from typing import Optional
 
 import numpy as np
@@ -37,6 +46,13 @@ from .request_items import SPEECH_VOCAB_SIZE, Item, Limits, token_items, wave_it
 from .reward_scoring import RewardConfig, minimum_score, score_item
 
 LOGGER = logging.getLogger(__name__)
+TRANSIENT_ATTEMPTS = 3
+"""Attempts per item for a failure that can pass (out of memory), the first included."""
+TRANSIENT_BACKOFF_S = 0.2
+"""Wait before the second attempt; doubles for each further one."""
+UTILITY_OUTPUTS = {"UTILITY_ERROR_RATE": "error_rate", "UTILITY_SIMILARITY": "similarity",
+                   "UTILITY_CONFIDENCE": "confidence"}
+"""token2wav_asr's per-component utility outputs -> reward component (NaN: not weighted)."""
 
 
 def _text_array(texts: list) -> np.ndarray:
@@ -59,33 +75,80 @@ class Slot:
         self.item_prompt_embeddings = PromptCache(self._embed_prompt, prompt_cache_size)
         self.prompt_embeddings = None
         if need_speaker:
-            if engines.speaker is None:
+            speaker = engines.similarity_speaker
+            if speaker is None:
                 raise ValueError("the reward config weights speaker similarity but the engines have no speaker engine")
-            rate = engines.speaker.sample_rate
-            waves = [resample(p.wave, p.sample_rate, rate) for p in self.bank.prompts]
-            self.prompt_embeddings = np.asarray(engines.speaker.embed(waves), dtype=np.float32)
+            waves = [resample(p.wave, p.sample_rate, speaker.sample_rate) for p in self.bank.prompts]
+            self.prompt_embeddings = np.asarray(speaker.embed(waves), dtype=np.float32)
 
     def _embed_prompt(self, prompt: SpeakerPrompt) -> np.ndarray:
-        speaker = self.engines.speaker
+        speaker = self.engines.similarity_speaker
         wave = resample(prompt.wave, prompt.sample_rate, speaker.sample_rate)
         return np.asarray(speaker.embed([wave]), dtype=np.float32).reshape(-1)
 
 
+def is_transient(error: BaseException) -> bool:
+    """A failure that may pass on a retry: the device ran out of memory (torch's
+    ``OutOfMemoryError``, or a RuntimeError / ORT error saying so)."""
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+
+
+def _free_device_memory() -> None:
+    """Return PyTorch's cached CUDA blocks, when an engine has loaded torch with CUDA."""
+    torch = sys.modules.get("torch")  # never imported here: stand-in servers do not load torch
+    try:
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - freeing memory is best effort; the retry says what is left
+        LOGGER.exception("torch.cuda.empty_cache() failed")
+
+
+def _call(function, inputs: list, what: str) -> list:
+    outputs = list(function(inputs))
+    if len(outputs) != len(inputs):
+        raise RuntimeError(f"{what} engine returned {len(outputs)} results for {len(inputs)} inputs")
+    return outputs
+
+
+def _run_one(function, x, item: Item, what: str, error: Exception) -> object:
+    """Retry one item that failed with ``error`` while it is transient (at most
+    TRANSIENT_ATTEMPTS attempts in all); a failure that persists sets ``item.error``."""
+    attempts = 1
+    while is_transient(error) and attempts < TRANSIENT_ATTEMPTS:
+        _free_device_memory()
+        time.sleep(TRANSIENT_BACKOFF_S * 2 ** (attempts - 1))
+        LOGGER.warning("%s: %s on %s; attempt %d of %d", what, error, item.describe(), attempts + 1,
+                       TRANSIENT_ATTEMPTS)
+        attempts += 1
+        try:
+            return _call(function, [x], what)[0]
+        except Exception as again:  # an engine may raise anything
+            error = again
+    item.error = (f"{what} failed on {item.describe()} after {attempts} attempt(s): "
+                  f"{type(error).__name__}: {error}")
+    LOGGER.error("%s", item.error, exc_info=error)
+    return None
+
+
 def _run_batched(function, inputs: list, items: list, what: str) -> list:
     """``function(inputs)`` for the whole batch; when that fails, item by item, so one
-    pathological input fails only itself. Failed items get an error and result None."""
+    pathological input fails only itself, each transient failure retried (``_run_one``).
+    Failed items get an error and result None."""
     try:
-        outputs = list(function(inputs))
-        if len(outputs) != len(inputs):
-            raise RuntimeError(f"{what} engine returned {len(outputs)} results for {len(inputs)} inputs")
-        return outputs
+        return _call(function, inputs, what)
     except Exception as error:  # an engine may raise anything
         if len(inputs) == 1:
-            items[0].error = f"{what} failed: {type(error).__name__}: {error}"
-            LOGGER.exception("%s failed on one item", what)
-            return [None]
+            return [_run_one(function, inputs[0], items[0], what, error)]
         LOGGER.warning("%s failed on a batch of %d (%s); retrying item by item", what, len(inputs), error)
-    return [_run_batched(function, [x], [item], what)[0] for x, item in zip(inputs, items)]
+        if is_transient(error):
+            _free_device_memory()
+    results = []
+    for x, item in zip(inputs, items):
+        try:
+            results.append(_call(function, [x], what)[0])
+        except Exception as error:  # an engine may raise anything
+            results.append(_run_one(function, x, item, what, error))
+    return results
 
 
 class Pipeline:
@@ -99,14 +162,13 @@ class Pipeline:
     # ---- stages --------------------------------------------------------------------
     def _prepare_item_prompts(self, items: list) -> None:
         """Features of each item's own prompt, each distinct prompt prepared once (cached)."""
+        cache = self.slot.prompt_cache
         for item in items:
             if item.error or item.speaker_prompt is None or item.tokens is None or not item.tokens.size:
                 continue
-            try:
-                item.prompt_features = self.slot.prompt_cache.features(item.prompt_key, item.speaker_prompt)
-            except Exception as error:  # an engine may raise anything
-                LOGGER.exception("preparing a per-item speaker prompt failed")
-                item.error = f"preparing the speaker prompt failed: {type(error).__name__}: {error}"
+            item.prompt_features = _run_batched(lambda batch: [cache.features(it.prompt_key, it.speaker_prompt)
+                                                               for it in batch],
+                                                [item], [item], "preparing the speaker prompt")[0]
 
     def _synthesize(self, items: list) -> None:
         self._prepare_item_prompts(items)
@@ -140,7 +202,7 @@ class Pipeline:
 
     def _embed(self, items: list, rate: int) -> None:
         todo = [it for it in items if not it.error and it.wave is not None]
-        speaker = self.slot.engines.speaker
+        speaker = self.slot.engines.similarity_speaker
         if not todo or speaker is None or self.slot.prompt_embeddings is None:
             return
         waves = [resample(it.wave, rate, speaker.sample_rate) for it in todo]
@@ -151,18 +213,21 @@ class Pipeline:
             if item.speaker_prompt is None:
                 reference = self.slot.prompt_embeddings[item.prompt]
             else:
-                try:
-                    reference = self.slot.item_prompt_embeddings.features(item.prompt_key, item.speaker_prompt)
-                except Exception as error:  # an engine may raise anything
-                    item.error = f"speaker embedding of the prompt failed: {type(error).__name__}: {error}"
+                cache = self.slot.item_prompt_embeddings
+                reference = _run_batched(lambda batch: [cache.features(it.prompt_key, it.speaker_prompt)
+                                                        for it in batch],
+                                         [item], [item], "speaker embedding of the prompt")[0]
+                if reference is None:
                     continue
             norm = float(np.linalg.norm(row) * np.linalg.norm(reference))
             item.similarity = float(np.dot(row, reference) / norm) if norm > 0 else 0.0
 
     # ---- served models -------------------------------------------------------------
     def token2wav_asr(self, requests: list, parameters: Optional[list] = None) -> list:
-        """Inputs TOKENS, TOKEN_LENS, GT_TEXT -> REWARDS, TRANSCRIPTS, ERROR_RATE,
-        SPEAKER_SIMILARITY, ASR_NLL, ERRORS (one row per item)."""
+        """Inputs TOKENS, TOKEN_LENS, GT_TEXT (+ optional per-item PROMPT_WAV, PROMPT_WAV_LENS,
+        PROMPT_SAMPLE_RATE, PROMPT_TEXT) -> REWARDS, TRANSCRIPTS, ERROR_RATE,
+        SPEAKER_SIMILARITY, ASR_NLL, ERRORS, UTILITY_ERROR_RATE, UTILITY_SIMILARITY,
+        UTILITY_CONFIDENCE (one row per item; a utility is NaN when its component is not weighted)."""
         parameters = parameters or [None] * len(requests)
         items = token_items(requests, parameters, self.limits, self.slot.bank, with_text=True)
         for item in items:
@@ -201,6 +266,8 @@ class Pipeline:
                     "SPEAKER_SIMILARITY": _float_column([s.similarity if s else math.nan for _, s in mine]),
                     "ASR_NLL": _float_column([s.nll if s else math.nan for _, s in mine]),
                     "ERRORS": _text_array([it.error for it, _ in mine]),
+                    **{output: _float_column([s.utility(component) if s else math.nan for _, s in mine])
+                       for output, component in UTILITY_OUTPUTS.items()},
                 }
             )
         return outputs

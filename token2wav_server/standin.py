@@ -34,12 +34,30 @@ model weights, with transcripts and error rates a test can predict.
   made it (16 kHz); any other waveform raises ``ValueError`` ("not stand-in audio"),
   which the server reports as that item's error.
 
+Voice tokens (engine option ``voice_tokens=true``; default false, everything above unchanged):
+the stand-in's caricature of "the speech tokens carry the voice", so a policy must learn to
+speak in its prompt's voice. Speech ids ``VOICE_TOKEN_BASE + v`` (``VOICE_TOKEN_BASE`` =
+``SPEECH_VOCAB_SIZE - VOICES`` = 6545, ``0 <= v < VOICES``) are voice tokens: they make no
+audio, and the audio of a sequence is its other (content) ids spoken in the voice of its
+LAST voice token (voice 0 when it has none); the prompt's voice is not used for synthesis.
+The ASR reads the content only, as before. The speech tokenizer prepends
+``VOICE_TOKEN_BASE + voice`` to the content ids of a stand-in wave, so a zero-shot prompt's
+speech tokens name its voice. The tokenizer and the speaker engine read trailing all-zero
+segments as silence, which has no tokens (a prompt recording may end in silence: the smoke
+prompts are a few characters padded with silence to the 1 s a prompt needs). The speaker embedding is one-hot: dimension ``v`` for
+stand-in audio in voice ``v`` and dimension ``VOICES`` (a fixed "unknown" direction) for
+any other waveform (real audio, silence, empty), so the cosine of two voices is 1 when they
+are the same and 0 when not (two unknown waveforms: 1). ``targets_for(text, prompt_tokens)``
+is the sequence a perfect zero-shot policy emits: the prompt's last voice token, then
+``text_to_tokens(text)``. In this mode content ids must stay below ``VOICE_TOKEN_BASE``
+(the last 16 characters of ``TABLE`` cannot be said; ``targets_for`` refuses them).
+
 The token2wav engine counts ``prepare_prompt`` calls (``prepared_prompts``) and
 records the prepared prompt (``StandinPrompt(name, voice)``) of each synthesized item
 (``last_prompts``) so tests can check prompts are prepared once and chosen
 deterministically; it synthesizes each item in its prompt's voice. Options
 (``--engine-option KEY=VALUE``): ``delay_ms`` sleeps that long per batch in each
-engine, to imitate model cost; ``tokens_per_char`` as above.
+engine, to imitate model cost; ``tokens_per_char`` and ``voice_tokens`` as above.
 """
 from __future__ import annotations
 
@@ -60,6 +78,7 @@ UNKNOWN_AUDIO_TEXT = "未知音频"
 UNKNOWN_AUDIO_NLL = 5.0
 VOICES = 16
 VOICE_GAP = 8  # trailing zero samples per segment per voice step
+VOICE_TOKEN_BASE = SPEECH_VOCAB_SIZE - VOICES  # 6545: first voice token (voice_tokens mode)
 _CHAR_TO_ID = {char: index for index, char in enumerate(TABLE)}
 
 
@@ -75,6 +94,33 @@ def text_to_tokens(text: str, tokens_per_char: int = 1) -> list[int]:
             )
         ids.extend([_CHAR_TO_ID[char]] * tokens_per_char)
     return ids
+
+
+def is_voice_token(token: int) -> bool:
+    """Whether ``token`` is a voice token (voice_tokens mode)."""
+    return VOICE_TOKEN_BASE <= int(token) < SPEECH_VOCAB_SIZE
+
+
+def split_voice(ids) -> tuple:
+    """voice_tokens mode: (content ids, voice of the last voice token or 0) of a token sequence."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    voice_positions = np.flatnonzero(ids >= VOICE_TOKEN_BASE)
+    voice = int(ids[voice_positions[-1]]) - VOICE_TOKEN_BASE if voice_positions.size else 0
+    return ids[ids < VOICE_TOKEN_BASE], voice
+
+
+def targets_for(text: str, prompt_tokens=(), tokens_per_char: int = 1) -> list[int]:
+    """voice_tokens mode: what a perfect zero-shot policy says for ``text`` after a prompt
+    with speech tokens ``prompt_tokens``: the prompt's last voice token (none when it has
+    none), then ``text_to_tokens(text, tokens_per_char)``. Characters whose ids are voice
+    tokens cannot be said and are refused."""
+    voices = [int(t) for t in prompt_tokens if is_voice_token(t)]
+    content = text_to_tokens(text, tokens_per_char)
+    for position, token in enumerate(content[::tokens_per_char]):
+        if is_voice_token(token):
+            raise ValueError(f"character {text[position]!r} at position {position} of {text!r} is a voice token "
+                             f"(id {token} >= {VOICE_TOKEN_BASE}) in voice_tokens mode and cannot be said")
+    return voices[-1:] + content
 
 
 def tokens_to_text(ids, tokens_per_char: int = 1) -> str:
@@ -95,12 +141,19 @@ def tokens_to_wave(ids, voice: int = 0) -> np.ndarray:
     return segments.reshape(-1)
 
 
-def _decode(wave) -> Optional[tuple]:
-    """(token ids, voice) of a stand-in waveform, or None when it is not stand-in audio."""
+def _decode(wave, trailing_silence: bool = False) -> Optional[tuple]:
+    """(token ids, voice) of a stand-in waveform, or None when it is not stand-in audio.
+    ``trailing_silence``: all-zero segments at the end are silence, not tokens (voice_tokens
+    mode reads prompts that way)."""
     wave = np.asarray(wave, dtype=np.float32).reshape(-1)
     if wave.size == 0 or wave.size % SAMPLES_PER_TOKEN:
         return None
     segments = wave.reshape(-1, SAMPLES_PER_TOKEN)
+    if trailing_silence:
+        spoken = np.flatnonzero(np.any(segments != 0, axis=1))
+        if spoken.size == 0:
+            return None
+        segments = segments[: spoken[-1] + 1]
     nonzero = np.flatnonzero(segments[0])
     if nonzero.size == 0:
         return None
@@ -157,8 +210,9 @@ def _sleep(delay_ms: float) -> None:
 class StandinToken2Wav:
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, delay_ms: float = 0.0):
+    def __init__(self, delay_ms: float = 0.0, voice_tokens: bool = False):
         self.delay_ms = delay_ms
+        self.voice_tokens = voice_tokens
         self.prepared_prompts = 0
         self.last_prompts: list = []
 
@@ -169,6 +223,8 @@ class StandinToken2Wav:
     def synthesize(self, token_batch: list, prompts: list) -> list:
         _sleep(self.delay_ms)
         self.last_prompts = list(prompts)
+        if self.voice_tokens:  # the tokens carry the voice; the prompt's is not used
+            return [tokens_to_wave(*split_voice(tokens)) for tokens in token_batch]
         return [tokens_to_wave(tokens, prompt.voice if isinstance(prompt, StandinPrompt) else 0)
                 for tokens, prompt in zip(token_batch, prompts)]
 
@@ -197,7 +253,16 @@ class StandinAsr:
 class StandinSpeaker:
     sample_rate = SAMPLE_RATE
 
+    def __init__(self, voice_tokens: bool = False):
+        self.voice_tokens = voice_tokens
+
     def embed(self, waves: list) -> np.ndarray:
+        if self.voice_tokens:  # one-hot of the voice; VOICES: not stand-in audio
+            rows = np.zeros((len(waves), VOICES + 1), dtype=np.float32)
+            for row, wave in enumerate(waves):
+                decoded = _decode(wave, trailing_silence=True)
+                rows[row, VOICES if decoded is None else decoded[1]] = 1.0
+            return rows
         rows = []
         for wave in waves:
             wave = np.asarray(wave, dtype=np.float64).reshape(-1)
@@ -214,26 +279,34 @@ class StandinSpeaker:
 class StandinSpeechTokenizer:
     sample_rate = SAMPLE_RATE
 
+    def __init__(self, voice_tokens: bool = False):
+        self.voice_tokens = voice_tokens
+
     def tokenize(self, waves: list) -> list:
         results = []
         for wave in waves:
-            ids = wave_to_tokens(wave)
-            if ids is None:
+            decoded = _decode(wave, trailing_silence=self.voice_tokens)
+            if decoded is None:
                 raise ValueError("not stand-in audio: the stand-in speech tokenizer only reads audio made by "
                                  "tokens_to_wave (640 equal samples per token at 16 kHz)")
-            results.append(ids)
+            ids, voice = decoded
+            results.append(np.concatenate([[VOICE_TOKEN_BASE + voice], ids]) if self.voice_tokens else ids)
         return results
 
 
 def create_engines(options: EngineOptions | None = None) -> Engines:
     """Factory for ``--engines token2wav_server.standin:create_engines``."""
+    from .engines_cosyvoice2 import parse_bool_option  # the one reading of KEY=true|false options
+
     options = options or EngineOptions()
     delay_ms = float(options.extra.get("delay_ms", 0.0))
     tokens_per_char = int(options.extra.get("tokens_per_char", 1))
+    voice_tokens = parse_bool_option(options, "voice_tokens")
     return Engines(
-        token2wav=StandinToken2Wav(delay_ms),
+        token2wav=StandinToken2Wav(delay_ms, voice_tokens),
         asr=StandinAsr(delay_ms, tokens_per_char),
-        speaker=StandinSpeaker(),
+        speaker=StandinSpeaker(voice_tokens),
         asr_eval=StandinAsr(delay_ms, tokens_per_char),
-        speech_tokenizer=StandinSpeechTokenizer(),
+        speech_tokenizer=StandinSpeechTokenizer(voice_tokens),
     )
+

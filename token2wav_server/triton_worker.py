@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .serving import Pipeline
+from .serving import UTILITY_OUTPUTS, Pipeline
 from .supervisor import EXIT_CONFIG_ERROR
 
 LOGGER = logging.getLogger("token2wav_server")
@@ -143,7 +143,9 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
         infer_func=[_infer_function(p.token2wav_asr) for p in pipelines],
         inputs=token_inputs + [Tensor(name="GT_TEXT", shape=(1,), dtype=bytes)],
         outputs=[float_out("REWARDS"), text_out("TRANSCRIPTS"), float_out("ERROR_RATE"),
-                 float_out("SPEAKER_SIMILARITY"), float_out("ASR_NLL"), text_out("ERRORS")],
+                 float_out("SPEAKER_SIMILARITY"), float_out("ASR_NLL"), text_out("ERRORS"),
+                 # each weighted component's utility (NaN: not weighted), for per-component advantages
+                 *(float_out(name) for name in UTILITY_OUTPUTS)],
         config=config(),
         strict=False,
     )

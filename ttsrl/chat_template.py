@@ -14,7 +14,7 @@ of seed 000, whose assistant turn opens with ``<|SPEECH_GENERATION_START|>``.
 """
 from __future__ import annotations
 
-from .speech_tokens import SOS_TOKEN, TASK_ID_TOKEN
+from .speech_tokens import SOS_TOKEN, TASK_ID_TOKEN, format_speech_tokens
 
 SPEECH_GENERATION_START = "<|SPEECH_GENERATION_START|>"
 
@@ -44,6 +44,17 @@ TEMPLATES = {"cosyvoice2": COSYVOICE2_TEMPLATE, "legacy": LEGACY_TEMPLATE}
 def prompt_messages(text: str, prompt_speech: str = "") -> list[dict]:
     """The veRL chat form of one utterance (``prompt_speech``: ``<|s_N|>`` text)."""
     return [{"role": "user", "content": text}, {"role": "assistant", "content": prompt_speech}]
+
+
+def zero_shot_messages(text: str, prompt_text: str = "", prompt_tokens=()) -> list[dict]:
+    """The policy's input for ``text`` in the voice of a speaker prompt: CosyVoice2's zero-shot
+    LLM input (prompt transcript + text between ``<|sos|>`` and ``<|task_id|>``, then the
+    prompt's speech tokens, after which the LLM continues in that voice). Without prompt
+    tokens it is the text-only input. Stage 0's parquet rows, the warm-up and infer_dist.py
+    all build their prompts here, so training and evaluation see one layout."""
+    if len(prompt_tokens):
+        return prompt_messages(prompt_text + text, format_speech_tokens(prompt_tokens))
+    return prompt_messages(text)
 
 
 def expected_prompt(text: str, style: str = "cosyvoice2", prompt_speech: str = "") -> str:

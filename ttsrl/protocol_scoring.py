@@ -15,10 +15,14 @@ implementation of that procedure, so stage 4's numbers can be set beside the pap
 5. The set's figure is the plain mean of the per-utterance rates (not errors over all
    reference tokens), as ``average_wer.py`` reports it.
 
+6. An utterance whose audio is missing is left out of the mean, as ``run_wer.py`` skips a
+   wav that does not exist. Our callers (``ttsrl.evaluation.wer``) do the same for any
+   utterance without a transcript, and count and list those on their own (``missing``),
+   so the figure is comparable and what it leaves out stays visible.
+
 Our own scoring (``ttsrl.scoring``: number readings, pinyin) stays the reward and the
-extra "pinyin error rate" column; this module only reproduces the published metric.
-Unlike ``run_wer.py``, which silently drops utterances whose audio is missing, callers
-here count a missing transcript as an empty one (every reference token deleted).
+extra "pinyin error rate" column, under the same missing-audio rule; this module only
+reproduces the published metric.
 """
 from __future__ import annotations
 
@@ -84,7 +88,8 @@ def protocol_error_rate(reference: str, hypothesis: str, language: str) -> float
     return protocol_align(reference, hypothesis, language).error_rate
 
 
-def mean_error_rate(rates) -> float:
-    """The set's figure: the plain mean of per-utterance rates (0.0 for no utterance)."""
+def mean_error_rate(rates) -> float | None:
+    """The set's figure: the plain mean of the per-utterance rates of the utterances that have
+    audio (step 6); None for none (0.0 would read as a perfect set)."""
     rates = list(rates)
-    return sum(rates) / len(rates) if rates else 0.0
+    return sum(rates) / len(rates) if rates else None

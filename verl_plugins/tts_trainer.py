@@ -2,13 +2,20 @@
 
 Registered with veRL's ``register_trainer`` (``verl.trainer.ppo.v1``) and selected by
 ``trainer.v1.trainer_mode=tts_sync`` in ``configs/grpo.yaml``; the training loop itself is veRL's
-``PPOTrainerSync``, unchanged. Two additions:
+``PPOTrainerSync``, unchanged. Three additions:
 
 - **Reward components every step.** veRL 0.9.1 logs the extra keys of a dict reward
   (``reward_tts.compute_score``: error rate, speaker similarity, ASR NLL, ...) for validation
   only. After veRL computes a step's metrics, the per-rollout components stored with the step's
   rollouts are summarized as ``reward/<key>/mean`` (and ``/min``, ``/max`` where useful), so they
   reach the console, TensorBoard and the file logger with the step's other metrics.
+- **GDPO in this trainer mode.** veRL 0.9.1's ``gdpo`` advantage estimator
+  (``algorithm.adv_estimator=gdpo``, ``algorithm.gdpo_reward_keys=[utility_error_rate,...]``)
+  normalizes each reward component within its group before summing them. It reads the
+  components from the batch's non-tensor fields and the response positions from ``prompts`` and
+  ``attention_mask``, but the v1 trainer's ``_compute_advantage`` fetches neither. For ``gdpo``
+  this mode fetches the step's reward components (the hook's ``utility_*`` keys) and hands the
+  estimator the response mask as its attention mask; the estimator itself is veRL's.
 - **Audio you can listen to.** At every validation, the first ``trainer.log_val_generations``
   generations are decoded by the reward server's ``token2wav`` and written to
   ``<trainer.default_local_dir>/validation_audio/step_<N>/<i>.wav`` with a ``.json`` beside each
@@ -37,7 +44,26 @@ STEP_COMPONENTS = {
     "num_speech_tokens": ("mean", "min", "max"),
     "transcript_length": ("mean",),
     "ignored_pieces": ("mean",),
+    "truncated": ("mean",),  # share of rollouts with no end token within max_response_length
+    "utility_error_rate": ("mean",),
+    "utility_similarity": ("mean",),
+    "utility_confidence": ("mean",),
 }
+
+
+def gdpo_components(extra_fields: list, keys) -> dict[str, np.ndarray]:
+    """{key: one float per rollout} of the ``gdpo_reward_keys`` from the rollouts' stored reward
+    components; a rollout without one of them is an error naming the key and what it has."""
+    columns = {key: [] for key in keys}
+    for row, field in enumerate(extra_fields):
+        info = field.get("reward_extra_info", {}) if isinstance(field, dict) else {}
+        for key in keys:
+            if key not in info:
+                raise KeyError(f"algorithm.gdpo_reward_keys names {key!r}, but rollout {row}'s reward has only "
+                               f"{sorted(info)}: use keys the hook returns (utility_error_rate, utility_similarity "
+                               "with the zero_shot preset, utility_confidence)")
+            columns[key].append(float(info[key]))
+    return {key: np.asarray(values, dtype=np.float32) for key, values in columns.items()}
 
 
 def component_metrics(extra_infos: list) -> dict[str, float]:
@@ -141,6 +167,47 @@ def register() -> type:
             extra_fields = [field for field, keep in zip(data.pop("extra_fields").tolist(), non_padding) if keep]
             infos = [field.get("reward_extra_info", {}) if isinstance(field, dict) else {} for field in extra_fields]
             metrics.update(component_metrics(infos))
+
+        def _compute_advantage(self, batch, metrics):
+            if str(self.config.algorithm.adv_estimator) != "gdpo":
+                return super()._compute_advantage(batch, metrics)
+            return self._compute_gdpo_advantage(batch, metrics)
+
+        def _compute_gdpo_advantage(self, batch, metrics):
+            import torch
+            import transfer_queue as tq
+            from tensordict import TensorDict
+            from verl.protocol import DataProto
+            from verl.trainer.ppo.ray_trainer import compute_advantage
+            from verl.workers.utils.padding import response_to_nested
+
+            algorithm = self.config.algorithm
+            # veRL's rollout correction (importance weights / rejection sampling of rollout vs
+            # actor log-probs) is off unless rollout_is or rollout_rs is set; under gdpo it stays off
+            correction = algorithm.get("rollout_correction", None) or {}
+            if algorithm.use_kl_in_reward or correction.get("rollout_is") or correction.get("rollout_rs"):
+                raise ValueError("gdpo in the tts_sync trainer supports neither algorithm.use_kl_in_reward nor "
+                                 "algorithm.rollout_correction.rollout_is/rollout_rs; switch them off or use "
+                                 "adv_estimator=grpo")
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                                   select_fields=["uid", "response_mask", "rm_scores", "extra_fields"])
+            extra_fields = data.pop("extra_fields").tolist()
+            response_mask = data["response_mask"]
+            data = DataProto(batch=data.to_padded_tensor())
+            data.non_tensor_batch["uid"] = np.array(data.batch.pop("uid").tolist(), dtype=object)
+            data.non_tensor_batch.update(gdpo_components(extra_fields, list(algorithm.gdpo_reward_keys or [])))
+            data.batch["token_level_rewards"] = data.batch["rm_scores"]
+            mask = data.batch["response_mask"]
+            # the estimator finds each response's last position as attention_mask[:, prompt_length:]
+            # summed; with an empty prompt block that is the response mask itself
+            data.batch["prompts"] = torch.zeros((mask.shape[0], 0), dtype=torch.long)
+            data.batch["attention_mask"] = mask.long()
+            data = compute_advantage(data, adv_estimator="gdpo", num_repeat=self.config.actor_rollout_ref.rollout.n,
+                                     norm_adv_by_std_in_grpo=algorithm.get("norm_adv_by_std_in_grpo", True),
+                                     config=algorithm)
+            output = TensorDict({field: response_to_nested(data.batch[field], response_mask)
+                                 for field in ("advantages", "returns")}, batch_size=len(batch))
+            return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
 
         def _dump_generations(self, inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path):
             super()._dump_generations(inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path)

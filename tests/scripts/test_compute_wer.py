@@ -20,12 +20,45 @@ def test_summary_counts_and_missing_utterances(tmp_path, capsys):
     out_json = tmp_path / "wer.json"
     assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--metric", "char", "--json", str(out_json)]) == 0
     printed = capsys.readouterr().out.strip().split("\n")
-    # a: 1 sub (我->你) + 1 del (公) over 5; b: 0 over 7; c: missing -> 4 deletions over 4.
-    assert printed[-1] == "%CER 37.50 [ 6 / 16, 0 ins, 5 del, 1 sub ] 3 utterances, 1 missing from hyp"
-    assert "# missing from hyp (1): c" in printed and any(line.startswith("# in hyp but not in ref") for line in printed)
-    summary = json.loads(out_json.read_text())["summary"]
-    assert summary["error_rate"] == pytest.approx(6 / 16) and summary["missing"] == ["c"]
+    # a: 1 sub (我->你) + 1 del (公) over 5; b: 0 over 7; c: no hypothesis -> left out of the
+    # figure (Seed-TTS-eval's rule for missing audio), counted on its own. Counting it as empty
+    # would give 6 / 16 = 37.50%.
+    assert printed[-1] == "%CER 16.67 [ 2 / 12, 0 ins, 1 del, 1 sub ] 2 utterances, 1 missing (no transcript, left out)"
+    assert "# missing, no transcript, left out of the figures (1): c" in printed
+    assert any(line.startswith("# in hyp but not in ref") for line in printed)
+    payload = json.loads(out_json.read_text())
+    summary = payload["summary"]
+    assert summary["error_rate"] == pytest.approx(2 / 12) and summary["missing"] == ["c"]
+    assert summary["missing_count"] == 1 and summary["utterances"] == 2
+    assert [u["utt_id"] for u in payload["utterances"]] == ["a", "b"]
     assert summary["extra_hypotheses"] == ["z"]
+
+
+@pytest.mark.parametrize("metric", ["protocol", "pinyin", "char"])
+def test_every_metric_leaves_missing_transcripts_out_of_the_mean(tmp_path, capsys, metric):
+    # a: perfect; b: all wrong; c: no transcript. With c left out: (0 + 1) / 2 = 50% for the
+    # protocol's mean of rates, and 2 errors / 4 reference tokens = 50% for our corpus rate.
+    ref = write(tmp_path / "ref", ["a 你好", "b 再见", "c 明天见"])
+    hyp = write(tmp_path / "hyp", ["a 你好", "b 一二"])
+    out_json = tmp_path / "wer.json"
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--metric", metric, "--json", str(out_json)]) == 0
+    summary = json.loads(out_json.read_text())["summary"]
+    assert summary["error_rate"] == pytest.approx(0.5)
+    assert (summary["missing"], summary["missing_count"], summary["utterances"]) == (["c"], 1, 2)
+    assert summary["ref_length"] == 4
+    assert "1 missing (no transcript, left out)" in capsys.readouterr().out.strip().split("\n")[-1]
+
+
+def test_no_transcript_at_all_has_no_figure(tmp_path, capsys):
+    ref = write(tmp_path / "ref", ["a 你好", "b 再见"])
+    hyp = write(tmp_path / "hyp", ["z 多余"])
+    out_json = tmp_path / "wer.json"
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--metric", "protocol", "--json", str(out_json)]) == 0
+    last = capsys.readouterr().out.strip().split("\n")[-1]
+    assert last.startswith("%CER n/a [ 0 / 0,") and "0 utterances" in last and "2 missing" in last
+    summary = json.loads(out_json.read_text())["summary"]
+    assert summary["error_rate"] is None and summary["corpus_error_rate"] is None
+    assert summary["missing_count"] == 2
 
 
 def test_pinyin_metric_forgives_homophones(tmp_path, capsys):
@@ -50,6 +83,7 @@ def test_details_file_and_empty_hypothesis(tmp_path, capsys):
     (["a 你好"], ["a 你好", "a 你"], "hyp:2: duplicate utterance id 'a'"),
     (["a"], ["a 你好"], "ref:1: utterance 'a' has no reference text"),
     (["a 。。。"], ["a 你好"], "utterance 'a': reference '。。。' is empty after normalization"),
+    (["a 你好", "b 。。。"], ["a 你好"], "utterance 'b': reference '。。。' is empty"),  # checked though missing
 ])
 def test_bad_input_is_an_error(tmp_path, capsys, ref_lines, hyp_lines, message):
     ref = write(tmp_path / "ref", ref_lines)

@@ -15,12 +15,15 @@ REPO = Path(__file__).resolve().parents[2]
 compute_wer = load_script("compute_wer")
 
 
-def write_output_dir(out: Path, references: dict[str, str], spoken: dict[str, str]) -> None:
-    """An infer_dist-shaped folder whose stand-in wavs say ``spoken`` (ids missing from it get no wav)."""
+def write_output_dir(out: Path, references: dict[str, str], spoken: dict[str, str],
+                     errors: dict[str, str] | None = None) -> None:
+    """An infer_dist-shaped folder whose stand-in wavs say ``spoken`` (ids missing from it get no
+    wav; ``errors``: their records' synthesis error)."""
     (out / "wavs").mkdir(parents=True)
     lines = []
     for utt_id, text in references.items():
-        lines.append(json.dumps({"id": utt_id, "text": text, "error": None}, ensure_ascii=False))
+        error = (errors or {}).get(utt_id)
+        lines.append(json.dumps({"id": utt_id, "text": text, "error": error}, ensure_ascii=False))
         if utt_id in spoken:
             wave = standin.tokens_to_wave(standin.text_to_tokens(spoken[utt_id]))
             soundfile.write(out / "wavs" / f"{utt_id}.wav", wave, standin.SAMPLE_RATE, subtype="FLOAT")
@@ -28,28 +31,34 @@ def write_output_dir(out: Path, references: dict[str, str], spoken: dict[str, st
 
 
 def test_cer_of_known_transcripts_and_missing_wavs(tmp_path, reward_server):
-    references = {"a": "你们好", "b": "今天去公园", "c": "北京", "d": "中国"}
-    spoken = {"a": "你们好", "b": "今天去公", "c": "南京"}  # d: no wav
+    references = {"a": "你们好", "b": "今天去公园", "c": "北京", "d": "中国", "e": "上海"}
+    spoken = {"a": "你们好", "b": "今天去公", "c": "南京"}  # d, e: no wav
     out = tmp_path / "step_0"
-    write_output_dir(out, references, spoken)
+    write_output_dir(out, references, spoken, errors={"e": "no speech tokens generated"})
     env = dict(os.environ, REWARD_SERVER_URL=f"{reward_server.grpc_url},http://127.0.0.1:1")
     done = subprocess.run(["bash", str(REPO / "scripts" / "compute_wer.sh"), str(out), "test_set"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    # a: 0/3, b: 1 deletion/5, c: 1 substitution/2, d: missing -> 2 deletions/2  => 4/12 errors;
-    # the protocol's figure is the mean of the utterance rates: (0 + 0.2 + 0.5 + 1) / 4 = 42.5%
-    expected = ("%CER 42.50 [ 4 / 12, 0 ins, 3 del, 1 sub ] 4 utterances, Seed-TTS-eval protocol "
-                "(zh, mean of utterance rates), 1 missing from hyp (test_set)")
+    # a: 0/3, b: 1 deletion/5, c: 1 substitution/2 => 2/10 errors; d and e have no wav, so they
+    # are left out of the mean as Seed-TTS-eval's run_wer.py leaves them out, and counted on their
+    # own: the protocol's figure is (0 + 0.2 + 0.5) / 3 = 23.33% (54.00% if counted as deleted).
+    expected = ("%CER 23.33 [ 2 / 10, 0 ins, 1 del, 1 sub ] 3 utterances, Seed-TTS-eval protocol "
+                "(zh, mean of utterance rates), 2 missing (no transcript, left out) (test_set)")
     assert expected in done.stdout.splitlines()
     summary = json.loads((out / "wer.json").read_text())["summary"]
-    assert summary["errors"] == 4 and summary["missing"] == ["d"]
+    assert summary["errors"] == 2 and summary["missing"] == ["d", "e"] and summary["missing_count"] == 2
+    assert summary["missing_reasons"] == {"d": "no wav", "e": "no wav: no speech tokens generated"}
+    assert summary["utterances"] == 3
     assert (summary["metric"], summary["label"], summary["language"]) == ("protocol", "CER", "zh")
-    assert summary["error_rate"] == pytest.approx(0.425) and summary["corpus_error_rate"] == pytest.approx(4 / 12)
+    assert summary["error_rate"] == pytest.approx(0.7 / 3) and summary["corpus_error_rate"] == pytest.approx(2 / 10)
     assert (out / "wer.txt").read_text().rstrip().endswith(expected)
+    assert ("# missing, no transcript, left out of the figures (2): d (no wav) e (no wav: no speech tokens "
+            "generated)") in (out / "wer.txt").read_text()
     assert "missing wav:" in done.stdout
     assert (out / "hyp.txt").read_text(encoding="utf-8") == "a 你们好\nb 今天去公\nc 南京\n"
-    per = json.loads((out / "per.json").read_text())["summary"]
-    assert per["metric"] == "pinyin" and per["missing"] == ["d"]
+    per = json.loads((out / "per.json").read_text())["summary"]  # our pinyin rate: the same rule
+    assert per["metric"] == "pinyin" and per["missing"] == ["d", "e"] and per["missing_count"] == 2
+    assert per["ref_length"] == 10
 
 
 @pytest.mark.slow

@@ -72,6 +72,8 @@ def test_factory_puts_the_sim_model_behind_the_speaker_interface(tiny):
     options = EngineOptions(extra={"base_engines": "token2wav_server.standin:create_engines", "sim_model": str(path)})
     engines = sv.create_engines(options)
     assert isinstance(engines.speaker, sv.WavLMEcapaSpeaker)
+    assert isinstance(engines.reward_speaker, standin.StandinSpeaker)  # the base engines' own: the reward's
+    assert engines.similarity_speaker is engines.reward_speaker
     assert isinstance(engines.token2wav, standin.StandinToken2Wav)
     pipeline = Pipeline(Slot(engines, _bank()), RewardConfig(), Limits())
     wave = standin.tokens_to_wave([3, 4, 5], voice=2)

@@ -35,7 +35,8 @@ def test_speech_tokenizer_reads_standin_audio_and_reports_other_audio_per_item()
     assert out["TOKENS"][0, :4].tolist() == ids_a and out["TOKENS"][2, :2].tolist() == ids_b
     errors = [e.decode() for e in out["ERRORS"].ravel()]
     assert errors[0] == errors[2] == ""
-    assert errors[1].startswith("speech_tokenizer failed: ValueError: not stand-in audio")
+    assert errors[1].startswith("speech_tokenizer failed on request 0 row 1 (0.06 s of audio) after 1 attempt(s): "
+                                "ValueError: not stand-in audio")
 
 
 def test_speech_tokenizer_bad_input_is_an_item_error():

@@ -57,6 +57,19 @@ def test_bad_start_up_options_exit_with_a_message(caplog):
                      "--reward-config", "no/such.yaml"]) == 2
     assert "no/such.yaml not found" in caplog.text
     assert cli.main(["--engines", "no_such_module:create", "--devices", "cpu"]) == 2
+    caplog.clear()
+    assert cli.main(["--engines", "token2wav_server.standin:create_engines", "--devices", "cpu",
+                     "--reward-preset", "nope"]) == 2
+    assert ("cannot start: configs/reward.yaml: unknown reward preset 'nope'; known presets: "
+            "['intelligibility', 'zero_shot']") in caplog.text
+
+
+def test_reward_preset_picks_the_pipelines_reward():
+    base = ["--engines", "token2wav_server.standin:create_engines", "--devices", "cpu"]
+    default, = cli.build_pipelines(cli.build_parser().parse_args(base))
+    assert not default.config.uses("similarity") and default.slot.prompt_embeddings is None
+    zero_shot, = cli.build_pipelines(cli.build_parser().parse_args(base + ["--reward-preset", "zero_shot"]))
+    assert zero_shot.config.uses("similarity") and zero_shot.slot.prompt_embeddings is not None
 
 
 def test_generated_triton_config_allows_ragged_batches():

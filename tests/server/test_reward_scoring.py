@@ -9,10 +9,46 @@ from ttsrl.reward_shaping import confidence_utility, error_rate_utility
 from ttsrl.scoring import EmptyReferenceError
 
 
-def test_repository_config_loads():
-    config = load_reward_config("configs/reward.yaml")
+def test_repository_config_loads_its_presets():
+    config = load_reward_config("configs/reward.yaml")  # the default preset: intelligibility
+    assert config == load_reward_config("configs/reward.yaml", "intelligibility")
     assert config.weights == {"error_rate": 1.0, "similarity": 0.0, "confidence": 0.0}
     assert (config.beta, config.rule, config.metric) == (3.0, "arithmetic", "pinyin")
+    zero_shot = load_reward_config("configs/reward.yaml", "zero_shot")
+    assert zero_shot.weights == {"error_rate": 1.0, "similarity": 1.0, "confidence": 0.0}
+    assert (zero_shot.beta, zero_shot.rule, zero_shot.metric) == (3.0, "arithmetic", "pinyin")
+
+
+def test_unknown_preset_names_the_file_the_name_and_the_known_presets():
+    with pytest.raises(RewardConfigError) as error:
+        load_reward_config("configs/reward.yaml", "zeroshot")
+    assert str(error.value) == ("configs/reward.yaml: unknown reward preset 'zeroshot'; known presets: "
+                                "['intelligibility', 'zero_shot']")
+
+
+def test_a_flat_file_still_loads_and_refuses_a_preset(tmp_path):
+    path = tmp_path / "reward.yaml"
+    path.write_text("beta: 2.0\nweights: {error_rate: 1.0, confidence: 0.5}\n", encoding="utf-8")
+    config = load_reward_config(str(path))
+    assert (config.beta, config.weights) == (2.0, {"error_rate": 1.0, "confidence": 0.5})
+    with pytest.raises(RewardConfigError, match="has no presets, so reward preset 'zero_shot' cannot be chosen"):
+        load_reward_config(str(path), "zero_shot")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("preset: a\npresets: {a: {beta: 2}}\nbeta: 3", r"key\(s\) \['beta'\] next to 'presets'"),
+    ("preset: a\nbeta: 3", "'preset: a' but no 'presets' mapping"),
+    ("presets: {a: {beta: 2}}", "no default 'preset' and none chosen"),
+    ("preset: a\npresets: []", "'presets' must be a non-empty mapping"),
+    ("preset: a\npresets: {a: {weights: {error_rate: 0}}}", "preset 'a': weights: at least one component"),
+    ("preset: a\npresets: {a: {betta: 2}}", "preset 'a': unknown key"),
+    ("preset: a\npresets: {a: 3}", "preset 'a': expected a mapping of settings"),
+])
+def test_bad_presets_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "reward.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RewardConfigError, match=message):
+        load_reward_config(str(path))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -67,5 +103,20 @@ def test_weighted_component_without_a_value_and_empty_reference():
 def test_minimum_score():
     plain = minimum_score(RewardConfig())
     assert (plain.reward, plain.error_rate) == (0.0, 1.0) and math.isnan(plain.similarity)
+    assert plain.utilities == {"error_rate": 0.0} and math.isnan(plain.utility("similarity"))
     full = minimum_score(RewardConfig(weights={"error_rate": 1, "similarity": 1, "confidence": 1}))
     assert full.similarity == 0.0 and full.nll == math.inf
+    assert full.utilities == {"error_rate": 0.0, "similarity": 0.0, "confidence": 0.0}
+
+
+def test_utilities_are_those_of_the_weighted_components():
+    config = RewardConfig(weights={"error_rate": 1.0, "similarity": 2.0})
+    item = score_item(config, "一丁七万", "一丁七三", similarity=0.5)
+    assert item.utilities == {"error_rate": pytest.approx(error_rate_utility(0.25)), "similarity": 0.5}
+    assert item.reward == pytest.approx((error_rate_utility(0.25) + 2 * 0.5) / 3)
+    assert math.isnan(item.utility("confidence"))
+    negative = score_item(config, "一", "一", similarity=-0.3)
+    assert negative.utilities["similarity"] == 0.0 and negative.similarity == -0.3
+    only_confidence = score_item(RewardConfig(weights={"confidence": 1.0}), "一", "丁", nll=0.0)
+    assert only_confidence.utilities == {"confidence": 1.0}  # the error rate is measured, not weighted
+    assert only_confidence.error_rate == 1.0

@@ -69,9 +69,88 @@ def test_engine_failure_on_one_item_fails_only_that_item():
     pipeline = _pipeline(engines=engines)
     items = [(standin.text_to_tokens("丁七"), "丁七"), ([13], "一"), (standin.text_to_tokens("万"), "万")]
     out = pipeline.token2wav_asr([_request(items)])[0]
-    assert out["ERRORS"].ravel()[1].decode() == "token2wav failed: RuntimeError: kernel exploded"
+    prompt = pipeline.slot.bank.names[pipeline.slot.bank.choose(np.array([13]))]
+    assert out["ERRORS"].ravel()[1].decode() == (f"token2wav failed on request 0 row 1 (1 speech tokens, prompt "
+                                                 f"bank:{prompt}) after 1 attempt(s): RuntimeError: kernel exploded")
     assert out["REWARDS"].ravel()[[0, 2]].tolist() == [1.0, 1.0]
     assert math.isnan(out["REWARDS"].ravel()[1])
+
+
+class _OutOfMemoryToken2Wav(standin.StandinToken2Wav):
+    """Runs out of device memory on the first ``failures`` calls that include token 13, as a
+    token2wav engine on a full GPU does, then works (the memory was freed meanwhile)."""
+
+    def __init__(self, failures: int, message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"):
+        super().__init__()
+        self.failures = failures
+        self.message = message
+        self.calls_with_13 = 0
+
+    def synthesize(self, token_batch, prompts):
+        if any(13 in tokens for tokens in token_batch):
+            self.calls_with_13 += 1
+            if self.calls_with_13 <= self.failures:
+                raise RuntimeError(self.message)
+        return super().synthesize(token_batch, prompts)
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    from token2wav_server import serving
+
+    monkeypatch.setattr(serving, "TRANSIENT_BACKOFF_S", 0.001)
+
+
+def test_out_of_memory_on_one_item_is_retried_until_it_passes(quick_backoff):
+    from token2wav_server.serving import TRANSIENT_ATTEMPTS
+
+    # the batch fails, then the item alone fails TRANSIENT_ATTEMPTS - 1 times: the last attempt passes
+    engine = _OutOfMemoryToken2Wav(failures=TRANSIENT_ATTEMPTS)
+    pipeline = _pipeline(engines=Engines(token2wav=engine, asr=standin.StandinAsr()))
+    items = [(standin.text_to_tokens("丁七"), "丁七"), ([13], standin.tokens_to_text([13])),
+             (standin.text_to_tokens("万"), "万")]
+    out = pipeline.token2wav_asr([_request(items)])[0]
+    assert [e.decode() for e in out["ERRORS"].ravel()] == ["", "", ""]
+    assert out["REWARDS"].ravel().tolist() == [1.0, 1.0, 1.0]
+    assert engine.calls_with_13 == TRANSIENT_ATTEMPTS + 1
+
+
+def test_out_of_memory_that_persists_names_the_item_and_the_attempts(quick_backoff):
+    from token2wav_server.serving import TRANSIENT_ATTEMPTS
+
+    engine = _OutOfMemoryToken2Wav(failures=100)
+    pipeline = _pipeline(engines=Engines(token2wav=engine, asr=standin.StandinAsr()))
+    voice = standin.tokens_to_wave([1, 2], voice=3)
+    request = _prompted_request([[1, 2], [13, 13, 13]], [None, (voice, 16000, "提示")])
+    request["GT_TEXT"] = np.array([[standin.tokens_to_text([1, 2]).encode()], ["丏".encode()]], dtype=object)
+    out = pipeline.token2wav_asr([request])[0]
+    error = out["ERRORS"].ravel()[1].decode()
+    from ttsrl.triton_client import speaker_prompt_key
+
+    key = speaker_prompt_key(voice, 16000, "提示")
+    assert error == (f"token2wav failed on request 0 row 1 (3 speech tokens, prompt item-{key[:16]}) after "
+                     f"{TRANSIENT_ATTEMPTS} attempt(s): RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert math.isnan(out["REWARDS"].ravel()[1]) and out["REWARDS"].ravel()[0] == 1.0  # no made-up score
+    assert engine.calls_with_13 == 1 + TRANSIENT_ATTEMPTS  # the batch, then each attempt of the item
+
+
+def test_a_failure_that_cannot_pass_is_not_retried(quick_backoff):
+    engine = _OutOfMemoryToken2Wav(failures=1, message="index out of range")
+    pipeline = _pipeline(engines=Engines(token2wav=engine, asr=standin.StandinAsr()))
+    out = pipeline.token2wav_asr([_request([([13], "丏")])])[0]
+    assert "after 1 attempt(s): RuntimeError: index out of range" in out["ERRORS"].ravel()[0].decode()
+    assert engine.calls_with_13 == 1
+
+
+def test_torch_out_of_memory_error_counts_as_transient():
+    from token2wav_server.serving import is_transient
+
+    class OutOfMemoryError(RuntimeError):  # the name torch.cuda.OutOfMemoryError has
+        pass
+
+    assert is_transient(OutOfMemoryError("allocation failed"))
+    assert is_transient(RuntimeError("CUDA error: out of memory"))
+    assert not is_transient(ValueError("bad tokens"))
 
 
 def test_similarity_and_confidence_components():
@@ -211,3 +290,74 @@ def test_similarity_to_a_per_item_prompt():
     # same tokens in the prompt's voice: the output equals the prompt audio, similarity 1
     assert out["SPEAKER_SIMILARITY"].ravel()[0] == pytest.approx(1.0, abs=1e-6)
     assert out["ERRORS"].ravel()[0] == b""
+
+
+def test_utilities_of_the_weighted_components_are_returned():
+    from token2wav_server.serving import UTILITY_OUTPUTS
+
+    tokens = [1, 2, 3]
+    said_wrong = [1, 2, 4]
+    text = standin.tokens_to_text(tokens)
+    plain = _pipeline().token2wav_asr([_request([(tokens, text), (said_wrong, text), ([], text)])])[0]
+    assert list(UTILITY_OUTPUTS) == ["UTILITY_ERROR_RATE", "UTILITY_SIMILARITY", "UTILITY_CONFIDENCE"]
+    assert plain["UTILITY_ERROR_RATE"].ravel().tolist() == pytest.approx([1.0, error_rate_utility(1 / 3), 0.0])
+    assert all(math.isnan(v) for name in ("UTILITY_SIMILARITY", "UTILITY_CONFIDENCE") for v in plain[name].ravel())
+
+    config = RewardConfig(weights={"error_rate": 1.0, "similarity": 1.0})
+    prompt = standin.tokens_to_wave([7], voice=4)  # another voice than the output's (the bank's p0, voice 0)
+    request = _prompted_request([tokens, tokens, []], [(prompt, 16000, "提示"), None, (prompt, 16000, "提示")])
+    request["GT_TEXT"] = np.array([[text.encode()]] * 3, dtype=object)
+    out = _pipeline(config).token2wav_asr([request], [{"prompt": "p0"}])[0]
+    similarity = out["SPEAKER_SIMILARITY"].ravel()
+    assert out["UTILITY_SIMILARITY"].ravel()[:2].tolist() == pytest.approx([max(0.0, similarity[0]), similarity[1]])
+    assert out["UTILITY_SIMILARITY"].ravel()[2] == 0.0 and out["UTILITY_ERROR_RATE"].ravel()[2] == 0.0  # no tokens
+    assert out["REWARDS"].ravel()[0] == pytest.approx((1.0 + max(0.0, similarity[0])) / 2)
+    assert math.isnan(out["UTILITY_CONFIDENCE"].ravel()[0])
+
+
+class _ConstantSpeaker:
+    """A speaker model that hears one voice in everything (so its similarity is always 1)."""
+
+    sample_rate = 16000
+
+    def embed(self, waves):
+        return np.ones((len(waves), 3), dtype=np.float32)
+
+
+def test_the_reward_uses_reward_speaker_and_the_speaker_model_stays_the_evaluation_one():
+    config = RewardConfig(weights={"error_rate": 1.0, "similarity": 1.0})
+    engines = standin.create_engines(EngineOptions())
+    engines.reward_speaker = _ConstantSpeaker()
+    assert engines.similarity_speaker is engines.reward_speaker
+    pipeline = _pipeline(config, engines=engines)
+    prompt = standin.tokens_to_wave([7], voice=4)
+    request = _prompted_request([[1, 2]], [(prompt, 16000, "提示")])
+    request["GT_TEXT"] = np.array([[standin.tokens_to_text([1, 2]).encode()]], dtype=object)
+    out = pipeline.token2wav_asr([request])[0]
+    assert out["SPEAKER_SIMILARITY"].ravel()[0] == pytest.approx(1.0)  # the constant speaker's, not the stand-in's
+    wave = standin.tokens_to_wave([1, 2], voice=3)
+    embedding = pipeline.speaker([{"WAV": wave[None, :], "SAMPLE_RATE": np.array([[16000]], dtype=np.int32)}])[0]
+    assert np.allclose(embedding["EMBEDDING"][0], standin.StandinSpeaker().embed([wave])[0])
+    with pytest.raises(TypeError, match="reward_speaker"):
+        Engines(token2wav=standin.StandinToken2Wav(), asr=standin.StandinAsr(), reward_speaker=object())
+
+
+class _PromptRefusingToken2Wav(standin.StandinToken2Wav):
+    def prepare_prompt(self, prompt):
+        if prompt.name.startswith("item-"):
+            raise ValueError("prompt speech tokenizer failed")
+        return super().prepare_prompt(prompt)
+
+
+def test_a_prompt_the_server_cannot_prepare_fails_its_item_with_the_prompt_named():
+    from ttsrl.triton_client import speaker_prompt_key
+
+    pipeline = _pipeline(engines=Engines(token2wav=_PromptRefusingToken2Wav(), asr=standin.StandinAsr()))
+    prompt = (standin.tokens_to_wave([7], voice=4), 16000, "提示")
+    request = _prompted_request([[1, 2], [3]], [prompt, None])
+    request["GT_TEXT"] = np.array([[b"x"], [standin.tokens_to_text([3]).encode()]], dtype=object)
+    out = pipeline.token2wav_asr([request])[0]
+    error = out["ERRORS"].ravel()[0].decode()
+    assert error.startswith(f"preparing the speaker prompt failed on request 0 row 0 (2 speech tokens, prompt "
+                            f"item-{speaker_prompt_key(*prompt)[:16]}) after 1 attempt(s): ValueError")
+    assert math.isnan(out["REWARDS"].ravel()[0]) and out["REWARDS"].ravel()[1] == 1.0

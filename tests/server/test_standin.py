@@ -102,3 +102,81 @@ def test_a_prompt_conditions_its_own_voice():
     assert prepared[2] == token2wav.prepare_prompt(prompts[2])  # deterministic
     waves = token2wav.synthesize([np.array([1, 2])] * 3, prepared)
     assert [standin.wave_voice(w) for w in waves] == [p.voice for p in prepared]
+
+
+# ---- voice tokens (engine option voice_tokens=true) -------------------------------------
+def _voice_engines():
+    return standin.create_engines(EngineOptions(extra={"voice_tokens": "true"}))
+
+
+def test_voice_tokens_are_the_last_sixteen_ids():
+    assert standin.VOICE_TOKEN_BASE == standin.SPEECH_VOCAB_SIZE - standin.VOICES == 6545
+    assert [standin.is_voice_token(t) for t in (6544, 6545, 6560)] == [False, True, True]
+    content, voice = standin.split_voice([6545 + 3, 1, 2, 6545 + 9, 3])
+    assert content.tolist() == [1, 2, 3] and voice == 9  # the LAST voice token's voice
+    assert standin.split_voice([4, 5])[1] == 0  # none: voice 0
+
+
+def test_with_voice_tokens_the_tokens_choose_the_voice_not_the_prompt():
+    engines = _voice_engines()
+    ids = standin.text_to_tokens("一丁七")
+    prompt = engines.token2wav.prepare_prompt(SpeakerPrompt("p", standin.tokens_to_wave([5], voice=7), 16000, "甲"))
+    waves = engines.token2wav.synthesize(
+        [np.array([standin.VOICE_TOKEN_BASE + 2] + ids), np.array(ids), np.array([standin.VOICE_TOKEN_BASE + 4])],
+        [prompt] * 3)
+    assert [standin.wave_voice(w) for w in waves[:2]] == [2, 0]  # voice token 2; none -> 0; the prompt's 7 unused
+    assert waves[2].size == 0  # voice tokens make no audio
+    assert [r.text for r in engines.asr.transcribe(waves[:2])] == ["一丁七", "一丁七"]  # the ASR reads the content
+    # default (voice_tokens=false): unchanged, the prompt's voice, and id 6547 is a sound
+    plain = standin.create_engines(EngineOptions())
+    wave = plain.token2wav.synthesize([np.array([standin.VOICE_TOKEN_BASE + 2] + ids)], [prompt])[0]
+    assert standin.wave_voice(wave) == 7 and standin.wave_to_tokens(wave)[0] == standin.VOICE_TOKEN_BASE + 2
+    with pytest.raises(ValueError, match="voice_tokens='maybe'"):
+        standin.create_engines(EngineOptions(extra={"voice_tokens": "maybe"}))
+
+
+def test_with_voice_tokens_the_speech_tokenizer_names_the_voice_and_targets_copy_it():
+    engines = _voice_engines()
+    prompt_wave = standin.tokens_to_wave(standin.text_to_tokens("三上"), voice=5)
+    prompt_tokens = engines.speech_tokenizer.tokenize([prompt_wave])[0]
+    assert prompt_tokens.tolist() == [standin.VOICE_TOKEN_BASE + 5] + standin.text_to_tokens("三上")
+    assert standin.StandinSpeechTokenizer().tokenize([prompt_wave])[0].tolist() == standin.text_to_tokens("三上")
+    target = standin.targets_for("一丁", prompt_tokens)
+    assert target == [standin.VOICE_TOKEN_BASE + 5] + standin.text_to_tokens("一丁")
+    assert standin.targets_for("一丁", [standin.VOICE_TOKEN_BASE + 1, 3, standin.VOICE_TOKEN_BASE + 6, 4],
+                               tokens_per_char=2) == [standin.VOICE_TOKEN_BASE + 6, 0, 0, 1, 1]
+    assert standin.targets_for("一", ()) == [0]  # a prompt without a voice token: content only
+    # a perfect policy's audio is the text in the prompt's voice
+    wave = engines.token2wav.synthesize([np.array(target)], [None])[0]
+    assert engines.asr.transcribe([wave])[0].text == "一丁" and standin.wave_voice(wave) == 5
+    with pytest.raises(ValueError, match="is a voice token"):
+        standin.targets_for(standin.TABLE[standin.VOICE_TOKEN_BASE], prompt_tokens)
+
+
+def test_with_voice_tokens_the_speaker_embedding_is_one_hot_of_the_voice():
+    speaker = _voice_engines().speaker
+    ids = standin.text_to_tokens("一丁")
+    waves = [standin.tokens_to_wave(ids, 3), standin.tokens_to_wave([9, 9, 9], 3), standin.tokens_to_wave(ids, 4),
+             np.random.default_rng(0).normal(0, 0.1, 1600).astype(np.float32), np.zeros(0, dtype=np.float32)]
+    emb = speaker.embed(waves)
+    assert emb.shape == (5, standin.VOICES + 1)
+    cos = emb @ emb.T  # rows are unit vectors
+    assert cos[0, 1] == 1.0 and cos[0, 2] == 0.0  # same voice, other words: 1; other voice: 0
+    assert cos[3, 4] == 1.0 and cos[0, 3] == 0.0  # not stand-in audio: the one "unknown" direction
+    assert emb[3, standin.VOICES] == 1.0
+
+
+def test_with_voice_tokens_a_prompt_may_end_in_silence():
+    # the smoke prompts: a few characters in a voice, then silence up to the 1 s a prompt needs
+    engines = _voice_engines()
+    speech = standin.tokens_to_wave(standin.text_to_tokens("上下"), voice=9)
+    prompt = np.concatenate([speech, np.zeros(standin.SAMPLE_RATE - speech.size, dtype=np.float32)])
+    assert engines.speech_tokenizer.tokenize([prompt])[0].tolist() == \
+        [standin.VOICE_TOKEN_BASE + 9] + standin.text_to_tokens("上下")
+    emb = engines.speaker.embed([prompt, speech])
+    assert float(emb[0] @ emb[1]) == 1.0 and emb[0, 9] == 1.0
+    # without voice tokens trailing silence is not stand-in audio, as before
+    with pytest.raises(ValueError, match="not stand-in audio"):
+        standin.StandinSpeechTokenizer().tokenize([prompt])
+    with pytest.raises(ValueError, match="not stand-in audio"):  # silence alone has no voice
+        engines.speech_tokenizer.tokenize([np.zeros(standin.SAMPLE_RATE, dtype=np.float32)])

@@ -126,3 +126,30 @@ def test_server_killed_mid_run_recovers_and_down_server_raises():
             give_up.set()
             thread.join()
         server.stop()
+
+
+def test_rollouts_with_and_without_prompts_share_one_request(reward_server):
+    """Per-item prompts travel row by row (PROMPT_WAV padded, length 0 = the bank's voice): one
+    request carries all of them, and a prompt the server refuses fails only its rollout."""
+    from token2wav_server import standin
+    from ttsrl.triton_client import SpeakerPromptAudio
+
+    config = settings(reward_server.grpc_url, max_batch=16, batch_window_ms=50)
+    long_prompt = SpeakerPromptAudio(standin.tokens_to_wave(list(range(40)), voice=3), 16000, "长提示")
+    short_prompt = SpeakerPromptAudio(standin.tokens_to_wave([5], voice=6), 16000, "短")
+    low_rate = SpeakerPromptAudio(np.full(800, 0.1, dtype=np.float32), 8000, "低")
+
+    async def go():
+        client = get_client(config)
+        await client.score(np.asarray([1]), "一")  # start-up done
+        before = request_count(reward_server)
+        prompts = [long_prompt, None, short_prompt, low_rate, None]
+        calls = [client.score(np.asarray(text_to_tokens(text)), text, prompt) for text, prompt in zip(TEXTS, prompts)]
+        return before, await asyncio.gather(*calls, return_exceptions=True)
+
+    before, results = run(go())
+    assert request_count(reward_server) - before == 1
+    assert isinstance(results[3], RewardRequestError) and "sample rate 8000 Hz" in str(results[3])
+    for result in results[:3] + results[4:]:
+        assert result["REWARDS"] == pytest.approx(1.0) and result["UTILITY_ERROR_RATE"] == pytest.approx(1.0)
+        assert np.isnan(result["UTILITY_SIMILARITY"]) and np.isnan(result["SPEAKER_SIMILARITY"])  # not weighted

@@ -3,8 +3,10 @@ server's models: its wavs transcribed by the evaluation ASR, scored against the 
 OUT/manifest.jsonl (``ttsrl.evaluation.wer``), and the speaker similarity of each wav to
 its utterance's prompt wav.
 
-An utterance whose wav is missing or fails to transcribe counts as deleted in full; one
-synthesis skipped for a bad prompt is not scored, only counted.
+An utterance without a transcript (its wav is missing, e.g. synthesis generated no speech
+tokens, or it fails to transcribe) is left out of the set's figure, as Seed-TTS-eval's
+``run_wer.py`` leaves out a missing wav, and is listed with why (``missing``,
+``missing_reasons``); one synthesis skipped for a bad prompt is not scored, only counted.
 """
 from __future__ import annotations
 
@@ -70,17 +72,23 @@ def speaker_similarity_of_output_dir(output_dir: Path, records: dict[str, dict],
     return result
 
 
-def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str, log=print) -> tuple[dict, dict]:
-    """Transcribe OUT/wavs with the server -> (references, hypotheses); missing wavs are left out."""
+def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str,
+                          log=print) -> tuple[dict, dict, dict]:
+    """Transcribe OUT/wavs with the server -> (references, hypotheses, why each reference
+    without a hypothesis has none)."""
     from ttsrl.triton_client import TritonModelClient
 
     references = read_references(output_dir / "manifest.jsonl")
+    records = read_records(output_dir / "manifest.jsonl")
     hypotheses: dict[str, str] = {}
+    missing: dict[str, str] = {}
     ids, waves, rates = [], [], []
     for utt_id in references:
         wav = wav_path(output_dir, utt_id)
         if not wav.exists():
-            log(f"missing wav: {wav}")
+            error = records[utt_id].get("error")
+            missing[utt_id] = f"no wav: {error}" if error else "no wav"
+            log(f"missing wav: {wav}" + (f" ({error})" if error else ""))
             continue
         wave, rate = read_wave(wav)
         ids.append(utt_id)
@@ -90,12 +98,13 @@ def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str, log
     try:
         for utt_id, result in zip(ids, client.transcribe(waves, rates) if ids else []):
             if isinstance(result, Exception):
+                missing[utt_id] = f"transcription failed: {result}"
                 log(f"transcription failed for {utt_id}: {result}")
             else:
                 hypotheses[utt_id] = result
     finally:
         client.close()
-    return references, hypotheses
+    return references, hypotheses, missing
 
 
 def add_speaker_similarity(result: CorpusScore, output_dir: Path, server_url: str, model: str = "speaker",
@@ -119,12 +128,13 @@ def score_output_dir(output_dir: str | Path, server_url: str, asr_model: str = "
     ``speaker_model`` (None: none), add the speaker similarity when the server serves it.
     Raises TranscriptError or OutputDirError (the message names file and line)."""
     folder = Path(output_dir)
-    references, hypotheses = transcribe_output_dir(folder, server_url, asr_model, log)
+    references, hypotheses, missing = transcribe_output_dir(folder, server_url, asr_model, log)
     write_transcripts(folder / "ref.txt", references)
     write_transcripts(folder / "hyp.txt", hypotheses)
     if not references:
         raise TranscriptError(f"{output_dir}: no utterances")
     result = score_corpus(references, hypotheses, metric, language)
+    result.missing_reasons = {utt_id: missing[utt_id] for utt_id in result.missing if utt_id in missing}
     result.bad_prompt = bad_prompt_ids(folder / "manifest.jsonl")
     if speaker_model:
         add_speaker_similarity(result, folder, server_url, speaker_model, log)

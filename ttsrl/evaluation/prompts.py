@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 from ttsrl.eval_sets import EvalUtterance
 from ttsrl.evaluation.outputs import read_wave
@@ -18,26 +17,13 @@ class BadPromptError(Exception):
 
 
 def _header_problem(path: str, max_seconds: float) -> str | None:
-    """Why the wav at ``path`` cannot be a prompt, from its header alone; None if it can."""
-    import soundfile
+    """Why the wav at ``path`` cannot be a prompt, from its header alone; None if it can
+    (the checks of ``ttsrl.training.speaker_prompts.wav_problem``, without its minimum
+    length: the server takes short prompts, only training data asks for MIN_PROMPT_SECONDS)."""
+    from ttsrl.training.speaker_prompts import wav_problem
 
-    from token2wav_server.prompt_bank import MIN_PROMPT_SAMPLE_RATE
-
-    if not os.path.isfile(path):
-        return f"prompt wav {path} not found"
-    try:
-        info = soundfile.info(path)
-    except (OSError, RuntimeError) as error:  # soundfile's LibsndfileError is a RuntimeError
-        return f"cannot read prompt wav {path}: {error}"
-    seconds = info.frames / info.samplerate if info.samplerate else 0.0
-    if info.frames <= 0:
-        return f"prompt wav {path} has no samples"
-    if info.samplerate < MIN_PROMPT_SAMPLE_RATE:
-        return f"prompt wav {path} is {info.samplerate} Hz, below the {MIN_PROMPT_SAMPLE_RATE} Hz a prompt needs"
-    if seconds > max_seconds:
-        return (f"prompt wav {path} is {seconds:.1f} s long, over the maximum of "
-                f"{max_seconds:g} s (--max-prompt-seconds)")
-    return None
+    problem = wav_problem(path, max_seconds)
+    return None if problem is None else problem[1]
 
 
 def check_prompts(utterances: list[EvalUtterance], max_seconds: float | None = None) -> dict[str, str]:

@@ -1,17 +1,30 @@
-"""Stage 4 summary: the scores of every evaluated checkpoint (``EVAL_DIR/step_<N>/wer.json``
-and ``per.json``, step 0 the base model) -> a table, a plot and the best step.
-``scripts/summarize_eval.py`` documents the files and the choice of the best step."""
+"""Stage 4 summary: the scores of every evaluated checkpoint on two sets -> a table, a plot, a
+JSON summary and the best step.
+
+- the test set: ``EVAL_DIR/step_<N>/wer.json`` (and ``per.json``), step 0 the base model;
+- the dev set (optional): ``DEV_DIR/step_<N>/wer.json`` (and ``per.json``), run.sh's
+  ``EVAL_DIR/dev``.
+
+The best step is chosen on the dev set when it has scores, so the test numbers reported for
+that step are not the ones that picked it; without dev scores it is chosen on the test set,
+and every output says that this is optimistic. ``scripts/summarize_eval.py`` documents the
+files.
+"""
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
-from ttsrl.atomic_write import atomic_file, write_text
+from ttsrl.atomic_write import atomic_file, write_json, write_text
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 SELECT_BY = ("cer", "wer", "pinyin", "sim")
+SETS = ("dev", "test")
 _COLUMN = {"cer": "error_rate", "wer": "error_rate", "pinyin": "per", "sim": "sim"}
+TEST_SELECTION_WARNING = "best step chosen on the test set: optimistic; set dev_manifest= or a dev slice"
+MISSING_NOTE = ("missing: utterances without audio (or a transcript), left out of that set's means as "
+                "Seed-TTS-eval's run_wer.py leaves them out; read each mean with its count")
 
 
 class EvalError(Exception):
@@ -19,7 +32,8 @@ class EvalError(Exception):
 
 
 def collect(eval_dir: Path) -> list[dict]:
-    """One row per step_N folder that has a wer.json, sorted by step."""
+    """One row per step_N folder that has a wer.json, sorted by step. A row's ``error_rate``
+    is None when none of the set's utterances had audio."""
     rows = []
     if not eval_dir.is_dir():
         raise EvalError(f"{eval_dir}: no such folder")
@@ -34,7 +48,8 @@ def collect(eval_dir: Path) -> list[dict]:
                 per = json.loads((child / "per.json").read_text(encoding="utf-8"))["summary"]["error_rate"]
             row = {"step": int(match.group(1)), "error_rate": summary["error_rate"], "per": per,
                    "label": summary.get("label", "CER"), "sim": summary.get("speaker_similarity_mean"),
-                   "utterances": summary["utterances"], "missing": len(summary["missing"]),
+                   "utterances": summary["utterances"],
+                   "missing": summary.get("missing_count", len(summary["missing"])),
                    "bad_prompt": len(summary.get("bad_prompt", [])), "dir": str(child)}
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise EvalError(f"{child}: unreadable score file ({error})") from None
@@ -43,17 +58,19 @@ def collect(eval_dir: Path) -> list[dict]:
         raise EvalError(f"{eval_dir}: no step_N/wer.json found (run inference and compute_wer.sh first)")
     labels = sorted({r["label"] for r in rows})
     if len(labels) > 1:
-        raise EvalError(f"{eval_dir}: steps were scored with different metrics {labels} (one test set per eval dir)")
+        raise EvalError(f"{eval_dir}: steps were scored with different metrics {labels} (one set per folder)")
     return sorted(rows, key=lambda r: r["step"])
 
 
-def best(rows: list[dict], select_by: str = "cer") -> dict:
+def best(rows: list[dict], select_by: str = "cer", set_name: str = "test") -> dict:
+    """The row with the best ``select_by`` score (lowest error rate, highest SIM); ties go to
+    the earlier step, rows without the score are passed over."""
     if select_by not in SELECT_BY:
         raise EvalError(f"unknown --select-by {select_by!r}; expected one of {SELECT_BY}")
     column = _COLUMN[select_by]
     scored = [r for r in rows if r.get(column) is not None]
     if not scored:
-        raise EvalError(f"no step has a {select_by} score to select by"
+        raise EvalError(f"no step has a {select_by} score on the {set_name} set to select by"
                         + (" (the server serves no speaker model)" if select_by == "sim" else ""))
     sign = -1.0 if select_by == "sim" else 1.0
     return min(scored, key=lambda r: (sign * r[column], r["step"]))
@@ -63,45 +80,170 @@ def has_similarity(rows: list[dict]) -> bool:
     return any(r.get("sim") is not None for r in rows)
 
 
-def table(rows: list[dict], select_by: str = "cer") -> str:
-    winner = best(rows, select_by)["step"]
-    with_sim = has_similarity(rows)
-    label = rows[0]["label"]
-    lines = [f"| step | {label} % | pinyin ER % | " + ("SIM | " if with_sim else "") + "utterances | missing | bad prompts |",
-             "|---:|---:|---:|" + ("---:|" if with_sim else "") + "---:|---:|---:|"]
-    for r in rows:
-        per = f"{100 * r['per']:.2f}" if r["per"] is not None else "-"
-        sim = (f"{r['sim']:.4f} | " if r.get("sim") is not None else "- | ") if with_sim else ""
-        mark = " (best)" if r["step"] == winner else ""
-        lines.append(f"| {r['step']}{mark} | {100 * r['error_rate']:.2f} | {per} | {sim}{r['utterances']} | "
-                     f"{r['missing']} | {r['bad_prompt']} |")
+def _by_step(rows: list[dict] | None) -> dict[int, dict]:
+    return {r["step"]: r for r in rows or []}
+
+
+def merge_steps(dev_rows: list[dict] | None, test_rows: list[dict]) -> list[dict]:
+    """{step, dev, test} for every step either set scored; a set that did not score it has None."""
+    dev, test = _by_step(dev_rows), _by_step(test_rows)
+    return [{"step": step, "dev": dev.get(step), "test": test.get(step)} for step in sorted(set(dev) | set(test))]
+
+
+def read_dev_rows(dev_dir: Path | None) -> tuple[list[dict] | None, str | None]:
+    """The dev rows, or (None, why there are none) when there is no dev dir or no scored step in it."""
+    if dev_dir is None:
+        return None, "no --dev-dir"
+    if not dev_dir.is_dir():
+        return None, f"--dev-dir {dev_dir} does not exist"
+    if not any(STEP_DIR.match(c.name) and (c / "wer.json").exists() for c in dev_dir.iterdir()):
+        return None, f"--dev-dir {dev_dir} has no step_N/wer.json"
+    return collect(dev_dir), None
+
+
+def choose(dev_rows: list[dict] | None, test_rows: list[dict], select_by: str,
+           dev_dir: Path | None = None, eval_dir: Path | None = None) -> tuple[int, str]:
+    """(best step, the set that selected it: dev or test). The chosen step must have a test score."""
+    if not dev_rows:
+        return best(test_rows, select_by, "test")["step"], "test"
+    step = best(dev_rows, select_by, "dev")["step"]
+    if step not in _by_step(test_rows):
+        test_file = Path(eval_dir or ".") / f"step_{step}" / "wer.json"
+        dev_folder = Path(dev_dir or ".") / f"step_{step}"
+        raise EvalError(f"step {step} was chosen on the dev set by {select_by} but has no test score ({test_file} "
+                        f"is missing): evaluate step {step} on the test set (run stage 4 again), or remove "
+                        f"{dev_folder} to choose among the steps both sets scored")
+    return step, "dev"
+
+
+def notes(steps: list[dict], best_step: int, selected_on: str, select_by: str, no_dev_why: str | None) -> dict:
+    """What the reader of the table must know: warnings (the selection is optimistic, a step
+    is scored on one set only, the chosen step lacks audio) and the notes that explain the columns."""
+    warnings, lines = [], []
+    if selected_on == "test":
+        warnings.append(TEST_SELECTION_WARNING + (f" ({no_dev_why})" if no_dev_why else ""))
+    else:
+        for name, other in (("dev", "test"), ("test", "dev")):
+            only = [str(s["step"]) for s in steps if s[name] is not None and s[other] is None]
+            if only:
+                warnings.append(f"step(s) {', '.join(only)} scored on the {name} set only ('-' in the {other} "
+                                "columns)")
+    chosen = next(s for s in steps if s["step"] == best_step)[selected_on]
+    if chosen["missing"]:
+        warnings.append(f"the chosen step {best_step} has {chosen['missing']} {selected_on} utterance(s) without "
+                        f"audio, left out of its {selected_on} means: compare the missing column across steps")
+    metric = {"pinyin": "lowest pinyin error rate", "sim": "highest SIM"}.get(select_by) or \
+        f"lowest {chosen['label']}"
+    reported = "; the test columns report it" if selected_on == "dev" else ""
+    lines.append(f"best step: {best_step}, chosen on the {selected_on} set by {select_by} ({metric}){reported}")
+    lines.append(MISSING_NOTE)
+    return {"warnings": warnings, "notes": lines}
+
+
+def _set_names(steps: list[dict]) -> list[str]:
+    return [name for name in SETS if any(s[name] is not None for s in steps)]
+
+
+def _columns(steps: list[dict], name: str) -> tuple[str, bool]:
+    rows = [s[name] for s in steps if s[name] is not None]
+    return rows[0]["label"], has_similarity(rows)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def table(steps: list[dict], best_step: int, info: dict) -> str:
+    """The markdown table: a step per line, each set's columns ('-' where the set has no
+    score), the chosen step marked, then the warnings and notes."""
+    header, rule = ["step"], ["---:"]
+    sets = _set_names(steps)
+    for name in sets:
+        label, with_sim = _columns(steps, name)
+        more = [f"{name} {label} %", f"{name} pinyin ER %"] + ([f"{name} SIM"] if with_sim else []) + \
+            [f"{name} utterances", f"{name} missing", f"{name} bad prompts"]
+        header += more
+        rule += ["---:"] * len(more)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    for s in steps:
+        cells = [f"{s['step']}" + (" (best)" if s["step"] == best_step else "")]
+        for name in sets:
+            _, with_sim = _columns(steps, name)
+            r = s[name]
+            width = 6 if with_sim else 5
+            if r is None:
+                cells += ["-"] * width
+                continue
+            cells += [_percent(r["error_rate"]), _percent(r["per"])]
+            if with_sim:
+                cells.append("-" if r.get("sim") is None else f"{r['sim']:.4f}")
+            cells += [str(r["utterances"]), str(r["missing"]), str(r["bad_prompt"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"warning: {w}" for w in info["warnings"]] + info["notes"]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, select_by: str = "cer") -> None:
+def tsv(steps: list[dict], best_step: int) -> str:
+    sets = _set_names(steps)
+    header = ["step"]
+    for name in sets:
+        label, with_sim = _columns(steps, name)
+        header += [f"{name}_{label.lower()}", f"{name}_per"] + ([f"{name}_sim"] if with_sim else []) + \
+            [f"{name}_utterances", f"{name}_missing", f"{name}_bad_prompt"]
+    header.append("best")
+    lines = ["\t".join(header)]
+    for s in steps:
+        cells = [str(s["step"])]
+        for name in sets:
+            _, with_sim = _columns(steps, name)
+            r = s[name]
+            if r is None:
+                cells += [""] * (6 if with_sim else 5)
+                continue
+            cells += ["" if r[key] is None else f"{r[key]:.6f}" for key in ("error_rate", "per")]
+            if with_sim:
+                cells.append("" if r.get("sim") is None else f"{r['sim']:.6f}")
+            cells += [str(r["utterances"]), str(r["missing"]), str(r["bad_prompt"])]
+        cells.append("1" if s["step"] == best_step else "0")
+        lines.append("\t".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def plot(steps: list[dict], path: Path, best_step: int, selected_on: str, select_by: str) -> None:
+    """Error rates by step (a colour per metric; test solid, dev dashed), SIM on a second axis,
+    the chosen step marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
-    label = rows[0]["label"]
-    figure, axis = plt.subplots(figsize=(6.5, 3.8), dpi=120)
-    axis.plot(steps, [100 * r["error_rate"] for r in rows], marker="o", label=f"{label} (Seed-TTS-eval protocol)")
-    if all(r["per"] is not None for r in rows):
-        axis.plot(steps, [100 * r["per"] for r in rows], marker="s", label="pinyin error rate (ours)")
+    figure, axis = plt.subplots(figsize=(7.0, 4.0), dpi=120)
+    sim_axis = None
+    for name in _set_names(steps):
+        rows = [s[name] for s in steps if s[name] is not None]
+        style = "--" if name == "dev" else "-"
+        label = rows[0]["label"]
+        scored = [r for r in rows if r["error_rate"] is not None]
+        axis.plot([r["step"] for r in scored], [100 * r["error_rate"] for r in scored], style, marker="o",
+                  color="tab:blue", label=f"{name} {label} (Seed-TTS-eval protocol)")
+        with_per = [r for r in rows if r["per"] is not None]
+        if with_per:
+            axis.plot([r["step"] for r in with_per], [100 * r["per"] for r in with_per], style, marker="s",
+                      color="tab:orange", label=f"{name} pinyin error rate (ours)")
+        with_sim = [r for r in rows if r.get("sim") is not None]
+        if with_sim:
+            sim_axis = sim_axis or axis.twinx()
+            sim_axis.plot([r["step"] for r in with_sim], [r["sim"] for r in with_sim], style, marker="^",
+                          color="tab:green", label=f"{name} SIM")
     handles, labels = axis.get_legend_handles_labels()
-    if has_similarity(rows):
-        sim_axis = axis.twinx()
-        sim_rows = [r for r in rows if r.get("sim") is not None]
-        sim_axis.plot([r["step"] for r in sim_rows], [r["sim"] for r in sim_rows], marker="^", color="tab:green",
-                      label="SIM")
+    if sim_axis is not None:
         sim_axis.set_ylabel("speaker similarity")
         more_handles, more_labels = sim_axis.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    winner = best(rows, select_by)
-    axis.annotate(f"best by {select_by}", (winner["step"], 100 * winner["error_rate"]), textcoords="offset points",
-                  xytext=(0, 8), ha="center")
+    axis.axvline(best_step, color="gray", alpha=0.5, linestyle=":")
+    how = f"best step {best_step}: chosen on the {selected_on} set by {select_by}"
+    axis.set_title(how + (" (optimistic)" if selected_on == "test" else ""), fontsize="medium")
     axis.set_xlabel("training step (0: base model)")
     axis.set_ylabel("error rate (%)")
     axis.grid(alpha=0.3)
@@ -114,19 +256,35 @@ def plot(rows: list[dict], path: Path, select_by: str = "cer") -> None:
         plt.close(figure)
 
 
-def summarize(eval_dir: Path, select_by: str = "cer") -> dict:
-    rows = collect(eval_dir)
-    winner = best(rows, select_by)
-    with_sim = has_similarity(rows)
-    metric = rows[0]["label"].lower()
-    tsv = [f"step\t{metric}\tper\t" + ("sim\t" if with_sim else "") + "utterances\tmissing\tbad_prompt"]
-    for r in rows:
-        per = "" if r["per"] is None else f"{r['per']:.6f}"
-        sim = ("" if r.get("sim") is None else f"{r['sim']:.6f}") + "\t" if with_sim else ""
-        tsv.append(f"{r['step']}\t{r['error_rate']:.6f}\t{per}\t{sim}{r['utterances']}\t{r['missing']}\t{r['bad_prompt']}")
-    write_text(eval_dir / "cer_by_step.tsv", "\n".join(tsv) + "\n")
-    markdown = table(rows, select_by)
+def summarize(eval_dir: Path, select_by: str = "cer", dev_dir: Path | None = None) -> dict:
+    """Read both sets, choose the best step, write EVAL_DIR/cer_by_step.{tsv,md,png},
+    summary.json and best_step.txt (last, so it names a step whose summary is written)."""
+    test_rows = collect(eval_dir)
+    dev_rows, no_dev_why = read_dev_rows(dev_dir)
+    best_step, selected_on = choose(dev_rows, test_rows, select_by, dev_dir, eval_dir)
+    steps = merge_steps(dev_rows, test_rows)
+    info = notes(steps, best_step, selected_on, select_by, no_dev_why)
+    markdown = table(steps, best_step, info)
+    chosen = next(s for s in steps if s["step"] == best_step)
+    result = {"eval_dir": str(eval_dir), "dev_dir": None if dev_dir is None else str(dev_dir),
+              "select_by": select_by, "selected_on": selected_on, "best_step": best_step, "best": chosen,
+              "labels": {name: _columns(steps, name)[0] for name in _set_names(steps)},
+              "warnings": info["warnings"], "notes": info["notes"], "steps": steps}
+    write_text(eval_dir / "cer_by_step.tsv", tsv(steps, best_step))
     write_text(eval_dir / "cer_by_step.md", markdown + "\n")
-    plot(rows, eval_dir / "cer_by_step.png", select_by)
-    write_text(eval_dir / "best_step.txt", f"{winner['step']}\n")
-    return {"rows": rows, "best": winner, "table": markdown, "select_by": select_by}
+    plot(steps, eval_dir / "cer_by_step.png", best_step, selected_on, select_by)
+    write_json(eval_dir / "summary.json", result, indent=1)
+    write_text(eval_dir / "best_step.txt", f"{best_step}\n")
+    return {**result, "table": markdown}
+
+
+def describe(row: dict | None) -> str:
+    """``CER 5.00%, SIM 0.7500`` for one set's row."""
+    if row is None:
+        return "not scored"
+    text = f"{row['label']} {_percent(row['error_rate'])}%"
+    if row.get("sim") is not None:
+        text += f", SIM {row['sim']:.4f}"
+    if row["missing"]:
+        text += f", {row['missing']} missing"
+    return text

@@ -6,6 +6,12 @@ summary line and wer.txt/wer.json).
   (``ttsrl.protocol_scoring``; the set's figure is the mean of the utterance rates);
 - ``pinyin`` / ``char``: our own scoring (``ttsrl.scoring``), the reward's.
 
+An utterance with no transcript (no wav, a failed transcription, an id missing from the
+hypotheses) is left out of every metric's figure, as Seed-TTS-eval's ``run_wer.py`` leaves
+out an utterance whose wav does not exist, and is listed and counted on its own
+(``missing``, ``missing_count``). An empty transcript is a transcript: every reference
+token deleted.
+
 Transcript files hold ``utt_id text`` lines.
 """
 from __future__ import annotations
@@ -55,7 +61,7 @@ def read_transcripts(path: str, allow_empty_text: bool) -> dict[str, str]:
 class UtteranceScore:
     utt_id: str
     reference: str
-    hypothesis: str | None  # None: missing from the hypotheses
+    hypothesis: str
     substitutions: int
     deletions: int
     insertions: int
@@ -74,6 +80,10 @@ class CorpusScore:
     similarity: "SimilarityResult | None" = None  # wav mode with a served speaker model
     language: str = ""  # protocol metric: zh (CER) or en (WER)
     bad_prompt: list[str] = field(default_factory=list)  # skipped by infer_dist for a bad prompt, not scored
+    # References without a transcript, left out of the figures (Seed-TTS-eval's rule), in reference order;
+    # missing_reasons says why where the caller knows (wav mode: no wav, transcription failed).
+    missing: list[str] = field(default_factory=list)
+    missing_reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -87,29 +97,28 @@ class CorpusScore:
         return self.total("substitutions") + self.total("deletions") + self.total("insertions")
 
     @property
-    def corpus_error_rate(self) -> float:
+    def corpus_error_rate(self) -> float | None:
+        """Errors over all reference tokens of the scored utterances; None when none was scored."""
         length = self.total("ref_length")
-        return self.errors / length if length else 0.0
+        return self.errors / length if length else None
 
     @property
-    def error_rate(self) -> float:
-        """The set's figure: the protocol's mean of utterance rates, or our corpus rate."""
+    def error_rate(self) -> float | None:
+        """The set's figure: the protocol's mean of utterance rates, or our corpus rate, over the
+        utterances that have a transcript; None when none has (a 0.0 would read as perfect)."""
         if self.metric == "protocol":
             return mean_error_rate(u.error_rate for u in self.utterances)
         return self.corpus_error_rate
 
-    @property
-    def missing(self) -> list[str]:
-        return [u.utt_id for u in self.utterances if u.hypothesis is None]
-
     def summary_line(self) -> str:
-        line = (f"%{self.label} {100 * self.error_rate:.2f} [ {self.errors} / {self.total('ref_length')}, "
+        rate = "n/a" if self.error_rate is None else f"{100 * self.error_rate:.2f}"
+        line = (f"%{self.label} {rate} [ {self.errors} / {self.total('ref_length')}, "
                 f"{self.total('insertions')} ins, {self.total('deletions')} del, {self.total('substitutions')} sub ] "
                 f"{len(self.utterances)} utterances")
         if self.metric == "protocol":
             line += f", Seed-TTS-eval protocol ({self.language}, mean of utterance rates)"
         if self.missing:
-            line += f", {len(self.missing)} missing from hyp"
+            line += f", {len(self.missing)} missing (no transcript, left out)"
         if self.bad_prompt:
             line += f", {len(self.bad_prompt)} skipped for a bad prompt"
         return line
@@ -120,7 +129,8 @@ class CorpusScore:
                 "corpus_error_rate": self.corpus_error_rate, "errors": self.errors,
                 "substitutions": self.total("substitutions"), "deletions": self.total("deletions"),
                 "insertions": self.total("insertions"), "ref_length": self.total("ref_length"),
-                "utterances": len(self.utterances), "missing": self.missing, "bad_prompt": self.bad_prompt,
+                "utterances": len(self.utterances), "missing": self.missing, "missing_count": len(self.missing),
+                "missing_reasons": self.missing_reasons, "bad_prompt": self.bad_prompt,
                 "extra_hypotheses": self.extra_hypotheses, **(self.similarity.summary() if self.similarity else {})}
 
     def similarity_line(self) -> str | None:
@@ -129,8 +139,9 @@ class CorpusScore:
 
 def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric: str = "pinyin",
                  language: str = "auto") -> CorpusScore:
-    """Score every reference utterance; a missing hypothesis is scored as an empty one and flagged.
-    ``language`` (protocol metric): zh, en or auto (from the references)."""
+    """Score every reference utterance that has a hypothesis; one without is left out of the
+    figures and listed in ``missing`` (Seed-TTS-eval's rule). ``language`` (protocol metric):
+    zh, en or auto (from the references)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     if language == "auto":
@@ -141,13 +152,16 @@ def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric:
                          language=language if metric == "protocol" else "")
     for utt_id, reference in references.items():
         hypothesis = hypotheses.get(utt_id)
-        try:
+        try:  # a missing one's reference is checked too: a reference that cannot be scored is a bad set
             if metric == "protocol":
                 alignment = protocol_align(reference, hypothesis or "", language)
             else:
                 alignment = align(reference, hypothesis or "", metric)
         except EmptyReferenceError as error:
             raise TranscriptError(f"utterance {utt_id!r}: {error}") from None
+        if hypothesis is None:
+            result.missing.append(utt_id)
+            continue
         result.utterances.append(UtteranceScore(
             utt_id, reference, hypothesis, alignment.substitutions, alignment.deletions, alignment.insertions,
             alignment.ref_length, alignment.error_rate, " ".join(alignment.reference), " ".join(alignment.hypothesis)))
@@ -162,14 +176,16 @@ def format_details(result: CorpusScore, worst: int = 10) -> str:
         lines.append(f"{u.utt_id} {100 * u.error_rate:.2f} {u.substitutions + u.deletions + u.insertions}/{u.ref_length}"
                      f" ({u.substitutions} {u.deletions} {u.insertions})")
         lines.append(f"  ref: {u.reference}")
-        lines.append(f"  hyp: {u.hypothesis if u.hypothesis is not None else '<missing>'}")
+        lines.append(f"  hyp: {u.hypothesis}")
         if u.speaker_similarity is not None:
             lines.append(f"  sim: {u.speaker_similarity:.4f}")
     ranked = sorted(result.utterances, key=lambda u: (-u.error_rate, u.utt_id))[:worst]
     lines.append(f"# worst {len(ranked)} utterances")
     lines += [f"{u.utt_id} {100 * u.error_rate:.2f}" for u in ranked]
     if result.missing:
-        lines.append(f"# missing from hyp ({len(result.missing)}): " + " ".join(result.missing))
+        lines.append(f"# missing, no transcript, left out of the figures ({len(result.missing)}): "
+                     + " ".join(f"{utt_id} ({result.missing_reasons[utt_id]})" if utt_id in result.missing_reasons
+                                else utt_id for utt_id in result.missing))
     if result.extra_hypotheses:
         lines.append(f"# in hyp but not in ref, not scored ({len(result.extra_hypotheses)}): "
                      + " ".join(result.extra_hypotheses))

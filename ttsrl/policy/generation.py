@@ -4,17 +4,17 @@ as ``ttsrl.sampling.SamplingOptions`` says. Each backend's ``generate(batch)`` r
 decoded answer text of every utterance (speech-token pieces, ``ttsrl.speech_tokens``)."""
 from __future__ import annotations
 
-from ttsrl.chat_template import prompt_messages
+import os
+
+from ttsrl.chat_template import zero_shot_messages
 from ttsrl.eval_sets import EvalUtterance
 from ttsrl.sampling import SamplingOptions
-from ttsrl.speech_tokens import SPEECH_END_TOKENS, format_speech_tokens
+from ttsrl.speech_tokens import SPEECH_END_TOKENS
 
 
 def build_messages(utt: EvalUtterance) -> list[dict]:
     """Zero-shot when the prompt's speech tokens are known, else text-only."""
-    if utt.prompt_tokens:
-        return prompt_messages(utt.prompt_text + utt.text, format_speech_tokens(utt.prompt_tokens))
-    return prompt_messages(utt.text)
+    return zero_shot_messages(utt.text, utt.prompt_text, utt.prompt_tokens)
 
 
 def chat_prompts(tokenizer, batch: list[EvalUtterance]) -> list[str]:
@@ -61,15 +61,125 @@ class TransformersGenerator:
         return [self.tokenizer.decode(row, skip_special_tokens=False) for row in new_tokens]
 
 
-class VllmGenerator:
-    """vLLM offline generation (CUDA machines with vllm installed)."""
+OWN_GPU_MEMORY_SHARE = 0.85
+"""vLLM's ``gpu_memory_utilization`` on a GPU the rank has to itself: the engine preallocates
+this share for weights and KV cache and leaves the rest for the rank's own CUDA context (the
+torch process group, the NCCL buffers)."""
 
-    def __init__(self, model_dir: str, sampling: SamplingOptions):
+SHARED_GPU_MEMORY_SHARE = 0.5
+"""... and on a GPU the reward server also uses (``--server-devices``; the recipe's default puts
+the server on GPU 0): token2wav, the ASR and the speaker model take a few GiB per server slot
+there, and vLLM refuses to start when less than its share is free. A 0.5B policy needs about
+1 GiB of weights, so half of a data-centre GPU is still a large KV cache."""
+
+
+class PlacementError(ValueError):
+    """The ranks of a job cannot each have a GPU of their own; the message says how to fix it."""
+
+
+def parse_server_devices(text: str) -> frozenset[int]:
+    """``--server-devices`` (the reward server's ``--devices``: comma-separated GPU indices of the
+    visible devices, or ``cpu``; ``none`` when no server runs on this node) -> its GPU indices."""
+    devices = set()
+    for piece in (p.strip() for p in str(text).split(",")):
+        if not piece or piece in ("cpu", "none"):
+            continue
+        if piece.startswith("cuda:"):
+            piece = piece[len("cuda:"):]
+        if not piece.isdigit():
+            raise PlacementError(f"--server-devices {text!r}: {piece!r} is neither 'cpu', 'none' nor a GPU index")
+        devices.add(int(piece))
+    return frozenset(devices)
+
+
+def visible_gpus(environ=None, device_count=None) -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices, UUIDs or MIG
+    ids); when it is unset, every GPU torch counts (``device_count``, default torch's)."""
+    environ = os.environ if environ is None else environ
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count()
+    return [str(i) for i in range(device_count)]
+
+
+def vllm_placement(rank: int, local_rank: int, visible: list[str], server_devices=frozenset(),
+                   local_world_size: int | None = None, own_share: float = OWN_GPU_MEMORY_SHARE,
+                   shared_share: float = SHARED_GPU_MEMORY_SHARE) -> tuple[str, float]:
+    """Where the vLLM engine of one torchrun rank runs: (the GPU, as CUDA_VISIBLE_DEVICES names it,
+    vLLM's ``gpu_memory_utilization``).
+
+    Rank ``local_rank`` of a node takes the ``local_rank``-th visible GPU (torchrun's convention,
+    which infer_dist's process group follows too), so N ranks use N different GPUs. The share is
+    ``shared_share`` when that GPU index is one of the reward server's ``server_devices`` (the
+    same indices of the same visible set), else ``own_share``. More ranks on a node
+    (``local_world_size``) than visible GPUs is refused on every rank, so the whole job stops."""
+    local_world_size = local_rank + 1 if local_world_size is None else local_world_size
+    for name, share in (("--gpu-memory-utilization", own_share), ("--shared-gpu-memory-utilization", shared_share)):
+        if not 0.0 < share <= 1.0:
+            raise PlacementError(f"{name} {share}: must be in (0, 1]")
+    if not visible:
+        raise PlacementError("--backend vllm needs a GPU, but none is visible (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use --backend transformers on CPU")
+    if local_world_size > len(visible) or local_rank >= len(visible):
+        raise PlacementError(
+            f"rank {rank} (local rank {local_rank} of {local_world_size} on this node): --backend vllm puts each "
+            f"rank on a GPU of its own, but only {len(visible)} GPU(s) are visible ({','.join(visible)}); run "
+            f"torchrun --nproc_per_node={len(visible)} or fewer (eval_nproc), or make more GPUs visible")
+    share = shared_share if local_rank in server_devices else own_share
+    return visible[local_rank], share
+
+
+def vllm_engine_kwargs(model_dir: str, sampling: SamplingOptions, rank: int, memory_share: float) -> dict:
+    """The ``vllm.LLM(...)`` arguments of one rank: rank r samples with seed + r (as the
+    transformers backend does), within its memory share of the GPU it was placed on."""
+    return {"model": model_dir, "seed": sampling.seed + rank, "gpu_memory_utilization": memory_share}
+
+
+def rank_placement(environ=None, server_devices: str = "0", own_share: float = OWN_GPU_MEMORY_SHARE,
+                   shared_share: float = SHARED_GPU_MEMORY_SHARE) -> tuple[int, str, float]:
+    """(rank, GPU, memory share) of this torchrun rank (RANK, LOCAL_RANK, LOCAL_WORLD_SIZE and
+    the visible GPUs of ``environ``, default this process's), by ``vllm_placement``."""
+    environ = os.environ if environ is None else environ
+    if environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+        # In-process, the engine would use this process's first GPU and its torch process group.
+        raise PlacementError("VLLM_ENABLE_V1_MULTIPROCESSING=0: infer_dist.py needs vLLM's engine in a process of "
+                             "its own (pinned to the rank's GPU); unset it")
+    rank = int(environ.get("RANK", "0"))
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    gpu, share = vllm_placement(rank, local_rank, visible_gpus(environ), parse_server_devices(server_devices),
+                                local_world_size, own_share, shared_share)
+    return rank, gpu, share
+
+
+def place_vllm_engine(environ=None, **placement) -> tuple[int, float]:
+    """Pin this rank's coming vLLM engine to its GPU (``rank_placement``): CUDA_VISIBLE_DEVICES
+    becomes that one GPU, which the engine process vLLM spawns inherits (vLLM 0.24 has no
+    device-index option; its engine takes the first visible GPU). This process's own CUDA state
+    (set up before, on cuda:LOCAL_RANK) is not affected. Returns (rank, memory share)."""
+    environ = os.environ if environ is None else environ
+    rank, gpu, share = rank_placement(environ, **placement)
+    environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return rank, share
+
+
+class VllmGenerator:
+    """vLLM offline generation (CUDA machines with vllm installed), one engine per rank on the
+    rank's own GPU (``place_vllm_engine``)."""
+
+    def __init__(self, model_dir: str, sampling: SamplingOptions, server_devices: str = "0",
+                 own_share: float = OWN_GPU_MEMORY_SHARE, shared_share: float = SHARED_GPU_MEMORY_SHARE):
         from transformers import AutoTokenizer
-        from vllm import LLM, SamplingParams
+
+        rank, share = place_vllm_engine(server_devices=server_devices, own_share=own_share, shared_share=shared_share)
+        from vllm import LLM, SamplingParams  # after the placement: importing vllm may look at the GPUs
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.llm = LLM(model=model_dir, seed=sampling.seed)
+        self.llm = LLM(**vllm_engine_kwargs(model_dir, sampling, rank, share))
         end_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in SPEECH_END_TOKENS]
         if sampling.greedy:
             self.params = SamplingParams(temperature=0.0, max_tokens=sampling.max_new_tokens, stop_token_ids=end_ids)
@@ -83,8 +193,9 @@ class VllmGenerator:
         return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=False) for o in outputs]
 
 
-def make_generator(backend: str, model_dir: str, device: str, sampling: SamplingOptions):
-    """The ``--backend`` generator: ``transformers`` on ``device`` or ``vllm`` (its own placement)."""
+def make_generator(backend: str, model_dir: str, device: str, sampling: SamplingOptions, **vllm_options):
+    """The ``--backend`` generator: ``transformers`` on ``device`` or ``vllm`` (one GPU per rank;
+    ``vllm_options``: ``VllmGenerator``'s server_devices, own_share, shared_share)."""
     if backend == "vllm":
-        return VllmGenerator(model_dir, sampling)
+        return VllmGenerator(model_dir, sampling, **vllm_options)
     return TransformersGenerator(model_dir, device, sampling)

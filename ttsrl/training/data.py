@@ -1,17 +1,21 @@
-"""Stage 0 as a library: JSON/JSONL text records -> the veRL RL tables (train, test).
+"""Stage 0 as a library: JSON/JSONL text records -> the veRL RL tables (train, test) and a dev set.
 
 ``prepare()`` is the whole stage (the ``prepare_data.py`` CLI is a thin wrapper over it):
 read and validate each input (``read_records``: Arrow's JSON reader when it can vouch for
 the file, else the line-by-line reader that names file:line of every bad record),
-optionally drop duplicate texts, split off a seeded test set, build each table column-wise
-from Arrow arrays (``build_table``: veRL's RL schema, see prepare_data.py) and write both
-parquet files so that neither appears before both are complete.
+optionally drop duplicate texts, give texts their speaker prompts (the record's own
+``prompt_wav``/``prompt_text``, or one paired from a prompt set; checked, and tokenized
+once by the reward server: ``ttsrl.training.speaker_prompts``), split off a seeded test
+set and dev slice, build each table (``build_table``: veRL's RL schema, see
+prepare_data.py; text-only tables column-wise from Arrow arrays) and write every output
+so that none appears before all are complete.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +26,22 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from ttsrl.atomic_write import atomic_file
+from ttsrl.chat_template import zero_shot_messages
+from ttsrl.training import speaker_prompts as sp
 
 ABILITY = "text-to-speech"
 OPTIONAL_FIELDS = ("id", "prompt_text", "prompt_wav")
+PROMPT_FIELDS = ("prompt_text", "prompt_wav")
+PROMPT_INFO = ("prompt_wav", "prompt_text", "prompt_id", "prompt_hash")
+"""extra_info keys of a zero-shot row (null in the text-only rows of a table that has both)."""
 MAX_REPORTED_ERRORS = 20
+DEV_FILE = "dev.jsonl"
+ON_BAD_PROMPT = ("fail", "skip")
+NOTHING_TO_SCORE = "nothing to score after normalization"
+_LETTER_OR_NUMBER = r"[\p{L}\p{N}]"
+"""A text with a letter or number keeps a word through the scorer's normalization (NFKC maps
+no letter or number to punctuation or symbols alone); only the others need ``nothing_to_score``."""
+_PROMPT_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 class DataError(Exception):
@@ -38,13 +54,22 @@ class Records:
 
     text: pa.Array
     optional: dict[str, pa.Array] = field(default_factory=dict)
+    path: str = ""
+    lines: np.ndarray | None = None  # file line of each record (line reader); None from the fast reader
+    prompt: np.ndarray | None = None  # each record's position in the run's prompt list, -1: text-only
 
     def __len__(self) -> int:
         return len(self.text)
 
     def take(self, indices) -> "Records":
-        indices = pa.array(indices, type=pa.int64())
-        return Records(self.text.take(indices), {k: v.take(indices) for k, v in self.optional.items()})
+        indices = np.asarray(indices, dtype=np.int64)
+        arrow = pa.array(indices, type=pa.int64())
+        return Records(self.text.take(arrow), {k: v.take(arrow) for k, v in self.optional.items()}, self.path,
+                       None if self.lines is None else self.lines[indices],
+                       None if self.prompt is None else self.prompt[indices])
+
+    def where(self, row: int) -> str:
+        return f"{self.path}:{self.lines[row]}" if self.lines is not None else f"{self.path} (record {row + 1})"
 
 
 @dataclass
@@ -58,6 +83,25 @@ class Problem:
         return f"{self.path}:{self.line}: {self.reason}: {self.detail}"
 
 
+def nothing_to_score(text: str) -> bool:
+    """Whether ``text`` is empty after the scorer's normalization, so the reward server would
+    refuse it as a ground truth (``reward_scoring.score_item`` raises EmptyReferenceError).
+    A cheap test first: the scorer removes only punctuation, symbols and whitespace after
+    NFKC, so a text with any other character after NFKC keeps something; the rest are
+    asked of the scorer itself (``ttsrl.scoring.align``)."""
+    normalized = unicodedata.normalize("NFKC", text)
+    if any(unicodedata.category(char)[0] not in "PSZC" for char in normalized):
+        return False
+    from ttsrl.scoring import METRICS, EmptyReferenceError, align
+
+    for metric in METRICS:
+        try:
+            align(text, "", metric)
+        except EmptyReferenceError:
+            return True
+    return False
+
+
 def _check_text(value, max_chars: int | None) -> tuple[str, str] | None:
     """None if ``value`` is a usable text, else (reason, detail)."""
     if value is None:
@@ -68,6 +112,9 @@ def _check_text(value, max_chars: int | None) -> tuple[str, str] | None:
         return "empty text", f'"text" is {json.dumps(value)}'
     if max_chars is not None and len(value) > max_chars:
         return "text too long", f"{len(value)} characters > --max_chars {max_chars}"
+    if nothing_to_score(value):
+        return NOTHING_TO_SCORE, (f'"text" is {json.dumps(value, ensure_ascii=False)[:60]}: the reward server '
+                                  "scores no word of it (punctuation and symbols only); drop or fix the record")
     return None
 
 
@@ -125,22 +172,28 @@ def read_records_by_line(path: str, max_chars: int | None) -> tuple[Records, lis
     stripped = content.lstrip()
     records = _iter_json_array(content, path) if stripped.startswith("[") else _iter_jsonl(content, path, problems)
     texts: list[str] = []
+    lines: list[int] = []
     optional: dict[str, list] = {name: [] for name in OPTIONAL_FIELDS}
     for line, record in records:
         if not isinstance(record, dict):
             problems.append(Problem(path, line, "not an object", f"record is a JSON {type(record).__name__}"))
             continue
         bad = _check_text(record.get("text"), max_chars)
+        if bad is None:
+            wrong = [name for name in PROMPT_FIELDS if record.get(name) is not None and not isinstance(record[name], str)]
+            if wrong:
+                bad = "non-string prompt field", f'"{wrong[0]}" is {type(record[wrong[0]]).__name__}, not a string'
         if bad is not None:
             problems.append(Problem(path, line, *bad))
             continue
         texts.append(record["text"])
+        lines.append(line)
         for name in OPTIONAL_FIELDS:
             value = record.get(name)
             optional[name].append(None if value is None else str(value))
     carried = {name: pa.array(values, type=pa.string()) for name, values in optional.items()
                if any(v is not None for v in values)}
-    return Records(pa.array(texts, type=pa.string()), carried), problems
+    return Records(pa.array(texts, type=pa.string()), carried, path, np.asarray(lines, dtype=np.int64)), problems
 
 
 def read_records_fast(path: str, max_chars: int | None) -> Records | None:
@@ -163,6 +216,9 @@ def read_records_fast(path: str, max_chars: int | None) -> Records | None:
         invalid = pc.or_kleene(invalid, pc.greater(pc.utf8_length(text), max_chars))
     if pc.any(invalid).as_py():
         return None
+    no_word = pc.invert(pc.match_substring_regex(text, _LETTER_OR_NUMBER))
+    if pc.any(no_word).as_py() and any(nothing_to_score(value) for value in text.filter(no_word).to_pylist()):
+        return None  # the line reader names each such record's file:line
     optional = {}
     for name in OPTIONAL_FIELDS:
         if name in names:
@@ -170,8 +226,10 @@ def read_records_fast(path: str, max_chars: int | None) -> Records | None:
             if not (pa.types.is_string(column.type) or pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
                 return None
             if column.null_count < len(column):
+                if name in PROMPT_FIELDS:
+                    return None  # per-record prompts: their errors must name file:line
                 optional[name] = column.cast(pa.string())
-    return Records(text, optional)
+    return Records(text, optional, path)
 
 
 def read_records(path: str, max_chars: int | None, fast: bool = True) -> tuple[Records, list[Problem]]:
@@ -192,10 +250,10 @@ def deduplicate(records: Records) -> tuple[Records, int]:
     return records.take(keep), len(records) - len(keep)
 
 
-def split_test(records: Records, test_size: int, seed: int) -> tuple[Records, Records]:
+def split_test(records: Records, test_size: int, seed, flag: str = "--test_size") -> tuple[Records, Records]:
     """Deterministic split: ``test_size`` rows chosen by a seeded permutation; both keep file order."""
     if test_size >= len(records):
-        raise DataError(f"--test_size {test_size} leaves no training data ({len(records)} valid records)")
+        raise DataError(f"{flag} {test_size} leaves no training data ({len(records)} valid records)")
     chosen = np.random.default_rng(seed).permutation(len(records))[:test_size]
     is_test = np.zeros(len(records), dtype=bool)
     is_test[chosen] = True
@@ -206,20 +264,44 @@ def _constant(value: str, n: int) -> pa.Array:
     return pa.array([value], type=pa.string()).take(pa.array(np.zeros(n, dtype=np.int64)))
 
 
-def build_table(records: Records, split: str, data_source: str) -> pa.Table:
-    """veRL RL rows for one split, assembled column-wise from Arrow arrays."""
-    n = len(records)
-    text = records.text
+def _text_only_prompts(text: pa.Array) -> pa.Array:
+    """``zero_shot_messages(text)`` of every row (user text, empty assistant), column-wise."""
+    n = len(text)
     interleave = np.empty(2 * n, dtype=np.int64)
     interleave[0::2] = np.arange(n)
     interleave[1::2] = n
     contents = pa.concat_arrays([text, pa.array([""], type=pa.string())]).take(pa.array(interleave))
     roles = pa.array(["user", "assistant"], type=pa.string()).take(pa.array(np.tile(np.array([0, 1], dtype=np.int64), n)))
     messages = pa.StructArray.from_arrays([roles, contents], names=["role", "content"])
-    prompt = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), messages)
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), messages)
+
+
+def build_table(records: Records, split: str, data_source: str, prompts: list | None = None) -> pa.Table:
+    """veRL RL rows for one split. ``prompts``: the run's speaker prompts (``records.prompt``
+    indexes them). Text-only tables are assembled column-wise from Arrow arrays; a table
+    with zero-shot rows builds its prompt column row by row with ``zero_shot_messages``, the
+    function evaluation (infer_dist.py) builds its prompts with, and adds the prompt's
+    identity to ``extra_info``."""
+    n = len(records)
+    text = records.text
+    index = records.prompt if records.prompt is not None else np.full(n, -1, dtype=np.int64)
+    zero_shot = bool((index >= 0).any())
+    if zero_shot:
+        prompt = pa.array([zero_shot_messages(t) if i < 0 else
+                           zero_shot_messages(t, prompts[i].text, prompts[i].tokens)
+                           for t, i in zip(text.to_pylist(), index.tolist())], type=_PROMPT_TYPE)
+    else:
+        prompt = _text_only_prompts(text)
     reward_model = pa.StructArray.from_arrays([_constant("rule", n), text], names=["style", "ground_truth"])
-    info_names = ["split", "index", "text"] + list(records.optional)
-    info_arrays = [_constant(split, n), pa.array(np.arange(n, dtype=np.int64)), text] + list(records.optional.values())
+    carried = {k: v for k, v in records.optional.items() if k not in PROMPT_FIELDS}
+    info_names = ["split", "index", "text"] + list(carried)
+    info_arrays = [_constant(split, n), pa.array(np.arange(n, dtype=np.int64)), text] + list(carried.values())
+    if zero_shot:
+        take = pa.array(np.where(index >= 0, index, len(prompts)))  # the extra last entry: null
+        for name, values in (("prompt_wav", [p.wav for p in prompts]), ("prompt_text", [p.text for p in prompts]),
+                             ("prompt_id", [p.id for p in prompts]), ("prompt_hash", [p.key for p in prompts])):
+            info_names.append(name)
+            info_arrays.append(pa.array(values + [None], type=pa.string()).take(take))
     extra_info = pa.StructArray.from_arrays(info_arrays, names=info_names)
     return pa.table({
         "data_source": _constant(data_source, n),
@@ -230,44 +312,219 @@ def build_table(records: Records, split: str, data_source: str) -> pa.Table:
     })
 
 
-def write_tables_atomically(tables: dict[str, pa.Table], local_dir: str) -> list[str]:
-    """Write every table as ``local_dir/NAME.parquet``; each file is renamed into place only
-    when all of them are written (so a failure leaves the previous outputs, never a new
-    train.parquet beside an old test.parquet)."""
+def dev_manifest(records: Records, prompts: list) -> str:
+    """The dev slice in ``ttsrl.eval_sets``' JSONL layout (id, text, prompt_text, prompt_wav,
+    prompt_tokens), which stage 4 evaluates to choose the best step. Ids: the records' own
+    when every dev record has a distinct one that is a valid file name, else dev00000..."""
+    n = len(records)
+    ids = records.optional["id"].to_pylist() if "id" in records.optional else [None] * n
+    if any(i is None or not i or "/" in i or i in (".", "..") for i in ids) or len(set(ids)) < n:
+        ids = [f"dev{row:05d}" for row in range(n)]
+    index = records.prompt if records.prompt is not None else np.full(n, -1, dtype=np.int64)
+    lines = []
+    for row, (utt_id, text, position) in enumerate(zip(ids, records.text.to_pylist(), index.tolist())):
+        prompt = prompts[position] if position >= 0 else None
+        lines.append(json.dumps({"id": utt_id, "text": text, "prompt_text": prompt.text if prompt else "",
+                                 "prompt_wav": prompt.wav if prompt else "",
+                                 "prompt_tokens": list(prompt.tokens) if prompt else []}, ensure_ascii=False))
+    return "".join(line + "\n" for line in lines)
+
+
+def write_tables_atomically(tables: dict[str, pa.Table], local_dir: str, texts: dict[str, str] | None = None) -> list[str]:
+    """Write every table as ``local_dir/NAME.parquet`` and every text as ``local_dir/NAME``; each
+    file is renamed into place only when all of them are written (so a failure leaves the
+    previous outputs, never a new train.parquet beside an old test.parquet or dev.jsonl)."""
     os.makedirs(local_dir, exist_ok=True)
+    texts = texts or {}
     paths = [os.path.join(local_dir, f"{name}.parquet") for name in tables]
+    text_paths = [os.path.join(local_dir, name) for name in texts]
     with contextlib.ExitStack() as written:
-        temporaries = [written.enter_context(atomic_file(path)) for path in paths]
+        temporaries = [written.enter_context(atomic_file(path)) for path in paths + text_paths]
         for table, temporary in zip(tables.values(), temporaries):
             pq.write_table(table, temporary)
-    return paths
+        for content, temporary in zip(texts.values(), temporaries[len(paths):]):
+            temporary.write_text(content, encoding="utf-8")
+    return paths + text_paths
 
 
-def format_problems(problems: list[Problem]) -> str:
+def format_problems(problems: list, what: str = "invalid records") -> str:
     lines = [str(p) for p in problems[:MAX_REPORTED_ERRORS]]
     if len(problems) > MAX_REPORTED_ERRORS:
-        lines.append(f"... and {len(problems) - MAX_REPORTED_ERRORS} more invalid records")
+        lines.append(f"... and {len(problems) - MAX_REPORTED_ERRORS} more {what}")
     return "\n".join(lines)
 
 
-def count_by_reason(problems: list[Problem]) -> dict[str, int]:
+def count_by_reason(problems: list) -> dict[str, int]:
     counts: dict[str, int] = {}
     for problem in problems:
         counts[problem.reason] = counts.get(problem.reason, 0) + 1
     return counts
 
 
+def _reasons(problems: list) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in sorted(count_by_reason(problems).items()))
+
+
+# ------------------------------------------------------------------ speaker prompts
+
+@dataclass
+class PromptPlan:
+    """The run's speaker prompts: every distinct prompt (records' own, then the prompt set's),
+    and which of them the prompt set offers for pairing."""
+
+    prompts: list = field(default_factory=list)
+    pairable: list = field(default_factory=list)  # positions in ``prompts`` (prompt-set entries)
+    source: str = ""
+
+
+def _attach_record_prompts(records: Records, plan: PromptPlan, index_of: dict) -> list:
+    """Set ``records.prompt`` from the records' own prompt_wav/prompt_text (paths relative to
+    the records' file); returns (row, problem) for records whose prompt is incomplete."""
+    n = len(records)
+    records.prompt = np.full(n, -1, dtype=np.int64)
+    wavs = records.optional.get("prompt_wav")
+    texts = records.optional.get("prompt_text")
+    if wavs is None and texts is None:
+        return []
+    wavs = wavs.to_pylist() if wavs is not None else [None] * n
+    texts = texts.to_pylist() if texts is not None else [None] * n
+    base = Path(records.path).resolve().parent
+    bad = []
+    for row, (wav, text) in enumerate(zip(wavs, texts)):
+        # Empty strings mean "no prompt", as in the eval-set JSONL layout (dev.jsonl's text-only rows).
+        wav = wav if wav and wav.strip() else None
+        text = text if text and text.strip() else None
+        if wav is None and text is None:
+            continue
+        if wav is None:
+            bad.append((row, sp.PromptProblem(records.where(row), sp.NO_WAV,
+                                              'no prompt wav: the record has a "prompt_text" but no "prompt_wav"')))
+            continue
+        path = str((base / wav).resolve())
+        key = (path, (text or "").strip())
+        if key not in index_of:
+            index_of[key] = len(plan.prompts)
+            plan.prompts.append(sp.Prompt(path, key[1], Path(wav).stem, Path(wav).stem, records.where(row)))
+        records.prompt[row] = index_of[key]
+    return bad
+
+
+def _record_problems(records: Records, bad_prompts: dict) -> list:
+    """(row, problem at the record's own line) for each record whose prompt is bad."""
+    return [(row, sp.PromptProblem(records.where(row), bad_prompts[p].reason, bad_prompts[p].detail))
+            for row, p in enumerate(records.prompt.tolist()) if p in bad_prompts]
+
+
+def _drop_rows(records: Records, rows) -> Records:
+    keep = np.ones(len(records), dtype=bool)
+    keep[list(rows)] = False
+    return records.take(np.flatnonzero(keep))
+
+
+def _handle_bad_prompts(splits: dict, record_bad: dict, set_bad: list, on_bad_prompt: str, log) -> dict:
+    """Fail listing every bad prompt (file:line and why), or drop the records / prompt-set
+    entries they belong to and log the counts by reason."""
+    record_problems = [problem for name in splits
+                       for _, problem in sorted(record_bad.get(name, []), key=lambda item: item[0])]
+    if not record_problems and not set_bad:
+        return splits
+    if on_bad_prompt == "fail":
+        problems = record_problems + set_bad
+        raise DataError(f"{len(problems)} bad speaker prompts (nothing written; --on_bad_prompt skip skips "
+                        "them):\n" + format_problems(problems, "bad speaker prompts"))
+    if record_problems:
+        log(f"skipped {len(record_problems)} records with a bad speaker prompt ({_reasons(record_problems)})")
+    if set_bad:
+        log(f"skipped {len(set_bad)} prompts of the prompt set ({_reasons(set_bad)})")
+    return {name: _drop_rows(records, [row for row, _ in record_bad.get(name, [])]) for name, records in splits.items()}
+
+
+def _prepare_prompts(splits: dict, train_prompts: str | None, on_bad_prompt: str, server_url: str | None,
+                     cache_path: str, log) -> tuple[dict, PromptPlan]:
+    """Attach, check and tokenize every speaker prompt the splits use or may be paired with."""
+    plan = PromptPlan(source=train_prompts or "")
+    index_of: dict = {}
+    record_bad = {name: _attach_record_prompts(records, plan, index_of) for name, records in splits.items()}
+    own = len(plan.prompts)
+    set_bad: list = []
+    if train_prompts:
+        entries, set_bad = sp.read_prompt_set(train_prompts)
+        plan.pairable = list(range(own, own + len(entries)))
+        plan.prompts.extend(entries)
+    if not plan.prompts and not any(record_bad.values()):
+        return splits, plan  # text-only
+    header_bad = sp.check_prompts(plan.prompts)
+    for name, records in splits.items():
+        record_bad[name] += _record_problems(records, {p: b for p, b in header_bad.items() if p < own})
+    set_bad += [b for p, b in header_bad.items() if p >= own]
+    splits = _handle_bad_prompts(splits, record_bad, set_bad, on_bad_prompt, log)
+    plan.pairable = [p for p in plan.pairable if p not in header_bad]
+
+    used = sorted({p for records in splits.values() for p in records.prompt.tolist() if p >= 0} | set(plan.pairable))
+    if train_prompts and not plan.pairable:
+        raise DataError(f"prompt set {train_prompts}: no usable prompt left; nothing written")
+    if not used:
+        return splits, plan
+    url = server_url or _default_server_url()
+    cache = sp.PromptTokenCache(cache_path)
+    wanted = [plan.prompts[p] for p in used]
+    known = len(cache.tokens)
+    token_bad = sp.extract_tokens(wanted, url, cache)
+    fetched = len(cache.tokens) - known
+    refused = {used[position]: problem for position, problem in token_bad.items()}
+    record_bad = {name: _record_problems(records, {p: b for p, b in refused.items() if p < own})
+                  for name, records in splits.items()}
+    set_bad = [b for p, b in refused.items() if p >= own]
+    splits = _handle_bad_prompts(splits, record_bad, set_bad, on_bad_prompt, log)
+    plan.pairable = [p for p in plan.pairable if p not in refused]
+    if train_prompts and not plan.pairable:
+        raise DataError(f"prompt set {train_prompts}: no usable prompt left; nothing written")
+    log(f"speaker prompts: {len(used) - len(refused)} with speech tokens ({fetched} from the speech tokenizer at "
+        f"{url}, the rest from {cache_path})")
+    return splits, plan
+
+
+def _default_server_url() -> str:
+    from ttsrl.triton_client.wire import env_server_url
+
+    return env_server_url(first=True)
+
+
+def _pair(records: Records, plan: PromptPlan, seed, split: str, log) -> None:
+    """Give each text-only record of ``records`` a prompt of the prompt set (in place)."""
+    if not plan.pairable or records.prompt is None:
+        return
+    free = np.flatnonzero(records.prompt < 0)
+    if not len(free):
+        return
+    candidates = [plan.prompts[p] for p in plan.pairable]
+    chosen = sp.pair_prompts(len(free), candidates, seed)
+    records.prompt[free] = np.asarray(plan.pairable, dtype=np.int64)[chosen]
+    speakers = len({p.speaker for p in candidates})
+    log(f"{split}: paired {len(free)} texts with {len(candidates)} prompts of {speakers} speakers from {plan.source}")
+
+
+# ------------------------------------------------------------------ the stage
+
 def prepare(train_file: str, local_dir: str, test_file: str | None = None, test_size: int | None = None,
             seed: int = 0, max_chars: int | None = None, dedup: bool = False, skip_invalid: bool = False,
-            data_source: str | None = None, fast: bool = True, log=print) -> dict[str, int]:
-    """Read, validate, split and write; returns the number of rows per split."""
+            data_source: str | None = None, fast: bool = True, log=print, train_prompts: str | None = None,
+            on_bad_prompt: str = "fail", server_url: str | None = None, prompt_token_cache: str | None = None,
+            dev_size: int = 0) -> dict[str, int]:
+    """Read, validate, pair with speaker prompts, split and write; returns the rows per output
+    (train, test, and dev when ``dev_size``)."""
     if (test_file is None) == (test_size is None):
         raise DataError("give exactly one of --test_file and --test_size")
     if test_size is not None and test_size < 1:
         raise DataError(f"--test_size must be at least 1, got {test_size}")
     if max_chars is not None and max_chars < 1:
         raise DataError(f"--max_chars must be at least 1, got {max_chars}")
+    if dev_size < 0:
+        raise DataError(f"--dev_size must be 0 (no dev slice) or more, got {dev_size}")
+    if on_bad_prompt not in ON_BAD_PROMPT:
+        raise DataError(f"--on_bad_prompt must be one of {', '.join(ON_BAD_PROMPT)}, got {on_bad_prompt!r}")
     data_source = data_source or Path(train_file).stem
+    cache_path = prompt_token_cache or os.path.join(local_dir, "prompt_tokens.json")
 
     train, problems = read_records(train_file, max_chars, fast)
     test = None
@@ -278,19 +535,36 @@ def prepare(train_file: str, local_dir: str, test_file: str | None = None, test_
         if not skip_invalid:
             raise DataError(f"{len(problems)} invalid records (nothing written; --skip_invalid skips them):\n"
                             + format_problems(problems))
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(count_by_reason(problems).items()))
-        log(f"skipped {len(problems)} invalid records ({reasons})")
+        log(f"skipped {len(problems)} invalid records ({_reasons(problems)})")
     if dedup:
         train, dropped = deduplicate(train)
         if test is not None:
             test, dropped_test = deduplicate(test)
             dropped += dropped_test
         log(f"dropped {dropped} duplicate texts")
+    splits = {"train": train} if test is None else {"train": train, "test": test}
+    try:
+        splits, plan = _prepare_prompts(splits, train_prompts, on_bad_prompt, server_url, cache_path, log)
+    except sp.PromptError as error:
+        raise DataError(str(error)) from None
+    train, test = splits["train"], splits.get("test")
     if test is None:
         train, test = split_test(train, test_size, seed)
+    dev = None
+    if dev_size:
+        train, dev = split_test(train, dev_size, (seed, 1), "--dev_size")
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"no valid records left (train: {len(train)}, test: {len(test)}); nothing written")
-    tables = {"train": build_table(train, "train", data_source), "test": build_table(test, "test", data_source)}
-    for path in write_tables_atomically(tables, local_dir):
+    outputs = {"train": train, "test": test} if dev is None else {"train": train, "dev": dev, "test": test}
+    # Each output is paired on its own (its own seeded order), so each is balanced across speakers.
+    for salt, (name, records) in enumerate(outputs.items()):
+        _pair(records, plan, (seed, 2, salt), name, log)
+    tables = {name: build_table(outputs[name], name, data_source, plan.prompts) for name in ("train", "test")}
+    texts = {DEV_FILE: dev_manifest(dev, plan.prompts)} if dev is not None else {}
+    for path in write_tables_atomically(tables, local_dir, texts):
         log(f"wrote {path}")
-    return {name: table.num_rows for name, table in tables.items()}
+    stale = os.path.join(local_dir, DEV_FILE)
+    if dev is None and os.path.exists(stale):
+        os.remove(stale)  # an earlier run's dev slice is not held out of this train.parquet
+        log(f"removed {stale} of an earlier run (--dev_size 0)")
+    return {name: len(records) for name, records in outputs.items()}

@@ -4,11 +4,16 @@ problem (``scripts/preflight_grpo.py`` is the CLI and lists what is checked).
 
 Reward servers are asked with ``ttsrl.triton_client.ready.readiness_problem``, the one readiness check
 (the same that launch and the reward hook use).
+
+The response-length checks refuse a run whose texts cannot be spoken within
+``data.max_response_length``: such rollouts are cut off before the end token, so the policy is
+rewarded for audio that stops mid-sentence.
 """
 from __future__ import annotations
 
 import ast
 import importlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +28,131 @@ PARQUET_COLUMNS = ("prompt", "data_source", "reward_model")
 
 class CheckFailed(Exception):
     """A preflight check failed; the message says what is wrong and what to do."""
+
+
+# CosyVoice2's speech tokenizer emits 25 tokens per second of audio (token_frame_rate 25 in its
+# cosyvoice2.yaml). The speech-token format's home is ttsrl/speech_tokens.py; this constant
+# belongs there and is defined here until it moves.
+TOKEN_RATE_HZ = 25
+
+DEFAULT_CHARS_PER_SECOND = 4.0
+"""Speaking rate assumed for a text: 4 characters per second, a typical (unhurried) Mandarin
+reading rate of about 240 syllables a minute, one syllable per character. Faster speakers need
+fewer tokens, so the check errs towards refusing. Config knob: ``speech_chars_per_second``."""
+
+GRPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "grpo.yaml"
+MAX_CHARS_KNOB = "max_chars (configs/*.sh, stage 0)"
+RESPONSE_KNOB = "data.max_response_length (configs/grpo.yaml, or grpo_overrides)"
+
+
+def response_tokens_needed(chars: int, chars_per_second: float) -> int:
+    """Response tokens to speak ``chars`` characters: the speech tokens of chars / chars_per_second
+    seconds at TOKEN_RATE_HZ, plus the end token that lets a rollout finish."""
+    # round() first: 80 / 4.0 * 25 is 500.0 and must not become 501 through float noise
+    return math.ceil(round(chars * TOKEN_RATE_HZ / chars_per_second, 6)) + 1
+
+
+def max_chars_within(max_response_length: int, chars_per_second: float) -> int:
+    """The most characters whose speech fits in ``max_response_length`` tokens (0: none)."""
+    chars = max(0, math.floor((max_response_length - 1) * chars_per_second / TOKEN_RATE_HZ))
+    while chars > 0 and response_tokens_needed(chars, chars_per_second) > max_response_length:
+        chars -= 1
+    while response_tokens_needed(chars + 1, chars_per_second) <= max_response_length:
+        chars += 1
+    return chars
+
+
+def _check_positive(name: str, value, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or \
+            (kind is int and value != int(value)):
+        raise CheckFailed(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+
+
+def _speech_of(chars: int, chars_per_second: float) -> str:
+    seconds = chars / chars_per_second
+    return (f"at {chars_per_second:g} characters/s (speech_chars_per_second) {chars} characters take "
+            f"{seconds:.1f} s, {response_tokens_needed(chars, chars_per_second) - 1} speech tokens at "
+            f"{TOKEN_RATE_HZ} tokens/s, plus the end token: {response_tokens_needed(chars, chars_per_second)}")
+
+
+def check_response_length(max_chars: int, max_response_length: int,
+                          chars_per_second: float = DEFAULT_CHARS_PER_SECOND) -> str:
+    """Refuse a ``max_chars`` whose speech does not fit in ``max_response_length`` tokens."""
+    _check_positive("max_chars", max_chars)
+    _check_positive("data.max_response_length", max_response_length)
+    _check_positive("speech_chars_per_second", chars_per_second, float)
+    needed = response_tokens_needed(max_chars, chars_per_second)
+    if needed > max_response_length:
+        fits = max_chars_within(max_response_length, chars_per_second)
+        raise CheckFailed(
+            f"max_chars={max_chars} cannot be spoken within data.max_response_length={max_response_length}: "
+            f"{_speech_of(max_chars, chars_per_second)} > {max_response_length}, so the longest texts' rollouts "
+            f"would be cut off before the end token. Fix: lower {MAX_CHARS_KNOB} to {fits}, or raise "
+            f"{RESPONSE_KNOB} to {needed}")
+    return (f"max_chars={max_chars} fits data.max_response_length={max_response_length} "
+            f"({needed} tokens at {chars_per_second:g} characters/s)")
+
+
+def longest_text(path: Path) -> tuple[int, int, str]:
+    """(row, characters, text) of the longest ground-truth text in a parquet of stage 0's layout."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(path, columns=["reward_model"]).column("reward_model").combine_chunks()
+    lengths = pc.utf8_length(pc.struct_field(column, "ground_truth"))
+    row = int(pc.index(lengths, pc.max(lengths)).as_py())
+    text = column.field("ground_truth")[row].as_py()
+    return row, len(text), text
+
+
+def check_longest_text(path: Path, max_response_length: int,
+                             chars_per_second: float = DEFAULT_CHARS_PER_SECOND, max_chars: int | None = None) -> str:
+    """Refuse a parquet whose longest text's speech does not fit in ``max_response_length``.
+    (Whether it is over ``max_chars`` is stage 0's check; here it only explains how it got in.)"""
+    _check_positive("data.max_response_length", max_response_length)
+    _check_positive("speech_chars_per_second", chars_per_second, float)
+    try:
+        row, chars, text = longest_text(path)
+    except Exception as error:  # a missing or malformed file is the train-data check's failure
+        return f"not checked: {path} cannot be read ({type(error).__name__}); see the data checks"
+    needed = response_tokens_needed(chars, chars_per_second)
+    if needed > max_response_length:
+        fits = max_chars_within(max_response_length, chars_per_second)
+        stale = (f" It is longer than max_chars={max_chars}, so {path} was built with another max_chars."
+                 if max_chars is not None and chars > max_chars else "")
+        preview = text if len(text) <= 30 else text[:30] + "..."
+        raise CheckFailed(
+            f"{path} row {row} ({preview!r}) has {chars} characters, which cannot be spoken within "
+            f"data.max_response_length={max_response_length}: {_speech_of(chars, chars_per_second)} > "
+            f"{max_response_length}.{stale} Fix: rebuild the data (stage 0) with {MAX_CHARS_KNOB} at most {fits}, "
+            f"or raise {RESPONSE_KNOB} to {needed}")
+    return (f"longest text in {path.name}: {chars} characters, {needed} tokens at {chars_per_second:g} "
+            f"characters/s <= data.max_response_length={max_response_length}")
+
+
+def max_response_length_of(overrides: list[str] | str = (), config: Path = GRPO_CONFIG) -> int:
+    """data.max_response_length as the GRPO job gets it: ``config``, then the last veRL override
+    of it (``data.max_response_length=N``, also with + or ++) in ``overrides``, as train_grpo.sh
+    passes them (a string is split on whitespace, as the shell splits $grpo_overrides)."""
+    import yaml
+
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    try:
+        with open(config, encoding="utf-8") as handle:
+            value = (yaml.safe_load(handle) or {}).get("data", {}).get("max_response_length")
+    except (OSError, yaml.YAMLError, AttributeError) as error:
+        raise CheckFailed(f"cannot read data.max_response_length from {config}: {error}") from None
+    source = f"{config}: data.max_response_length"
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if sep and key.lstrip("+") == "data.max_response_length":
+            value, source = text, f"override {override!r}"
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise CheckFailed(f"{source} must be an integer, got {value!r}") from None
+    return number
 
 
 def parse_server_urls(text: str, protocol: str | None = None) -> list[str]:
@@ -238,6 +368,9 @@ class Settings:
     wait_s: float = 0.0
     device: str | None = None  # "cpu" or "cuda"; None: cuda when torch sees a GPU
     cpu_compose_only: bool = False
+    max_chars: int | None = None            # stage 0's limit; with max_response_length: checked against it
+    max_response_length: int | None = None  # None: the response-length checks do not run
+    chars_per_second: float = DEFAULT_CHARS_PER_SECOND
 
 
 def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
@@ -259,6 +392,16 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
         ("model", lambda: check_model_dir(settings.model_dir)),
         ("train data", lambda: check_parquet(settings.data_dir / "train.parquet")),
         ("test data", lambda: check_parquet(settings.data_dir / "test.parquet")),
+    ]
+    if settings.max_response_length is not None:
+        if settings.max_chars is not None:
+            checks.append(("response length", lambda: check_response_length(
+                settings.max_chars, settings.max_response_length, settings.chars_per_second)))
+        for split in ("train", "test"):  # validation rolls out the test texts with the same limit
+            checks.append((f"longest {split} text", lambda split=split: check_longest_text(
+                settings.data_dir / f"{split}.parquet", settings.max_response_length, settings.chars_per_second,
+                settings.max_chars)))
+    checks += [
         ("reward hook", lambda: check_reward_hook(settings.reward_hook)),
         ("reward server", waiting(lambda: check_reward_servers(settings.reward_server_url, settings.timeout,
                                                                settings.reward_model_name), settings.wait_s)),

@@ -9,14 +9,14 @@
 """
 from .model_client import REQUEST_ITEMS, TritonModelClient
 from .ready import READY_MODEL, server_ready
-from .reward_client import (COMPONENT_OUTPUTS, RewardClient, RewardRequestError, RewardServerUnavailable,
-                            RewardSettings, close_clients, get_client)
+from .reward_client import (COMPONENT_OUTPUTS, UTILITY_KEYS, RewardClient, RewardRequestError,
+                            RewardServerUnavailable, RewardSettings, close_clients, get_client)
 from .wire import (BANK_PROMPT_PREFIX, REWARD_MODEL, ServerItemError, SpeakerPromptAudio, Synthesis,
                    cosine_similarity, pad_rows, parse_url, parse_urls, speaker_prompt_key)
 
 __all__ = [
     "BANK_PROMPT_PREFIX", "COMPONENT_OUTPUTS", "READY_MODEL", "REQUEST_ITEMS", "REWARD_MODEL", "RewardClient",
     "RewardRequestError", "RewardServerUnavailable", "RewardSettings", "ServerItemError", "SpeakerPromptAudio",
-    "Synthesis", "TritonModelClient", "close_clients", "cosine_similarity", "get_client", "pad_rows", "parse_url",
+    "Synthesis", "TritonModelClient", "UTILITY_KEYS", "close_clients", "cosine_similarity", "get_client", "pad_rows", "parse_url",
     "parse_urls", "server_ready", "speaker_prompt_key",
 ]

@@ -6,6 +6,12 @@ rollouts scored at the same moment are coalesced into batched requests, spread r
 robin over the servers, and transient failures (connection refused, a server restarting,
 timeouts) are retried with backoff within a budget, then ``RewardServerUnavailable`` is
 raised. An input the server refuses raises ``RewardRequestError`` at once.
+
+A rollout may bring its own speaker prompt (``SpeakerPromptAudio``): the server then decodes
+it in that voice and measures similarity to that prompt. Rollouts with and without prompts
+share requests (PROMPT_WAV zero-padded, PROMPT_WAV_LENS 0 for a row that takes the bank's
+voice). The audio travels with every rollout; the server hashes it and prepares each
+distinct prompt once (its PromptCache).
 """
 from __future__ import annotations
 
@@ -20,11 +26,18 @@ import numpy as np
 
 from .pool import Endpoint, EndpointPool
 from .ready import server_ready
-from .wire import REWARD_MODEL, infer_request, pad_rows, text_column, text_of
+from .wire import REWARD_MODEL, SpeakerPromptAudio, infer_request, pad_rows, text_column, text_of
 
-COMPONENT_OUTPUTS = {"SPEAKER_SIMILARITY": "speaker_similarity", "ASR_NLL": "asr_nll"}
-"""Optional reward components: server output -> result key (NaN from the server: switched off)."""
-OUTPUTS = ["REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS"]
+COMPONENT_OUTPUTS = {"SPEAKER_SIMILARITY": "speaker_similarity", "ASR_NLL": "asr_nll",
+                     "UTILITY_ERROR_RATE": "utility_error_rate", "UTILITY_SIMILARITY": "utility_similarity",
+                     "UTILITY_CONFIDENCE": "utility_confidence"}
+"""Optional reward components: server output -> result key (NaN from the server: switched off).
+The ``utility_*`` keys are each weighted component's utility in [0, 1] (what veRL's
+``gdpo`` estimator normalizes one by one: ``algorithm.gdpo_reward_keys``)."""
+UTILITY_KEYS = tuple(key for key in COMPONENT_OUTPUTS.values() if key.startswith("utility_"))
+FLOAT_OUTPUTS = ["REWARDS", "ERROR_RATE", *COMPONENT_OUTPUTS]
+OUTPUTS = ["REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS",
+           "UTILITY_ERROR_RATE", "UTILITY_SIMILARITY", "UTILITY_CONFIDENCE"]
 READY_CHECK_TIMEOUT_S = 5.0
 
 
@@ -100,7 +113,7 @@ class RewardClient:
         # No request may exceed the server's batch limit.
         self.max_batch = min(self.max_batch, await self._server_max_batch())
         # Which optional components does the server compute? (NaN = switched off.)
-        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一")]))[0]
+        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None)]))[0]
         if isinstance(probe, Exception):
             raise probe
         self.components = tuple(key for output, key in COMPONENT_OUTPUTS.items() if math.isfinite(probe[output]))
@@ -124,11 +137,19 @@ class RewardClient:
 
     # ---- scoring -------------------------------------------------------------------
     async def _infer_once(self, endpoint: Endpoint, client, batch: list, timeout: float) -> list:
-        """One request for a batch of (ids, ground truth): a result dict or a
+        """One request for a batch of (ids, ground truth, prompt or None): a result dict or a
         RewardRequestError per item (the server reports bad items in-band)."""
-        tokens, lengths = pad_rows([np.asarray(ids) for ids, _ in batch], np.int32)
-        inputs, outputs = infer_request(endpoint.scheme, {
-            "TOKENS": tokens, "TOKEN_LENS": lengths, "GT_TEXT": text_column(text for _, text in batch)}, OUTPUTS)
+        tokens, lengths = pad_rows([np.asarray(ids) for ids, _, _ in batch], np.int32)
+        arrays = {"TOKENS": tokens, "TOKEN_LENS": lengths, "GT_TEXT": text_column(text for _, text, _ in batch)}
+        prompts = [prompt for _, _, prompt in batch]
+        if any(prompt is not None for prompt in prompts):
+            # Rows without a prompt get length 0: the server's bank voice for that row.
+            waves, wave_lens = pad_rows([None if p is None else p.wave for p in prompts], np.float32)
+            arrays.update(
+                PROMPT_WAV=waves, PROMPT_WAV_LENS=wave_lens,
+                PROMPT_SAMPLE_RATE=np.array([[0 if p is None else p.sample_rate] for p in prompts], dtype=np.int32),
+                PROMPT_TEXT=text_column("" if p is None else p.text for p in prompts))
+        inputs, outputs = infer_request(endpoint.scheme, arrays, OUTPUTS)
         parameters = {"prompt": self.settings.prompt} if self.settings.prompt else None
         result = await asyncio.wait_for(
             client.infer(self.settings.model_name, inputs, outputs=outputs, parameters=parameters),
@@ -144,13 +165,9 @@ class RewardClient:
             if error:
                 items.append(RewardRequestError(f"reward server {endpoint.url} refused the rollout: {error}"))
                 continue
-            items.append({
-                "REWARDS": float(columns["REWARDS"][row]),
-                "ERROR_RATE": float(columns["ERROR_RATE"][row]),
-                "SPEAKER_SIMILARITY": float(columns["SPEAKER_SIMILARITY"][row]),
-                "ASR_NLL": float(columns["ASR_NLL"][row]),
-                "TRANSCRIPT": text_of(columns["TRANSCRIPTS"][row]),
-            })
+            item = {name: float(columns[name][row]) for name in FLOAT_OUTPUTS}
+            item["TRANSCRIPT"] = text_of(columns["TRANSCRIPTS"][row])
+            items.append(item)
         return items
 
     async def _infer_with_retries(self, batch: list) -> list:
@@ -203,15 +220,15 @@ class RewardClient:
 
     async def _send(self, batch: list) -> None:
         try:
-            results = await self._infer_with_retries([(ids, text) for ids, text, _ in batch])
+            results = await self._infer_with_retries([(ids, text, prompt) for ids, text, prompt, _ in batch])
         except BaseException as error:  # noqa: B036 - every waiting rollout must learn of the failure
-            for _, _, future in batch:
+            for *_, future in batch:
                 if not future.done():
                     future.set_exception(error)
             if not isinstance(error, Exception):
                 raise
             return
-        for (_, _, future), result in zip(batch, results):
+        for (*_, future), result in zip(batch, results):
             if future.done():
                 continue
             if isinstance(result, Exception):
@@ -219,12 +236,14 @@ class RewardClient:
             else:
                 future.set_result(result)
 
-    async def score(self, ids: np.ndarray, ground_truth: str) -> dict:
-        """One rollout's server outputs: REWARDS, ERROR_RATE, SPEAKER_SIMILARITY, ASR_NLL, TRANSCRIPT."""
+    async def score(self, ids: np.ndarray, ground_truth: str, prompt: Optional[SpeakerPromptAudio] = None) -> dict:
+        """One rollout's server outputs: REWARDS, ERROR_RATE, SPEAKER_SIMILARITY, ASR_NLL, the
+        UTILITY_* outputs and TRANSCRIPT. ``prompt``: the rollout's own speaker prompt (None:
+        the server's bank voice)."""
         await self.ensure_ready()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((ids, ground_truth, future))
+        self._pending.append((ids, ground_truth, prompt, future))
         if len(self._pending) >= self.max_batch:
             self._flush()
         elif self._flush_handle is None:

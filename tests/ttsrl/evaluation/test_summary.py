@@ -4,13 +4,13 @@ import json
 import pytest
 
 from tests.cli import run_script
-from ttsrl.evaluation.summary import EvalError, summarize
+from ttsrl.evaluation.summary import TEST_SELECTION_WARNING, EvalError, summarize
 
 
 def fake_result(folder, error_rate, per, utterances=7, missing=(), label="CER", sim=None, bad_prompt=()):
     folder.mkdir(parents=True)
     summary = {"metric": "protocol", "label": label, "error_rate": error_rate, "utterances": utterances,
-               "missing": list(missing), "bad_prompt": list(bad_prompt)}
+               "missing": list(missing), "missing_count": len(missing), "bad_prompt": list(bad_prompt)}
     if sim is not None:
         summary["speaker_similarity_mean"] = sim
     (folder / "wer.json").write_text(json.dumps({"summary": summary}))
@@ -23,34 +23,135 @@ def test_table_plot_and_best_from_two_checkpoints(tmp_path, capsys):
     fake_result(tmp_path / "step_100", 0.07, 0.05)
     (tmp_path / "step_300").mkdir()  # not scored yet: ignored
     assert run_script("summarize_eval", ["--eval-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "| step | CER % | pinyin ER % | utterances | missing | bad prompts |" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert ("| step | test CER % | test pinyin ER % | test utterances | test missing | test bad prompts |"
+            in out)
     assert "| 200 (best) | 5.00 | 3.00 | 7 | 1 | 1 |" in out and "| 0 | 12.00 | 8.00 | 7 | 0 | 0 |" in out
     assert out.index("| 0 |") < out.index("| 100 |") < out.index("| 200 (best)")
-    assert "best checkpoint by cer: step 200 (CER 5.00%)" in out
+    assert "best checkpoint by cer on the test set: step 200 (test CER 5.00%, 1 missing)" in out
     assert (tmp_path / "best_step.txt").read_text() == "200\n"
     tsv = (tmp_path / "cer_by_step.tsv").read_text().splitlines()
-    assert tsv[0] == "step\tcer\tper\tutterances\tmissing\tbad_prompt" and tsv[1] == "0\t0.120000\t0.080000\t7\t0\t0"
+    assert tsv[0] == "step\ttest_cer\ttest_per\ttest_utterances\ttest_missing\ttest_bad_prompt\tbest"
+    assert tsv[1] == "0\t0.120000\t0.080000\t7\t0\t0\t0" and tsv[3].endswith("\t1")
     png = (tmp_path / "cer_by_step.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+    # the chosen step has an utterance without audio on the selecting set: said so
+    assert "the chosen step 200 has 1 test utterance(s) without audio" in captured.err
+
+
+def test_without_a_dev_set_the_test_set_selects_and_every_output_warns(tmp_path, capsys):
+    fake_result(tmp_path / "step_0", 0.12, 0.08)
+    fake_result(tmp_path / "step_8", 0.05, 0.03)
+    for argv in ([], ["--dev-dir", str(tmp_path / "dev")]):  # no flag, or a dev dir that does not exist
+        assert run_script("summarize_eval", ["--eval-dir", str(tmp_path), *argv]) == 0
+        captured = capsys.readouterr()
+        assert f"warning: {TEST_SELECTION_WARNING}" in captured.out and TEST_SELECTION_WARNING in captured.err
+        assert "best step: 8, chosen on the test set by cer (lowest CER)" in captured.out
+        assert TEST_SELECTION_WARNING in (tmp_path / "cer_by_step.md").read_text()
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert (summary["selected_on"], summary["best_step"], summary["select_by"]) == ("test", 8, "cer")
+        assert summary["warnings"][0].startswith(TEST_SELECTION_WARNING)
+        assert [s["step"] for s in summary["steps"]] == [0, 8] and summary["steps"][0]["dev"] is None
+    assert "--dev-dir" in summary["warnings"][0] and "does not exist" in summary["warnings"][0]
+    (tmp_path / "dev").mkdir()  # exists but holds no scored step yet: still the test set, and why
+    assert summarize(tmp_path, dev_dir=tmp_path / "dev")["warnings"][0].endswith("has no step_N/wer.json)")
+
+
+def test_the_dev_set_picks_a_step_the_test_set_would_not(tmp_path, capsys):
+    test, dev = tmp_path / "eval", tmp_path / "eval" / "dev"
+    fake_result(test / "step_0", 0.12, 0.08, sim=0.60)
+    fake_result(test / "step_8", 0.04, 0.03, sim=0.62)   # the test set's best
+    fake_result(test / "step_16", 0.06, 0.04, sim=0.70)
+    fake_result(dev / "step_0", 0.20, 0.10, utterances=5, sim=0.50)
+    fake_result(dev / "step_8", 0.09, 0.06, utterances=5, sim=0.55)
+    fake_result(dev / "step_16", 0.07, 0.05, utterances=5, sim=0.66)  # the dev set's best
+    assert summarize(test)["best_step"] == 8  # what selecting on the test set would give
+    assert run_script("summarize_eval", ["--eval-dir", str(test), "--dev-dir", str(dev)]) == 0
+    captured = capsys.readouterr()
+    assert (test / "best_step.txt").read_text() == "16\n"
+    assert TEST_SELECTION_WARNING not in captured.out + captured.err
+    assert ("| step | dev CER % | dev pinyin ER % | dev SIM | dev utterances | dev missing | dev bad prompts | "
+            "test CER % | test pinyin ER % | test SIM | test utterances | test missing | test bad prompts |") in captured.out
+    assert "| 16 (best) | 7.00 | 5.00 | 0.6600 | 5 | 0 | 0 | 6.00 | 4.00 | 0.7000 | 7 | 0 | 0 |" in captured.out
+    assert "best step: 16, chosen on the dev set by cer (lowest CER); the test columns report it" in captured.out
+    assert ("best checkpoint by cer on the dev set: step 16 (dev CER 7.00%, SIM 0.6600; test CER 6.00%, "
+            "SIM 0.7000)") in captured.out
+    summary = json.loads((test / "summary.json").read_text())
+    assert (summary["selected_on"], summary["best_step"], summary["dev_dir"]) == ("dev", 16, str(dev))
+    assert summary["best"]["test"]["error_rate"] == 0.06 and summary["best"]["dev"]["error_rate"] == 0.07
+    assert summary["warnings"] == []
+    tsv = (test / "cer_by_step.tsv").read_text().splitlines()
+    assert tsv[0].startswith("step\tdev_cer\tdev_per\tdev_sim\t") and "\ttest_cer\t" in tsv[0]
+    assert tsv[3].startswith("16\t0.070000\t0.050000\t0.660000\t5\t0\t0\t0.060000\t") and tsv[3].endswith("\t1")
+    # the dev set selects by every metric
+    assert summarize(test, "sim", dev)["best_step"] == 16
+    assert summarize(test, "pinyin", dev)["best_step"] == 16
+    fake_result(dev / "step_24", 0.01, 0.01, utterances=5)  # chosen on dev, never run on the test set
+    with pytest.raises(EvalError, match=r"step 24 was chosen on the dev set by cer but has no test score "
+                                        r"\(.*eval/step_24/wer.json is missing\).*remove .*dev/step_24"):
+        summarize(test, dev_dir=dev)
+    assert (test / "best_step.txt").read_text() == "16\n"  # nothing rewritten
+    assert run_script("summarize_eval", ["--eval-dir", str(test), "--dev-dir", str(dev)]) == 1
+    assert "error: step 24 was chosen on the dev set" in capsys.readouterr().err
+
+
+def test_steps_scored_on_one_set_only_get_dashes(tmp_path, capsys):
+    test, dev = tmp_path / "eval", tmp_path / "eval" / "dev"
+    fake_result(test / "step_0", 0.12, 0.08)
+    fake_result(test / "step_8", 0.10, 0.07)   # not on dev
+    fake_result(test / "step_16", 0.06, 0.04)
+    fake_result(dev / "step_0", 0.20, 0.10)
+    fake_result(dev / "step_16", 0.07, 0.05)
+    fake_result(dev / "step_24", 0.30, 0.20)   # not on the test set (and not chosen)
+    assert run_script("summarize_eval", ["--eval-dir", str(test), "--dev-dir", str(dev)]) == 0
+    captured = capsys.readouterr()
+    assert "| 8 | - | - | - | - | - | 10.00 | 7.00 | 7 | 0 | 0 |" in captured.out
+    assert "| 24 | 30.00 | 20.00 | 7 | 0 | 0 | - | - | - | - | - |" in captured.out
+    assert "| 16 (best) | 7.00 |" in captured.out
+    assert "warning: step(s) 24 scored on the dev set only ('-' in the test columns)" in captured.out
+    assert "step(s) 8 scored on the test set only" in captured.err
+    tsv = (test / "cer_by_step.tsv").read_text().splitlines()
+    assert tsv[2] == "8\t\t\t\t\t\t0.100000\t0.070000\t7\t0\t0\t0"
+
+
+def test_dev_and_test_sets_scored_by_different_metrics(tmp_path, capsys):
+    # a zh dev slice of the training prompts (CER) and an en test set (WER): each set's columns
+    # carry its own label, cer/wer both mean "the selecting set's published error rate"
+    test, dev = tmp_path / "eval", tmp_path / "eval" / "dev"
+    fake_result(test / "step_0", 0.031, 0.02, label="WER")
+    fake_result(test / "step_10", 0.025, 0.02, label="WER")
+    fake_result(dev / "step_0", 0.05, 0.04, label="CER")
+    fake_result(dev / "step_10", 0.08, 0.05, label="CER")
+    assert run_script("summarize_eval", ["--eval-dir", str(test), "--dev-dir", str(dev), "--select-by", "wer"]) == 0
+    out = capsys.readouterr().out
+    assert "| step | dev CER % | dev pinyin ER % |" in out and "| test WER % | test pinyin ER % |" in out
+    assert "| 0 (best) | 5.00 |" in out and "best step: 0, chosen on the dev set by wer (lowest CER)" in out
+    assert json.loads((test / "summary.json").read_text())["labels"] == {"dev": "CER", "test": "WER"}
+    assert (test / "cer_by_step.tsv").read_text().startswith("step\tdev_cer\tdev_per\t")
+    fake_result(dev / "step_20", 0.01, 0.01, label="WER")  # one set scored two ways: refused
+    with pytest.raises(EvalError, match=r"dev: steps were scored with different metrics \['CER', 'WER'\]"):
+        summarize(test, dev_dir=dev)
 
 
 def test_ties_go_to_the_earlier_step(tmp_path):
     fake_result(tmp_path / "step_0", 0.05, 0.05)
     fake_result(tmp_path / "step_100", 0.05, 0.04)
-    assert summarize(tmp_path)["best"]["step"] == 0
+    assert summarize(tmp_path)["best_step"] == 0
 
 
 def test_the_user_chooses_the_metric_that_picks_the_best_step(tmp_path, capsys):
     fake_result(tmp_path / "step_0", 0.10, 0.02, sim=0.70)   # best pinyin
     fake_result(tmp_path / "step_100", 0.04, 0.06, sim=0.65)  # best CER
     fake_result(tmp_path / "step_200", 0.08, 0.05, sim=0.75)  # best SIM
-    assert summarize(tmp_path)["best"]["step"] == 100
-    assert summarize(tmp_path, "pinyin")["best"]["step"] == 0
-    assert summarize(tmp_path, "sim")["best"]["step"] == 200
+    assert summarize(tmp_path)["best_step"] == 100
+    assert summarize(tmp_path, "pinyin")["best_step"] == 0
+    assert summarize(tmp_path, "sim")["best_step"] == 200
     assert (tmp_path / "best_step.txt").read_text() == "200\n"
     assert run_script("summarize_eval", ["--eval-dir", str(tmp_path), "--select-by", "sim"]) == 0
-    assert "best checkpoint by sim: step 200 (CER 8.00%, SIM 0.7500)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best checkpoint by sim on the test set: step 200 (test CER 8.00%, SIM 0.7500)" in out
+    assert "chosen on the test set by sim (highest SIM)" in out
 
 
 def test_an_english_set_reports_wer(tmp_path, capsys):
@@ -58,11 +159,20 @@ def test_an_english_set_reports_wer(tmp_path, capsys):
     fake_result(tmp_path / "step_10", 0.025, 0.02, label="WER")
     assert run_script("summarize_eval", ["--eval-dir", str(tmp_path), "--select-by", "wer"]) == 0
     out = capsys.readouterr().out
-    assert "| step | WER % |" in out and "| 10 (best) | 2.50 |" in out
-    assert (tmp_path / "cer_by_step.tsv").read_text().startswith("step\twer\tper\t")
+    assert "| step | test WER % |" in out and "| 10 (best) | 2.50 |" in out
+    assert (tmp_path / "cer_by_step.tsv").read_text().startswith("step\ttest_wer\ttest_per\t")
     fake_result(tmp_path / "step_20", 0.01, 0.01, label="CER")
     with pytest.raises(EvalError, match="different metrics"):
         summarize(tmp_path)
+
+
+def test_a_step_without_any_audio_has_no_error_rate_and_is_not_chosen(tmp_path, capsys):
+    # every utterance missing: no mean (None), not 0.0 -- it must not win the selection
+    fake_result(tmp_path / "step_0", 0.12, 0.08)
+    fake_result(tmp_path / "step_8", None, None, utterances=0, missing=[f"u{i}" for i in range(7)])
+    assert run_script("summarize_eval", ["--eval-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 | - | - | 0 | 7 | 0 |" in out and "| 0 (best) |" in out
 
 
 def test_nothing_to_summarize_is_an_error(tmp_path, capsys):
@@ -76,8 +186,11 @@ def test_nothing_to_summarize_is_an_error(tmp_path, capsys):
 
 def test_selecting_by_sim_without_similarity_is_an_error(tmp_path):
     fake_result(tmp_path / "step_0", 0.12, 0.08)
-    with pytest.raises(EvalError, match="no step has a sim score"):
+    with pytest.raises(EvalError, match="no step has a sim score on the test set"):
         summarize(tmp_path, "sim")
+    fake_result(tmp_path / "dev" / "step_0", 0.12, 0.08)
+    with pytest.raises(EvalError, match="no step has a sim score on the dev set"):
+        summarize(tmp_path, "sim", tmp_path / "dev")
 
 
 def test_speaker_similarity_column_when_scored(tmp_path, capsys):
@@ -85,8 +198,9 @@ def test_speaker_similarity_column_when_scored(tmp_path, capsys):
     fake_result(tmp_path / "step_100", 0.05, 0.03, sim=0.81234)
     assert run_script("summarize_eval", ["--eval-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| step | CER % | pinyin ER % | SIM | utterances | missing | bad prompts |" in out
+    assert ("| step | test CER % | test pinyin ER % | test SIM | test utterances | test missing | test bad prompts |"
+            in out)
     assert "| 100 (best) | 5.00 | 3.00 | 0.8123 | 7 | 0 | 0 |" in out and "| 0 | 12.00 | 8.00 | - | 7 | 0 | 0 |" in out
     tsv = (tmp_path / "cer_by_step.tsv").read_text().splitlines()
-    assert tsv == ["step\tcer\tper\tsim\tutterances\tmissing\tbad_prompt", "0\t0.120000\t0.080000\t\t7\t0\t0",
-                   "100\t0.050000\t0.030000\t0.812340\t7\t0\t0"]
+    assert tsv == ["step\ttest_cer\ttest_per\ttest_sim\ttest_utterances\ttest_missing\ttest_bad_prompt\tbest",
+                   "0\t0.120000\t0.080000\t\t7\t0\t0\t0", "100\t0.050000\t0.030000\t0.812340\t7\t0\t0\t1"]

@@ -182,3 +182,87 @@ def test_dead_reward_server_stops_a_cpu_run(tiny_model, data_dir, capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert "[FAIL] reward server" in captured.out and url in captured.out
+
+
+def test_max_chars_that_cannot_be_spoken_within_the_response_length_is_refused():
+    # 200 characters at 4 characters/s: 50 s, 1250 speech tokens at 25/s, plus the end token
+    with pytest.raises(CheckFailed) as failure:
+        preflight.check_response_length(200, 512, 4.0)
+    message = str(failure.value)
+    assert "max_chars=200 cannot be spoken within data.max_response_length=512" in message
+    assert "200 characters take 50.0 s, 1250 speech tokens at 25 tokens/s, plus the end token: 1251 > 512" in message
+    # the fix names both knobs and the numbers: 81 characters need 507 + 1 tokens, 82 need 513 + 1
+    assert "lower max_chars (configs/*.sh, stage 0) to 81" in message
+    assert "raise data.max_response_length (configs/grpo.yaml, or grpo_overrides) to 1251" in message
+    preflight.check_response_length(81, 512, 4.0)
+    with pytest.raises(CheckFailed):
+        preflight.check_response_length(82, 512, 4.0)
+    assert "fits data.max_response_length=512 (501 tokens" in preflight.check_response_length(80, 512)
+    assert preflight.DEFAULT_CHARS_PER_SECOND == 4.0 and preflight.TOKEN_RATE_HZ == 25
+
+
+def test_the_smoke_profile_fits_and_the_edges_are_exact():
+    # configs/smoke.sh: 6-character texts spoken at 25 characters/s (one stand-in token each) in 8 tokens
+    assert "7 tokens" in preflight.check_response_length(6, 8, 25.0)
+    assert preflight.response_tokens_needed(7, 25.0) == 8 and preflight.max_chars_within(8, 25.0) == 7
+    with pytest.raises(CheckFailed, match="lower max_chars .* to 7, or raise .* to 9"):
+        preflight.check_response_length(8, 8, 25.0)
+    for rate in (3.3, 4.0, 4.7, 25.0):  # max_chars_within is the largest count that passes
+        for length in (2, 8, 100, 512, 1000):
+            fits = preflight.max_chars_within(length, rate)
+            assert preflight.response_tokens_needed(fits + 1, rate) > length
+            assert fits == 0 or preflight.response_tokens_needed(fits, rate) <= length
+    with pytest.raises(CheckFailed, match="speech_chars_per_second must be a positive number, got 0"):
+        preflight.check_response_length(6, 8, 0)
+    with pytest.raises(CheckFailed, match="max_chars must be a positive integer, got 0"):
+        preflight.check_response_length(0, 8, 4.0)
+
+
+def test_the_longest_parquet_text_must_be_speakable(tmp_path):
+    path = tmp_path / "train.parquet"
+    texts = ["短句", "这是一个很长的句子" * 10, "中等长度的句子"]  # row 1: 90 characters
+    records = [{"prompt": [{"role": "user", "content": t}], "data_source": "tts",
+                "reward_model": {"style": "rule", "ground_truth": t}} for t in texts]
+    pd.DataFrame(records).to_parquet(path)
+    assert preflight.longest_text(path)[:2] == (1, 90)
+    assert "90 characters, 564 tokens" in preflight.check_longest_text(path, 1024, 4.0)
+    with pytest.raises(CheckFailed) as failure:
+        preflight.check_longest_text(path, 512, 4.0, max_chars=80)
+    message = str(failure.value)
+    assert f"{path} row 1 ('这是一个很长的句子这是一个很长的句子这是一个很长的句子这是一...') has 90 characters" in message
+    assert "cannot be spoken within data.max_response_length=512" in message and "564 > 512" in message
+    assert "longer than max_chars=80, so" in message  # the parquet is older than the config
+    assert "max_chars (configs/*.sh, stage 0) at most 81" in message and "to 564" in message
+    assert preflight.check_longest_text(tmp_path / "nope.parquet", 512).startswith("not checked:")
+
+
+def test_max_response_length_as_the_job_gets_it(tmp_path):
+    assert preflight.max_response_length_of("") == 512  # configs/grpo.yaml
+    smoke = "trainer.total_training_steps=16 data.max_prompt_length=16 data.max_response_length=8"
+    assert preflight.max_response_length_of(smoke) == 8
+    assert preflight.max_response_length_of(smoke.split() + ["++data.max_response_length=64"]) == 64
+    with pytest.raises(CheckFailed, match=r"override 'data.max_response_length=lots' must be an integer"):
+        preflight.max_response_length_of("data.max_response_length=lots")
+    with pytest.raises(CheckFailed, match="cannot read data.max_response_length from"):
+        preflight.max_response_length_of("", tmp_path / "none.yaml")
+
+
+def test_main_refuses_max_chars_beyond_the_response_length(tiny_model, data_dir, reward_server, capsys):
+    base = ["--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+            "--reward_server_url", reward_server.grpc_url]
+    code = run_script("preflight_grpo", base + ["--max_chars", "200", "--grpo_overrides", ""])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert ("[FAIL] response length: max_chars=200 cannot be spoken within data.max_response_length=512"
+            in captured.out)
+    assert "[ ok ] longest train text: longest text in train.parquet: 3 characters" in captured.out
+    assert "1 check(s) failed (response length)" in captured.err
+    code = run_script("preflight_grpo", base + ["--max_chars", "80", "--max_response_length", "512"])
+    assert code == 0 and "[ ok ] response length: max_chars=80 fits" in capsys.readouterr().out
+    code = run_script("preflight_grpo", base + ["--max_chars", "6", "--chars_per_second", "25",
+                                                "--grpo_overrides", "data.max_response_length=8"])
+    assert code == 0, capsys.readouterr().out
+    code = run_script("preflight_grpo", base + ["--max_chars", "3", "--grpo_overrides", "data.max_response_length=x"])
+    captured = capsys.readouterr()
+    assert code == 1 and "[FAIL] response length: override 'data.max_response_length=x' must be an integer" in captured.out
+    assert "[ ok ] reward server" in captured.out  # the other checks still ran

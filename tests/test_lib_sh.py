@@ -1,0 +1,177 @@
+"""The shell helpers of scripts/lib.sh and scripts/run_helpers.sh, sourced by bash as run.sh sources them:
+the GPU checks behind train_device, stage 2's --force set-aside, stage -1/4's test-set helpers, and the
+SIM download's use of the server environment's one gdown pin."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bash(script: str, env: dict | None = None, path_prefix: Path | None = None):
+    """Run `script` in bash after sourcing lib.sh and run_helpers.sh (set -euo pipefail, as run.sh)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    full_env.update(env or {})
+    if path_prefix is not None:
+        full_env["PATH"] = f"{path_prefix}:{full_env['PATH']}"
+    prologue = f"set -euo pipefail; cd {REPO}; source scripts/lib.sh; source scripts/run_helpers.sh\n"
+    return subprocess.run(["bash", "-c", prologue + script], env=full_env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def fake_nvidia_smi(tmp_path: Path, gpus: int = 0, fail: bool = False) -> Path:
+    """A directory with an nvidia-smi that lists `gpus` GPUs, or fails as it does without a driver."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    if fail:
+        tool.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
+                        "driver.\"\nexit 9\n")
+    else:
+        tool.write_text("#!/bin/sh\n" + "".join(f"echo 'GPU {i}: NVIDIA H200 (UUID: GPU-{i:04d}aa)'\n"
+                                                for i in range(gpus)))
+    tool.chmod(0o755)
+    return bin_dir
+
+
+# ---- train_device: select_train_device / cuda_gpu_problem --------------------------------------------------
+
+def test_cuda_with_a_failing_nvidia_smi_dies_naming_the_check_and_the_fixes(tmp_path):
+    done = bash("select_train_device cuda 8", path_prefix=fake_nvidia_smi(tmp_path, fail=True))
+    assert done.returncode == 1 and done.stdout == ""
+    assert "train_device=cuda needs 8 CUDA GPU(s) per node" in done.stderr
+    assert "check 'nvidia-smi -L' failed: NVIDIA-SMI has failed because it couldn't communicate" in done.stderr
+    assert "driver (>= 580" in done.stderr and "set train_device=cpu" in done.stderr
+
+
+@pytest.mark.parametrize("visible, needed, problem", [
+    (None, 8, "nvidia-smi lists 2 GPU(s). Fix: lower n_gpus_per_node to 2"),
+    ("0,1,2,3,4,5,6,7", 8, "CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7' names 2 of the 2 GPU(s)"),
+    ("0,5", 2, "CUDA_VISIBLE_DEVICES='0,5' names 1 of the 2 GPU(s)"),
+    ("", 1, "CUDA_VISIBLE_DEVICES='' names 0 of the 2 GPU(s)"),
+])
+def test_too_few_visible_gpus_is_named(tmp_path, visible, needed, problem):
+    env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    done = bash(f"select_train_device cuda {needed}", env=env, path_prefix=fake_nvidia_smi(tmp_path, gpus=2))
+    assert done.returncode == 1
+    assert f"check 'GPUs visible >= {needed}' failed: {problem}" in done.stderr
+
+
+@pytest.mark.parametrize("visible", [None, "0,1", "1,GPU-0000aa"])
+def test_cuda_passes_when_enough_gpus_are_visible(tmp_path, visible):
+    env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    done = bash("select_train_device cuda 2", env=env, path_prefix=fake_nvidia_smi(tmp_path, gpus=2))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "cuda\n"
+    assert "training device: cuda (train_device=cuda; 2 GPU(s) per node visible)" in done.stderr
+
+
+def test_auto_says_which_device_it_picked_and_why(tmp_path):
+    (tmp_path / "a").mkdir()
+    cpu = bash("select_train_device auto 8", path_prefix=fake_nvidia_smi(tmp_path / "a", fail=True))
+    assert cpu.returncode == 0 and cpu.stdout == "cpu\n"
+    assert "WARNING: training device: cpu. train_device=auto picked the CPU because the check 'nvidia-smi -L'" \
+        in cpu.stderr
+    (tmp_path / "b").mkdir()
+    gpu = bash("select_train_device auto 2", path_prefix=fake_nvidia_smi(tmp_path / "b", gpus=2))
+    assert gpu.stdout == "cuda\n" and "train_device=auto picked cuda" in gpu.stderr
+
+
+def test_cpu_and_bad_values(tmp_path):
+    done = bash("select_train_device cpu 8", path_prefix=fake_nvidia_smi(tmp_path, fail=True))
+    assert done.returncode == 0 and done.stdout == "cpu\n" and "train_device=cpu" in done.stderr
+    bad = bash("select_train_device gpu 8")
+    assert bad.returncode == 1
+    assert "train_device must be auto, cuda or cpu, got 'gpu'" in bad.stderr
+
+
+def test_skip_gpu_check_lets_cuda_through_loudly(tmp_path):
+    done = bash("select_train_device cuda 8", env={"TTSRL_SKIP_GPU_CHECK": "1"},
+                path_prefix=fake_nvidia_smi(tmp_path, fail=True))
+    assert done.returncode == 0 and done.stdout == "cuda\n"
+    assert "WITHOUT the GPU check (TTSRL_SKIP_GPU_CHECK=1" in done.stderr
+
+
+# ---- stage 2 --force: set_aside_previous_run ----------------------------------------------------------------
+
+def test_force_moves_the_previous_run_aside_and_keeps_everything(tmp_path):
+    exp = tmp_path / "exp"
+    (exp / "global_step_2" / "actor").mkdir(parents=True)
+    (exp / "global_step_2" / "actor" / "model.pt").write_text("weights 2")
+    (exp / "global_step_4" / "merged_hf_model").mkdir(parents=True)
+    (exp / "latest_checkpointed_iteration.txt").write_text("4")
+    (exp / "eval" / "step_4").mkdir(parents=True)
+    (exp / "eval" / "step_4" / "wer.json").write_text("{}")
+    (exp / "logs").mkdir()
+    (exp / "logs" / "train_1.log").write_text("old log")
+    (exp / "sft_model").mkdir()
+
+    done = bash("set_aside_previous_run", env={"exp_dir": str(exp)})
+    assert done.returncode == 0, done.stderr
+    backups = list(exp.glob("replaced_*"))
+    assert len(backups) == 1
+    backup = backups[0]
+    assert f"moved to {backup}" in done.stdout
+    assert (backup / "global_step_2" / "actor" / "model.pt").read_text() == "weights 2"
+    assert (backup / "global_step_4" / "merged_hf_model").is_dir()
+    assert (backup / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert (backup / "eval" / "step_4" / "wer.json").exists()
+    # what resume_mode=auto and stages 3/4 look for is gone from exp_dir; the rest stays
+    assert not list(exp.glob("global_step_*")) and not (exp / "latest_checkpointed_iteration.txt").exists()
+    assert not (exp / "eval").exists()
+    assert (exp / "logs" / "train_1.log").read_text() == "old log" and (exp / "sft_model").is_dir()
+
+    again = bash("set_aside_previous_run", env={"exp_dir": str(exp)})
+    assert again.returncode == 0 and "no previous GRPO run" in again.stdout
+    assert len(list(exp.glob("replaced_*"))) == 1
+
+
+# ---- stage -1 / 4: the test set -----------------------------------------------------------------------------
+
+def test_eval_manifest_help_and_stage_4_message(tmp_path):
+    missing = tmp_path / "data" / "seedtts_testset" / "zh" / "meta.lst"
+    done = bash("require_eval_manifest", env={"eval_manifest": str(missing)})
+    assert done.returncode == 1
+    assert f"eval_manifest '{missing}' not found: stage -1 on a CUDA machine downloads it" in done.stderr
+    assert "k2-fsa/TTS_eval_datasets seedtts_testset.tar.gz" in done.stderr
+    assert f"-C {tmp_path / 'data'}" in done.stderr
+    other = bash("require_eval_manifest", env={"eval_manifest": str(tmp_path / "mine.jsonl")})
+    assert "CV3-Eval" in other.stderr and "JSONL (id, text, prompt_text, prompt_wav" in other.stderr
+    # stage -1 cannot download a set that is not in the Seed-TTS-eval layout: it says so and goes on
+    skipped = bash("force=false; download_seedtts_eval", env={"eval_manifest": str(tmp_path / "mine.jsonl")})
+    assert skipped.returncode == 0 and "is not in the Seed-TTS-eval layout" in skipped.stdout
+    present = tmp_path / "present.lst"
+    present.write_text("")
+    kept = bash("force=true; download_seedtts_eval", env={"eval_manifest": str(present)})
+    assert kept.returncode == 0 and f"test set already at {present}" in kept.stdout
+
+
+# ---- stage -1: the SIM model download installs nothing -----------------------------------------------------
+
+def test_sim_download_uses_the_server_envs_gdown_and_installs_none(tmp_path):
+    # the trainer environment has no gdown: the download stops and says where gdown comes from
+    done = bash("force=false; download_sim_model",
+                env={"eval_sim_model": str(tmp_path / "sim.pth"), "eval_sim_model_gdrive_id": "x",
+                     "server_python": str(REPO / ".venv" / "bin" / "python"), "cosyvoice_src": "CosyVoice"})
+    assert done.returncode == 1
+    assert "gdown is not in the server environment" in done.stderr
+    assert "requirements-cosyvoice.txt" in done.stderr
+    assert not (tmp_path / "sim.pth").exists()
+
+
+def test_only_setup_env_installs_packages():
+    """One pin per package: nothing but setup_env.sh runs pip install (so its stamp covers everything)."""
+    offenders = []
+    for path in [REPO / "run.sh", *sorted((REPO / "scripts").glob("*.sh")), *sorted((REPO / "scripts").glob("*.sbatch"))]:
+        if path.name == "setup_env.sh":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            # a pip command, not a message that tells the user to run one
+            if re.search(r"-m pip install|^\s*(uv )?pip3? install", line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert offenders == []
