@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 from ttsrl.atomic_write import atomic_dir
 from ttsrl.chat_template import zero_shot_messages
+from ttsrl.json_lines import json_lines
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, SPEECH_VOCAB_SIZE, format_speech_tokens, parse_speech_tokens
 
 DONE_FILE = "sft_warmup.json"
@@ -111,33 +112,28 @@ def load_jsonl(path: str, standin_targets: bool = False) -> list[Example]:
     if standin_targets:
         from token2wav_server.standin import text_to_tokens
     examples, problems = [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
+    for number, record, bad_json in json_lines(pathlib.Path(path).read_text(encoding="utf-8")):
+        where = f"{path}:{number}"
+        if bad_json is not None:
+            problems.append(f"{where}: not JSON ({bad_json.msg})")
+            continue
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            problems.append(f"{where}: 'text' must be a non-empty string")
+            continue
+        if standin_targets:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                problems.append(f"{where}: not JSON ({error.msg})")
+                ids = text_to_tokens(text)
+            except ValueError as error:
+                problems.append(f"{where}: {error}")
                 continue
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                problems.append(f"{where}: 'text' must be a non-empty string")
+        else:
+            ids = record.get("speech_tokens")
+            if _bad_ids(ids):
+                problems.append(f"{where}: 'speech_tokens' must be a non-empty list of ints in "
+                                f"[0, {SPEECH_VOCAB_SIZE})")
                 continue
-            if standin_targets:
-                try:
-                    ids = text_to_tokens(text)
-                except ValueError as error:
-                    problems.append(f"{where}: {error}")
-                    continue
-            else:
-                ids = record.get("speech_tokens")
-                if _bad_ids(ids):
-                    problems.append(f"{where}: 'speech_tokens' must be a non-empty list of ints in "
-                                    f"[0, {SPEECH_VOCAB_SIZE})")
-                    continue
-            examples.append(Example(zero_shot_messages(text), ids))
+        examples.append(Example(zero_shot_messages(text), ids))
     _raise_problems(path, problems, examples)
     return examples
 

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from ttsrl.atomic_write import atomic_file
 from ttsrl.chat_template import zero_shot_messages
+from ttsrl.json_lines import json_lines
 from ttsrl.training import speaker_prompts as sp
 
 ABILITY = "text-to-speech"
@@ -153,13 +154,11 @@ def _iter_json_array(content: str, path: str):
 
 
 def _iter_jsonl(content: str, path: str, problems: list[Problem]):
-    for number, raw in enumerate(content.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            yield number, json.loads(raw)
-        except json.JSONDecodeError as error:
+    for number, record, error in json_lines(content):
+        if error is not None:
             problems.append(Problem(path, number, "malformed JSON", f"{error.msg} (column {error.colno})"))
+        else:
+            yield number, record
 
 
 def read_records_by_line(path: str, max_chars: int | None) -> tuple[Records, list[Problem]]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ttsrl.atomic_write import write_json
+from ttsrl.json_lines import json_lines
 
 TOKENIZER_MODEL = "speech_tokenizer"
 TOKENIZE_BATCH = 16
@@ -171,16 +172,12 @@ def _read_jsonl(path: Path) -> tuple[list[Prompt], list[PromptProblem]]:
     problems: list[PromptProblem] = []
     seen: dict[str, str] = {}
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise PromptError(f"prompt set {path}: not UTF-8 text ({error})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record, error in json_lines(content):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
+        if error is not None:
             problems.append(PromptProblem(where, MALFORMED, f"malformed JSON: {error.msg} (column {error.colno})"))
             continue
         if not isinstance(record, dict):
