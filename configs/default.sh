@@ -3,14 +3,24 @@
 #   CUDA_VISIBLE_DEVICES=0,1 exp_name=try2 bash run.sh 2 2
 # works without editing. Paths are relative to the repository root.
 
+# --- model family -------------------------------------------------------------
+# cosyvoice2 (iic/CosyVoice2-0.5B) or cosyvoice3 (FunAudioLLM/Fun-CosyVoice3-0.5B-2512): which
+# LLM stage -1 downloads and converts, its speech-token vocabulary and stop tokens, its prompt
+# layout and its token2wav engines (ttsrl/model_family.py says what each family is). A model
+# directory of the other family stops the stage, naming both.
+: "${model_family=cosyvoice2}"
+
 # --- where things live -------------------------------------------------------
 : "${pretrained_dir=pretrained_models}"             # downloaded models
 : "${cosyvoice2_dir=$pretrained_dir/CosyVoice2-0.5B}" # iic/CosyVoice2-0.5B (ModelScope)
+: "${cosyvoice3_dir=$pretrained_dir/Fun-CosyVoice3-0.5B-2512}"  # FunAudioLLM/Fun-CosyVoice3-0.5B-2512
 : "${sensevoice_dir=$pretrained_dir/SenseVoiceSmall}"  # iic/SenseVoiceSmall (ModelScope)
 : "${paraformer_dir=$pretrained_dir/paraformer-zh}"    # evaluation ASR (stage 4)
+: "${eval_asr_en_model=$pretrained_dir/whisper/large-v3.pt}"  # English evaluation ASR (asr_eval_en: Whisper-large-v3,
+                                         # stage -1 on GPU machines; English utterances in stage 4; empty: none)
 : "${cosyvoice_src=CosyVoice}"                         # CosyVoice source checkout
 : "${cosyvoice_commit=ace7c47f41bbd303aa6bf1ea80e6f9fbd595cd40}"
-: "${hf_model_dir=$pretrained_dir/cosyvoice2_llm_hf}"  # CosyVoice2 LLM in Hugging Face form
+: "${hf_model_dir=$pretrained_dir/${model_family}_llm_hf}"  # the family's LLM in Hugging Face form
 
 # --- data (stage 0) ----------------------------------------------------------
 : "${train_file=data/raw/train.jsonl}"   # JSON/JSONL with a "text" field per record
@@ -55,7 +65,7 @@ fi
 : "${metrics_port=8002}"
 : "${server_devices=0}"                  # GPUs of the reward server, comma separated
 : "${server_instances_per_device=1}"
-: "${server_engines=token2wav_server.engines_cosyvoice2:create_engines}"
+: "${server_engines=token2wav_server.engines_$model_family:create_engines}"  # the family's real engines
 : "${reward_config=configs/reward.yaml}"
 : "${reward_preset=intelligibility}"     # a preset of reward_config: intelligibility (error rate; the
                                          # reference's reward) or zero_shot (error rate + speaker similarity)
@@ -87,6 +97,31 @@ fi
 : "${save_freq=100}"
 : "${test_freq=100}"
 
+# --- DPO instead of GRPO (stage 2 with train_algorithm=dpo) ------------------
+# Offline preference optimization from the same reward server: each round samples
+# dpo_samples_per_prompt responses for dpo_prompts training prompts, scores them (every reward
+# component), keeps one chosen/rejected pair per prompt by the pair rule (docs/training.md "DPO")
+# and trains with TRL's DPOTrainer; round R+1 starts from round R's policy. Checkpoints are
+# $exp_dir/global_step_N/hf_model (N: optimizer steps over all rounds); stages 3-6 take them as
+# they take GRPO's (the merge is a copy). The sft_data warm-up runs first here too.
+: "${train_algorithm=grpo}"              # grpo (veRL, online) | dpo (TRL, offline)
+: "${dpo_rounds=1}"                      # iterated DPO: rounds of sample -> score -> pair -> train
+: "${dpo_prompts=0}"                     # training prompts sampled per round (0: every row of train.parquet)
+: "${dpo_samples_per_prompt=8}"          # N responses per prompt (at least 2)
+: "${dpo_max_new_tokens=512}"            # sampling limit in speech tokens (configs/grpo.yaml's max_response_length); the reward's
+                                         # truncation guard uses it as GRPO's uses max_response_length
+: "${dpo_max_chosen_error=0.05}"         # the chosen response's error rate (CER/WER) must be at most this
+: "${dpo_min_margin=1e-6}"               # pairs whose reward margin is smaller are ties, dropped
+: "${dpo_val_fraction=0.05}"             # share of the pairs held out (TRL evaluates on them each epoch)
+: "${dpo_beta=0.1}"                      # DPO temperature: larger keeps the policy nearer the reference
+: "${dpo_loss=sigmoid}"                  # sigmoid (DPO) | ipo
+: "${dpo_sft_weight=1.0}"                # RPO-style NLL term on the chosen response (0: plain DPO/IPO)
+: "${dpo_lr=1e-6}"
+: "${dpo_epochs=1}"
+: "${dpo_batch_size=8}"                  # pairs per device per optimizer step (x dpo_grad_accum x GPUs)
+: "${dpo_grad_accum=1}"
+: "${dpo_sample_args=}"                  # extra train_dpo.py sample flags (--temperature, --top-p, --prompts-per-batch)
+
 # bash run.sh --force 2 2: GRPO does not resume. The previous run's checkpoints and the
 # results made from them (global_step_*, latest_checkpointed_iteration.txt, eval/, synth/,
 # validation_generations/, validation_audio/, tensorboard/) move to $exp_dir/replaced_<time>/
@@ -103,7 +138,8 @@ fi
                                          # empty: $data_dir/dev.jsonl when stage 0 wrote one, else the test set
 : "${eval_prompt_voice=utterance}"       # utterance: each utterance in its own prompt's voice; bank: the server's
 : "${eval_on_bad_prompt=fail}"           # a row with a missing/unreadable/too long/untranscribed prompt: fail|skip
-: "${eval_language=auto}"                # protocol metric: zh (CER), en (WER), auto (from the texts)
+: "${eval_language=auto}"                # protocol metric: zh, ja, ko (CER), en (WER), auto (from the texts);
+                                         # a set that declares languages is scored per language (README "Stage 4")
 : "${eval_select_by=cer}"                # best_step.txt by: cer|wer (published error rate), pinyin, sim
 : "${eval_sim_model=$pretrained_dir/wavlm_large_finetune.pth}"  # Seed-TTS-eval SIM model (stage -1 on GPU);
                                          # when the file exists, stage 1 serves it as 'speaker'; empty: campplus

@@ -4,7 +4,8 @@
 #
 # Same stages and scripts as the GPU recipe, with these stand-ins (nothing is downloaded):
 # - the model is a tiny random CosyVoice2-shaped directory (real file layout) that
-#   stage -1 builds and converts with the real conversion script;
+#   stage -1 builds and converts with the real conversion script (model_family=cosyvoice3: a
+#   tiny CosyVoice3-shaped one, exported back to a CosyVoice3 llm.pt by stage 6);
 # - the reward server runs the stand-in engines (token2wav_server/standin.py:
 #   deterministic token -> audio -> text, no weights) on CPU, and is stopped at the end;
 #   server_engines=token2wav_server.engines_cosyvoice2:create_engines runs the REAL engines
@@ -70,7 +71,23 @@ stop_stage=${stop_stage:-6}
 : "${total_epochs=6}"
 : "${save_freq=8}"
 : "${test_freq=4}"
-: "${grpo_overrides=trainer.total_training_steps=16 data.max_prompt_length=24 data.max_response_length=8 actor_rollout_ref.actor.optim.lr=5e-4 actor_rollout_ref.rollout.val_kwargs.n=16}"
+# model_family=cosyvoice3: the same run on a tiny CosyVoice3-shaped policy (stage -1 builds and
+# converts it); its prompt layout puts "You are a helpful assistant.<|endofprompt|>" before the text,
+# so its prompts are longer
+if [ "${model_family:-cosyvoice2}" = cosyvoice3 ]; then smoke_prompt_length=48; else smoke_prompt_length=24; fi
+: "${grpo_overrides=trainer.total_training_steps=16 data.max_prompt_length=$smoke_prompt_length data.max_response_length=8 actor_rollout_ref.actor.optim.lr=5e-4 actor_rollout_ref.rollout.val_kwargs.n=16}"
+# train_algorithm=dpo bash run.sh --config configs/smoke.sh: the same warm-up, then 2 rounds of
+# offline DPO instead of GRPO: 768 prompts x 8 samples each, pairs whose chosen response reads the
+# text exactly, TRL's sigmoid loss + an RPO SFT term (plain DPO let the chosen likelihood fall and
+# raised the test CER in trials), a large lr as the tiny model needs
+: "${dpo_rounds=2}"
+: "${dpo_prompts=768}"
+: "${dpo_max_new_tokens=8}"
+: "${dpo_max_chosen_error=0.0}"
+: "${dpo_lr=2e-4}"
+: "${dpo_epochs=2}"
+: "${dpo_batch_size=32}"
+: "${dpo_sample_args=--prompts-per-batch 64}"
 : "${eval_manifest=assets/smoke_zero_shot/meta.lst}"  # Seed-TTS-eval layout: 48 held-out numeral texts, prompts in the 4 voices
 : "${eval_set_name=smoke}"
 : "${eval_nproc=2}"

@@ -1,7 +1,12 @@
-"""Export a converted (e.g. GRPO-trained and merged) Hugging Face CosyVoice2 LLM back to an llm.pt.
+"""Export a converted (e.g. GRPO-trained and merged) Hugging Face CosyVoice2 or CosyVoice3 LLM back to an llm.pt.
 
     python scripts/convert_hf_to_cosyvoice2.py --hf-dir exp/NAME/merged_hf_model --output exp/NAME/llm.pt \
-        --reference-llm-pt pretrained_models/CosyVoice2-0.5B/llm.pt [--check] [--dtype float32] [--force]
+        --reference-llm-pt pretrained_models/CosyVoice2-0.5B/llm.pt [--check] [--dtype float32] [--force] \
+        [--model-family cosyvoice2|cosyvoice3]
+
+The family is the one the model directory records (its conversion wrote it); --model-family
+(default: that one) must agree with it and with the reference llm.pt, else exit code 2 with a
+message naming both families.
 
 The result loads with CosyVoice2's ``load_state_dict(..., strict=True)``: copy it
 over (or point CosyVoice2 at) ``llm.pt`` of a CosyVoice2-0.5B directory.
@@ -20,6 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: the repository root holds ttsrl
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ttsrl.model_family import FAMILIES, UnknownFamilyError, WrongFamilyError, family_of_hf_dir  # noqa: E402
 from ttsrl.policy.hf_conversion import DTYPES, ConversionError  # noqa: E402
 from ttsrl.policy.llm_export import check_export, export_hf_dir, save_llm_state_dict  # noqa: E402
 
@@ -28,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (converted by this recipe)")
     parser.add_argument("--output", required=True, help="llm.pt to write")
-    parser.add_argument("--reference-llm-pt", help="the original CosyVoice2 llm.pt (recommended)")
+    parser.add_argument("--reference-llm-pt", help="the original CosyVoice2/CosyVoice3 llm.pt (recommended)")
+    parser.add_argument("--model-family", choices=sorted(FAMILIES), default=None,
+                        help="the family the model must be (default: the one its directory records)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype to write (default: the reference's, "
                         "else float32)")
     parser.add_argument("--check", action="store_true", help="verify the round trip before writing")
@@ -40,17 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         exported, hf_state, offset = export_hf_dir(args.hf_dir, args.reference_llm_pt,
-                                                   DTYPES[args.dtype] if args.dtype else None)
+                                                   DTYPES[args.dtype] if args.dtype else None, args.model_family)
+        family = family_of_hf_dir(args.hf_dir)
         if args.check:
-            problems = check_export(exported, hf_state, offset)
+            problems = check_export(exported, hf_state, offset, family)
             if problems:
                 raise ConversionError("round-trip check failed: " + "; ".join(problems))
             print(f"check passed: {len(hf_state)} tensors reproduced from the export")
-    except ConversionError as error:
+    except (ConversionError, UnknownFamilyError, WrongFamilyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     save_llm_state_dict(exported, output)
-    print(f"wrote {output} ({len(exported)} tensors, llm_decoder.bias = 0)")
+    bias = ", llm_decoder.bias = 0" if family.llm_decoder_bias else ""
+    print(f"wrote {output} ({family.name}, {len(exported)} tensors{bias})")
     return 0
 
 

@@ -6,7 +6,8 @@ the recipe use this stand-in (``ttsrl.tiny_models``; the layouts are described t
     python scripts/make_tiny_cosyvoice2.py --output-dir /tmp/tiny_cosyvoice2 --seed 0
 
 writes the LLM side only (``llm.pt`` + ``CosyVoice-BlankEN/``, ``ttsrl.tiny_models.llm``;
-torch and tokenizers, about two seconds).
+torch and tokenizers, about two seconds). ``--model-family cosyvoice3`` writes the LLM side of a
+Fun-CosyVoice3-0.5B-shaped directory instead (``write_tiny_cosyvoice3``; not with ``--full``).
 
 ``--full`` (server environment, CosyVoice source importable or given with
 ``--cosyvoice-src``) writes a complete CosyVoice2-0.5B-layout directory instead, built
@@ -31,7 +32,8 @@ if __package__ in (None, ""):  # run as a file: the repository root holds ttsrl
 # The server-side builders import their libraries (CosyVoice, onnx, funasr) only when called.
 from ttsrl.tiny_models.asr import write_tiny_paraformer, write_tiny_sensevoice  # noqa: E402
 from ttsrl.tiny_models.cosyvoice2 import TOKEN2WAV_SIZES, write_full_cosyvoice2  # noqa: E402
-from ttsrl.tiny_models.llm import write_tiny_cosyvoice2  # noqa: E402
+from ttsrl.model_family import COSYVOICE2, COSYVOICE3, FAMILIES  # noqa: E402
+from ttsrl.tiny_models.llm import write_tiny_cosyvoice2, write_tiny_cosyvoice3  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--logit-std", type=float, default=4.0, help="spread of the speech logits (nats)")
     parser.add_argument("--bias-std", type=float, default=0.5, help="spread of llm_decoder.bias")
+    parser.add_argument("--model-family", choices=sorted(FAMILIES), default=COSYVOICE2.name,
+                        help="layout of the LLM (default cosyvoice2; cosyvoice3: LLM side only, no --full)")
     parser.add_argument("--full", action="store_true",
                         help="write a complete CosyVoice2-0.5B-layout directory from the real CosyVoice classes "
                              "(flow, HiFT, ONNX stand-ins; server environment)")
@@ -50,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensevoice-dir", default=None, help="also write a tiny SenseVoiceSmall directory here")
     parser.add_argument("--paraformer-dir", default=None, help="also write a tiny Paraformer directory here")
     args = parser.parse_args(argv)
-    if args.full:
+    if args.model_family == COSYVOICE3.name and args.full:
+        parser.error(f"--full writes a CosyVoice2 directory; --model-family {args.model_family} writes the LLM side only")
+    if args.model_family == COSYVOICE3.name:
+        path = write_tiny_cosyvoice3(args.output_dir, seed=args.seed, logit_std=args.logit_std)
+        print(f"wrote tiny CosyVoice3 model to {path}")
+    elif args.full:
         path = write_full_cosyvoice2(args.output_dir, seed=args.seed, size=args.size, cosyvoice_src=args.cosyvoice_src)
         print(f"wrote CosyVoice2 directory ({args.size} flow/HiFT, random weights) to {path}")
     else:

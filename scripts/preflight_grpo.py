@@ -42,7 +42,7 @@ from ttsrl.training.preflight import (DEFAULT_CHARS_PER_SECOND, GRPO_CONFIG, Che
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", type=Path, required=True, help="hf_model_dir: the converted CosyVoice2 LLM")
+    parser.add_argument("--model_dir", type=Path, required=True, help="hf_model_dir: the converted LLM of model_family")
     parser.add_argument("--data_dir", type=Path, required=True, help="data_dir holding train.parquet and test.parquet")
     parser.add_argument("--reward_server_url", default=os.environ.get("REWARD_SERVER_URL", ""),
                         help="comma-separated grpc://HOST:PORT / http://HOST:PORT (default: $REWARD_SERVER_URL)")
@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grpo_overrides", default=None,
                         help="the veRL key=value overrides of the job, space separated ($grpo_overrides and the "
                              "command line's); the last data.max_response_length=N wins over --grpo_config")
+    parser.add_argument("--model_family", default=os.environ.get("TTSRL_MODEL_FAMILY") or None,
+                        help="model_family: the family --model_dir must be (default $TTSRL_MODEL_FAMILY)")
     parser.add_argument("--grpo_config", type=Path, default=GRPO_CONFIG, help="default: configs/grpo.yaml")
     parser.add_argument("--chars_per_second", type=float, default=DEFAULT_CHARS_PER_SECOND,
                         help="speaking rate assumed for the texts (config: speech_chars_per_second; default "

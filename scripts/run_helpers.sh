@@ -71,6 +71,27 @@ download_model() {
   [ -f "$2/$3" ] || die "$1 downloaded into $2 but $2/$3 is missing; delete $2 and retry"
 }
 
+download_whisper_model() {
+  # Whisper-large-v3, served as asr_eval_en: the English evaluation ASR of Seed-TTS-eval / CV3-Eval
+  # (token2wav_server/engines_whisper.py). openai-whisper's own downloader checks the SHA256 its URL
+  # carries; it downloads into a staging folder, so a failed download never sits at $eval_asr_en_model
+  if [ -f "$eval_asr_en_model" ] && [ "$force" = false ]; then
+    log "Whisper-large-v3 already at $eval_asr_en_model"
+    return
+  fi
+  local staging
+  staging="$(dirname "$eval_asr_en_model")/.whisper-download"
+  mkdir -p "$staging"
+  log "downloading Whisper-large-v3 (openai-whisper's checkpoint, SHA256-checked) to $eval_asr_en_model"
+  "$server_python" -c 'import os, sys, whisper
+path = whisper._download(whisper._MODELS["large-v3"], sys.argv[2], in_memory=False)
+os.replace(path, sys.argv[1])' "$eval_asr_en_model" "$staging" \
+    || die "could not download Whisper-large-v3. By hand, in the server environment: python -c" \
+           "'import whisper; print(whisper._MODELS[\"large-v3\"])' gives the URL; save the file as $eval_asr_en_model" \
+           "(or set eval_asr_en_model= to serve no asr_eval_en)"
+  rmdir "$staging" 2>/dev/null || true
+}
+
 download_sim_model() {
   # Seed-TTS-eval's SIM model (UniSpeech WavLM-large + ECAPA-TDNN, wavlm_large_finetune.pth), linked
   # from its README as a Google Drive file; served as the 'speaker' model (engines_wavlm_sv.py).
@@ -155,13 +176,32 @@ hf_hub_download("k2-fsa/TTS_eval_datasets", "seedtts_testset.tar.gz", repo_type=
   log "Seed-TTS-eval test set ready: $eval_manifest"
 }
 
+# ---- the model family (ttsrl/model_family.py is the one home of what each family is) ------
+family_field() {
+  # $1: a field of $model_family's ModelFamily (modelscope_id, pretrained_dir_name, speech_tokenizer_file...)
+  local python=$trainer_python
+  [ -x "$python" ] || python=python3
+  "$python" -m ttsrl.model_family "$model_family" "$1"
+}
+
+family_model_dir() {
+  # the downloaded (or tiny) model directory of $model_family
+  case "$model_family" in
+    cosyvoice2) echo "$cosyvoice2_dir" ;;
+    cosyvoice3) echo "$cosyvoice3_dir" ;;
+    *) die "model_family='$model_family' is not cosyvoice2 or cosyvoice3" ;;
+  esac
+}
+
 convert_llm() {
-  # CosyVoice2 llm.pt + CosyVoice-BlankEN -> Hugging Face Qwen2 checkpoint (skips a complete one)
-  local flags=()
+  # the family's llm.pt + text tokenizer -> Hugging Face Qwen2 checkpoint (skips a complete one);
+  # an llm.pt of the other family stops here, naming both (the conversion checks --model-family)
+  local flags=() dir
+  dir=$(family_model_dir)
   [ "$force" = true ] && flags=(--force)
-  [ -f "$cosyvoice2_dir/llm.pt" ] || die "$cosyvoice2_dir/llm.pt not found: download iic/CosyVoice2-0.5B (stage -1)"
-  "$trainer_python" scripts/convert_cosyvoice2_to_hf.py --cosyvoice2-dir "$cosyvoice2_dir" \
-    --output-dir "$hf_model_dir" "${flags[@]}"
+  [ -f "$dir/llm.pt" ] || die "$dir/llm.pt not found: download $(family_field modelscope_id) (stage -1)"
+  "$trainer_python" scripts/convert_cosyvoice2_to_hf.py --cosyvoice2-dir "$dir" --model-family "$model_family" \
+    --output-dir "$hf_model_dir" "${flags[@]}" || die "converting $dir/llm.pt ($model_family) failed (see above)"
 }
 
 # ---- stage 1: the reward server (token2wav_server.launch starts and stops it) ----------
@@ -191,14 +231,21 @@ start_server() {
               --max-restarts "${server_max_restarts:-10}")
   # false: no restarts by the server itself, for systemd / SLURM to restart it (README: Troubleshooting)
   [ "${server_supervise:-true}" = true ] || args+=(--no-supervise)
-  if [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
-    require_dir "$cosyvoice2_dir" "download iic/CosyVoice2-0.5B (stage -1) or set cosyvoice2_dir"
+  if [[ "$server_engines" == token2wav_server.engines_cosyvoice[23]:* ]]; then
+    if [[ "$server_engines" == *cosyvoice3:* ]]; then
+      require_dir "$cosyvoice3_dir" "download FunAudioLLM/Fun-CosyVoice3-0.5B-2512 (stage -1) or set cosyvoice3_dir"
+      args+=(--engine-option "cosyvoice3_dir=$cosyvoice3_dir")
+    else
+      require_dir "$cosyvoice2_dir" "download iic/CosyVoice2-0.5B (stage -1) or set cosyvoice2_dir"
+      args+=(--cosyvoice2-dir "$cosyvoice2_dir")
+    fi
     require_dir "$sensevoice_dir" "download iic/SenseVoiceSmall (stage -1) or set sensevoice_dir"
     [ "$server_devices" = cpu ] || require_gpus 1
     [ -f "$prompt_bank" ] || [ -d "$prompt_bank" ] || die "prompt_bank '$prompt_bank' not found: CosyVoice's" \
       "asset/zero_shot_prompt.wav comes with the source (stage -1), or point prompt_bank at your own wav/JSONL/folder"
-    args+=(--cosyvoice2-dir "$cosyvoice2_dir" --sensevoice-dir "$sensevoice_dir" --prompt-bank "$prompt_bank")
+    args+=(--sensevoice-dir "$sensevoice_dir" --prompt-bank "$prompt_bank")
     [ -d "$paraformer_dir" ] && args+=(--asr-eval-dir "$paraformer_dir")
+    [ -n "${eval_asr_en_model:-}" ] && [ -f "$eval_asr_en_model" ] && args+=(--asr-eval-en "$eval_asr_en_model")
     # CosyVoice is not a package: its source and Matcha-TTS must be importable by the server.
     require_dir "$cosyvoice_src" "fetch the CosyVoice source (stage -1 on a CUDA machine) or set cosyvoice_src"
     local source_dir
@@ -261,7 +308,7 @@ set_aside_previous_run() {
   # made from them to $exp_dir/replaced_<time>/ (renames within $exp_dir: nothing is copied or
   # deleted), so veRL's resume_mode=auto finds no checkpoint and starts at step 0.
   local names=() name path
-  for path in "$exp_dir"/global_step_* "$exp_dir/latest_checkpointed_iteration.txt" "$exp_dir/eval" \
+  for path in "$exp_dir"/global_step_* "$exp_dir/latest_checkpointed_iteration.txt" "$exp_dir/dpo" "$exp_dir/eval" \
       "$exp_dir/synth" "$exp_dir/validation_generations" "$exp_dir/validation_audio" "$exp_dir/tensorboard"; do
     [ -e "$path" ] && names+=("${path##*/}")
   done
@@ -278,6 +325,40 @@ set_aside_previous_run() {
       || die "--force: could not move $exp_dir/$name to $backup/ (what moved so far is there); fix it and rerun"
   done
   log "--force: GRPO starts afresh; the previous run's ${names[*]} moved to $backup (delete it when not needed)"
+}
+
+# ---- stage 2: DPO (train_algorithm=dpo) ---------------------------------------------------
+train_dpo_rounds() {
+  # $1: cuda|cpu. Each round: sample (torchrun, one rank per GPU, vLLM on CUDA) -> score (the
+  # reward server, async pooled) -> pairs -> train (torchrun DDP on CUDA). Every step resumes or
+  # skips what is done, so a rerun after a failure continues where it stopped.
+  local device=$1 round launch=("$trainer_python") backend=transformers
+  if [ "$device" = cuda ]; then
+    launch=("$trainer_python" -m torch.distributed.run --standalone --nproc_per_node="$n_gpus_per_node")
+    backend=vllm
+  fi
+  local common=(--exp-dir "$exp_dir" --data "$data_dir/train.parquet" --start-policy "$(policy_start_dir)")
+  [ -f "$data_dir/train.parquet" ] || die "DPO samples stage 0's prompts: $data_dir/train.parquet not found (run stage 0)"
+  check_server
+  for round in $(seq 1 "$dpo_rounds"); do
+    log "stage 2: DPO round $round of $dpo_rounds: sample $dpo_samples_per_prompt per prompt" \
+        "($([ "$dpo_prompts" -gt 0 ] && echo "$dpo_prompts prompts" || echo "every prompt"), $backend)"
+    # shellcheck disable=SC2086
+    "${launch[@]}" scripts/train_dpo.py sample "${common[@]}" --round "$round" --prompts "$dpo_prompts" \
+      --samples-per-prompt "$dpo_samples_per_prompt" --max-new-tokens "$dpo_max_new_tokens" --backend "$backend" \
+      --device "$device" --seed "${data_seed:-0}" --server-devices "$server_devices" ${dpo_sample_args:-} \
+      || die "DPO round $round: sampling failed (see above; a rerun resumes)"
+    "$trainer_python" scripts/train_dpo.py score "${common[@]}" --round "$round" --server-url "$(first_server_url)" \
+      --max-response-length "$dpo_max_new_tokens" \
+      || die "DPO round $round: scoring failed (see above; the scores so far are kept and a rerun scores the rest)"
+    "$trainer_python" scripts/train_dpo.py pairs "${common[@]}" --round "$round" \
+      --max-chosen-error "$dpo_max_chosen_error" --min-margin "$dpo_min_margin" --val-fraction "$dpo_val_fraction" \
+      --seed "${data_seed:-0}" || die "DPO round $round: no preference pairs (see above)"
+    "${launch[@]}" scripts/train_dpo.py train "${common[@]}" --round "$round" --beta "$dpo_beta" --loss "$dpo_loss" \
+      --sft-weight "$dpo_sft_weight" --lr "$dpo_lr" --epochs "$dpo_epochs" --batch-size "$dpo_batch_size" \
+      --grad-accum "$dpo_grad_accum" --device "$device" --seed "${data_seed:-0}" \
+      || die "DPO round $round: training failed (see above)"
+  done
 }
 
 # ---- stages 2-6: which model, which server ---------------------------------------------
@@ -343,7 +424,10 @@ evaluate_step() {
     --prompt-voice "$eval_prompt_voice" --on-bad-prompt "$eval_on_bad_prompt" --server-devices "$server_devices" \
     ${infer_args:-}
   REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model eval_similarity=$eval_similarity \
-    eval_language=$eval_language bash scripts/compute_wer.sh "$out" "$set_name"
+    # English utterances go to Whisper-large-v3 (asr_eval_en) when stage 1 serves it
+    local english_asr=
+    [ -n "${eval_asr_en_model:-}" ] && [ -f "$eval_asr_en_model" ] && english_asr=asr_eval_en
+    eval_language=$eval_language eval_english_asr_model=$english_asr bash scripts/compute_wer.sh "$out" "$set_name"
 }
 
 # ---- the end of a run ----------------------------------------------------------------

@@ -22,6 +22,11 @@ to the earlier step, and steps without the chosen metric are passed over.
 Utterances without audio are left out of each set's means (Seed-TTS-eval's rule) and counted
 in the ``missing`` columns.
 
+A set whose eval set declares several languages (a CV3-Eval folder of subsets, a JSONL with a
+``language`` field; compute_wer.py then scores each utterance with its language's metric) gets
+one more column per language, ``<set> <language> CER %`` or ``WER %``, and its rows in
+summary.json a ``by_language`` entry (label, error_rate, utterances, missing_count).
+
 Writes into EVAL_DIR:
   cer_by_step.md    the table (each set's columns, the best step marked), warnings, notes
   cer_by_step.tsv   the same numbers, one column per set and metric, ``best`` = 1 on the chosen step

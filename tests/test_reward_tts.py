@@ -363,3 +363,29 @@ def test_an_engine_that_keeps_failing_on_one_rollout_fails_loud_naming_it(tmp_pa
                               f"{standin.tokens_to_text([13, 14])!r}): ")
     assert "token2wav failed on request 0 row" in message and "(2 speech tokens, prompt bank:" in message
     assert "after 3 attempt(s): RuntimeError: CUDA out of memory" in message
+
+
+def test_the_rollouts_language_picks_the_metric(reward_server):
+    # 他 and 她 are homophones: no pinyin error when the language is zh (detected from the
+    # ground truth), one character of four under ja's CER (extra_info, as stage 0 writes it)
+    response = format_speech_tokens(text_to_tokens("她一丁七"))
+    kwargs = _kwargs(reward_server)
+
+    async def go():
+        return await asyncio.gather(
+            reward_tts.compute_score("tts", response, "他一丁七", extra_info={}, **kwargs),
+            reward_tts.compute_score("tts", response, "他一丁七", extra_info={"language": "ja"}, **kwargs),
+            reward_tts.compute_score("tts", response, "他一丁七", extra_info={"language": "zh-CN"}, **kwargs))
+
+    detected, japanese, chinese = run(go())
+    assert (detected["error_rate"], chinese["error_rate"]) == (0.0, 0.0)
+    assert japanese["error_rate"] == pytest.approx(0.25)
+    with pytest.raises(reward_tts.RewardRequestError, match="index 3.*unknown language 'xx'"):
+        run(reward_tts.compute_score("tts", response, "他一丁七", extra_info={"index": 3, "language": "xx"}, **kwargs))
+
+
+def test_item_language_reads_extra_info_else_the_script():
+    assert reward_tts.item_language({}, "The cat sat.") == "en"
+    assert reward_tts.item_language(None, "今日はいい天気") == "ja"
+    assert reward_tts.item_language({"language": float("nan")}, "一丁") == "zh"  # pandas' missing value
+    assert reward_tts.item_language({"language": "en-US"}, "一丁") == "en"

@@ -15,7 +15,7 @@ def run_sh(*args, env=None):
 def test_help_lists_every_stage():
     done = run_sh("--help")
     assert done.returncode == 0
-    for stage in ("-1  install", "0  prepare data", "1  reward server", "2  GRPO training", "3  merge",
+    for stage in ("-1  install", "0  prepare data", "1  reward server", "2  train", "3  merge",
                   "4  evaluate", "5  synthesize", "6  export"):
         assert stage in done.stdout
 

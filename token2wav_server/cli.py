@@ -4,7 +4,8 @@ Serves, over Triton HTTP / gRPC (and Prometheus metrics):
 
 - ``token2wav_asr``: speech tokens + text -> reward, transcript and reward components;
 - ``token2wav``: speech tokens -> waveform;
-- ``asr``: waveform -> transcript (and ``asr_eval`` when the engines have a second ASR);
+- ``asr``: waveform -> transcript (and ``asr_eval`` / ``asr_eval_en`` when the engines have
+  evaluation ASRs);
 - ``speaker``: waveform -> speaker embedding (when the engines have a speaker engine);
 - ``speech_tokenizer``: waveform -> speech tokens (when the engines have one).
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--cosyvoice2-dir", default=None, help="CosyVoice2-0.5B model directory")
     eng.add_argument("--sensevoice-dir", default=None, help="SenseVoiceSmall model directory")
     eng.add_argument("--asr-eval-dir", default=None, help="second ASR served as asr_eval (e.g. paraformer-zh)")
+    eng.add_argument("--asr-eval-en", default=None, metavar="PATH",
+                     help="Whisper checkpoint served as asr_eval_en (e.g. whisper/large-v3.pt)")
     eng.add_argument("--speaker-model", default=None,
                      help="speaker-embedding model for engines that take one (CosyVoice2 engines use its campplus.onnx)")
     eng.add_argument("--fp16", action="store_true", help="half precision flow/HiFT on CUDA")
@@ -140,6 +143,7 @@ def engine_options(args, device: str, need_speaker: bool) -> EngineOptions:
         cosyvoice2_dir=args.cosyvoice2_dir,
         sensevoice_dir=args.sensevoice_dir,
         asr_eval_dir=args.asr_eval_dir,
+        asr_eval_en=args.asr_eval_en,
         speaker_model=args.speaker_model,
         fp16=args.fp16,
         load_jit=args.load_jit,

@@ -39,7 +39,8 @@ together where its model allows.
       and reports the failing item in-band).
 
 ``Engines`` bundles them; ``asr_eval`` is an optional second ASR (for example
-Paraformer) served as the ``asr_eval`` model for evaluation. ``reward_speaker`` is an
+Paraformer-zh) served as the ``asr_eval`` model for evaluation, and ``asr_eval_en`` an
+optional English one (Whisper-large-v3, engines_whisper) served as ``asr_eval_en``. ``reward_speaker`` is an
 optional second ``SpeakerEngine`` for the reward's speaker similarity, so the reward and the
 evaluation's SIM can use different models (engines_wavlm_sv: CAM++ for the reward, WavLM for
 the ``speaker`` model); without it the reward uses ``speaker``.
@@ -105,8 +106,8 @@ class SpeechTokenizerEngine(Protocol):
 
 @dataclasses.dataclass
 class Engines:
-    """What one server slot runs. ``speaker``, ``asr_eval``, ``speech_tokenizer`` and
-    ``reward_speaker`` are optional."""
+    """What one server slot runs. ``speaker``, ``asr_eval``, ``asr_eval_en``,
+    ``speech_tokenizer`` and ``reward_speaker`` are optional."""
 
     token2wav: Token2WavEngine
     asr: AsrEngine
@@ -114,6 +115,7 @@ class Engines:
     asr_eval: Optional[AsrEngine] = None
     speech_tokenizer: Optional[SpeechTokenizerEngine] = None
     reward_speaker: Optional[SpeakerEngine] = None  # None: the reward uses ``speaker``
+    asr_eval_en: Optional[AsrEngine] = None  # English evaluation ASR (Whisper)
 
     @property
     def similarity_speaker(self) -> Optional[SpeakerEngine]:
@@ -126,6 +128,8 @@ class Engines:
             checks.append(("speaker", self.speaker, SpeakerEngine))
         if self.asr_eval is not None:
             checks.append(("asr_eval", self.asr_eval, AsrEngine))
+        if self.asr_eval_en is not None:
+            checks.append(("asr_eval_en", self.asr_eval_en, AsrEngine))
         if self.speech_tokenizer is not None:
             checks.append(("speech_tokenizer", self.speech_tokenizer, SpeechTokenizerEngine))
         if self.reward_speaker is not None:
@@ -143,6 +147,7 @@ class EngineOptions:
     cosyvoice2_dir: Optional[str] = None
     sensevoice_dir: Optional[str] = None
     asr_eval_dir: Optional[str] = None
+    asr_eval_en: Optional[str] = None  # Whisper checkpoint file (engines_whisper)
     speaker_model: Optional[str] = None
     fp16: bool = False
     load_jit: bool = False

@@ -312,6 +312,22 @@ def decode_flow_batch(flow, tokens: list, prompts: list, n_timesteps: int = FLOW
             for row, (_, _, _, prompt_frames) in enumerate(encoded)]
 
 
+def prepare_zero_shot_prompt(features, device, prompt: SpeakerPrompt, model_name: str) -> object:
+    """A speaker prompt's zero-shot features (speech tokens, mel, speaker embedding) for the flow,
+    after the checks every family's token2wav makes: readable, transcribed, at least
+    MIN_PROMPT_SECONDS long (``model_name`` says whose minimum in the error)."""
+    where = f"speaker prompt {prompt.name!r}" + (f" ({prompt.path})" if prompt.path else "")
+    check_prompt(prompt.wave, prompt.sample_rate, prompt.text, where)
+    seconds = np.asarray(prompt.wave).size / int(prompt.sample_rate)
+    if seconds < MIN_PROMPT_SECONDS:
+        raise PromptBankError(f"{where}: {seconds:.2f} s long, under the minimum of {MIN_PROMPT_SECONDS:g} s "
+                              f"{model_name} needs for a zero-shot prompt")
+    import torch
+
+    with torch.inference_mode(), device_scope(device):
+        return features.zero_shot_prompt(prompt.wave, prompt.sample_rate)
+
+
 class CosyVoice2Token2Wav:
     """Speech tokens -> 24 kHz waveform with CosyVoice2's flow decoder and HiFT vocoder."""
 
@@ -348,16 +364,7 @@ class CosyVoice2Token2Wav:
             frontend.speech_tokenizer_session = _onnx_session_on(speech_tokenizer_path, self.device)
 
     def prepare_prompt(self, prompt: SpeakerPrompt) -> object:
-        where = f"speaker prompt {prompt.name!r}" + (f" ({prompt.path})" if prompt.path else "")
-        check_prompt(prompt.wave, prompt.sample_rate, prompt.text, where)
-        seconds = np.asarray(prompt.wave).size / int(prompt.sample_rate)
-        if seconds < MIN_PROMPT_SECONDS:
-            raise PromptBankError(f"{where}: {seconds:.2f} s long, under the minimum of {MIN_PROMPT_SECONDS:g} s "
-                                  "CosyVoice2 needs for a zero-shot prompt")
-        import torch
-
-        with torch.inference_mode(), device_scope(self.device):
-            return self.features.zero_shot_prompt(prompt.wave, prompt.sample_rate)
+        return prepare_zero_shot_prompt(self.features, self.device, prompt, "CosyVoice2")
 
     def _token_tensor(self, tokens):
         import torch
@@ -415,6 +422,33 @@ class CosyVoice2SpeechTokenizer:
                 .astype(np.int64) for wave in waves]
 
 
+def check_asr_files(options: EngineOptions) -> None:
+    """The ASR model files of ``options`` exist (checked before any model loads)."""
+    from .engines_whisper import check_whisper_checkpoint  # imports whisper only when used
+
+    check_model_dir(options.sensevoice_dir, "--sensevoice-dir", "the SenseVoice ASR engine")
+    if options.asr_eval_dir:
+        check_model_dir(options.asr_eval_dir, "--asr-eval-dir", "the evaluation ASR engine")
+    if options.asr_eval_en:
+        check_whisper_checkpoint(options.asr_eval_en)
+
+
+def engines_around(token2wav, options: EngineOptions) -> Engines:
+    """What every CosyVoice family serves around its token2wav: SenseVoice (reward ASR), CAM++ from
+    the model dir (speaker), the evaluation ASRs when given, and the family's speech tokenizer
+    (the ONNX file its features load: v2 or v3)."""
+    from .engines_whisper import whisper_asr
+
+    return Engines(
+        token2wav=token2wav,
+        asr=sensevoice(options.sensevoice_dir, options.device),
+        speaker=CampplusSpeaker(token2wav),
+        asr_eval=paraformer(options.asr_eval_dir, options.device) if options.asr_eval_dir else None,
+        asr_eval_en=whisper_asr(options.asr_eval_en, options.device) if options.asr_eval_en else None,
+        speech_tokenizer=CosyVoice2SpeechTokenizer(token2wav),
+    )
+
+
 def create_engines(options: EngineOptions) -> Engines:
     """Factory for ``--engines token2wav_server.engines_cosyvoice2:create_engines``.
 
@@ -423,15 +457,7 @@ def create_engines(options: EngineOptions) -> Engines:
     flow_batch = parse_bool_option(options, "flow_batch")
     check_cosyvoice2_dir(options.cosyvoice2_dir, load_jit=options.load_jit, fp16=options.fp16,
                          load_trt=options.load_trt)
-    check_model_dir(options.sensevoice_dir, "--sensevoice-dir", "the SenseVoice ASR engine")
-    if options.asr_eval_dir:
-        check_model_dir(options.asr_eval_dir, "--asr-eval-dir", "the evaluation ASR engine")
+    check_asr_files(options)
     token2wav = CosyVoice2Token2Wav(options.cosyvoice2_dir, options.device, options.fp16, options.load_jit,
                                     options.load_trt, flow_batch=flow_batch)
-    return Engines(
-        token2wav=token2wav,
-        asr=sensevoice(options.sensevoice_dir, options.device),
-        speaker=CampplusSpeaker(token2wav),
-        asr_eval=paraformer(options.asr_eval_dir, options.device) if options.asr_eval_dir else None,
-        speech_tokenizer=CosyVoice2SpeechTokenizer(token2wav),
-    )
+    return engines_around(token2wav, options)

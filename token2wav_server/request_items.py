@@ -9,7 +9,10 @@ Token models (``token2wav``, ``token2wav_asr``): TOKENS (padded) with TOKEN_LENS
 and optionally each row's own speaker prompt: PROMPT_WAV (FP32, padded), PROMPT_WAV_LENS,
 PROMPT_SAMPLE_RATE and PROMPT_TEXT, checked like a bank prompt (``prompt_bank.check_prompt``).
 A row with PROMPT_WAV_LENS 0 (or a request without PROMPT_WAV) takes a prompt of the bank,
-chosen by the request parameter ``prompt`` or by its tokens. Waveform models (``asr``,
+chosen by the request parameter ``prompt`` or by its tokens. ``token2wav_asr`` also takes an
+optional LANGUAGE (BYTES, one per row: zh, en, ja, ko or an alias, ``ttsrl.language``) that
+picks the row's error metric; an empty cell or a request without LANGUAGE (older clients)
+scores as before (the configured metric). Waveform models (``asr``,
 ``asr_eval``, ``speaker``, ``speech_tokenizer``): WAV (padded), WAV_LENS, SAMPLE_RATE.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from ttsrl.language import normalize_language
 from ttsrl.triton_client import BANK_PROMPT_PREFIX, speaker_prompt_key
 
 from .engines import SpeakerPrompt
@@ -48,6 +52,7 @@ class Item:
     row: int
     tokens: Optional[np.ndarray] = None
     text: str = ""
+    language: Optional[str] = None  # from LANGUAGE; None: the configured metric (older clients)
     prompt: int = 0
     speaker_prompt: Optional[SpeakerPrompt] = None  # the item's own prompt, when the request sent one
     prompt_key: str = ""  # its speaker_prompt_key
@@ -130,6 +135,19 @@ def parse_text(value) -> str:
     return value
 
 
+def parse_language(value) -> Optional[str]:
+    """One item's LANGUAGE cell -> one of ``ttsrl.language.LANGUAGES``, or None for an empty cell."""
+    value = _decoded(value, "LANGUAGE")
+    if not isinstance(value, str):
+        raise ItemError(f"LANGUAGE must be a string, got {type(value).__name__}")
+    if not value.strip():
+        return None
+    try:
+        return normalize_language(value, "LANGUAGE")
+    except ValueError as error:
+        raise ItemError(str(error)) from None
+
+
 class PromptRows:
     """The optional per-item prompt inputs of one request."""
 
@@ -176,6 +194,7 @@ def token_items(requests: list, parameters: list, limits: Limits, bank: PromptBa
             tokens = _rows(request, "TOKENS", batch)
             lens = _rows(request, "TOKEN_LENS", batch)[:, 0] if "TOKEN_LENS" in request else [None] * batch
             texts = _rows(request, "GT_TEXT", batch)[:, 0] if with_text and "GT_TEXT" in request else None
+            languages = _rows(request, "LANGUAGE", batch)[:, 0] if with_text and "LANGUAGE" in request else None
             prompt_rows = PromptRows(request, batch)
         except ItemError as error:
             items.extend(Item(r, row, error=str(error)) for row in range(batch))
@@ -187,6 +206,8 @@ def token_items(requests: list, parameters: list, limits: Limits, bank: PromptBa
                 item.tokens = parse_tokens(tokens[row], lens[row], limits)
                 if texts is not None:
                     item.text = parse_text(texts[row])
+                if languages is not None:
+                    item.language = parse_language(languages[row])
                 item.speaker_prompt = prompt_rows.prompt(row)
                 if item.speaker_prompt is None:
                     item.prompt = bank.choose(item.tokens, str(prompt_name) if prompt_name else None)

@@ -5,8 +5,9 @@ their combination); this module only reads the configuration and applies it.
 
 Components (YAML ``weights`` keys):
 
-- ``error_rate``: pinyin (or char) error rate of the transcript against the text,
-  utility ``1 - tanh(beta * e)``. The error rate itself is always computed and
+- ``error_rate``: the error rate of the transcript against the text, with the metric of the
+  item's language (``ttsrl.scoring``: pinyin or char, as ``metric`` says, for zh and for an
+  item with no language; WER for en; CER for ja and ko), utility ``1 - tanh(beta * e)``. The error rate itself is always computed and
   returned (it is the main metric), even with weight 0.
 - ``similarity``: cosine similarity of speaker embeddings of the generated audio and
   the speaker prompt, utility ``max(0, cos)``. Needs a speaker engine.
@@ -155,11 +156,14 @@ class ItemScore:
 
 
 def score_item(
-    config: RewardConfig, ground_truth: str, transcript: str, similarity: Optional[float] = None, nll: Optional[float] = None
+    config: RewardConfig, ground_truth: str, transcript: str, similarity: Optional[float] = None,
+    nll: Optional[float] = None, language: Optional[str] = None,
 ) -> ItemScore:
-    """Reward of one transcript. Raises ``ttsrl.scoring.EmptyReferenceError`` for a ground
-    truth with nothing to score, ValueError when a weighted component has no value."""
-    rate = error_rate(ground_truth, transcript, config.metric)
+    """Reward of one transcript; ``language`` (zh, en, ja, ko; None: as before languages, the
+    configured metric) picks the error metric. Raises ``ttsrl.scoring.EmptyReferenceError`` for
+    a ground truth with nothing to score, ValueError when a weighted component has no value or
+    the language is unknown."""
+    rate = error_rate(ground_truth, transcript, config.metric, language)
     utilities = {"error_rate": error_rate_utility(rate, config.beta)}
     if config.uses("similarity"):
         if similarity is None:

@@ -225,7 +225,7 @@ class Pipeline:
     # ---- served models -------------------------------------------------------------
     def token2wav_asr(self, requests: list, parameters: Optional[list] = None) -> list:
         """Inputs TOKENS, TOKEN_LENS, GT_TEXT (+ optional per-item PROMPT_WAV, PROMPT_WAV_LENS,
-        PROMPT_SAMPLE_RATE, PROMPT_TEXT) -> REWARDS, TRANSCRIPTS, ERROR_RATE,
+        PROMPT_SAMPLE_RATE, PROMPT_TEXT, and LANGUAGE: the error metric's language) -> REWARDS, TRANSCRIPTS, ERROR_RATE,
         SPEAKER_SIMILARITY, ASR_NLL, ERRORS, UTILITY_ERROR_RATE, UTILITY_SIMILARITY,
         UTILITY_CONFIDENCE (one row per item; a utility is NaN when its component is not weighted)."""
         parameters = parameters or [None] * len(requests)
@@ -248,7 +248,8 @@ class Pipeline:
                 scores.append(minimum_score(self.config))
                 continue
             try:
-                scores.append(score_item(self.config, item.text, item.transcript, item.similarity, item.nll))
+                scores.append(score_item(self.config, item.text, item.transcript, item.similarity, item.nll,
+                                         item.language))
             except EmptyReferenceError as error:
                 item.error = f"GT_TEXT has nothing to score: {error}"
                 scores.append(None)

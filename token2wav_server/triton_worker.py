@@ -100,13 +100,14 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
         Tensor(name="SAMPLE_RATE", shape=(1,), dtype=np.int32, optional=True),
     ]
     asr_outputs = [text_out("TRANSCRIPTS"), float_out("ASR_NLL"), text_out("ERRORS")]
-    asr_models = [("asr", "asr")]
-    if all(p.slot.engines.asr_eval is not None for p in pipelines):
-        asr_models.append(("asr_eval", "asr_eval"))
-        models.append("asr_eval")
-    for model_name, which in asr_models:
+    asr_models = ["asr"]
+    for which in ("asr_eval", "asr_eval_en"):  # optional evaluation ASRs, bound when every slot has one
+        if all(getattr(p.slot.engines, which) is not None for p in pipelines):
+            asr_models.append(which)
+            models.append(which)
+    for which in asr_models:  # the model is named after the Engines field it serves
         triton.bind(
-            model_name=model_name,
+            model_name=which,
             infer_func=[_infer_function(lambda r, prm, p=p, w=which: p.asr(r, prm, w)) for p in pipelines],
             inputs=wave_inputs,
             outputs=asr_outputs,
@@ -141,7 +142,10 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
     triton.bind(
         model_name="token2wav_asr",
         infer_func=[_infer_function(p.token2wav_asr) for p in pipelines],
-        inputs=token_inputs + [Tensor(name="GT_TEXT", shape=(1,), dtype=bytes)],
+        inputs=token_inputs + [Tensor(name="GT_TEXT", shape=(1,), dtype=bytes),
+                               # per-item language of the error metric (request_items.parse_language);
+                               # optional, so clients that predate it keep working
+                               Tensor(name="LANGUAGE", shape=(1,), dtype=bytes, optional=True)],
         outputs=[float_out("REWARDS"), text_out("TRANSCRIPTS"), float_out("ERROR_RATE"),
                  float_out("SPEAKER_SIMILARITY"), float_out("ASR_NLL"), text_out("ERRORS"),
                  # each weighted component's utility (NaN: not weighted), for per-component advantages

@@ -28,6 +28,15 @@ github.com/FunAudioLLM/CV3-Eval (``git clone``; the zero-shot Chinese set is its
 
 ``detect_language`` reads the texts: a set with at least as many Han characters as Latin
 words is ``zh`` (scored by CER), else ``en`` (scored by WER); see ``ttsrl.protocol_scoring``.
+
+Per-utterance language (``EvalUtterance.language``; "" when the set does not say, and the
+scorer then detects it from the text, ``ttsrl.language``): a JSONL row's ``language`` field;
+for CV3-Eval and Seed-TTS-eval, the name of the subset folder, as published: CV3-Eval's
+``data/zero_shot/{zh,en,ja,ko,hard_zh,hard_en}`` and ``data/cross_lingual_zeroshot/to_{zh,en,ja,ko,
+hard_zh,hard_en}`` (``hard_`` and ``to_`` are read past), Seed-TTS-eval's ``zh/`` and ``en/``.
+A subset of a language we do not score on its own (CV3-Eval's de, es, fr, it, ru) gets "".
+A declared language that is not one of ``ttsrl.language.LANGUAGES`` is an error naming
+file:line.
 """
 from __future__ import annotations
 
@@ -36,10 +45,11 @@ import json
 import re
 from pathlib import Path
 
+from .language import language_of_counts, normalize_language, script_counts
+
 LAYOUTS = ("seed-tts", "cv3-eval", "jsonl")
 CV3_FILES = ("text", "prompt_text", "prompt_wav.scp")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN_WORD = re.compile(r"[A-Za-z]+")
+_SUBSET_PREFIXES = re.compile(r"^(?:to_)?(?:hard_)?")
 
 
 class EvalSetError(ValueError):
@@ -54,6 +64,7 @@ class EvalUtterance:
     prompt_wav: str = ""  # absolute path, or "" when the row has none
     prompt_tokens: list = dataclasses.field(default_factory=list)
     where: str = ""  # "file:line" of the row that defined it
+    language: str = ""  # zh, en, ja, ko (ttsrl.language); "": not declared by the set
 
 
 @dataclasses.dataclass
@@ -78,11 +89,27 @@ def detect_layout(path: str) -> str:
 
 
 def detect_language(texts) -> str:
+    """The protocol language of a whole set: zh or en (the two ``ttsrl.protocol_scoring`` scores)."""
     han = latin = 0
     for text in texts:
-        han += len(_HAN.findall(text))
-        latin += len(_LATIN_WORD.findall(text))
+        counts = script_counts(text)
+        han += counts["han"]
+        latin += counts["latin"]
     return "zh" if han >= latin else "en"
+
+
+def subset_language(folder: Path) -> str:
+    """The language a published subset folder's name says (module doc), or ""."""
+    name = _SUBSET_PREFIXES.sub("", folder.name.lower())
+    try:
+        return normalize_language(name)
+    except ValueError:
+        return ""
+
+
+def utterance_languages(utterances) -> dict:
+    """utt id -> language for every utterance: its declared one, else detected from its text."""
+    return {u.id: u.language or language_of_counts(script_counts(u.text)) for u in utterances}
 
 
 def _check_id(utt_id: str, where: str, seen: dict) -> None:
@@ -119,7 +146,8 @@ def _read_seed_tts(path: Path) -> list:
                                f"'|ground_truth_wav'), got {len(fields)} fields")
         utt_id, prompt_text, prompt_wav, text = (f.strip() for f in fields[:4])
         utterances.append(EvalUtterance(utt_id, text, prompt_text,
-                                        str((base / prompt_wav).resolve()) if prompt_wav else "", [], where))
+                                        str((base / prompt_wav).resolve()) if prompt_wav else "", [], where,
+                                        subset_language(base)))
     return utterances
 
 
@@ -141,8 +169,15 @@ def _read_jsonl(path: Path) -> list:
         if not isinstance(text, str):
             raise EvalSetError(f"{where}: text must be a string")
         prompt_wav = str(record.get("prompt_wav") or "")
+        language = record.get("language")
+        if language is not None:
+            try:
+                language = normalize_language(language, f'{where}: field "language"')
+            except ValueError as error:
+                raise EvalSetError(str(error)) from None
         utterances.append(EvalUtterance(str(record.get("id", "")), text, str(record.get("prompt_text") or ""),
-                                        str((base / prompt_wav).resolve()) if prompt_wav else "", tokens, where))
+                                        str((base / prompt_wav).resolve()) if prompt_wav else "", tokens, where,
+                                        language or ""))
     return utterances
 
 
@@ -179,13 +214,14 @@ def _read_cv3(folder: Path) -> list:
     prompt_texts = _read_kaldi_map(folder / "prompt_text")
     wavs = _read_kaldi_map(folder / "prompt_wav.scp")
     utterances = []
+    language = subset_language(folder)
     for utt_id, (text, where) in texts.items():
         prompt_text, _ = prompt_texts.get(utt_id, ("", ""))
         wav, wav_where = wavs.get(utt_id, ("", ""))
         if not wav and utt_id not in wavs:
             raise EvalSetError(f"{where}: utterance {utt_id!r} has no line in {folder / 'prompt_wav.scp'}")
         utterances.append(EvalUtterance(utt_id, text, prompt_text, _resolve_cv3_wav(folder, wav) if wav else "",
-                                        [], where))
+                                        [], where, language))
     extra = sorted(set(wavs) - set(texts))
     if extra:
         raise EvalSetError(f"{wavs[extra[0]][1]}: utterance {extra[0]!r} is not in {folder / 'text'}")

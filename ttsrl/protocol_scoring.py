@@ -1,4 +1,5 @@
-"""CER (zh) and WER (en) as the Seed-TTS-eval protocol computes them, for comparable numbers.
+"""CER (zh) and WER (en) as the Seed-TTS-eval protocol computes them, for comparable numbers;
+CER for ja and ko as CosyVoice3-Eval reports them.
 
 Published zero-shot TTS results (Seed-TTS-eval ``test_zh`` / ``test_en``, CosyVoice3-Eval)
 are scored by Seed-TTS-eval's ``run_wer.py`` + ``average_wer.py``; this module is our own
@@ -11,6 +12,9 @@ implementation of that procedure, so stage 4's numbers can be set beside the pap
    is normalized: no number reading, no case folding for zh, no full-width folding.
 3. zh: every non-space character is a token (Latin words split into letters; spaces
    vanish). en: the texts are lower-cased and split on whitespace.
+   ja, ko (CosyVoice3-Eval's zero-shot ja/ko subsets, scored by CER): as zh, characters
+   without punctuation and spaces, but without the ``zhconv`` conversion of step 1 (it would
+   rewrite kanji, and Hangul has no simplified form).
 4. Per utterance: (substitutions + deletions + insertions) / reference tokens.
 5. The set's figure is the plain mean of the per-utterance rates (not errors over all
    reference tokens), as ``average_wer.py`` reports it.
@@ -32,8 +36,10 @@ from rapidfuzz.distance import Levenshtein
 
 from .scoring import Alignment, EmptyReferenceError
 
-LANGUAGES = ("zh", "en")
-METRIC_OF_LANGUAGE = {"zh": "cer", "en": "wer"}
+LANGUAGES = ("zh", "en", "ja", "ko")
+METRIC_OF_LANGUAGE = {"zh": "cer", "en": "wer", "ja": "cer", "ko": "cer"}
+_CHARACTER_LANGUAGES = ("zh", "ja", "ko")
+"""Languages whose protocol token is a character (CER); the others' is a word (WER)."""
 
 
 def _punctuation() -> str:
@@ -51,7 +57,7 @@ def _check_language(language: str) -> None:
 
 
 def metric_of(language: str) -> str:
-    """``cer`` for zh, ``wer`` for en."""
+    """``cer`` for zh, ja and ko, ``wer`` for en."""
     _check_language(language)
     return METRIC_OF_LANGUAGE[language]
 
@@ -65,7 +71,7 @@ def protocol_tokens(text: str, language: str, hypothesis: bool = False) -> tuple
 
         text = zhconv.convert(text, "zh-cn")
     text = text.translate(_REMOVE_PUNCTUATION)
-    if language == "zh":
+    if language in _CHARACTER_LANGUAGES:
         return tuple(char for char in text if not char.isspace())
     return tuple(text.lower().split())
 

@@ -1,4 +1,16 @@
-"""Pinyin and character error rates between a reference text and an ASR transcript.
+"""Error rates between a reference text and an ASR transcript: pinyin and character error rates
+(Chinese), word error rate (English), character error rate (Japanese, Korean).
+
+The item's language (``ttsrl.language``) picks the metric (``metric_name``):
+
+- no language (``None``, every caller before languages existed) or ``zh``: the configured
+  ``metric``, ``pinyin`` or ``char``, described below, exactly as before;
+- ``en``: WER over the words of ``ttsrl.text_norm.normalize_english`` (Whisper's rules);
+- ``ja``, ``ko``: CER over the characters of ``ttsrl.text_norm.normalize_characters``
+  (punctuation and whitespace removed).
+
+For en, ja and ko the ``metric`` argument is not used (it chooses between the two Chinese
+metrics). The rest of this doc is about the Chinese scoring.
 
 Both texts go through ``ttsrl.text_norm``. The reference's numbers may be read
 several ways (see ``reading_slots``); the error rate is the lowest over the
@@ -28,9 +40,13 @@ from pypinyin.converter import UltimateConverter
 from pypinyin.core import Pinyin
 from rapidfuzz.distance import Levenshtein
 
-from .text_norm import HAN_CHARS, ReadingSlots, join_pieces, normalize_text, reading_slots
+from .language import normalize_language
+from .text_norm import (HAN_CHARS, ReadingSlots, join_pieces, normalize_characters, normalize_english,
+                        normalize_text, reading_slots)
 
 METRICS = ("pinyin", "char")
+LANGUAGE_METRICS = {"en": "wer", "ja": "cer", "ko": "cer"}
+"""The metric of each language that does not use the configured (Chinese) one."""
 MAX_ENUMERATED_READINGS = 64
 """Up to this many combinations of number readings are scored exhaustively;
 beyond it, each number's reading is chosen in turn (coordinate descent)."""
@@ -172,15 +188,46 @@ def _hypothesis_readings(hypothesis: str, metric: str) -> list[tuple[str, ...]]:
     return list(readings[:MAX_HYPOTHESIS_READINGS])
 
 
-def align(reference: str, hypothesis: str, metric: str = "pinyin") -> Alignment:
-    """Best alignment of ``hypothesis`` against any accepted reading of ``reference``.
+def metric_name(metric: str = "pinyin", language: str | None = None) -> str:
+    """The metric an item of ``language`` is scored with: ``metric`` (pinyin/char) for zh and for
+    no language, ``wer`` for en, ``cer`` for ja and ko."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    if language is None:
+        return metric
+    return LANGUAGE_METRICS.get(normalize_language(language, "scoring"), metric)
 
-    Raises EmptyReferenceError when the reference normalizes to nothing.
+
+@lru_cache(maxsize=65536)
+def language_tokens(text: str, language: str) -> tuple[str, ...]:
+    """The tokens of ``text`` for a language with its own metric: English words (normalized the
+    Whisper way) for en, characters for ja and ko."""
+    if language == "en":
+        return tuple(normalize_english(text).split())
+    if language in ("ja", "ko"):
+        return tuple(normalize_characters(text))
+    raise ValueError(f"language {language!r} has no token rule of its own; expected one of {sorted(LANGUAGE_METRICS)}")
+
+
+def align(reference: str, hypothesis: str, metric: str = "pinyin", language: str | None = None) -> Alignment:
+    """Best alignment of ``hypothesis`` against ``reference`` with the metric of ``language``
+    (module doc; None: the configured ``metric``, as before languages existed). For zh, the
+    best over every accepted reading of the reference's numbers.
+
+    Raises EmptyReferenceError when the reference normalizes to nothing, ValueError for an
+    unknown metric or language.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     if not isinstance(reference, str) or not isinstance(hypothesis, str):
         raise TypeError("reference and hypothesis must be str")
+    if language is not None:
+        language = normalize_language(language, "scoring")
+        if language in LANGUAGE_METRICS:
+            ref_tokens = language_tokens(reference, language)
+            if not ref_tokens:
+                raise EmptyReferenceError(f"reference {reference!r} is empty after {language} normalization")
+            return _align(ref_tokens, language_tokens(hypothesis, language))
     slots = reading_slots(reference)
     if not slots.has_numbers:
         ref_tokens = tokenize(slots.guess, metric)
@@ -203,6 +250,7 @@ def align(reference: str, hypothesis: str, metric: str = "pinyin") -> Alignment:
     return best
 
 
-def error_rate(reference: str, hypothesis: str, metric: str = "pinyin") -> float:
-    """Lowest error rate of ``hypothesis`` over the accepted readings of ``reference``."""
-    return align(reference, hypothesis, metric).error_rate
+def error_rate(reference: str, hypothesis: str, metric: str = "pinyin", language: str | None = None) -> float:
+    """Error rate of ``hypothesis`` with the metric of ``language`` (``align``); for zh and no
+    language, the lowest over the accepted readings of ``reference``."""
+    return align(reference, hypothesis, metric, language).error_rate

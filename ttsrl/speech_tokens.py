@@ -1,34 +1,45 @@
-"""The CosyVoice2 speech-token format, in one place.
+"""The speech-token format of the policy's responses, in one place.
 
-CosyVoice2's LLM emits speech tokens 0..6560 (a 6561-entry FSQ codebook). In
-the Hugging Face form of the model each one is a text token ``<|s_N|>``; the
-three extra rows of CosyVoice2's speech embedding/decoder (6561, 6562, 6563)
-become ``<|eos1|>``..``<|eos3|>`` (6561 is the stop token CosyVoice2 uses), and
-its two ``llm_embedding`` rows become ``<|sos|>`` and ``<|task_id|>``. The names
-match the reference conversion so checkpoints made by either tool agree.
+Both model families' LLMs emit speech tokens 0..6560 (a 6561-entry FSQ codebook). In the
+Hugging Face form of the model each one is a text token ``<|s_N|>``; what follows them (the
+special speech rows, their names, which of them stop generation) is the family's
+(``ttsrl.model_family``). Every function takes an optional ``family`` (a name or
+``ModelFamily``); without one it is CosyVoice2's: its three extra speech rows (6561, 6562,
+6563) become ``<|eos1|>``..``<|eos3|>`` (6561 is the stop token CosyVoice2 uses), and its two
+``llm_embedding`` rows become ``<|sos|>`` and ``<|task_id|>``. The names match the reference
+conversion so checkpoints made by either tool agree.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
-SPEECH_VOCAB_SIZE = 6561
-"""Number of real speech tokens: ids 0..6560."""
+from ttsrl.model_family import COSYVOICE2, SOS_TOKEN, SPEECH_VOCAB_SIZE, TASK_ID_TOKEN, ModelFamily, get_family
 
-SPEECH_END_TOKENS = ("<|eos1|>", "<|eos2|>", "<|eos3|>")
-"""Tokens for CosyVoice2's speech rows 6561..6563; generation stops at any."""
+__all__ = ["SPEECH_VOCAB_SIZE", "SPEECH_END_TOKENS", "SOS_TOKEN", "TASK_ID_TOKEN", "LLM_EMBEDDING_TOKENS",
+           "ParsedSpeech", "speech_token", "all_speech_tokens", "added_tokens", "speech_end_tokens",
+           "format_speech_tokens", "parse_speech_tokens"]
 
-SOS_TOKEN = "<|sos|>"
-TASK_ID_TOKEN = "<|task_id|>"
-LLM_EMBEDDING_TOKENS = (SOS_TOKEN, TASK_ID_TOKEN)
+SPEECH_END_TOKENS = COSYVOICE2.stop_tokens
+"""Tokens for CosyVoice2's speech rows 6561..6563; generation stops at any (other families:
+``speech_end_tokens(family)``)."""
+
+LLM_EMBEDDING_TOKENS = COSYVOICE2.llm_embedding_tokens
 """Rows 0 and 1 of CosyVoice2's ``llm_embedding`` (sos/eos and task id)."""
 
 _SPECIAL_PIECE = re.compile(r"<\|[^|<>]*\|>")
 _SPEECH_TOKEN = re.compile(r"<\|s_(\d+)\|>")
 # The usual policy response: speech tokens only (some tokenizers decode them space-separated),
-# perhaps one end token.
-_ONLY_SPEECH = re.compile(r"\s*(?:<\|s_\d+\|>\s*)+(?P<end>" + "|".join(re.escape(t) for t in SPEECH_END_TOKENS)
-                          + r")?\s*")
+# perhaps one more special piece, which must be one of the family's end tokens. An end token of
+# the form <|s_N|> (CosyVoice3's rows 6565..6760) is out of the speech range and takes the
+# general parser.
+_ONLY_SPEECH = re.compile(r"\s*(?:<\|s_\d+\|>\s*)+(?P<end><\|[^|<>]*\|>)?\s*")
+
+
+@functools.lru_cache(maxsize=None)
+def _end_tokens(family: ModelFamily) -> frozenset[str]:
+    return frozenset(family.stop_tokens)
 
 
 def speech_token(index: int) -> str:
@@ -43,9 +54,14 @@ def all_speech_tokens() -> list[str]:
     return [f"<|s_{i}|>" for i in range(SPEECH_VOCAB_SIZE)]
 
 
-def added_tokens() -> list[str]:
+def added_tokens(family: str | ModelFamily | None = None) -> list[str]:
     """Every token the HF conversion appends to the text vocabulary, in order."""
-    return all_speech_tokens() + list(SPEECH_END_TOKENS) + list(LLM_EMBEDDING_TOKENS)
+    return get_family(family).added_tokens()
+
+
+def speech_end_tokens(family: str | ModelFamily | None = None) -> tuple[str, ...]:
+    """The tokens at which ``family``'s generation stops."""
+    return get_family(family).stop_tokens
 
 
 def format_speech_tokens(ids) -> str:
@@ -68,22 +84,26 @@ class ParsedSpeech:
     ended: bool
 
 
-def parse_speech_tokens(text: str) -> ParsedSpeech:
-    """Extract speech token ids from a decoded policy response.
+def parse_speech_tokens(text: str, family: str | ModelFamily | None = None) -> ParsedSpeech:
+    """Extract speech token ids from a decoded policy response of ``family`` (default CosyVoice2).
 
     Whitespace between tokens is not counted; every other run of text between
-    tokens counts as one ignored piece.
+    tokens counts as one ignored piece. Any of the family's stop tokens ends the speech
+    (CosyVoice3's 200, ``<|s_6565|>``..``<|s_6760|>`` among them).
     """
+    family = get_family(family)
     usual = _ONLY_SPEECH.fullmatch(text)
     if usual is not None:  # fast path: the reward hook parses every rollout
+        end = usual.group("end")
         ids = [int(x) for x in _SPEECH_TOKEN.findall(text)]
-        if max(ids) < SPEECH_VOCAB_SIZE:
-            return ParsedSpeech(ids=ids, ignored=0, ended=usual.group("end") is not None)
-    return _parse_any(text)
+        if max(ids) < SPEECH_VOCAB_SIZE and (end is None or end in _end_tokens(family)):
+            return ParsedSpeech(ids=ids, ignored=0, ended=end is not None)
+    return _parse_any(text, family)
 
 
-def _parse_any(text: str) -> ParsedSpeech:
+def _parse_any(text: str, family: str | ModelFamily | None = None) -> ParsedSpeech:
     """The general parser behind ``parse_speech_tokens``."""
+    end_tokens = _end_tokens(get_family(family))
     ids: list[int] = []
     ignored = 0
     ended = False
@@ -96,7 +116,7 @@ def _parse_any(text: str) -> ParsedSpeech:
         if ended:
             ignored += 1
             continue
-        if piece in SPEECH_END_TOKENS:
+        if piece in end_tokens:
             ended = True
             continue
         speech = _SPEECH_TOKEN.fullmatch(piece)

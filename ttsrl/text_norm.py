@@ -200,3 +200,137 @@ def reading_slots(text: str) -> ReadingSlots:
         position = match.end()
     pieces.append(_clean(nfkc[position:]))
     return ReadingSlots(pieces=tuple(p for p in pieces if p != ""), guess=guess)
+
+
+# ---- English: Whisper-style normalization (WER) ------------------------------------------
+# openai-whisper's EnglishTextNormalizer is installed in the server environment only, and
+# this module must import in both, so this is our own smaller normalizer following the same
+# documented rules; tests/ttsrl/test_text_norm.py checks it against Whisper's where the
+# server environment has it. Left out on purpose: British -> American spellings (Whisper's
+# 1,700-word table), ordinals (first -> 1st) and currency words (dollars -> $).
+_BRACKETED = re.compile(r"[<\[][^\]>]*[\]>]|\([^)]*\)")
+_FILLERS = re.compile(r"\b(?:hmm|mm|mhm|mmm|uh|um)\b")
+_SPECIAL_CONTRACTIONS = ((re.compile(r"\bwon't\b"), "will not"), (re.compile(r"\bcan't\b"), "can not"),
+                         (re.compile(r"\blet's\b"), "let us"), (re.compile(r"\bain't\b"), "is not"))
+_CONTRACTIONS = ((re.compile(r"n't\b"), " not"), (re.compile(r"'re\b"), " are"), (re.compile(r"'s\b"), " is"),
+                 (re.compile(r"'d\b"), " would"), (re.compile(r"'ll\b"), " will"), (re.compile(r"'ve\b"), " have"),
+                 (re.compile(r"'m\b"), " am"))
+_TITLES = {"mr": "mister", "mrs": "missus", "ms": "miss", "dr": "doctor", "prof": "professor", "st": "saint",
+           "jr": "junior", "sr": "senior", "capt": "captain", "gen": "general", "sen": "senator", "rep":
+           "representative", "gov": "governor", "lt": "lieutenant", "sgt": "sergeant"}
+_TITLE = re.compile(r"\b(" + "|".join(_TITLES) + r")\b\.?")
+_UNITS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                     "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+_MULTIPLIERS = {"hundred": 100, "thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
+# Symbols Whisper keeps (a period only between digits: 3.5).
+_KEPT_SYMBOLS = "%$"
+
+
+def _strip_diacritics(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
+def _english_symbols_removed(text: str) -> str:
+    out = []
+    for i, char in enumerate(text):
+        if char in _KEPT_SYMBOLS or char.isalnum() or char.isspace():
+            out.append(char)
+        elif char == "." and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit():
+            out.append(char)
+        else:
+            out.append(" ")
+    return "".join(out)
+
+
+class _NumberRun:
+    """Spelled-out number words -> digits, the way Whisper joins them: a cardinal phrase is one
+    number (one hundred and twenty three -> 123), and numbers said one after another are
+    written one after another (one two three -> 123, twenty twenty -> 2020)."""
+
+    def __init__(self):
+        self.parts: list[str] = []  # finished numbers, concatenated at the end
+        self.total = 0  # the current number: total + group
+        self.group = 0
+        self.last = ""  # "unit", "teen", "tens", "multiplier" or ""
+
+    def _finish(self) -> None:
+        if self.last:
+            self.parts.append(str(self.total + self.group))
+        self.total = self.group = 0
+        self.last = ""
+
+    def add(self, word: str) -> None:
+        if word in _MULTIPLIERS:
+            factor = _MULTIPLIERS[word]
+            if not self.last:
+                self.group = 1
+            if factor == 100:
+                self.group = (self.group or 1) * 100
+            else:
+                self.total += (self.group or 1) * factor
+                self.group = 0
+            self.last = "multiplier"
+            return
+        value = _UNITS.get(word, _TENS.get(word))
+        kind = "tens" if word in _TENS else ("teen" if value >= 10 else "unit")
+        # A unit may follow a tens word (twenty five) or a multiplier; anything else starts anew.
+        joins = (self.last == "multiplier" and self.group % 100 == 0) or (self.last == "tens" and kind == "unit")
+        if self.last and not joins:
+            self._finish()
+        self.group += value
+        self.last = kind
+
+    def text(self) -> str:
+        self._finish()
+        return "".join(self.parts)
+
+
+def _english_numbers(words: list) -> list:
+    out: list = []
+    run: _NumberRun | None = None
+    for index, word in enumerate(words):
+        is_number = word in _UNITS or word in _TENS or (word in _MULTIPLIERS and run is not None)
+        # "and" inside a cardinal (one hundred and five), not between two numbers said apart.
+        if word == "and" and run is not None and run.last == "multiplier" and index + 1 < len(words) \
+                and (words[index + 1] in _UNITS or words[index + 1] in _TENS):
+            continue
+        if is_number:
+            run = run or _NumberRun()
+            run.add(word)
+            continue
+        if run is not None:
+            out.append(run.text())
+            run = None
+        if word == "percent" and out and out[-1][-1:].isdigit():
+            out[-1] += "%"
+            continue
+        out.append(word)
+    if run is not None:
+        out.append(run.text())
+    return out
+
+
+@lru_cache(maxsize=65536)
+def normalize_english(text: str) -> str:
+    """English text as Whisper's EnglishTextNormalizer writes it, in short: lower case;
+    bracketed asides ([laughs], (noise), <unk>) and fillers (um, uh, hmm) removed; contractions
+    spelled out (won't -> will not, smith's -> smith is); titles spelled out (mr -> mister,
+    dr -> doctor, st -> saint); diacritics dropped (cafe); spelled-out numbers as digits
+    (twenty five -> 25, one hundred and three -> 103, 25 percent -> 25%); punctuation and
+    symbols removed except ``%``, ``$`` and a decimal point; whitespace collapsed."""
+    text = _strip_diacritics(unicodedata.normalize("NFKC", text)).lower().replace("\u2019", "'")
+    text = _BRACKETED.sub(" ", text)
+    text = _FILLERS.sub(" ", text)
+    for pattern, replacement in _SPECIAL_CONTRACTIONS + _CONTRACTIONS:
+        text = pattern.sub(replacement, text)
+    text = _TITLE.sub(lambda match: _TITLES[match.group(1)] + " ", text)
+    text = _english_symbols_removed(text.replace("-", " "))
+    return " ".join(_english_numbers(text.split()))
+
+
+def normalize_characters(text: str) -> str:
+    """Text for a character error rate (ja, ko): NFKC (full width -> half width), lower case,
+    punctuation, symbols and whitespace removed."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(c for c in text if not c.isspace() and not _is_punct_or_symbol(c))

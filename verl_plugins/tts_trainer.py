@@ -104,13 +104,15 @@ def write_validation_audio(samples: list[dict], server_url: str, out_dir: pathli
     import soundfile
 
     from ttsrl.atomic_write import atomic_file
+    from ttsrl.model_family import family_from_env
     from ttsrl.speech_tokens import parse_speech_tokens
     from ttsrl.triton_client import TritonModelClient, parse_urls
 
     scheme, address = parse_urls(server_url)[0]
     client = TritonModelClient(f"{scheme}://{address}", "token2wav", timeout_s=120.0)
     try:
-        token_lists = [parse_speech_tokens(sample["output"]).ids for sample in samples]
+        family = family_from_env()
+        token_lists = [parse_speech_tokens(sample["output"], family).ids for sample in samples]
         decoded = client.token2wav(token_lists)
     finally:
         client.close()

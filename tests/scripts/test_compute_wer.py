@@ -119,3 +119,38 @@ def test_protocol_metric_in_text_mode_by_language(tmp_path, capsys):
     hyp = write(tmp_path / "hyp_zh", ["a 今天天氣很好嗎"])
     assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--metric", "protocol", "--language", "zh"]) == 0
     assert capsys.readouterr().out.strip().split("\n")[-1].startswith("%CER 16.67 [ 1 / 6, 1 ins, 0 del, 0 sub ]")
+
+
+def test_per_language_scores_each_utterance_with_its_metric(tmp_path, capsys):
+    # en: one wrong word of four (WER 25%); ja: す->し and た inserted over 9 characters; zh: 他/她 are
+    # homophones, no pinyin error; a Korean reference without a transcript is missing in its language
+    ref = write(tmp_path / "ref", ["a The cat sat down.", "b 今日は良い天気です。", "c 他一丁七", "d 안녕하세요"])
+    hyp = write(tmp_path / "hyp", ["a the cat sat up", "b 今日は良い天気でした", "c 她一丁七"])
+    out_json = tmp_path / "wer.json"
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--per-language", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out.strip().split("\n")
+    assert printed[-5:-1] == ["en %WER 25.00 [ 1 / 4 ] 1 utterances", "ja %CER 22.22 [ 2 / 9 ] 1 utterances",
+                              "ko %CER n/a [ 0 / 0 ] 0 utterances, 1 missing", "zh %PER 0.00 [ 0 / 4 ] 1 utterances"]
+    assert printed[-1].startswith("%PER 17.65 [ 3 / 17,")  # every utterance together, as before
+    payload = json.loads(out_json.read_text())
+    by_language = payload["summary"]["by_language"]
+    assert by_language["en"]["error_rate"] == pytest.approx(0.25) and by_language["en"]["label"] == "WER"
+    assert by_language["ja"]["error_rate"] == pytest.approx(2 / 9) and by_language["ko"]["missing_count"] == 1
+    assert [u["language"] for u in payload["utterances"]] == ["en", "ja", "zh"]
+
+
+def test_languages_file_overrides_detection_and_unknown_ones_are_errors(tmp_path, capsys):
+    ref = write(tmp_path / "ref", ["a 他一丁七"])
+    hyp = write(tmp_path / "hyp", ["a 她一丁七"])
+    langs = write(tmp_path / "langs", ["a ja"])
+    out_json = tmp_path / "wer.json"
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--languages", langs, "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["summary"]["by_language"]["ja"]["error_rate"] == pytest.approx(0.25)
+    # without per-utterance languages nothing changes: no by_language
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--json", str(out_json)]) == 0
+    assert "by_language" not in json.loads(out_json.read_text())["summary"]
+    capsys.readouterr()
+    write(tmp_path / "langs", ["a klingon"])
+    assert compute_wer.main(["--ref", ref, "--hyp", hyp, "--languages", langs]) == 1
+    error = capsys.readouterr().err
+    assert "langs" in error and "utterance 'a'" in error and "'klingon'" in error

@@ -16,14 +16,18 @@ compute_wer = load_script("compute_wer")
 
 
 def write_output_dir(out: Path, references: dict[str, str], spoken: dict[str, str],
-                     errors: dict[str, str] | None = None) -> None:
+                     errors: dict[str, str] | None = None, languages: dict[str, str] | None = None) -> None:
     """An infer_dist-shaped folder whose stand-in wavs say ``spoken`` (ids missing from it get no
-    wav; ``errors``: their records' synthesis error)."""
+    wav; ``errors``: their records' synthesis error; ``languages``: each record's declared
+    language, none written without it, as a manifest from before languages existed)."""
     (out / "wavs").mkdir(parents=True)
     lines = []
     for utt_id, text in references.items():
         error = (errors or {}).get(utt_id)
-        lines.append(json.dumps({"id": utt_id, "text": text, "error": error}, ensure_ascii=False))
+        record = {"id": utt_id, "text": text, "error": error}
+        if languages is not None:
+            record["language"] = languages.get(utt_id, "")
+        lines.append(json.dumps(record, ensure_ascii=False))
         if utt_id in spoken:
             wave = standin.tokens_to_wave(standin.text_to_tokens(spoken[utt_id]))
             soundfile.write(out / "wavs" / f"{utt_id}.wav", wave, standin.SAMPLE_RATE, subtype="FLOAT")
@@ -59,6 +63,62 @@ def test_cer_of_known_transcripts_and_missing_wavs(tmp_path, reward_server):
     per = json.loads((out / "per.json").read_text())["summary"]  # our pinyin rate: the same rule
     assert per["metric"] == "pinyin" and per["missing"] == ["d", "e"] and per["missing_count"] == 2
     assert per["ref_length"] == 10
+    assert "by_language" not in summary and not (out / "languages.txt").exists()  # no language declared
+
+
+def test_a_manifest_with_languages_is_scored_per_language(tmp_path, reward_server, capsys):
+    """Each utterance with its declared language's protocol metric (else its script's): the
+    stand-in ASR speaks Han characters only, so the en utterance is Han text declared en."""
+    references = {"a": "今天去公园", "b": "北京 中国", "c": "Good morning.", "d": "中国"}
+    spoken = {"a": "今天去公", "b": "北京中国", "d": "中国"}  # c: no wav
+    out = tmp_path / "step_0"
+    write_output_dir(out, references, spoken, languages={"a": "zh", "b": "en"})  # c, d: "" -> detected
+    assert compute_wer.main(["--output-dir", str(out), "--server-url", reward_server.grpc_url, "--no-similarity",
+                             "--set-name", "cv3"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    # a: CER 1/5; b as en: words 北京 中国 against the one word 北京中国, WER 2/2 (its CER would be
+    # 0); d: CER 0; c (detected en) has no wav. The set's figure covers all, as before: mean 0.4.
+    assert printed[-3:-1] == ["en %WER 100.00 [ 2 / 2 ] 1 utterances, 1 missing",
+                              "zh %CER 10.00 [ 1 / 7 ] 2 utterances"]
+    assert printed[-1].startswith("%CER 40.00 [ 3 / 9, 0 ins, 2 del, 1 sub ] 3 utterances")
+    payload = json.loads((out / "wer.json").read_text(encoding="utf-8"))
+    by_language = payload["summary"]["by_language"]
+    assert (by_language["en"]["label"], by_language["en"]["error_rate"], by_language["en"]["missing_count"]) == \
+        ("WER", 1.0, 1)
+    assert (by_language["zh"]["label"], by_language["zh"]["utterances"]) == ("CER", 2)
+    assert by_language["zh"]["error_rate"] == pytest.approx(0.1)
+    assert {u["utt_id"]: u["language"] for u in payload["utterances"]} == {"a": "zh", "b": "en", "d": "zh"}
+    assert (out / "languages.txt").read_text(encoding="utf-8") == "a zh\nb en\nc en\nd zh\n"
+    # the same transcripts in text mode with those languages: the same per-language figures
+    assert compute_wer.main(["--ref", str(out / "ref.txt"), "--hyp", str(out / "hyp.txt"), "--metric", "protocol",
+                             "--languages", str(out / "languages.txt")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-3:-1] == printed[-3:-1]
+
+
+def test_utterances_declared_en_go_to_the_english_asr(tmp_path, reward_server, capsys):
+    """--english-asr-model routes the en utterances (and only those) to that served model: the
+    stand-in server serves asr_eval (zh) but not asr_eval_en, so the request for exactly the one en
+    utterance fails, naming the model; with 'asr' as the English ASR both are scored."""
+    out = tmp_path / "step_0"
+    write_output_dir(out, {"a": "今天", "b": "北京"}, {"a": "今天", "b": "北京"}, languages={"a": "zh", "b": "en"})
+    assert compute_wer.main(["--output-dir", str(out), "--server-url", reward_server.grpc_url, "--no-similarity",
+                             "--english-asr-model", "asr_eval_en"]) == 1
+    error = capsys.readouterr().err
+    assert "transcribing 1 utterances with the server's 'asr_eval_en'" in error and "asr_eval_en" in error
+    assert compute_wer.main(["--output-dir", str(out), "--server-url", reward_server.grpc_url, "--no-similarity",
+                             "--english-asr-model", "asr"]) == 0
+    payload = json.loads((out / "wer.json").read_text(encoding="utf-8"))
+    assert sorted(u["utt_id"] for u in payload["utterances"]) == ["a", "b"]
+    capsys.readouterr()
+
+
+def test_an_unknown_declared_language_names_the_manifest(tmp_path, reward_server, capsys):
+    out = tmp_path / "step_0"
+    write_output_dir(out, {"a": "中国"}, {"a": "中国"}, languages={"a": "klingon"})
+    assert compute_wer.main(["--output-dir", str(out), "--server-url", reward_server.grpc_url,
+                             "--no-similarity"]) == 1
+    error = capsys.readouterr().err
+    assert str(out / "manifest.jsonl") in error and "utterance 'a'" in error and "'klingon'" in error
 
 
 @pytest.mark.slow

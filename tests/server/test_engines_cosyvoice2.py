@@ -14,6 +14,7 @@ from token2wav_server.engines import EngineOptions, SpeakerPrompt
 from token2wav_server.engines_cosyvoice2 import (CampplusSpeaker, CosyVoice2SpeechTokenizer, CosyVoice2Token2Wav,
                                                  check_cosyvoice2_dir)
 from token2wav_server.prompt_bank import KNOWN_TRANSCRIPTS, PromptBankError, load_prompts
+from tests.server.flow_utils import assert_batched_flow_matches_serial
 
 SAMPLES_PER_TOKEN = 2 * 480  # CosyVoice2: 2 mel frames per speech token, HiFT hop 480 at 24 kHz
 
@@ -107,16 +108,7 @@ def test_batched_flow_decoding_matches_item_by_item(token2wav, prepared, zero_sh
     prompts = [prepared, token2wav.prepare_prompt(short), prepared]
     rng = np.random.default_rng(1)
     batch = [rng.integers(0, 6561, n) for n in (20, 7, 33)]
-    serial = token2wav.mels(batch, prompts)
-    token2wav.flow_batch = True
-    try:
-        batched = token2wav.mels(batch, prompts)
-    finally:
-        token2wav.flow_batch = False
-    for one, many, tokens in zip(serial, batched, batch):
-        assert one.shape == many.shape == (1, 80, 2 * len(tokens))
-        torch.testing.assert_close(many, one, rtol=0, atol=1e-4)
-        assert one.abs().max() > 1.0  # the comparison is not between near-zero mels
+    assert_batched_flow_matches_serial(token2wav, batch, prompts)
 
 
 def test_speaker_and_speech_tokenizer(token2wav, zero_shot_prompt):

@@ -35,6 +35,12 @@ def test_engine_options_and_factory_loading(tmp_path):
         load_factory(str(tmp_path / "missing.py") + ":f")
 
 
+def test_asr_eval_en_checkpoint_reaches_the_factory():
+    args = cli.build_parser().parse_args(["--asr-eval-en", "whisper/large-v3.pt"])
+    assert cli.engine_options(args, "cpu", need_speaker=False).asr_eval_en == "whisper/large-v3.pt"
+    assert cli.engine_options(cli.build_parser().parse_args([]), "cpu", need_speaker=False).asr_eval_en is None
+
+
 def test_engines_bundle_checks_the_interface():
     from token2wav_server.engines import Engines
     from token2wav_server.standin import StandinAsr

@@ -120,3 +120,28 @@ def test_utilities_are_those_of_the_weighted_components():
     only_confidence = score_item(RewardConfig(weights={"confidence": 1.0}), "一", "丁", nll=0.0)
     assert only_confidence.utilities == {"confidence": 1.0}  # the error rate is measured, not weighted
     assert only_confidence.error_rate == 1.0
+
+
+def test_score_item_picks_the_metric_of_the_language():
+    config = RewardConfig()  # metric pinyin
+    # homophones: no pinyin error for zh (and for no language, as before), one character of four for ja
+    assert score_item(config, "他一丁七", "她一丁七").error_rate == 0.0
+    assert score_item(config, "他一丁七", "她一丁七", language="zh").error_rate == 0.0
+    assert score_item(config, "他一丁七", "她一丁七", language="ja").error_rate == pytest.approx(0.25)
+    english = score_item(config, "The cat sat down.", "the cat sat up", language="en")
+    assert (english.error_rate, english.reward) == (pytest.approx(0.25), pytest.approx(error_rate_utility(0.25)))
+    with pytest.raises(ValueError, match="'xx'"):
+        score_item(config, "一", "一", language="xx")
+
+
+def test_normalize_english_agrees_with_whisper():
+    """Only the server environment has openai-whisper (pinned there): our English rules give its
+    EnglishTextNormalizer's output on every case of tests/ttsrl/test_text_norm.py."""
+    from whisper.normalizers import EnglishTextNormalizer
+
+    from tests.ttsrl.test_text_norm import ENGLISH_CASES
+    from ttsrl.text_norm import normalize_english
+
+    whisper = EnglishTextNormalizer()
+    for text, _ in ENGLISH_CASES:
+        assert normalize_english(text) == whisper(text), text

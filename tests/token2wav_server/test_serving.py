@@ -241,3 +241,28 @@ def test_metrics_port_answers(reward_server):
     with urllib.request.urlopen(url, timeout=10) as response:
         body = response.read().decode()
     assert 'nv_inference_request_success{model="token2wav_asr"' in body
+
+
+def _score_with_languages(server, protocol, items, languages):
+    module, client = _client(server, protocol)
+    try:
+        inputs = _inputs(module, *_batch(items))
+        column = np.array([[language.encode()] for language in languages], dtype=object)
+        tensor = module.InferInput("LANGUAGE", list(column.shape), "BYTES")
+        tensor.set_data_from_numpy(column)
+        result = client.infer("token2wav_asr", inputs + [tensor])
+        return {name: result.as_numpy(name).reshape(-1) for name in ("ERROR_RATE", "ERRORS")}
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_language_input_picks_each_items_metric(reward_server, protocol):
+    # 他 and 她 are homophones: zh's pinyin rate is 0, ja's CER counts one character of four;
+    # an empty cell scores as a request without LANGUAGE (the configured metric)
+    homophone = (text_to_tokens("她一丁七"), "他一丁七")
+    result = _score_with_languages(reward_server, protocol, [homophone] * 4, ["zh", "ja", "", "klingon"])
+    assert list(result["ERROR_RATE"][:3]) == [0.0, pytest.approx(0.25), 0.0]
+    assert list(result["ERRORS"][:3]) == [b"", b"", b""]
+    assert math.isnan(result["ERROR_RATE"][3])
+    assert "unknown language 'klingon'" in result["ERRORS"][3].decode()

@@ -59,3 +59,40 @@ def test_jsonl_and_errors_name_file_and_line(tmp_path):
 def test_language_detection():
     assert detect_language(["你好 world"]) == "zh"
     assert detect_language(["Hello world 世界 again"]) == "en"
+
+
+def _cv3_task(root, task, subset, text):
+    folder = root / "data" / task / subset
+    folder.mkdir(parents=True)
+    (folder / "text").write_text(f"u1 {text}\n", encoding="utf-8")
+    (folder / "prompt_text").write_text("u1 prompt\n", encoding="utf-8")
+    (folder / "prompt_wav.scp").write_text("u1 /abs/p.wav\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("task,subset,language", [
+    ("zero_shot", "zh", "zh"), ("zero_shot", "en", "en"), ("zero_shot", "ja", "ja"), ("zero_shot", "ko", "ko"),
+    ("zero_shot", "hard_zh", "zh"), ("zero_shot", "hard_en", "en"), ("cross_lingual_zeroshot", "to_ja", "ja"),
+    ("cross_lingual_zeroshot", "to_hard_en", "en"), ("zero_shot", "de", ""), ("zero_shot", "ru", ""),
+])
+def test_cv3_eval_subsets_give_each_utterance_its_language(tmp_path, task, subset, language):
+    folder = _cv3_task(tmp_path, task, subset, "Guten Tag" if subset == "de" else "x")
+    assert load_eval_set(str(folder)).utterances[0].language == language
+
+
+def test_declared_languages_and_detection_per_utterance(tmp_path):
+    from ttsrl.eval_sets import utterance_languages
+
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "meta.lst").write_text("a|p|p.wav|Hello there\n", encoding="utf-8")
+    assert load_eval_set(str(tmp_path / "en" / "meta.lst")).utterances[0].language == "en"
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"id": "a", "text": "你好", "language": "cmn"}, {"id": "b", "text": "안녕하세요"}, {"id": "c", "text": "こんにちは"}]),
+        encoding="utf-8")
+    loaded = load_eval_set(str(path))
+    assert [u.language for u in loaded.utterances] == ["zh", "", ""]
+    assert utterance_languages(loaded.utterances) == {"a": "zh", "b": "ko", "c": "ja"}
+    path.write_text('{"id": "a", "text": "好"}\n{"id": "b", "text": "行", "language": "xx"}\n', encoding="utf-8")
+    with pytest.raises(EvalSetError, match=r"set\.jsonl:2: field \"language\": unknown language 'xx'"):
+        load_eval_set(str(path))

@@ -32,6 +32,24 @@ def test_en_wer_by_hand():
     assert metric_of("en") == "wer"
 
 
+def test_ja_and_ko_cer_by_hand():
+    # ja: characters without punctuation and spaces (9): 今日は良い天気です; the transcript's
+    # でした for です is one substitution and one insertion.
+    alignment = protocol_align("今日は、良い 天気です。", "今日は良い天気でした", "ja")
+    assert alignment.reference == tuple("今日は良い天気です")
+    assert (alignment.substitutions, alignment.deletions, alignment.insertions) == (1, 0, 1)
+    assert alignment.error_rate == pytest.approx(2 / 9)
+    # no traditional -> simplified conversion outside zh: kanji stay as written
+    assert protocol_tokens("國語", "ja", hypothesis=True) == ("國", "語")
+    assert protocol_tokens("國語", "zh", hypothesis=True) == ("国", "语")
+    # ko: Hangul syllables are the tokens (10); 습 dropped is one deletion
+    alignment = protocol_align("안녕하세요, 반갑습니다!", "안녕하세요 반갑니다", "ko")
+    assert alignment.reference == tuple("안녕하세요반갑습니다")
+    assert (alignment.substitutions, alignment.deletions, alignment.insertions) == (0, 1, 0)
+    assert alignment.error_rate == pytest.approx(1 / 10)
+    assert (metric_of("ja"), metric_of("ko")) == ("cer", "cer")
+
+
 def test_the_set_figure_is_the_mean_of_utterance_rates():
     rates = [protocol_align("你好", "你好", "zh").error_rate, protocol_align("你好吗", "", "zh").error_rate]
     assert mean_error_rate(rates) == pytest.approx(0.5)  # not 3 errors / 5 characters

@@ -83,3 +83,40 @@ def test_cached_pinyin_equals_pypinyin():
 def test_unknown_metric():
     with pytest.raises(ValueError, match="unknown metric"):
         error_rate("你好", "你好", "word")
+
+
+def test_english_is_scored_by_wer_after_whisper_normalization():
+    import jiwer
+
+    assert error_rate("The cat sat down.", "the cat sat up", language="en") == pytest.approx(0.25)
+    assert jiwer.wer("the cat sat down", "the cat sat up") == pytest.approx(0.25)
+    # Whisper's normalization makes these the same words; the zh scoring reads 2 as 二
+    assert error_rate("Mr. Smith's 2 dogs", "mister smith is two dogs", language="en") == 0.0
+    assert error_rate("Mr. Smith's 2 dogs", "mister smith is two dogs", language="zh") > 0.5
+    assert align("Mr. Smith's 2 dogs", "mister smith is two dogs", language="en-US").reference == (
+        "mister", "smith", "is", "2", "dogs")
+
+
+def test_japanese_and_korean_are_scored_by_cer():
+    import jiwer
+
+    # す -> し substituted and た inserted: 2 errors over 9 characters
+    assert error_rate("今日は良い天気です。", "今日は良い天気でした", language="ja") == pytest.approx(2 / 9)
+    assert jiwer.cer("今日は良い天気です", "今日は良い天気でした") == pytest.approx(2 / 9)
+    assert error_rate("안녕하세요 여러분!", "안녕하세요 여러번", language="ko") == pytest.approx(1 / 8)
+
+
+def test_no_language_and_zh_keep_the_configured_metric():
+    for metric in ("pinyin", "char"):
+        for language in (None, "zh", "cmn"):
+            assert error_rate("他们来了", "她们来了", metric, language) == (0.0 if metric == "pinyin" else 0.25)
+
+
+def test_metric_name_and_bad_language():
+    from ttsrl.scoring import metric_name
+
+    assert [metric_name("char", x) for x in (None, "zh", "en", "ja", "ko")] == ["char", "char", "wer", "cer", "cer"]
+    with pytest.raises(ValueError, match="'xx'"):
+        error_rate("a", "a", language="xx")
+    with pytest.raises(EmptyReferenceError):
+        error_rate("...", "a", language="en")

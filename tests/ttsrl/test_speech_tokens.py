@@ -1,7 +1,7 @@
 import pytest
 
-from ttsrl.speech_tokens import (SPEECH_END_TOKENS, SPEECH_VOCAB_SIZE, _parse_any, added_tokens,
-                                 format_speech_tokens, parse_speech_tokens, speech_token)
+from ttsrl.speech_tokens import (SPEECH_END_TOKENS, SPEECH_VOCAB_SIZE, ParsedSpeech, _parse_any, added_tokens,
+                                 format_speech_tokens, parse_speech_tokens, speech_end_tokens, speech_token)
 
 
 @pytest.mark.parametrize("text", [
@@ -40,3 +40,42 @@ def test_added_tokens_order_and_bounds():
     assert tokens[SPEECH_VOCAB_SIZE:] == ["<|eos1|>", "<|eos2|>", "<|eos3|>", "<|sos|>", "<|task_id|>"]
     with pytest.raises(ValueError, match="6561"):
         speech_token(SPEECH_VOCAB_SIZE)
+
+
+# ------------------------------------------------------------------ CosyVoice3 (family="cosyvoice3")
+
+COSYVOICE3_TEXTS = [
+    "<|s_1|><|s_2|>", "<|s_1|><|s_6560|><|eos1|>", "<|s_1|><|s_6565|>", "<|s_1|><|s_6760|><|s_3|>",
+    "<|s_1|><|sos|>", "<|s_1|> <|task_id|> ", "<|s_1|><|fill|><|eos1|>", "<|s_1|><|s_6761|>", "<|s_6600|>",
+    "hi<|s_1|><|s_6700|>", "<|s_1|><|s_6561|>",
+]
+
+
+@pytest.mark.parametrize("text", COSYVOICE3_TEXTS)
+def test_cosyvoice3_fast_path_agrees_with_the_general_parser(text):
+    assert parse_speech_tokens(text, "cosyvoice3") == _parse_any(text, "cosyvoice3")
+
+
+@pytest.mark.parametrize("end", ["<|sos|>", "<|eos1|>", "<|task_id|>", "<|fill|>", "<|s_6565|>", "<|s_6760|>"])
+def test_every_cosyvoice3_stop_row_ends_the_speech(end):
+    parsed = parse_speech_tokens(f"<|s_4|><|s_5|>{end}<|s_6|>", family="cosyvoice3")
+    assert parsed.ids == [4, 5] and parsed.ended and parsed.ignored == 1
+
+
+def test_cosyvoice2_stop_tokens_are_only_its_own():
+    # <|sos|> / <|task_id|> are prompt tokens of CosyVoice2 and <|s_6565|> is no token of it.
+    for piece in ("<|sos|>", "<|task_id|>", "<|s_6565|>", "<|fill|>"):
+        parsed = parse_speech_tokens(f"<|s_4|>{piece}<|s_5|>")
+        assert parsed.ids == [4, 5] and not parsed.ended and parsed.ignored == 1
+    assert speech_end_tokens() == SPEECH_END_TOKENS and len(speech_end_tokens("cosyvoice3")) == 200
+    # <|s_6561|> is out of range in both families (CosyVoice3 names that row <|sos|>).
+    assert parse_speech_tokens("<|s_1|><|s_6561|>", "cosyvoice3") == ParsedSpeech(ids=[1], ignored=1, ended=False)
+
+
+def test_cosyvoice3_added_tokens():
+    tokens = added_tokens("cosyvoice3")
+    assert len(tokens) == 6761 and tokens[SPEECH_VOCAB_SIZE - 1] == "<|s_6560|>"
+    assert tokens[SPEECH_VOCAB_SIZE:SPEECH_VOCAB_SIZE + 5] == ["<|sos|>", "<|eos1|>", "<|task_id|>", "<|fill|>",
+                                                               "<|s_6565|>"]
+    with pytest.raises(ValueError, match="known families"):
+        added_tokens("cosyvoice1")

@@ -27,3 +27,35 @@ def test_normalize_text_width_case_punctuation_space():
     assert normalize_text("你好， 世界！") == "你好世界"
     assert normalize_text("Don't stop") == "don't stop"
     assert normalize_text("他买了3kg苹果") == "他买了三千克苹果"
+
+
+ENGLISH_CASES = [
+    ("Mr. Smith's 2 dogs", "mister smith is 2 dogs"),
+    ("Mr Smith has two dogs", "mister smith has 2 dogs"),
+    ("It's twenty-five percent [laughs] (noise) okay, um, yes!", "it is 25% okay yes"),
+    ("Dr. Who won't go.", "doctor who will not go"),
+    ("I have one hundred and twenty three apples", "i have 123 apples"),
+    ("He's 3.5 m tall", "he is 3.5 m tall"),
+    ("they're here, we've done, I'd go, you'll see, I'm ok", "they are here we have done i would go you will see i am ok"),
+    ("Mrs. Jones and St. Paul", "missus jones and saint paul"),
+    ("$20 and 5%", "$20 and 5%"),
+    ("one two three", "123"),
+    ("ten thousand", "10000"),
+    ("nineteen ninety nine", "1999"),
+    ("Café au lait", "cafe au lait"),
+]
+
+
+@pytest.mark.parametrize("text,normalized", ENGLISH_CASES)
+def test_normalize_english_follows_whisper_rules(text, normalized):
+    from ttsrl.text_norm import normalize_english
+
+    assert normalize_english(text) == normalized
+
+
+def test_normalize_characters_drops_punctuation_and_spaces():
+    from ttsrl.text_norm import normalize_characters
+
+    assert normalize_characters("今日は、いい 天気！") == "今日はいい天気"
+    assert normalize_characters("안녕하세요, 여러분!") == "안녕하세요여러분"
+    assert normalize_characters("ＡＢＣ") == "abc"

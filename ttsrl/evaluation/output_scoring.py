@@ -7,12 +7,20 @@ An utterance without a transcript (its wav is missing, e.g. synthesis generated 
 tokens, or it fails to transcribe) is left out of the set's figure, as Seed-TTS-eval's
 ``run_wer.py`` leaves out a missing wav, and is listed with why (``missing``,
 ``missing_reasons``); one synthesis skipped for a bad prompt is not scored, only counted.
+
+Per-utterance languages (``score_output_dir(per_language=True)``; ``scripts/compute_wer.py``
+turns it on whenever the manifest declares a language): each utterance is scored with the
+metric of the language its manifest record declares (``ttsrl.evaluation.outputs``), or of the
+one its reference's script says where it declares none, the summary gets ``by_language``, and
+OUT/languages.txt (``utt_id language`` lines) records the language each was scored as, for
+scoring the same transcripts again (``compute_wer.py --languages``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ttsrl.evaluation.outputs import bad_prompt_ids, read_records, read_references, read_wave, wav_path
+from ttsrl.evaluation.outputs import (OutputDirError, bad_prompt_ids, manifest_languages, read_records,
+                                     read_references, read_wave, wav_path)
 from ttsrl.evaluation.wer import CorpusScore, SimilarityResult, TranscriptError, score_corpus, write_transcripts
 
 
@@ -73,16 +81,17 @@ def speaker_similarity_of_output_dir(output_dir: Path, records: dict[str, dict],
 
 
 def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str,
-                          log=print) -> tuple[dict, dict, dict]:
+                          log=print, english_asr_model: str | None = None) -> tuple[dict, dict, dict]:
     """Transcribe OUT/wavs with the server -> (references, hypotheses, why each reference
-    without a hypothesis has none)."""
-    from ttsrl.triton_client import TritonModelClient
-
+    without a hypothesis has none). With ``english_asr_model`` (the server's ``asr_eval_en``:
+    Whisper-large-v3, as Seed-TTS-eval and CV3-Eval transcribe English), the utterances the
+    manifest declares ``en`` go to that model and the rest to ``asr_model``."""
     references = read_references(output_dir / "manifest.jsonl")
     records = read_records(output_dir / "manifest.jsonl")
+    languages = manifest_languages(output_dir / "manifest.jsonl") if english_asr_model else {}
     hypotheses: dict[str, str] = {}
     missing: dict[str, str] = {}
-    ids, waves, rates = [], [], []
+    by_model: dict[str, tuple[list, list, list]] = {}
     for utt_id in references:
         wav = wav_path(output_dir, utt_id)
         if not wav.exists():
@@ -91,20 +100,35 @@ def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str,
             log(f"missing wav: {wav}" + (f" ({error})" if error else ""))
             continue
         wave, rate = read_wave(wav)
+        model = english_asr_model if languages.get(utt_id) == "en" else asr_model
+        ids, waves, rates = by_model.setdefault(model, ([], [], []))
         ids.append(utt_id)
         waves.append(wave)
         rates.append(rate)
-    client = TritonModelClient(server_url, asr_model)
+    for model, (ids, waves, rates) in by_model.items():
+        _transcribe_with(server_url, model, ids, waves, rates, hypotheses, missing, log)
+    return references, hypotheses, missing
+
+
+def _transcribe_with(server_url: str, model: str, ids: list, waves: list, rates: list, hypotheses: dict,
+                     missing: dict, log) -> None:
+    from ttsrl.triton_client import TritonModelClient
+
+    client = TritonModelClient(server_url, model)
     try:
-        for utt_id, result in zip(ids, client.transcribe(waves, rates) if ids else []):
+        try:
+            results = client.transcribe(waves, rates)
+        except Exception as error:  # the whole request failed (e.g. the server does not serve the model)
+            raise OutputDirError(f"transcribing {len(ids)} utterances with the server's {model!r} at {server_url} "
+                                 f"failed: {error}") from error
+        for utt_id, result in zip(ids, results):
             if isinstance(result, Exception):
-                missing[utt_id] = f"transcription failed: {result}"
-                log(f"transcription failed for {utt_id}: {result}")
+                missing[utt_id] = f"transcription failed ({model}): {result}"
+                log(f"transcription failed for {utt_id} ({model}): {result}")
             else:
                 hypotheses[utt_id] = result
     finally:
         client.close()
-    return references, hypotheses, missing
 
 
 def add_speaker_similarity(result: CorpusScore, output_dir: Path, server_url: str, model: str = "speaker",
@@ -123,17 +147,30 @@ def add_speaker_similarity(result: CorpusScore, output_dir: Path, server_url: st
 
 
 def score_output_dir(output_dir: str | Path, server_url: str, asr_model: str = "asr_eval", metric: str = "protocol",
-                     language: str = "auto", speaker_model: str | None = "speaker", log=print) -> CorpusScore:
+                     language: str = "auto", speaker_model: str | None = "speaker", log=print,
+                     per_language: bool = False, english_asr_model: str | None = None) -> CorpusScore:
     """Transcribe OUT/wavs (writing OUT/ref.txt and OUT/hyp.txt) and score them; with a
-    ``speaker_model`` (None: none), add the speaker similarity when the server serves it.
-    Raises TranscriptError or OutputDirError (the message names file and line)."""
+    ``speaker_model`` (None: none), add the speaker similarity when the server serves it;
+    ``per_language``: each utterance with its language's metric (module doc);
+    ``english_asr_model``: the ASR of the utterances declared ``en`` (``transcribe_output_dir``). Raises
+    TranscriptError or OutputDirError (the message names file and line)."""
     folder = Path(output_dir)
-    references, hypotheses, missing = transcribe_output_dir(folder, server_url, asr_model, log)
+    references, hypotheses, missing = transcribe_output_dir(folder, server_url, asr_model, log, english_asr_model)
     write_transcripts(folder / "ref.txt", references)
     write_transcripts(folder / "hyp.txt", hypotheses)
     if not references:
         raise TranscriptError(f"{output_dir}: no utterances")
-    result = score_corpus(references, hypotheses, metric, language)
+    languages = manifest_languages(folder / "manifest.jsonl") if per_language else None
+    try:
+        result = score_corpus(references, hypotheses, metric, language, languages)
+    except ValueError as error:  # a declared language that is not one we score
+        if languages is None:
+            raise
+        raise OutputDirError(f"{folder / 'manifest.jsonl'}: {error}") from None
+    if per_language:
+        write_transcripts(folder / "languages.txt", result.languages)
+    else:
+        (folder / "languages.txt").unlink(missing_ok=True)  # a per-language run's, not this scoring's
     result.missing_reasons = {utt_id: missing[utt_id] for utt_id in result.missing if utt_id in missing}
     result.bad_prompt = bad_prompt_ids(folder / "manifest.jsonl")
     if speaker_model:

@@ -5,7 +5,10 @@ synthesis and read back by scoring; this module is the one home of their layout:
 - ``OUT/records/<id>.json``: one record per utterance (text, token count, duration, the
   prompt that conditioned the audio, ``error``: None on success);
 - ``OUT/logs/rank_<r>.log``: one line per utterance a rank finished;
-- ``OUT/manifest.jsonl``: every utterance's record, in test-set order (written last);
+- ``OUT/manifest.jsonl``: every utterance's record, in test-set order (written last), with
+  the ``language`` the eval set declares for it (``EvalUtterance.language``; "" when the set
+  does not say); scoring reads it (``manifest_languages``) to score each utterance with its
+  language's metric;
 - ``OUT/bad_prompts.txt``: the utterances skipped for a bad prompt, with file:line.
 
 Every file is written whole or not at all (``ttsrl.atomic_write``), so a killed run leaves
@@ -110,6 +113,7 @@ def write_manifest(utterances: list[EvalUtterance], output_dir: Path) -> dict:
         else:
             record = {"id": utt.id, "text": utt.text, "error": "not produced"}
             summary["missing"] += 1
+        record["language"] = utt.language  # the set's word, not a record's from an older run
         if record.get("error") is None:
             summary["ok"] += 1
             summary["seconds_of_audio"] += record.get("duration", 0.0)
@@ -148,6 +152,18 @@ def read_references(path: Path) -> dict[str, str]:
     for a bad prompt (``bad_prompt_ids`` lists those)."""
     return {utt_id: record["text"] for utt_id, record in read_records(path).items()
             if not record.get("bad_prompt")}
+
+
+def manifest_languages(path: Path) -> dict[str, str]:
+    """OUT/manifest.jsonl -> {id: declared language, "" where none} (a manifest written before
+    languages existed has none); the scorer checks the values (``ttsrl.language``)."""
+    languages = {}
+    for utt_id, record in read_records(path).items():
+        language = record.get("language") or ""
+        if not isinstance(language, str):
+            raise OutputDirError(f"{path}: utterance {utt_id!r}: language must be a string, got {language!r}")
+        languages[utt_id] = language
+    return languages
 
 
 def bad_prompt_ids(path: Path) -> list[str]:

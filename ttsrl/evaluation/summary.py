@@ -9,6 +9,12 @@ The best step is chosen on the dev set when it has scores, so the test numbers r
 that step are not the ones that picked it; without dev scores it is chosen on the test set,
 and every output says that this is optimistic. ``scripts/summarize_eval.py`` documents the
 files.
+
+A set scored per language (its wer.json summary has ``by_language``: the eval set declared
+languages, ``ttsrl.evaluation.wer``) gets a ``by_language`` entry in each of its rows in
+summary.json and, when it holds more than one language (a single-language column would
+repeat the set's own), one column per language after its usual ones, with that language's
+own metric (``<set> <language> <CER|WER> %``); a set without languages looks exactly as before.
 """
 from __future__ import annotations
 
@@ -51,6 +57,10 @@ def collect(eval_dir: Path) -> list[dict]:
                    "utterances": summary["utterances"],
                    "missing": summary.get("missing_count", len(summary["missing"])),
                    "bad_prompt": len(summary.get("bad_prompt", [])), "dir": str(child)}
+            if summary.get("by_language"):
+                row["by_language"] = {language: {key: part[key] for key in
+                                                 ("label", "error_rate", "utterances", "missing_count")}
+                                      for language, part in summary["by_language"].items()}
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise EvalError(f"{child}: unreadable score file ({error})") from None
         rows.append(row)
@@ -149,6 +159,22 @@ def _columns(steps: list[dict], name: str) -> tuple[str, bool]:
     return rows[0]["label"], has_similarity(rows)
 
 
+def _languages(steps: list[dict], name: str) -> list[tuple[str, str]]:
+    """(language, its metric label) for every language any row of the set was scored in; none
+    for a set of one language (its columns already are that language's)."""
+    labels = {}
+    for s in steps:
+        for language, part in ((s[name] or {}).get("by_language") or {}).items():
+            labels.setdefault(language, part["label"])
+    return sorted(labels.items()) if len(labels) > 1 else []
+
+
+def _language_rates(row: dict, languages: list[tuple[str, str]]) -> list:
+    """The row's error rate in each language (None where it has none)."""
+    parts = row.get("by_language") or {}
+    return [(parts.get(language) or {}).get("error_rate") for language, _ in languages]
+
+
 def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
@@ -161,7 +187,8 @@ def table(steps: list[dict], best_step: int, info: dict) -> str:
     for name in sets:
         label, with_sim = _columns(steps, name)
         more = [f"{name} {label} %", f"{name} pinyin ER %"] + ([f"{name} SIM"] if with_sim else []) + \
-            [f"{name} utterances", f"{name} missing", f"{name} bad prompts"]
+            [f"{name} utterances", f"{name} missing", f"{name} bad prompts"] + \
+            [f"{name} {language} {language_label} %" for language, language_label in _languages(steps, name)]
         header += more
         rule += ["---:"] * len(more)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
@@ -169,8 +196,9 @@ def table(steps: list[dict], best_step: int, info: dict) -> str:
         cells = [f"{s['step']}" + (" (best)" if s["step"] == best_step else "")]
         for name in sets:
             _, with_sim = _columns(steps, name)
+            languages = _languages(steps, name)
             r = s[name]
-            width = 6 if with_sim else 5
+            width = (6 if with_sim else 5) + len(languages)
             if r is None:
                 cells += ["-"] * width
                 continue
@@ -178,6 +206,7 @@ def table(steps: list[dict], best_step: int, info: dict) -> str:
             if with_sim:
                 cells.append("-" if r.get("sim") is None else f"{r['sim']:.4f}")
             cells += [str(r["utterances"]), str(r["missing"]), str(r["bad_prompt"])]
+            cells += [_percent(rate) for rate in _language_rates(r, languages)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"warning: {w}" for w in info["warnings"]] + info["notes"]
@@ -190,21 +219,24 @@ def tsv(steps: list[dict], best_step: int) -> str:
     for name in sets:
         label, with_sim = _columns(steps, name)
         header += [f"{name}_{label.lower()}", f"{name}_per"] + ([f"{name}_sim"] if with_sim else []) + \
-            [f"{name}_utterances", f"{name}_missing", f"{name}_bad_prompt"]
+            [f"{name}_utterances", f"{name}_missing", f"{name}_bad_prompt"] + \
+            [f"{name}_{language}_{language_label.lower()}" for language, language_label in _languages(steps, name)]
     header.append("best")
     lines = ["\t".join(header)]
     for s in steps:
         cells = [str(s["step"])]
         for name in sets:
             _, with_sim = _columns(steps, name)
+            languages = _languages(steps, name)
             r = s[name]
             if r is None:
-                cells += [""] * (6 if with_sim else 5)
+                cells += [""] * ((6 if with_sim else 5) + len(languages))
                 continue
             cells += ["" if r[key] is None else f"{r[key]:.6f}" for key in ("error_rate", "per")]
             if with_sim:
                 cells.append("" if r.get("sim") is None else f"{r['sim']:.6f}")
             cells += [str(r["utterances"]), str(r["missing"]), str(r["bad_prompt"])]
+            cells += ["" if rate is None else f"{rate:.6f}" for rate in _language_rates(r, languages)]
         cells.append("1" if s["step"] == best_step else "0")
         lines.append("\t".join(cells))
     return "\n".join(lines) + "\n"

@@ -75,7 +75,7 @@ def synthesize_batch(batch: list[EvalUtterance], generator, token2wav, output_di
         if isinstance(response, Exception):
             record["error"] = f"generation failed: {response}"
         else:
-            parsed = parse_speech_tokens(response)
+            parsed = parse_speech_tokens(response, getattr(generator, "family", None))
             record["tokens"] = len(parsed.ids)
             record["ignored_pieces"] = parsed.ignored
             record["ended"] = parsed.ended
@@ -223,7 +223,7 @@ def synthesize_text(model: str, output: Path, text: str, server_url: str, sampli
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     generator = TransformersGenerator(model, device, sampling)
     utterance = EvalUtterance(output.stem, text, prompt_text=prompt_text, prompt_tokens=prompt_tokens or [])
-    parsed = parse_speech_tokens(generator.generate([utterance])[0])
+    parsed = parse_speech_tokens(generator.generate([utterance])[0], generator.family)
     if not parsed.ids:
         raise RuntimeError("the model generated no speech tokens (try another --seed or check the checkpoint)")
     result = ServerToken2Wav(server_url).synthesize([parsed.ids])[0]

@@ -12,6 +12,14 @@ out an utterance whose wav does not exist, and is listed and counted on its own
 (``missing``, ``missing_count``). An empty transcript is a transcript: every reference
 token deleted.
 
+Per-utterance languages (``score_corpus(..., languages=...)``; ``ttsrl.language``): each
+utterance is scored with its language's metric (protocol, ``ttsrl.protocol_scoring``: zh CER
+and en WER as Seed-TTS-eval, ja and ko CER as CosyVoice3-Eval; ours: pinyin/char for zh, WER
+for en, CER for ja and ko),
+the overall figures cover every utterance as before, and the summary gets ``by_language``:
+the same figures for each language's utterances. Without ``languages`` nothing changes: one
+language for the whole set, no ``by_language``.
+
 Transcript files hold ``utt_id text`` lines.
 """
 from __future__ import annotations
@@ -21,11 +29,12 @@ from pathlib import Path
 
 from ttsrl.atomic_write import write_json, write_text
 from ttsrl.eval_sets import detect_language
+from ttsrl.language import detect_language as detect_text_language, normalize_language
 from ttsrl.protocol_scoring import LANGUAGES, mean_error_rate, metric_of, protocol_align
-from ttsrl.scoring import METRICS as OUR_METRICS, EmptyReferenceError, align
+from ttsrl.scoring import METRICS as OUR_METRICS, EmptyReferenceError, align, metric_name
 
 METRICS = ("protocol",) + OUR_METRICS
-METRIC_LABEL = {"pinyin": "PER", "char": "CER"}
+METRIC_LABEL = {"pinyin": "PER", "char": "CER", "wer": "WER", "cer": "CER"}
 
 
 class TranscriptError(Exception):
@@ -70,6 +79,7 @@ class UtteranceScore:
     aligned_reference: str = ""
     aligned_hypothesis: str = ""
     speaker_similarity: float | None = None  # cosine to the prompt's speaker embedding, when computed
+    language: str = ""  # the language it was scored as (per-utterance languages only)
 
 
 @dataclass
@@ -84,10 +94,40 @@ class CorpusScore:
     # missing_reasons says why where the caller knows (wav mode: no wav, transcription failed).
     missing: list[str] = field(default_factory=list)
     missing_reasons: dict[str, str] = field(default_factory=dict)
+    # Per-utterance languages: utt_id -> language of every reference (missing ones too); empty: one for the set.
+    languages: dict[str, str] = field(default_factory=dict)
+    group_language: str = ""  # set on the parts of by_language
 
     @property
     def label(self) -> str:
+        if self.group_language:
+            if self.metric == "protocol":
+                return metric_of(self.group_language).upper()
+            return METRIC_LABEL[metric_name(self.metric, self.group_language)]
         return metric_of(self.language).upper() if self.metric == "protocol" else METRIC_LABEL[self.metric]
+
+    def by_language(self) -> dict:
+        """language -> the figures of its utterances alone (empty without per-utterance languages)."""
+        groups = {}
+        for language in sorted(set(self.languages.values())):
+            part = CorpusScore(self.metric, [u for u in self.utterances if u.language == language],
+                               language=self.language, group_language=language,
+                               missing=[m for m in self.missing if self.languages.get(m) == language])
+            groups[language] = {"label": part.label, "error_rate": part.error_rate,
+                                "corpus_error_rate": part.corpus_error_rate, "errors": part.errors,
+                                "ref_length": part.total("ref_length"), "utterances": len(part.utterances),
+                                "missing_count": len(part.missing)}
+        return groups
+
+    def by_language_lines(self) -> list[str]:
+        """One line per language: ``zh %CER 1.23 [ 4 / 325 ] 10 utterances``."""
+        lines = []
+        for language, part in self.by_language().items():
+            rate = "n/a" if part["error_rate"] is None else f"{100 * part['error_rate']:.2f}"
+            lines.append(f"{language} %{part['label']} {rate} [ {part['errors']} / {part['ref_length']} ] "
+                         f"{part['utterances']} utterances" + (f", {part['missing_count']} missing"
+                                                               if part["missing_count"] else ""))
+        return lines
 
     def total(self, name: str) -> int:
         return sum(getattr(u, name) for u in self.utterances)
@@ -131,17 +171,21 @@ class CorpusScore:
                 "insertions": self.total("insertions"), "ref_length": self.total("ref_length"),
                 "utterances": len(self.utterances), "missing": self.missing, "missing_count": len(self.missing),
                 "missing_reasons": self.missing_reasons, "bad_prompt": self.bad_prompt,
-                "extra_hypotheses": self.extra_hypotheses, **(self.similarity.summary() if self.similarity else {})}
+                "extra_hypotheses": self.extra_hypotheses, **(self.similarity.summary() if self.similarity else {}),
+                **({"by_language": self.by_language()} if self.languages else {})}
 
     def similarity_line(self) -> str | None:
         return self.similarity.line() if self.similarity else None
 
 
 def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric: str = "pinyin",
-                 language: str = "auto") -> CorpusScore:
+                 language: str = "auto", languages: dict[str, str] | None = None) -> CorpusScore:
     """Score every reference utterance that has a hypothesis; one without is left out of the
     figures and listed in ``missing`` (Seed-TTS-eval's rule). ``language`` (protocol metric):
-    zh, en or auto (from the references)."""
+    zh, en, ja, ko or auto (zh or en, from the references). ``languages``: per-utterance languages (utt_id ->
+    zh, en, ja, ko or an alias; an utterance it lacks, or maps to "", is detected from its
+    reference's script), each utterance then scored with its language's metric and the
+    summary broken down ``by_language``; None: one language for the set, as before."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     if language == "auto":
@@ -150,13 +194,18 @@ def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric:
         raise ValueError(f"unknown language {language!r}; expected auto or one of {LANGUAGES}")
     result = CorpusScore(metric, extra_hypotheses=sorted(set(hypotheses) - set(references)),
                          language=language if metric == "protocol" else "")
+    if languages is not None:
+        result.languages = {utt_id: normalize_language(languages[utt_id], f"utterance {utt_id!r}")
+                            if languages.get(utt_id) else detect_text_language(reference)
+                            for utt_id, reference in references.items()}
     for utt_id, reference in references.items():
         hypothesis = hypotheses.get(utt_id)
+        utt_language = result.languages.get(utt_id, "")
         try:  # a missing one's reference is checked too: a reference that cannot be scored is a bad set
             if metric == "protocol":
-                alignment = protocol_align(reference, hypothesis or "", language)
+                alignment = protocol_align(reference, hypothesis or "", utt_language or language)
             else:
-                alignment = align(reference, hypothesis or "", metric)
+                alignment = align(reference, hypothesis or "", metric, utt_language or None)
         except EmptyReferenceError as error:
             raise TranscriptError(f"utterance {utt_id!r}: {error}") from None
         if hypothesis is None:
@@ -164,7 +213,8 @@ def score_corpus(references: dict[str, str], hypotheses: dict[str, str], metric:
             continue
         result.utterances.append(UtteranceScore(
             utt_id, reference, hypothesis, alignment.substitutions, alignment.deletions, alignment.insertions,
-            alignment.ref_length, alignment.error_rate, " ".join(alignment.reference), " ".join(alignment.hypothesis)))
+            alignment.ref_length, alignment.error_rate, " ".join(alignment.reference), " ".join(alignment.hypothesis),
+            language=utt_language))
     return result
 
 

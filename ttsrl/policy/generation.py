@@ -1,7 +1,9 @@
 """Speech-token generation with the policy LLM: the zero-shot chat prompt of an utterance,
 and two batched backends, transformers (any machine) and vLLM (CUDA machines), sampling
 as ``ttsrl.sampling.SamplingOptions`` says. Each backend's ``generate(batch)`` returns the
-decoded answer text of every utterance (speech-token pieces, ``ttsrl.speech_tokens``)."""
+decoded answer text of every utterance (speech-token pieces, ``ttsrl.speech_tokens``). Both stop at
+the stop tokens of the model's family (``ttsrl.model_family``), which a converted directory records;
+``generator.family`` is it (parse the answers with ``parse_speech_tokens(text, generator.family)``)."""
 from __future__ import annotations
 
 import os
@@ -9,12 +11,25 @@ import os
 from ttsrl.chat_template import zero_shot_messages
 from ttsrl.eval_sets import EvalUtterance
 from ttsrl.sampling import SamplingOptions
-from ttsrl.speech_tokens import SPEECH_END_TOKENS
+from ttsrl.model_family import ModelFamily, family_of_hf_dir, get_family
 
 
 def build_messages(utt: EvalUtterance) -> list[dict]:
     """Zero-shot when the prompt's speech tokens are known, else text-only."""
     return zero_shot_messages(utt.text, utt.prompt_text, utt.prompt_tokens)
+
+
+def stop_token_ids(tokenizer, model_dir: str, family: str | ModelFamily | None = None) -> list[int]:
+    """Ids of the stop tokens of ``family`` (None: the one ``model_dir`` records) in ``tokenizer``;
+    a clear error when the tokenizer lacks any of them."""
+    family = family_of_hf_dir(model_dir) if family is None else get_family(family)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in family.stop_tokens]
+    unknown = tokenizer.unk_token_id
+    missing = [t for t, i in zip(family.stop_tokens, ids) if i is None or (unknown is not None and i == unknown)]
+    if missing:
+        raise ValueError(f"{model_dir}: the tokenizer lacks the {family.name} speech end tokens {missing[:5]}; "
+                         f"is this a converted {family.name} checkpoint?")
+    return ids
 
 
 def chat_prompts(tokenizer, batch: list[EvalUtterance]) -> list[str]:
@@ -25,7 +40,8 @@ def chat_prompts(tokenizer, batch: list[EvalUtterance]) -> list[str]:
 class TransformersGenerator:
     """Batched sampling with transformers; left padding so every prompt ends where generation starts."""
 
-    def __init__(self, model_dir: str, device: str, sampling: SamplingOptions):
+    def __init__(self, model_dir: str, device: str, sampling: SamplingOptions,
+                 family: str | ModelFamily | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,11 +54,8 @@ class TransformersGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        self.end_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in SPEECH_END_TOKENS]
-        unknown = self.tokenizer.unk_token_id
-        if any(i is None or (unknown is not None and i == unknown) for i in self.end_ids):
-            raise ValueError(f"{model_dir}: the tokenizer lacks the speech end tokens {SPEECH_END_TOKENS}; "
-                             "is this a converted CosyVoice2 checkpoint?")
+        self.family = family_of_hf_dir(model_dir) if family is None else get_family(family)
+        self.end_ids = stop_token_ids(self.tokenizer, model_dir, self.family)
 
     def generate(self, batch: list[EvalUtterance]) -> list[str]:
         torch = self.torch
@@ -180,7 +193,8 @@ class VllmGenerator:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.llm = LLM(**vllm_engine_kwargs(model_dir, sampling, rank, share))
-        end_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in SPEECH_END_TOKENS]
+        self.family = family_of_hf_dir(model_dir)
+        end_ids = stop_token_ids(self.tokenizer, model_dir, self.family)
         if sampling.greedy:
             self.params = SamplingParams(temperature=0.0, max_tokens=sampling.max_new_tokens, stop_token_ids=end_ids)
         else:

@@ -1,5 +1,7 @@
-"""A converted (e.g. GRPO-trained and merged) Hugging Face CosyVoice2 LLM -> CosyVoice2's ``llm.pt``,
-and the round-trip check that the export holds every tensor CosyVoice2 can.
+"""A converted (e.g. GRPO-trained and merged) Hugging Face CosyVoice2 or CosyVoice3 LLM -> that
+family's ``llm.pt``, and the round-trip check that the export holds every tensor the family can.
+The family is the one the directory records (``ttsrl.model_family.family_of_hf_dir``); asking
+for the other one is refused (``WrongFamilyError``).
 
 torch and transformers only (trainer environment). The layout it inverts is described in
 ``ttsrl.policy.hf_conversion``; the exported ``llm_decoder.bias`` is zero, so the ``llm.pt``
@@ -14,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ttsrl.atomic_write import atomic_file
-from ttsrl.policy.hf_conversion import (ADDED_ROWS, BACKBONE, CONFIG_KEY, QWEN_LM_HEAD, SPEECH_ROWS, ConversionError,
-                                        hf_state_dict_from_llm, load_llm_state_dict, speech_token_offset)
+from ttsrl.model_family import ModelFamily, check_family, family_of_hf_dir, family_of_llm_state_dict, get_family
+from ttsrl.policy.hf_conversion import (BACKBONE, QWEN_LM_HEAD, ConversionError, hf_state_dict_from_llm, layout_key,
+                                        load_llm_state_dict, speech_token_offset)
 
 
 def load_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -35,8 +38,10 @@ def load_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 def export_llm_state_dict(hf_state: dict[str, torch.Tensor], offset: int, *, qwen2_vocab_size: int | None = None,
                           tie_word_embeddings: bool | None = None,
                           reference: dict[str, torch.Tensor] | None = None,
-                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """CosyVoice2 ``llm.pt`` tensors for a converted (possibly trained) Hugging Face model.
+                          dtype: torch.dtype | None = None,
+                          family: str | ModelFamily | None = None) -> dict[str, torch.Tensor]:
+    """``llm.pt`` tensors of ``family`` (default CosyVoice2) for a converted (possibly trained)
+    Hugging Face model.
 
     ``reference``: the original ``llm.pt``; gives the Qwen2 embedding size, the
     tying of its lm_head, the unreachable embedding rows and the dtype, and the
@@ -44,15 +49,19 @@ def export_llm_state_dict(hf_state: dict[str, torch.Tensor], offset: int, *, qwe
     ``tie_word_embeddings`` must be given (the converter records them in
     config.json) and unreachable rows are zero.
     ``llm_decoder.bias`` is zero: the Hugging Face model has none, so this is the
-    bias that makes CosyVoice2 compute the same speech distribution.
+    bias that makes CosyVoice2 compute the same speech distribution (CosyVoice3 has no bias).
     """
+    family = get_family(family)
+    rows, added = family.speech_rows, family.added_rows
+    if reference is not None:
+        check_family(family, family_of_llm_state_dict(reference, "the reference llm.pt"), "the reference llm.pt")
     if "lm_head.weight" not in hf_state:
         raise ConversionError("Hugging Face checkpoint has no lm_head.weight (tied embeddings?); "
-                              "not a converted CosyVoice2 LLM")
+                              f"not a converted {family.name} LLM")
     embed = hf_state["model.embed_tokens.weight"]
     lm_head = hf_state["lm_head.weight"]
-    if embed.shape[0] < offset + ADDED_ROWS:
-        raise ConversionError(f"embedding has {embed.shape[0]} rows, fewer than the {offset + ADDED_ROWS} "
+    if embed.shape[0] < offset + added:
+        raise ConversionError(f"embedding has {embed.shape[0]} rows, fewer than the {offset + added} "
                               "the tokenizer's speech tokens need")
     ref_embed = reference[BACKBONE + "embed_tokens.weight"] if reference is not None else None
     if reference is not None:
@@ -67,7 +76,7 @@ def export_llm_state_dict(hf_state: dict[str, torch.Tensor], offset: int, *, qwe
     if qwen2_vocab_size is None or tie_word_embeddings is None:
         raise ConversionError("the Qwen2 embedding size and lm_head tying are unknown: give the original "
                               "llm.pt as reference, or a directory whose config.json has the "
-                              f"'{CONFIG_KEY}' entry the converter writes")
+                              f"'{layout_key(family)}' entry the converter writes")
     if offset > qwen2_vocab_size:
         raise ConversionError(f"text vocabulary ({offset}) larger than the Qwen2 embedding ({qwen2_vocab_size})")
     dtype = dtype or torch.float32
@@ -93,10 +102,12 @@ def export_llm_state_dict(hf_state: dict[str, torch.Tensor], offset: int, *, qwe
         out[QWEN_LM_HEAD] = reference[QWEN_LM_HEAD].to(dtype).clone()
     else:
         out[QWEN_LM_HEAD] = torch.zeros_like(new_embed)
-    out["speech_embedding.weight"] = embed[offset:offset + SPEECH_ROWS].to(dtype).clone()
-    out["llm_embedding.weight"] = embed[offset + SPEECH_ROWS:offset + ADDED_ROWS].to(dtype).clone()
-    out["llm_decoder.weight"] = lm_head[offset:offset + SPEECH_ROWS].to(dtype).clone()
-    out["llm_decoder.bias"] = torch.zeros(SPEECH_ROWS, dtype=dtype)
+    out["speech_embedding.weight"] = embed[offset:offset + rows].to(dtype).clone()
+    if family.llm_embedding_tokens:
+        out["llm_embedding.weight"] = embed[offset + rows:offset + added].to(dtype).clone()
+    out["llm_decoder.weight"] = lm_head[offset:offset + rows].to(dtype).clone()
+    if family.llm_decoder_bias:
+        out["llm_decoder.bias"] = torch.zeros(rows, dtype=dtype)
     if reference is not None and QWEN_LM_HEAD not in reference:
         del out[QWEN_LM_HEAD]  # a layout saved without the tied copy
     if reference is not None:
@@ -121,15 +132,18 @@ def compare_layout(state: dict[str, torch.Tensor], reference: dict[str, torch.Te
     return problems
 
 
-def check_export(exported: dict[str, torch.Tensor], hf_state: dict[str, torch.Tensor], offset: int) -> list[str]:
-    """Converting ``exported`` back must give the Hugging Face tensors CosyVoice2 can hold.
+def check_export(exported: dict[str, torch.Tensor], hf_state: dict[str, torch.Tensor], offset: int,
+                 family: str | ModelFamily | None = None) -> list[str]:
+    """Converting ``exported`` back must give the Hugging Face tensors ``family`` (default
+    CosyVoice2) can hold.
 
     Compared: every backbone tensor, the text and speech rows of the embedding,
     the speech rows of lm_head (in the exported dtype). Not compared: lm_head's
     non-speech rows and padding rows, which CosyVoice2 has no place for.
     Returns the mismatches (empty when the export is faithful).
     """
-    back = hf_state_dict_from_llm(exported, offset)
+    family = get_family(family)
+    back = hf_state_dict_from_llm(exported, offset, family)
     problems = []
     for key, tensor in hf_state.items():
         if key == "lm_head.bias":
@@ -140,33 +154,40 @@ def check_export(exported: dict[str, torch.Tensor], hf_state: dict[str, torch.Te
         want = tensor.to(back[key].dtype)
         got = back[key]
         if key == "model.embed_tokens.weight":
-            want, got = want[:offset + ADDED_ROWS], got[:offset + ADDED_ROWS]
+            want, got = want[:offset + family.added_rows], got[:offset + family.added_rows]
         elif key == "lm_head.weight":
-            want, got = want[offset:offset + SPEECH_ROWS], got[offset:offset + SPEECH_ROWS]
+            want, got = want[offset:offset + family.speech_rows], got[offset:offset + family.speech_rows]
         if want.shape != got.shape or not torch.equal(want, got):
             problems.append(f"{key}: differs after the round trip")
     return problems
 
 
 def export_hf_dir(hf_dir: str | Path, reference_llm_pt: str | Path | None = None,
-                  dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-    """Export a Hugging Face model directory; returns (llm.pt state, HF state, speech offset)."""
+                  dtype: torch.dtype | None = None,
+                  family: str | ModelFamily | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Export a Hugging Face model directory; returns (llm.pt state, HF state, speech offset).
+
+    The family is the one ``hf_dir`` records; ``family`` (when given) must be it, and so must
+    the reference's (``WrongFamilyError`` otherwise)."""
     from transformers import AutoTokenizer
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
+    found = family_of_hf_dir(hf_dir)
+    if family is not None:
+        check_family(family, found, hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    offset = speech_token_offset(tokenizer)
+    offset = speech_token_offset(tokenizer, found)
     hf_state = load_hf_state_dict(hf_dir)
-    layout = json.loads((hf_dir / "config.json").read_text()).get(CONFIG_KEY) or {}
+    layout = json.loads((hf_dir / "config.json").read_text()).get(layout_key(found)) or {}
     if layout and layout.get("speech_token_offset") not in (None, offset):
         raise ConversionError(f"{hf_dir}: tokenizer puts <|s_0|> at {offset} but config.json records "
                               f"{layout['speech_token_offset']}")
-    reference = load_llm_state_dict(reference_llm_pt) if reference_llm_pt else None
+    reference = load_llm_state_dict(reference_llm_pt, found) if reference_llm_pt else None
     exported = export_llm_state_dict(
         hf_state, offset, qwen2_vocab_size=layout.get("qwen2_vocab_size"),
-        tie_word_embeddings=layout.get("qwen2_tie_word_embeddings"), reference=reference, dtype=dtype)
+        tie_word_embeddings=layout.get("qwen2_tie_word_embeddings"), reference=reference, dtype=dtype, family=found)
     return exported, hf_state, offset
 
 

@@ -1,4 +1,4 @@
-"""A tiny, randomly initialised CosyVoice2-0.5B-shaped LLM directory (both environments).
+"""A tiny, randomly initialised CosyVoice2-0.5B- or Fun-CosyVoice3-0.5B-shaped LLM directory (both environments).
 
 Real CosyVoice2 weights cannot be downloaded on CI machines, so tests and CPU
 smoke runs of the recipe use this stand-in. It has the layout the LLM side of
@@ -17,6 +17,13 @@ the recipe reads from ``$cosyvoice2_dir``:
 ``llm_embedding.weight`` (2 rows: sos, task id). The flow/HiFT parts of a real
 CosyVoice2 directory are not written: ``ttsrl.tiny_models.cosyvoice2`` adds them.
 
+``write_tiny_cosyvoice3`` writes the same directory in CosyVoice3's layout
+(``ttsrl.model_family.COSYVOICE3``, upstream ``CosyVoice3LM``): ``speech_embedding.weight`` and
+``llm_decoder.weight`` of 6561 + 200 rows, no ``llm_decoder.bias``, no ``llm_embedding``, and
+room in the Qwen2 embedding for CosyVoice3's 280 special text tokens. Of its 200 stop rows only
+eos (6562) gets a full-size decoder row, like a trained model, whose other stop rows are never
+targets; the rest get small rows, so generation stops about as rarely as CosyVoice2's.
+
 The tokenizer encodes every CJK unified ideograph (U+4E00..U+9FFF), CJK
 punctuation and full-width forms as one token each, and any other text as
 UTF-8 bytes, like Qwen2's. Like the real Qwen2 embedding, the config's
@@ -25,7 +32,8 @@ reached by any token id.
 
 Only torch, tokenizers, the standard library and ttsrl are imported (no transformers),
 so building takes about two seconds. The CLI is
-``scripts/make_tiny_cosyvoice2.py --output-dir DIR --seed 0``.
+``scripts/make_tiny_cosyvoice2.py --output-dir DIR --seed 0`` (``--model-family cosyvoice3``:
+``write_tiny_cosyvoice3``).
 """
 from __future__ import annotations
 
@@ -37,7 +45,8 @@ import torch
 from tokenizers import models
 
 from ttsrl.atomic_write import atomic_dir
-from ttsrl.policy.hf_conversion import BLANK_EN, LLM_PT, SPEECH_ROWS
+from ttsrl.model_family import COSYVOICE2, COSYVOICE3, ModelFamily, get_family
+from ttsrl.policy.hf_conversion import BLANK_EN, LLM_PT
 
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 """The special tokens a Qwen2 base tokenizer carries right after its BPE vocabulary."""
@@ -123,15 +132,18 @@ def tiny_qwen2_config(vocab_size: int, special_ids: dict[str, int]) -> dict:
 
 
 def random_llm_state_dict(config: dict, generator: torch.Generator, logit_std: float = 4.0,
-                          bias_std: float = 0.5) -> dict[str, torch.Tensor]:
-    """Random tensors in CosyVoice2's ``llm.pt`` key layout for ``config``.
+                          bias_std: float = 0.5, family: str | ModelFamily | None = None) -> dict[str, torch.Tensor]:
+    """Random tensors in the ``llm.pt`` key layout of ``family`` (default CosyVoice2) for ``config``.
 
     Scales are chosen so the tiny model behaves like a trained one where it
     matters for the tests: every layer changes the hidden state noticeably, and
     the speech logits (``llm_decoder``) have a spread of about ``logit_std``
     nats, which gives peaked next-token distributions. ``bias_std`` sets the
-    spread of ``llm_decoder.bias``.
+    spread of ``llm_decoder.bias`` (families that have one). CosyVoice2's tensors are drawn in
+    the same order as before families existed, so a seed gives the same model.
     """
+    family = get_family(family)
+    rows = family.speech_rows
     d = config["hidden_size"]
     inner = config["intermediate_size"]
     heads = config["num_attention_heads"]
@@ -166,15 +178,25 @@ def random_llm_state_dict(config: dict, generator: torch.Generator, logit_std: f
     state["llm.model.model.norm.weight"] = norm_weight()
     # Qwen2-0.5B ties lm_head to the embedding; state_dict() lists both names.
     state["llm.model.lm_head.weight"] = embed
-    state["speech_embedding.weight"] = normal(SPEECH_ROWS, d, std=1.0)
-    state["llm_decoder.weight"] = normal(SPEECH_ROWS, d, std=logit_std / math.sqrt(d))
-    state["llm_decoder.bias"] = normal(SPEECH_ROWS, std=bias_std)
-    state["llm_embedding.weight"] = normal(2, d, std=1.0)
+    state["speech_embedding.weight"] = normal(rows, d, std=1.0)
+    state["llm_decoder.weight"] = normal(rows, d, std=logit_std / math.sqrt(d))
+    if family.llm_decoder_bias:
+        state["llm_decoder.bias"] = normal(rows, std=bias_std)
+    if family.llm_embedding_tokens:
+        state["llm_embedding.weight"] = normal(len(family.llm_embedding_tokens), d, std=1.0)
+    if family is not COSYVOICE2:
+        # Stop rows other than eos are never training targets of the real model: small outputs.
+        eos = family.special_ids["eos"][1]
+        quiet = [r for r in family.stop_row_ids if r != eos]
+        state["llm_decoder.weight"][quiet] *= 0.1
     return state
 
 
-def write_tiny_llm_files(directory: Path, seed: int = 0, logit_std: float = 4.0, bias_std: float = 0.5) -> None:
-    """Write ``llm.pt`` and ``CosyVoice-BlankEN/`` into the existing ``directory``."""
+def write_tiny_llm_files(directory: Path, seed: int = 0, logit_std: float = 4.0, bias_std: float = 0.5,
+                         family: str | ModelFamily | None = None) -> None:
+    """Write ``llm.pt`` and ``CosyVoice-BlankEN/`` of ``family`` (default CosyVoice2) into the
+    existing ``directory``."""
+    family = get_family(family)
     blank = directory / BLANK_EN
     blank.mkdir()
     vocab, merges = build_bpe_vocab()
@@ -200,12 +222,22 @@ def write_tiny_llm_files(directory: Path, seed: int = 0, logit_std: float = 4.0,
     (blank / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
     # Leave room for CosyVoice2's extra special text tokens plus unreachable
     # rows, as Qwen2-0.5B does (151936 rows for a 151646-token tokenizer).
-    vocab_size = _round_up(len(vocab) + len(QWEN2_SPECIAL_TOKENS) + 32, 128) + 128
+    # (CosyVoice2's 19 fit in the 32; CosyVoice3 adds its 280.)
+    room = 32 if family is COSYVOICE2 else 32 + len(family.text_special_tokens)
+    vocab_size = _round_up(len(vocab) + len(QWEN2_SPECIAL_TOKENS) + room, 128) + 128
     config = tiny_qwen2_config(vocab_size, special_ids)
     (blank / "config.json").write_text(json.dumps(config, indent=2))
     generator = torch.Generator().manual_seed(seed)
-    state = random_llm_state_dict(config, generator, logit_std=logit_std, bias_std=bias_std)
+    state = random_llm_state_dict(config, generator, logit_std=logit_std, bias_std=bias_std, family=family)
     torch.save(state, directory / LLM_PT)
+
+
+def write_tiny_cosyvoice3(output_dir: str | Path, seed: int = 0, logit_std: float = 4.0) -> Path:
+    """Write the tiny CosyVoice3 directory (LLM side) to ``output_dir`` (replaced if present), atomically."""
+    output_dir = Path(output_dir)
+    with atomic_dir(output_dir) as tmp:
+        write_tiny_llm_files(tmp, seed=seed, logit_std=logit_std, family=COSYVOICE3)
+    return output_dir
 
 
 def write_tiny_cosyvoice2(output_dir: str | Path, seed: int = 0, logit_std: float = 4.0,

@@ -1,5 +1,7 @@
 """Stage 3 as a library: find veRL's FSDP actor checkpoints, pick the complete ones, merge
-each with veRL's own merger and check the merged Hugging Face model.
+each with veRL's own merger and check the merged Hugging Face model. A checkpoint that is a
+Hugging Face model already (``global_step_N/hf_model``, what ``train_algorithm=dpo`` writes) is
+copied instead, and checked the same way.
 
 A merged model is staged beside its checkpoint and renamed to
 ``global_step_N/merged_hf_model`` only after it loaded, generated and got its
@@ -18,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttsrl.atomic_write import atomic_dir, write_json
+# what train_algorithm=dpo saves; ttsrl.training.dpo writes the marker last, so a directory with it is whole
+from ttsrl.training.dpo import CHECKPOINT_MARKER as HF_CHECKPOINT_MARKER
+from ttsrl.training.dpo import HF_CHECKPOINT_DIRNAME
 
 MERGED_DIRNAME = "merged_hf_model"
 COMPLETE_MARKER = "merge_complete.json"
@@ -29,10 +34,16 @@ class MergeError(RuntimeError):
     """A checkpoint could not be merged or the merged model failed its check."""
 
 
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
-    actor_dir: Path
+    actor_dir: Path  # veRL's FSDP actor dir, or a Hugging Face model dir when is_hf
+
+    @property
+    def is_hf(self) -> bool:
+        return self.actor_dir.name == HF_CHECKPOINT_DIRNAME
 
     @property
     def merged_dir(self) -> Path:
@@ -44,9 +55,14 @@ class Checkpoint:
 
 
 def checkpoint_problem(actor_dir: Path) -> str | None:
-    """Why ``actor_dir`` is not a complete FSDP actor checkpoint (None when it is)."""
+    """Why ``actor_dir`` is not a complete FSDP actor checkpoint, or a complete Hugging Face
+    checkpoint (``hf_model``), (None when it is)."""
     if not actor_dir.is_dir():
         return f"{actor_dir} does not exist"
+    if actor_dir.name == HF_CHECKPOINT_DIRNAME:
+        if not (actor_dir / HF_CHECKPOINT_MARKER).is_file():
+            return f"{actor_dir / HF_CHECKPOINT_MARKER} is missing (the save did not finish)"
+        return None
     config_path = actor_dir / "fsdp_config.json"
     if not config_path.is_file():
         return f"{config_path} is missing (the save did not finish)"
@@ -76,12 +92,15 @@ def checkpoint_problem(actor_dir: Path) -> str | None:
 
 
 def find_checkpoints(exp_dir: Path) -> list[Checkpoint]:
-    """Every ``global_step_N/actor`` directory under ``exp_dir``, by step."""
+    """Every ``global_step_N/actor`` (GRPO) or ``global_step_N/hf_model`` (DPO) directory under
+    ``exp_dir``, by step."""
     found = []
     for child in exp_dir.iterdir() if exp_dir.is_dir() else []:
         match = _STEP_DIR.fullmatch(child.name)
-        if match and (child / "actor").is_dir():
-            found.append(Checkpoint(int(match.group(1)), child / "actor"))
+        for kind in ("actor", HF_CHECKPOINT_DIRNAME):
+            if match and (child / kind).is_dir():
+                found.append(Checkpoint(int(match.group(1)), child / kind))
+                break
     return sorted(found, key=lambda c: c.step)
 
 
@@ -94,8 +113,9 @@ def select_checkpoints(exp_dir: Path, steps: list[int] | None = None, latest: bo
     """
     available = find_checkpoints(exp_dir)
     if not available:
-        raise MergeError(f"no checkpoints under {exp_dir}: expected global_step_N/actor directories written by "
-                         "stage 2 (trainer.default_local_dir); check exp_dir, or that trainer.save_freq > 0")
+        raise MergeError(f"no checkpoints under {exp_dir}: expected global_step_N/actor (GRPO) or "
+                         "global_step_N/hf_model (DPO) directories written by stage 2; check exp_dir, or that "
+                         "trainer.save_freq > 0")
     if steps is not None:
         by_step = {c.step: c for c in available}
         unknown = [s for s in steps if s not in by_step]
@@ -141,7 +161,8 @@ def check_merged_model(model_dir: Path, text: str = "你好，世界。", max_ne
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ttsrl.chat_template import prompt_messages
-    from ttsrl.speech_tokens import SPEECH_END_TOKENS, all_speech_tokens
+    from ttsrl.model_family import UnknownFamilyError, family_of_hf_dir
+    from ttsrl.speech_tokens import all_speech_tokens
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -149,7 +170,11 @@ def check_merged_model(model_dir: Path, text: str = "你好，世界。", max_ne
     except Exception as error:  # transformers raises many types; the message is what matters
         raise MergeError(f"{model_dir} does not load with transformers: {error}") from error
 
-    required = all_speech_tokens() + list(SPEECH_END_TOKENS)
+    try:
+        family = family_of_hf_dir(model_dir)
+    except UnknownFamilyError as error:
+        raise MergeError(str(error)) from error
+    required = all_speech_tokens() + list(family.stop_tokens)
     ids = tokenizer.convert_tokens_to_ids(required)
     unknown = [token for token, i in zip(required, ids) if i is None or i == tokenizer.unk_token_id]
     if unknown:
@@ -191,7 +216,10 @@ def merge_checkpoint(checkpoint: Checkpoint, force: bool = False, check: bool = 
         shutil.rmtree(stale, ignore_errors=True)
     started = time.monotonic()
     with atomic_dir(checkpoint.merged_dir) as staging:
-        run_verl_merger(checkpoint.actor_dir, staging, python)
+        if checkpoint.is_hf:  # already a Hugging Face model: the merge is a copy
+            shutil.copytree(checkpoint.actor_dir, staging, dirs_exist_ok=True)
+        else:
+            run_verl_merger(checkpoint.actor_dir, staging, python)
         summary = check_merged_model(staging) if check else {}
         marker = {"step": checkpoint.step, "source": str(checkpoint.actor_dir.resolve()),
                   "merge_seconds": round(time.monotonic() - started, 2), "checked": check, **summary}

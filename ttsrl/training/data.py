@@ -9,6 +9,12 @@ once by the reward server: ``ttsrl.training.speaker_prompts``), split off a seed
 set and dev slice, build each table (``build_table``: veRL's RL schema, see
 prepare_data.py; text-only tables column-wise from Arrow arrays) and write every output
 so that none appears before all are complete.
+
+A record's optional ``language`` (zh, en, ja, ko or an alias such as ``cmn`` or ``en-US``:
+``ttsrl.language.normalize_language``) is checked and copied, normalized, into its row's
+``extra_info["language"]``, where the reward hook reads it to pick the error metric; an
+unknown language is a bad record named by file:line. Without it the hook detects the
+language from the text.
 """
 from __future__ import annotations
 
@@ -28,10 +34,11 @@ import pyarrow.parquet as pq
 from ttsrl.atomic_write import atomic_file
 from ttsrl.chat_template import zero_shot_messages
 from ttsrl.json_lines import json_lines
+from ttsrl.language import normalize_language
 from ttsrl.training import speaker_prompts as sp
 
 ABILITY = "text-to-speech"
-OPTIONAL_FIELDS = ("id", "prompt_text", "prompt_wav")
+OPTIONAL_FIELDS = ("id", "prompt_text", "prompt_wav", "language")
 PROMPT_FIELDS = ("prompt_text", "prompt_wav")
 PROMPT_INFO = ("prompt_wav", "prompt_text", "prompt_id", "prompt_hash")
 """extra_info keys of a zero-shot row (null in the text-only rows of a table that has both)."""
@@ -182,6 +189,11 @@ def read_records_by_line(path: str, max_chars: int | None) -> tuple[Records, lis
             wrong = [name for name in PROMPT_FIELDS if record.get(name) is not None and not isinstance(record[name], str)]
             if wrong:
                 bad = "non-string prompt field", f'"{wrong[0]}" is {type(record[wrong[0]]).__name__}, not a string'
+        if bad is None and record.get("language") is not None:
+            try:
+                record["language"] = normalize_language(record["language"], 'field "language"')
+            except ValueError as error:
+                bad = "bad language", str(error)
         if bad is not None:
             problems.append(Problem(path, line, *bad))
             continue
@@ -227,7 +239,14 @@ def read_records_fast(path: str, max_chars: int | None) -> Records | None:
             if column.null_count < len(column):
                 if name in PROMPT_FIELDS:
                     return None  # per-record prompts: their errors must name file:line
-                optional[name] = column.cast(pa.string())
+                column = column.cast(pa.string())
+                if name == "language":
+                    try:
+                        column = pa.array([None if v is None else normalize_language(v) for v in column.to_pylist()],
+                                          type=pa.string())
+                    except ValueError:
+                        return None  # the line reader names the record's file:line
+                optional[name] = column
     return Records(text, optional, path)
 
 

@@ -233,10 +233,11 @@ def check_rollout_packages() -> str:
     return ", ".join(versions) + " import"
 
 
-def check_model_dir(model_dir: Path) -> str:
-    from ttsrl.speech_tokens import SPEECH_END_TOKENS, SPEECH_VOCAB_SIZE, speech_token
+def check_model_dir(model_dir: Path, model_family: str | None = None) -> str:
+    from ttsrl.model_family import UnknownFamilyError, WrongFamilyError, check_family, family_of_hf_dir
+    from ttsrl.speech_tokens import SPEECH_VOCAB_SIZE, speech_token
 
-    how = "run `bash run.sh -1 -1` (downloads CosyVoice2 and converts its LLM) or set hf_model_dir"
+    how = "run `bash run.sh -1 -1` (downloads the model_family's LLM and converts it) or set hf_model_dir"
     if not model_dir.is_dir():
         raise CheckFailed(f"model directory {model_dir} does not exist: {how}")
     if not (model_dir / "config.json").is_file():
@@ -244,19 +245,26 @@ def check_model_dir(model_dir: Path) -> str:
     weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("pytorch_model*.bin"))
     if not weights:
         raise CheckFailed(f"{model_dir} has no weights (*.safetensors or pytorch_model*.bin): {how}")
+    try:
+        family = family_of_hf_dir(model_dir)
+        if model_family is not None:
+            check_family(model_family, family, model_dir)
+    except (UnknownFamilyError, WrongFamilyError) as error:
+        raise CheckFailed(str(error)) from error
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as error:
         raise CheckFailed(f"the tokenizer in {model_dir} does not load ({error}): {how}") from error
-    probe = [speech_token(0), speech_token(SPEECH_VOCAB_SIZE - 1), *SPEECH_END_TOKENS]
+    probe = [speech_token(0), speech_token(SPEECH_VOCAB_SIZE - 1), *family.stop_tokens]
     missing = [t for t, i in zip(probe, tokenizer.convert_tokens_to_ids(probe))
                if i is None or i == tokenizer.unk_token_id]
     if missing:
-        raise CheckFailed(f"the tokenizer in {model_dir} lacks {', '.join(missing)}: it is not the converted "
-                          f"CosyVoice2 LLM; {how}")
-    return f"model {model_dir} (tokenizer has the speech tokens)"
+        raise CheckFailed(f"the tokenizer in {model_dir} lacks {', '.join(missing[:5])}"
+                          f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}: it is not a converted "
+                          f"{family.name} LLM; {how}")
+    return f"model {model_dir} ({family.name}; tokenizer has the speech tokens)"
 
 
 def check_parquet(path: Path) -> str:
@@ -371,6 +379,7 @@ class Settings:
     max_chars: int | None = None            # stage 0's limit; with max_response_length: checked against it
     max_response_length: int | None = None  # None: the response-length checks do not run
     chars_per_second: float = DEFAULT_CHARS_PER_SECOND
+    model_family: str | None = None  # the configured family the model must be (None: not checked)
 
 
 def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
@@ -389,7 +398,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
                                                   settings.wait_s)))
         checks.append(("vLLM", check_rollout_packages))
     checks += [
-        ("model", lambda: check_model_dir(settings.model_dir)),
+        ("model", lambda: check_model_dir(settings.model_dir, settings.model_family)),
         ("train data", lambda: check_parquet(settings.data_dir / "train.parquet")),
         ("test data", lambda: check_parquet(settings.data_dir / "test.parquet")),
     ]

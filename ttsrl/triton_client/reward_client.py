@@ -12,6 +12,12 @@ it in that voice and measures similarity to that prompt. Rollouts with and witho
 share requests (PROMPT_WAV zero-padded, PROMPT_WAV_LENS 0 for a row that takes the bank's
 voice). The audio travels with every rollout; the server hashes it and prepares each
 distinct prompt once (its PromptCache).
+
+A rollout may name its language (``score(..., language="en")``: zh, en, ja, ko,
+``ttsrl.language``), which picks the server's error metric for it (the LANGUAGE input). A
+request whose rollouts name none sends no LANGUAGE, so servers older than that input still
+answer it; a row without a language in a request with others gets an empty cell (the server's
+configured metric).
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from ttsrl.language import normalize_language
 
 from .pool import Endpoint, EndpointPool
 from .ready import server_ready
@@ -113,7 +121,7 @@ class RewardClient:
         # No request may exceed the server's batch limit.
         self.max_batch = min(self.max_batch, await self._server_max_batch())
         # Which optional components does the server compute? (NaN = switched off.)
-        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None)]))[0]
+        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None, None)]))[0]
         if isinstance(probe, Exception):
             raise probe
         self.components = tuple(key for output, key in COMPONENT_OUTPUTS.items() if math.isfinite(probe[output]))
@@ -137,11 +145,14 @@ class RewardClient:
 
     # ---- scoring -------------------------------------------------------------------
     async def _infer_once(self, endpoint: Endpoint, client, batch: list, timeout: float) -> list:
-        """One request for a batch of (ids, ground truth, prompt or None): a result dict or a
-        RewardRequestError per item (the server reports bad items in-band)."""
-        tokens, lengths = pad_rows([np.asarray(ids) for ids, _, _ in batch], np.int32)
-        arrays = {"TOKENS": tokens, "TOKEN_LENS": lengths, "GT_TEXT": text_column(text for _, text, _ in batch)}
-        prompts = [prompt for _, _, prompt in batch]
+        """One request for a batch of (ids, ground truth, prompt or None, language or None): a
+        result dict or a RewardRequestError per item (the server reports bad items in-band)."""
+        tokens, lengths = pad_rows([np.asarray(ids) for ids, *_ in batch], np.int32)
+        arrays = {"TOKENS": tokens, "TOKEN_LENS": lengths, "GT_TEXT": text_column(text for _, text, *_ in batch)}
+        languages = [language for *_, language in batch]
+        if any(language is not None for language in languages):
+            arrays["LANGUAGE"] = text_column("" if language is None else language for language in languages)
+        prompts = [prompt for _, _, prompt, _ in batch]
         if any(prompt is not None for prompt in prompts):
             # Rows without a prompt get length 0: the server's bank voice for that row.
             waves, wave_lens = pad_rows([None if p is None else p.wave for p in prompts], np.float32)
@@ -220,7 +231,7 @@ class RewardClient:
 
     async def _send(self, batch: list) -> None:
         try:
-            results = await self._infer_with_retries([(ids, text, prompt) for ids, text, prompt, _ in batch])
+            results = await self._infer_with_retries([item for *item, _ in batch])
         except BaseException as error:  # noqa: B036 - every waiting rollout must learn of the failure
             for *_, future in batch:
                 if not future.done():
@@ -236,14 +247,19 @@ class RewardClient:
             else:
                 future.set_result(result)
 
-    async def score(self, ids: np.ndarray, ground_truth: str, prompt: Optional[SpeakerPromptAudio] = None) -> dict:
+    async def score(self, ids: np.ndarray, ground_truth: str, prompt: Optional[SpeakerPromptAudio] = None,
+                    language: Optional[str] = None) -> dict:
         """One rollout's server outputs: REWARDS, ERROR_RATE, SPEAKER_SIMILARITY, ASR_NLL, the
         UTILITY_* outputs and TRANSCRIPT. ``prompt``: the rollout's own speaker prompt (None:
-        the server's bank voice)."""
+        the server's bank voice). ``language``: the language of its error metric (zh, en, ja,
+        ko or an alias; None: the server's configured metric); an unknown one is a ValueError
+        here, before anything is sent."""
+        if language is not None:
+            language = normalize_language(language, "RewardClient.score")
         await self.ensure_ready()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((ids, ground_truth, prompt, future))
+        self._pending.append((ids, ground_truth, prompt, language, future))
         if len(self._pending) >= self.max_batch:
             self._flush()
         elif self._flush_handle is None:

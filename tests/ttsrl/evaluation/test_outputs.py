@@ -34,6 +34,25 @@ def test_records_manifest_and_summary(tmp_path):
     assert outputs.bad_prompt_ids(tmp_path / "manifest.jsonl") == ["d"]
 
 
+def test_the_manifest_carries_each_utterances_declared_language(tmp_path):
+    outputs.make_output_dirs(tmp_path)
+    utterances = [EvalUtterance("a", "你好", language="zh"), EvalUtterance("b", "Hello there.", language="en"),
+                  EvalUtterance("c", "明天")]
+    # a record from a run whose set said otherwise: the set being written now has the last word
+    outputs.write_record(tmp_path, {"id": "a", "text": "你好", "language": "ja", "error": None})
+    outputs.write_manifest(utterances, tmp_path)
+    manifest = tmp_path / "manifest.jsonl"
+    assert [json.loads(line)["language"] for line in manifest.read_text(encoding="utf-8").splitlines()] == \
+        ["zh", "en", ""]
+    assert outputs.manifest_languages(manifest) == {"a": "zh", "b": "en", "c": ""}
+    # a manifest from before languages existed: none declared
+    manifest.write_text('{"id": "a", "text": "你好", "error": null}\n', encoding="utf-8")
+    assert outputs.manifest_languages(manifest) == {"a": ""}
+    manifest.write_text('{"id": "a", "text": "你好", "language": 3}\n', encoding="utf-8")
+    with pytest.raises(outputs.OutputDirError, match="utterance 'a': language must be a string, got 3"):
+        outputs.manifest_languages(manifest)
+
+
 def test_a_killed_writers_temporaries_are_removed(tmp_path):
     outputs.make_output_dirs(tmp_path)
     left = [temporary_name(outputs.wav_path(tmp_path, "a")), temporary_name(outputs.record_path(tmp_path, "a"))]

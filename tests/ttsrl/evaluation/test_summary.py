@@ -7,12 +7,17 @@ from tests.cli import run_script
 from ttsrl.evaluation.summary import TEST_SELECTION_WARNING, EvalError, summarize
 
 
-def fake_result(folder, error_rate, per, utterances=7, missing=(), label="CER", sim=None, bad_prompt=()):
+def fake_result(folder, error_rate, per, utterances=7, missing=(), label="CER", sim=None, bad_prompt=(),
+                by_language=None):
     folder.mkdir(parents=True)
     summary = {"metric": "protocol", "label": label, "error_rate": error_rate, "utterances": utterances,
                "missing": list(missing), "missing_count": len(missing), "bad_prompt": list(bad_prompt)}
     if sim is not None:
         summary["speaker_similarity_mean"] = sim
+    if by_language is not None:  # language -> (label, error rate), as ttsrl.evaluation.wer writes it
+        summary["by_language"] = {language: {"label": part_label, "error_rate": rate, "corpus_error_rate": rate,
+                                             "errors": 1, "ref_length": 10, "utterances": 1, "missing_count": 0}
+                                  for language, (part_label, rate) in by_language.items()}
     (folder / "wer.json").write_text(json.dumps({"summary": summary}))
     (folder / "per.json").write_text(json.dumps({"summary": {"error_rate": per}}))
 
@@ -204,3 +209,28 @@ def test_speaker_similarity_column_when_scored(tmp_path, capsys):
     tsv = (tmp_path / "cer_by_step.tsv").read_text().splitlines()
     assert tsv == ["step\ttest_cer\ttest_per\ttest_sim\ttest_utterances\ttest_missing\ttest_bad_prompt\tbest",
                    "0\t0.120000\t0.080000\t\t7\t0\t0\t0", "100\t0.050000\t0.030000\t0.812340\t7\t0\t0\t1"]
+
+
+def test_a_set_scored_per_language_gets_a_column_per_language(tmp_path, capsys):
+    fake_result(tmp_path / "step_0", 0.10, 0.08, by_language={"zh": ("CER", 0.04), "en": ("WER", 0.16)})
+    fake_result(tmp_path / "step_10", 0.05, 0.03, by_language={"zh": ("CER", 0.02)})  # no en utterance scored
+    assert run_script("summarize_eval", ["--eval-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ("| step | test CER % | test pinyin ER % | test utterances | test missing | test bad prompts | "
+            "test en WER % | test zh CER % |") in out
+    assert "| 0 | 10.00 | 8.00 | 7 | 0 | 0 | 16.00 | 4.00 |" in out
+    assert "| 10 (best) | 5.00 | 3.00 | 7 | 0 | 0 | - | 2.00 |" in out
+    tsv = (tmp_path / "cer_by_step.tsv").read_text().splitlines()
+    assert tsv[0] == ("step\ttest_cer\ttest_per\ttest_utterances\ttest_missing\ttest_bad_prompt\ttest_en_wer\t"
+                      "test_zh_cer\tbest")
+    assert tsv[2] == "10\t0.050000\t0.030000\t7\t0\t0\t\t0.020000\t1"
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert steps[0]["test"]["by_language"]["en"] == {"label": "WER", "error_rate": 0.16, "utterances": 1,
+                                                     "missing_count": 0}
+    # a set without languages (the dev set here) keeps its usual columns and rows; so does a set
+    # of a single declared language (a Seed-TTS-eval zh/ folder): its column would repeat the set's
+    fake_result(tmp_path / "dev" / "step_0", 0.2, 0.1)
+    fake_result(tmp_path / "dev" / "step_10", 0.1, 0.1, by_language={"zh": ("CER", 0.1)})
+    result = summarize(tmp_path, dev_dir=tmp_path / "dev")
+    assert "| dev bad prompts | test CER % |" in result["table"] and "dev zh" not in result["table"]
+    assert "by_language" not in result["steps"][0]["dev"] and "zh" in result["steps"][1]["dev"]["by_language"]

@@ -1,5 +1,6 @@
 """ttsrl.policy.hf_conversion and scripts/convert_cosyvoice2_to_hf.py: the converted model against a
-CosyVoice2-style forward (tests/ttsrl/policy/conversion_utils.py)."""
+CosyVoice2-style forward (tests/ttsrl/policy/conversion_utils.py). CosyVoice3:
+test_hf_conversion_cosyvoice3.py."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.cli import run_script
 from tests.ttsrl.policy.conversion_utils import EOS, PROMPT_SPEECH, TEXT, CosyVoice2Reference, convert, hf_prompt_ids
+from ttsrl.model_family import COSYVOICE2, HF_FAMILY_KEY, family_of_hf_dir
 from ttsrl.policy.hf_conversion import BLANK_EN, REPORT_FILE, SPEECH_ROWS, ConversionError
 from ttsrl.policy.llm_export import export_hf_dir, load_hf_state_dict
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, added_tokens, parse_speech_tokens
@@ -44,6 +46,8 @@ def test_generation_config_and_report(biased):
     assert config["vocab_size"] == len(tokenizer)  # no padding rows: every sampled id decodes
     assert config["tie_word_embeddings"] is False
     report = json.loads((hf_dir / REPORT_FILE).read_text())
+    assert config[HF_FAMILY_KEY] == report[HF_FAMILY_KEY] == "cosyvoice2"  # detected from the llm.pt
+    assert family_of_hf_dir(hf_dir) is COSYVOICE2
     bias = torch.load(source / "llm.pt", weights_only=True)["llm_decoder.bias"]
     assert report["llm_decoder_bias_stats"]["max_abs_logprob_change_bound"] == pytest.approx(
         float(bias.max() - bias.min()))
@@ -100,7 +104,7 @@ def test_convert_is_idempotent_and_forceable(biased, tmp_path, capsys):
     stamp = weights.stat().st_mtime_ns
     convert(source, out)
     assert "skipping" in capsys.readouterr().out and weights.stat().st_mtime_ns == stamp
-    convert(source, out, "--force")
+    convert(source, out, "--force", "--model-family", "cosyvoice2")  # the flag agreeing with the file
     assert load_hf_state_dict(out)["lm_head.weight"].dtype == torch.float32
     assert not list(tmp_path.glob(".hf.*"))  # no temporary directories left behind
 

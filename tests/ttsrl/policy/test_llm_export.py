@@ -2,6 +2,7 @@
 trip, and the export of a veRL-merged checkpoint (stage 3 -> stage 6)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.cli import run_script
 from tests.ttsrl.policy.conversion_utils import PROMPT_SPEECH, TEXT, CosyVoice2Reference, hf_prompt_ids
+from ttsrl.model_family import COSYVOICE2, HF_FAMILY_KEY, family_of_hf_dir
 from ttsrl.policy.hf_conversion import BLANK_EN, SPEECH_ROWS
 from ttsrl.policy.llm_export import check_export, export_hf_dir
 
@@ -54,6 +56,24 @@ def test_export_without_reference_uses_recorded_layout(biased):
     for name in ("speech_embedding.weight", "llm_embedding.weight", "llm_decoder.weight"):
         assert torch.equal(exported[name], original[name]), name
     assert check_export(exported, hf_state, offset) == []
+
+
+def test_dir_converted_before_families_exports_as_cosyvoice2(biased, tmp_path, capsys):
+    """An HF directory with no family record (converted before CosyVoice3 existed) is CosyVoice2."""
+    import shutil
+
+    source, hf_dir = biased
+    old = tmp_path / "old"
+    shutil.copytree(hf_dir, old)
+    config = json.loads((old / "config.json").read_text())
+    assert config.pop(HF_FAMILY_KEY) == "cosyvoice2"
+    (old / "config.json").write_text(json.dumps(config))
+    assert family_of_hf_dir(old) is COSYVOICE2
+    out = tmp_path / "llm.pt"
+    argv = ["--hf-dir", str(old), "--output", str(out), "--reference-llm-pt", str(source / "llm.pt"), "--check",
+            "--model-family", "cosyvoice2"]
+    assert run_script("convert_hf_to_cosyvoice2", argv) == 0
+    assert "wrote" in capsys.readouterr().out and out.is_file()
 
 
 def test_trained_model_exports_to_the_same_policy(biased, tmp_path):
@@ -124,6 +144,9 @@ def test_export_of_verl_merged_checkpoint(biased, tmp_path):
     merged = tmp_path / "merged"
     run("-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
         str(tmp_path / "exp" / "global_step_1" / "actor"), "--target_dir", str(merged))
+    assert family_of_hf_dir(merged) is COSYVOICE2
+    # veRL's merger keeps the family record, which a CosyVoice3 policy's export relies on.
+    assert json.loads((merged / "config.json").read_text()).get(HF_FAMILY_KEY) == "cosyvoice2"
     out = tmp_path / "llm.pt"
     argv = ["--hf-dir", str(merged), "--output", str(out), "--reference-llm-pt", str(source / "llm.pt"), "--check"]
     assert run_script("convert_hf_to_cosyvoice2", argv) == 0

@@ -401,3 +401,23 @@ def test_verl_rlhf_dataset_builds_zero_shot_prompts(tmp_path, reward_server):
         assert tokenizer.decode(ids) == expected_prompt(info["prompt_text"] + info["text"], "cosyvoice2",
                                                         format_speech_tokens(speech))
         assert ids[-len(speech):] == tokenizer.convert_tokens_to_ids([speech_token(i) for i in speech])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_records_language_is_checked_and_copied_to_extra_info(tmp_path, fast):
+    records = [{"text": "甲", "language": "cmn"}, {"text": "Hello there", "language": "en-US"}, {"text": "乙"},
+               {"text": "今日は", "language": "ja"}]
+    out = tmp_path / "out"
+    data.prepare(write_jsonl(tmp_path / "a.jsonl", records), str(out), test_size=1, seed=3, fast=fast)
+    infos = {r["extra_info"]["text"]: r["extra_info"] for r in read(out / "train.parquet") + read(out / "test.parquet")}
+    assert {text: info["language"] for text, info in infos.items()} == {
+        "甲": "zh", "Hello there": "en", "乙": None, "今日は": "ja"}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_unknown_language_names_file_line_and_the_value(tmp_path, fast):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "甲"}, {"text": "乙", "language": "klingon"}, {"text": "丙"}])
+    with pytest.raises(data.DataError) as error:
+        data.prepare(path, str(tmp_path / "o"), test_size=1, fast=fast)
+    assert f"{path}:2: bad language: " in str(error.value) and "'klingon'" in str(error.value)
+    assert not (tmp_path / "o").exists()

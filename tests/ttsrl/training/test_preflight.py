@@ -66,8 +66,21 @@ def test_model_without_speech_tokens_is_refused(tmp_path):
     with pytest.raises(CheckFailed, match="has no weights"):
         check_model_dir(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"placeholder: the check only looks for the file")
-    with pytest.raises(CheckFailed, match=r"lacks <\|s_0\|>, <\|s_6560\|>, <\|eos1\|>.*not the converted"):
+    with pytest.raises(CheckFailed, match=r"lacks <\|s_0\|>, <\|s_6560\|>, <\|eos1\|>.*not a converted cosyvoice2"):
         check_model_dir(tmp_path)
+
+
+def test_a_model_of_the_other_family_is_refused_naming_both(tmp_path):
+    import json
+
+    from transformers import Qwen2Config
+
+    config = Qwen2Config().to_dict()
+    config["ttsrl_model_family"] = "cosyvoice3"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"placeholder")
+    with pytest.raises(CheckFailed, match=r"is a cosyvoice3 model but model_family=cosyvoice2"):
+        check_model_dir(tmp_path, "cosyvoice2")
 
 
 def test_parquet_failures_say_what_to_do(tmp_path, data_dir):
