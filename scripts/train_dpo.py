@@ -85,11 +85,10 @@ def _rows(args) -> dict:
 def run_sample(args) -> int:
     import torch
 
+    from ttsrl.model_family import check_family, family_from_env, family_of_hf_dir
     from ttsrl.policy.generation import make_generator
 
     rank, world = preference_samples.rank_and_world()
-    from ttsrl.model_family import check_family, family_from_env, family_of_hf_dir
-
     policy, _ = dpo.round_start(args.exp_dir, args.round, args.start_policy)
     check_family(family_from_env(), family_of_hf_dir(policy), policy)  # model_family's policy, never another's
     out_dir = dpo.round_dir(args.exp_dir, args.round)

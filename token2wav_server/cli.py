@@ -28,6 +28,8 @@ import ipaddress
 import logging
 import sys
 
+from ttsrl.model_family import family_from_env
+
 from .engines import EngineOptions, create_engines, load_factory
 from .http_guard import DEFAULT_MAX_BODY_MB, GuardLimits
 from .prompt_bank import load_prompts
@@ -38,7 +40,8 @@ from .supervisor import EXIT_CONFIG_ERROR, FrontConfig, RestartPolicy, run_super
 from .triton_worker import CONFIG_ERRORS, run_worker
 
 LOGGER = logging.getLogger("token2wav_server")
-DEFAULT_ENGINES = "token2wav_server.engines_cosyvoice2:create_engines"
+DEFAULT_ENGINES = family_from_env().token2wav_engines
+"""The real engines of the model family run.sh exports (TTSRL_MODEL_FAMILY; unset: CosyVoice2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,10 +45,11 @@ from pathlib import Path
 import numpy as np
 
 from ttsrl.atomic_write import atomic_file
+from ttsrl.model_family import family_from_env
 
 SAMPLE_RATE = 16000
 MIN_SAMPLES = 400  # WavLM's conv front end needs 25 ms
-DEFAULT_BASE_ENGINES = "token2wav_server.engines_cosyvoice2:create_engines"
+DEFAULT_BASE_ENGINES = family_from_env().token2wav_engines  # the exported model family's real engines
 UPSTREAM_PREFIX = "feature_extract.model."
 WAVLM_MAX_BUCKET_DISTANCE = 800
 

@@ -7,6 +7,7 @@ import json
 
 import prepare_data
 from tests.cli import run_script
+from tests.policy_utils import tiny_policy  # noqa: F401 (fixture)
 from ttsrl.training import dpo
 
 
@@ -49,3 +50,13 @@ def test_steps_out_of_order_are_named(tmp_path, capsys):
     code = run_script("train_dpo", ["score", "--exp-dir", str(exp), "--data", str(data), "--server-url", "grpc://x:1"])
     err = capsys.readouterr().err
     assert code == 2 and "no samples in" in err and "run the sample step first" in err
+
+
+def test_sampling_refuses_a_policy_of_another_family(tmp_path, tiny_policy, monkeypatch, capsys):  # noqa: F811
+    data = stage0(tmp_path)
+    monkeypatch.setenv("TTSRL_MODEL_FAMILY", "cosyvoice3")  # what run.sh exports for model_family=cosyvoice3
+    code = run_script("train_dpo", ["sample", "--exp-dir", str(tmp_path / "exp"), "--data", str(data),
+                                    "--start-policy", str(tiny_policy), "--samples-per-prompt", "2"])
+    assert code == 2
+    assert "is a cosyvoice2 model but model_family=cosyvoice3" in capsys.readouterr().err
+    assert not (tmp_path / "exp" / "dpo").exists()
