@@ -163,6 +163,25 @@ def rank_and_world(environ=None) -> tuple[int, int]:
     return int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
 
 
+def complete_prompts(records: list[dict], samples_per_prompt: int) -> set[int]:
+    """The prompts that have all ``samples_per_prompt`` samples among ``records``."""
+    seen: dict[int, set] = {}
+    for record in records:
+        seen.setdefault(record["prompt_index"], set()).add(record["sample"])
+    return {index for index, samples in seen.items() if len(samples) >= samples_per_prompt}
+
+
+def first_of_each_sample(records) -> list[dict]:
+    """``records`` with each (prompt_index, sample) kept once, the first time it appears."""
+    kept, seen = [], set()
+    for record in records:
+        key = (record["prompt_index"], record["sample"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(record)
+    return kept
+
+
 def sample_responses(prompts: list[PromptRow], samples_per_prompt: int, generate, out_dir: Path,
                      prompts_per_batch: int = 8, rank: int = 0, world_size: int = 1, log=print,
                      family=None) -> Path:
@@ -175,20 +194,14 @@ def sample_responses(prompts: list[PromptRow], samples_per_prompt: int, generate
         raise ValueError(f"samples_per_prompt must be at least 2 to make a pair, got {samples_per_prompt}")
     path = out_dir / f"samples.rank{rank}.jsonl"
     existing = read_complete_lines(path)
-    by_prompt: dict[int, list[dict]] = {}
-    for record in existing:
-        by_prompt.setdefault(record["prompt_index"], []).append(record)
-    done = {i for i, records in by_prompt.items() if len({r["sample"] for r in records}) >= samples_per_prompt}
-    if len(done) != len(by_prompt):  # partial prompts: keep only the complete ones' lines
+    done = complete_prompts(existing, samples_per_prompt)
+    if len(done) != len({r["prompt_index"] for r in existing}):  # partial prompts: keep the complete ones' lines
         kept = [r for r in existing if r["prompt_index"] in done]
         write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     # prompts another rank finished (a rerun with another world size shards differently) are done too
     for other in out_dir.glob(SAMPLES_GLOB):
         if other != path:
-            counts: dict[int, set] = {}
-            for record in read_complete_lines(other, repair=False):
-                counts.setdefault(record["prompt_index"], set()).add(record["sample"])
-            done |= {i for i, seen in counts.items() if len(seen) >= samples_per_prompt}
+            done |= complete_prompts(read_complete_lines(other, repair=False), samples_per_prompt)
     mine = [p for k, p in enumerate(prompts) if k % world_size == rank]
     pending = [p for p in mine if p.index not in done]
     log(f"rank {rank}: {len(mine)} prompts x {samples_per_prompt} samples; {len(mine) - len(pending)} already "
@@ -196,7 +209,7 @@ def sample_responses(prompts: list[PromptRow], samples_per_prompt: int, generate
     with LineAppender(path) as out:
         for start in range(0, len(pending), prompts_per_batch):
             batch = pending[start:start + prompts_per_batch]
-            utterances = [p.utterance() for p in batch for _ in range(samples_per_prompt)]
+            utterances = [u for p in batch for u in [p.utterance()] * samples_per_prompt]
             texts = generate(utterances)
             if len(texts) != len(utterances):
                 raise RuntimeError(f"the generator returned {len(texts)} answers for {len(utterances)} prompts")
@@ -212,14 +225,8 @@ def sample_responses(prompts: list[PromptRow], samples_per_prompt: int, generate
 
 def read_samples(out_dir: Path) -> list[dict]:
     """Every rank's samples, each (prompt_index, sample) once."""
-    records, seen = [], set()
-    for path in sorted(out_dir.glob(SAMPLES_GLOB)):
-        for record in read_complete_lines(path, repair=False):
-            key = (record["prompt_index"], record["sample"])
-            if key not in seen:
-                seen.add(key)
-                records.append(record)
-    return records
+    return first_of_each_sample(record for path in sorted(out_dir.glob(SAMPLES_GLOB))
+                                for record in read_complete_lines(path, repair=False))
 
 
 # ---- step 2: scoring ----------------------------------------------------------------------
@@ -273,10 +280,5 @@ async def score_samples(samples: list[dict], rows: dict[int, PromptRow], score, 
 
 def read_scores(out_dir: Path) -> tuple[list[dict], int]:
     """The scores (each sample once) and how many samples the server refused."""
-    scores, seen = [], set()
-    for record in read_complete_lines(out_dir / SCORES_FILE):
-        key = (record["prompt_index"], record["sample"])
-        if key not in seen:
-            seen.add(key)
-            scores.append(record)
+    scores = first_of_each_sample(read_complete_lines(out_dir / SCORES_FILE))
     return scores, len(read_complete_lines(out_dir / SCORE_ERRORS_FILE))
