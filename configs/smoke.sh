@@ -15,7 +15,7 @@
 #   $cosyvoice_src (stage -1 clones it, or unpacks cosyvoice_archive=PATH.tar.gz when set)
 #   and is slower: about a minute more server start-up and seconds per utterance on CPU.
 #   Rewards and transcripts are then random-model noise; what runs is the real code path.
-# - the task is zero-shot, as CosyVoice2 is used: stage 0 pairs each text of 2-4 Chinese
+# - the task is zero-shot, as CosyVoice2 is used: stage 0 pairs each text of 3-4 Chinese
 #   numerals (assets/smoke_zero_shot/texts.jsonl) with one of 8 speaker prompts in 4 stand-in voices
 #   (assets/smoke_zero_shot/prompts.jsonl; scripts/make_smoke_zero_shot.py made them), whose
 #   speech tokens the server's speech_tokenizer gives. With the engine option voice_tokens=true
@@ -36,7 +36,7 @@ stop_stage=${stop_stage:-6}
 : "${exp_dir=exp/smoke}"
 : "${pretrained_dir=$exp_dir/pretrained}"
 : "${model_source=tiny}"
-: "${train_file=assets/smoke_zero_shot/texts.jsonl}"  # 1536 texts of 2-4 numerals (stand-in task, see above)
+: "${train_file=assets/smoke_zero_shot/texts.jsonl}"  # 1536 texts of 3-4 numerals (stand-in task, see above)
 : "${train_prompts=assets/smoke_zero_shot/prompts.jsonl}"  # 8 prompts, 4 stand-in voices (train_prompts=: text-only)
 : "${dev_size=24}"                  # held out of train: stage 4 chooses the best step on these
 : "${max_chars=6}"                  # 1 stand-in token per character: 6 characters + the voice and end

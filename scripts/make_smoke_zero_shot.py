@@ -14,12 +14,12 @@ Writes, deterministically from the seed:
 - ``prompts.jsonl``: the prompt set (``train_prompts=``): ``id``, ``speaker``, ``prompt_wav``
   (relative to this folder), ``prompt_text`` (what the audio says).
 - ``meta.lst``: the test set in Seed-TTS-eval layout (``id|prompt_text|prompt_wav|text``), texts of
-  2-4 numerals that are not in the training texts, each prompted with one of the prompts above
+  3-4 numerals that are not in the training texts, each prompted with one of the prompts above
   in turn.
-- ``texts.jsonl``: the training texts (``train_file``), ``TRAIN_TEXTS`` distinct texts of 2-4
-  numerals, none of them a test text. Many texts, each seen about once per GRPO run, so the tiny
-  policy learns to read numerals rather than memorize texts (the held-out test set measures the
-  former).
+- ``texts.jsonl``: the training texts (``train_file``), ``TRAIN_TEXTS`` distinct texts of 3-4
+  numerals, none of them a test text, each length as common as in the test set. Many texts, each
+  seen about once per GRPO run, so the tiny policy learns to read numerals rather than memorize
+  texts (the held-out test set measures the former).
 """
 from __future__ import annotations
 
@@ -45,12 +45,31 @@ VOICES = (3, 6, 9, 12)  # stand-in voices far enough apart to tell by ear in the
 PROMPTS_PER_VOICE = 2
 PROMPT_CHARS = 4
 PROMPT_SECONDS = 1.0
+# Texts of 3 or 4 numerals, each length half the time in the test set and in training. Not 2:
+# only 100 two-numeral texts exist, too few to hold test texts out and still train on each
+# length as often as the test set has it.
+TEXT_LENGTHS = (3, 4)
 TEST_TEXTS = 48
 TRAIN_TEXTS = 1536
 
 
 def random_text(rng: np.random.Generator, length: int, characters: str = NUMERALS) -> str:
     return "".join(characters[i] for i in rng.integers(0, len(characters), size=length))
+
+
+def distinct_texts(rng: np.random.Generator, count: int, exclude: set[str] = frozenset()) -> list[str]:
+    """``count`` distinct texts of numerals, none in ``exclude``, the lengths of ``TEXT_LENGTHS`` in
+    turn (so each is as common), each text drawn among those of its length not taken yet."""
+    texts: list[str] = []
+    taken = set(exclude)
+    while len(texts) < count:
+        length = TEXT_LENGTHS[len(texts) % len(TEXT_LENGTHS)]
+        text = random_text(rng, length)
+        while text in taken:
+            text = random_text(rng, length)
+        taken.add(text)
+        texts.append(text)
+    return texts
 
 
 def write_assets(output_dir: pathlib.Path, seed: int = 0) -> None:
@@ -73,19 +92,8 @@ def write_assets(output_dir: pathlib.Path, seed: int = 0) -> None:
                             "prompt_text": text})
     write_text(output_dir / "prompts.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
 
-    seen: set[str] = set()
-
-    def new_texts(count: int) -> list[str]:
-        texts: list[str] = []
-        while len(texts) < count:
-            text = random_text(rng, int(rng.integers(2, 5)))
-            if text not in seen:
-                seen.add(text)
-                texts.append(text)
-        return texts
-
-    texts = new_texts(TEST_TEXTS)
-    train = new_texts(TRAIN_TEXTS)
+    texts = distinct_texts(rng, TEST_TEXTS)
+    train = distinct_texts(rng, TRAIN_TEXTS, set(texts))
     write_text(output_dir / "texts.jsonl", "".join(json.dumps({"id": f"zt{i:04d}", "text": text}, ensure_ascii=False)
                                                    + "\n" for i, text in enumerate(train)))
     lines = [f"zs{i:02d}|{prompts[i % len(prompts)]['prompt_text']}|{prompts[i % len(prompts)]['prompt_wav']}|{text}"

@@ -5,7 +5,7 @@ stand-in engines, a supervised warm-up and real GRPO steps on the CPU, merge of 
 checkpoints GRPO saved, torchrun inference, scoring, synthesis, export) in a temporary
 experiment folder on free ports, checks that the policy learned (validation reward of the
 last step above step 0's, and the main job's final table: on held-out zero-shot texts the last
-step's CER below step 0's and its SIM above it, with a trained step chosen on the dev set), and that nothing is left behind: no server process, no bound port.
+step's CER at most 0.6x step 0's and its SIM above it, with a trained step chosen on the dev set), and that nothing is left behind: no server process, no bound port.
 
 Two variants reuse that run's environments, tiny models, stage 0 data and warm-up (so CI pays for
 the set-up once): ``train_algorithm=dpo`` (2 rounds of offline DPO; its final table must show the
@@ -26,10 +26,9 @@ from token2wav_server.launch import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 LEARNING_MARGIN = 0.05
-CER_RATIO = 1.0
-"""The last step's test CER must be below this fraction of step 0's. Issue 16 asks for 0.6; runs
-of configs/smoke.sh measured 0.83 (29.9% -> 24.7% on the 48 held-out texts), so the test asks
-only for a lower CER, and the gap to 0.6 is reported in the README, not hidden."""
+CER_RATIO = 0.6
+"""The last step's test CER must be at most this fraction of step 0's (issue 16). Runs of
+configs/smoke.sh measured 0.29 (10.6% -> 3.1% on the 48 held-out texts; README)."""
 """Validation reward gained from step 0 to step 16 that the test requires. Runs measured with
 configs/smoke.sh gained more (README); a validation mean over 24 prompts x 16 samples moves by
 about 0.03 between runs of the same policy, so the margin stays well below the expected gain."""
@@ -127,7 +126,7 @@ def test_smoke_profile_runs_every_stage_and_cleans_up(grpo_smoke):
     print(f"smoke test set: step 0 CER {first['error_rate']:.3f} SIM {first['sim']:.3f}; "
           f"step 16 CER {last['error_rate']:.3f} SIM {last['sim']:.3f}; best {summary['best_step']}\n{table}")
     # the final table shows the learning: fewer errors, the prompt's voice, a trained step chosen on dev
-    assert last["error_rate"] < CER_RATIO * first["error_rate"], table
+    assert last["error_rate"] <= CER_RATIO * first["error_rate"], table
     assert last["sim"] > first["sim"], table
     assert summary["selected_on"] == "dev" and summary["best_step"] in (8, 16), table
     best = summary["best_step"]
@@ -139,7 +138,7 @@ def test_smoke_profile_runs_every_stage_and_cleans_up(grpo_smoke):
 
 DPO_CER_RATIO = 0.8
 """Issue 19: with train_algorithm=dpo the last step's test CER is at most this fraction of step 0's.
-Runs of configs/smoke.sh measured 0.67 (29.9% -> 20.1% on the 48 held-out texts)."""
+A run of configs/smoke.sh measured 0.38 (10.6% -> 4.0% on the 48 held-out texts)."""
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The committed zero-shot smoke assets are what scripts/make_smoke_zero_shot.py makes, and they
 are what the smoke profile needs: prompts of at least 1 s in distinct stand-in voices whose
-audio says their transcript (then silence), and test texts that the training set does not contain."""
+audio says their transcript (then silence), and test texts that the training set does not contain, with each length as common in both."""
 import json
 from pathlib import Path
 
@@ -39,9 +39,13 @@ def test_prompts_say_their_transcript_in_distinct_voices():
 def test_test_texts_are_held_out_and_prompted_by_the_prompt_set():
     train = [json.loads(line)["text"] for line in (ASSETS / "texts.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(set(train)) == len(train) >= 1000 and all(set(t) <= set("一二三四五六七八九十") for t in train)
+    rows = [line.split("|") for line in (ASSETS / "meta.lst").read_text(encoding="utf-8").splitlines()]
+    # Each length as common in training as in the test set: half the texts 3 numerals, half 4.
+    for texts in (train, [text for *_, text in rows]):
+        assert sorted({len(t) for t in texts}) == [3, 4]
+        assert sum(len(t) == 3 for t in texts) * 2 == len(texts)
     train = set(train)
     prompt_wavs = {json.loads(line)["prompt_wav"] for line in (ASSETS / "prompts.jsonl").read_text().splitlines()}
-    rows = [line.split("|") for line in (ASSETS / "meta.lst").read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= 16
     assert not {text for *_, text in rows} & train
     assert {wav for _, _, wav, _ in rows} == prompt_wavs
