@@ -27,6 +27,7 @@ import argparse
 import json
 import pathlib
 import sys
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def random_text(rng: np.random.Generator, length: int, characters: str = NUMERAL
     return "".join(characters[i] for i in rng.integers(0, len(characters), size=length))
 
 
-def distinct_texts(rng: np.random.Generator, count: int, exclude: set[str] = frozenset()) -> list[str]:
+def distinct_texts(rng: np.random.Generator, count: int, exclude: Iterable[str] = ()) -> list[str]:
     """``count`` distinct texts of numerals, none in ``exclude``, the lengths of ``TEXT_LENGTHS`` in
     turn (so each is as common), each text drawn among those of its length not taken yet."""
     texts: list[str] = []
@@ -93,7 +94,7 @@ def write_assets(output_dir: pathlib.Path, seed: int = 0) -> None:
     write_text(output_dir / "prompts.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
 
     texts = distinct_texts(rng, TEST_TEXTS)
-    train = distinct_texts(rng, TRAIN_TEXTS, set(texts))
+    train = distinct_texts(rng, TRAIN_TEXTS, texts)
     write_text(output_dir / "texts.jsonl", "".join(json.dumps({"id": f"zt{i:04d}", "text": text}, ensure_ascii=False)
                                                    + "\n" for i, text in enumerate(train)))
     lines = [f"zs{i:02d}|{prompts[i % len(prompts)]['prompt_text']}|{prompts[i % len(prompts)]['prompt_wav']}|{text}"

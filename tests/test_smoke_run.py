@@ -26,12 +26,13 @@ from token2wav_server.launch import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 LEARNING_MARGIN = 0.05
-CER_RATIO = 0.6
-"""The last step's test CER must be at most this fraction of step 0's (issue 16). Runs of
-configs/smoke.sh measured 0.29 (10.6% -> 3.1% on the 48 held-out texts; README)."""
 """Validation reward gained from step 0 to step 16 that the test requires. Runs measured with
 configs/smoke.sh gained more (README); a validation mean over 24 prompts x 16 samples moves by
 about 0.03 between runs of the same policy, so the margin stays well below the expected gain."""
+CER_RATIO = 0.6
+"""The last step's test CER must be at most this fraction of step 0's (issue 16). Three runs of
+configs/smoke.sh measured 0.29, 0.43 and 0.43 (10.6% -> 3.1%, 4.5%, 4.5% on the 48 held-out
+texts; README)."""
 
 
 def smoke_env(tmp_path: Path, **extra) -> dict:
@@ -125,7 +126,7 @@ def test_smoke_profile_runs_every_stage_and_cleans_up(grpo_smoke):
     first, last = by_step[0]["test"], by_step[16]["test"]
     print(f"smoke test set: step 0 CER {first['error_rate']:.3f} SIM {first['sim']:.3f}; "
           f"step 16 CER {last['error_rate']:.3f} SIM {last['sim']:.3f}; best {summary['best_step']}\n{table}")
-    # the final table shows the learning: fewer errors, the prompt's voice, a trained step chosen on dev
+    # the final table shows the learning: at most 0.6x the errors, the prompt's voice, a trained step chosen on dev
     assert last["error_rate"] <= CER_RATIO * first["error_rate"], table
     assert last["sim"] > first["sim"], table
     assert summary["selected_on"] == "dev" and summary["best_step"] in (8, 16), table
