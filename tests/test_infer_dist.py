@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import soundfile
 
+import infer_dist
 from tests.evaluation_utils import TEXTS, check_outputs, voice_of, write_manifests
 from tests.policy_utils import tiny_policy  # noqa: F401 (a fixture)
 from token2wav_server import standin
@@ -144,15 +145,40 @@ def test_in_process_engines_in_the_server_environment(tmp_path, tiny_policy):
         assert record["prompt_voice"] == "utterance" and len(record["prompt_id"]) == 64
 
 
+def refusal(rank: int, local_world_size: int = 2) -> str:
+    """What rank ``rank`` of ``local_world_size`` ranks says when 1 GPU is visible (named "0")."""
+    return (f"rank {rank} (local rank {rank} of {local_world_size} on this node): --backend vllm puts each rank on "
+            "a GPU of its own, but only 1 GPU(s) are visible (0); run torchrun --nproc_per_node=1")
+
+
 def test_vllm_ranks_beyond_the_visible_gpus_stop_before_anything_starts(tmp_path, tiny_policy):  # noqa: F811
-    """--backend vllm puts each rank on a GPU of its own: 2 ranks with 1 visible GPU is refused by
-    both ranks (torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE), naming the fix, before any model loads."""
+    """--backend vllm puts each rank on a GPU of its own: 2 ranks with 1 visible GPU stop the job,
+    naming the fix, before any model loads or anything is written. torchrun tears the other rank
+    down as soon as one fails, so which ranks get to print is a race: the job guarantees one
+    refusal (that every rank refuses on its own is checked in process below)."""
     manifest = write_manifests(tmp_path / "set")["jsonl"]
     command = torchrun_command(tiny_policy, manifest, tmp_path / "out", "grpc://127.0.0.1:1", "--backend", "vllm")
     done = subprocess.run(command, env=dict(run_env(), CUDA_VISIBLE_DEVICES="0"), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0
-    for rank in (0, 1):
-        assert (f"rank {rank} (local rank {rank} of 2 on this node): --backend vllm puts each rank on a GPU of its "
-                "own, but only 1 GPU(s) are visible (0); run torchrun --nproc_per_node=1") in done.stderr
+    assert any(refusal(rank) in done.stderr for rank in (0, 1)), done.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_each_vllm_rank_beyond_the_visible_gpus_refuses_on_its_own(tmp_path, monkeypatch, capsys, local_rank):
+    """infer_dist's main, in this process, as torchrun --nproc_per_node=2 starts each rank with one
+    visible GPU: every rank refuses by itself (none relies on another rank's failure), exits 1 with
+    the fix, before reading the model (there is none) and without writing anything."""
+    for name, value in (("RANK", local_rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", 2),
+                        ("LOCAL_WORLD_SIZE", 2), ("CUDA_VISIBLE_DEVICES", 0)):
+        monkeypatch.setenv(name, str(value))
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "MASTER_ADDR", "MASTER_PORT"):  # a regression fails, not waits
+        monkeypatch.delenv(name, raising=False)
+    manifest = write_manifests(tmp_path / "set")["jsonl"]
+    out = tmp_path / "out"
+    code = infer_dist.main(["--model", str(tmp_path / "no-model"), "--manifest", str(manifest), "--output-dir",
+                            str(out), "--server-url", "grpc://127.0.0.1:1", "--backend", "vllm"])
+    assert code == 1
+    assert refusal(local_rank) in capsys.readouterr().err
+    assert not out.exists()

@@ -41,6 +41,19 @@ class TestVllmPlacement:
         with pytest.raises(PlacementError, match=r"only 2 GPU\(s\) are visible \(0,1\).*--nproc_per_node=2"):
             vllm_placement(local_rank, local_rank, ["0", "1"], frozenset({0}), local_world_size)
 
+    @pytest.mark.parametrize("local_rank, local_world_size", [(0, 2), (1, 2), (0, 3), (2, 3)])
+    def test_every_torchrun_rank_refuses_by_itself(self, local_rank, local_world_size):
+        """rank_placement, infer_dist's check, on the environment torchrun gives each rank: each
+        rank of too many refuses on its own, so no rank depends on another's failure to stop."""
+        from ttsrl.policy.generation import PlacementError, rank_placement
+
+        environ = {"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world_size),
+                   "CUDA_VISIBLE_DEVICES": "0"}
+        with pytest.raises(PlacementError, match=rf"^rank {local_rank} \(local rank {local_rank} of "
+                                                 rf"{local_world_size} on this node\).*only 1 GPU\(s\) are visible "
+                                                 r"\(0\); run torchrun --nproc_per_node=1"):
+            rank_placement(environ)
+
     def test_bad_input_is_refused_with_the_flag(self):
         from ttsrl.policy.generation import PlacementError, parse_server_devices, vllm_placement
 
