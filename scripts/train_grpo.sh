@@ -98,6 +98,9 @@ cmd=(
   "trainer.total_epochs=$total_epochs"
   "trainer.save_freq=$save_freq"
   "trainer.test_freq=$test_freq"
+  # refused rollouts: where the tts_sync trainer enforces them (configs/grpo.yaml, tts:)
+  "tts.reward_failure_budget=${reward_failure_budget:-0.01}"
+  "tts.reward_failure_max_consecutive_steps=${reward_failure_max_consecutive_steps:-3}"
   # Environment of every Ray worker on every node (the reward hook reads
   # REWARD_SERVER_URL and imports ttsrl from the repo root).
   "++$ray_env.REWARD_SERVER_URL=$(quoted "$REWARD_SERVER_URL")"
