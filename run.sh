@@ -174,6 +174,9 @@ if run_stage 0; then
       split_args=(--test_file "$test_file")
     fi
     prompt_args=(--on_bad_prompt "${on_bad_prompt:-fail}" --dev_size "${dev_size:-0}")
+    # no training on the test speakers: the held-out sets' prompts (one not there yet is logged, not checked)
+    prompt_args+=(--eval_manifest "${eval_manifest:-}" --dev_manifest "${dev_manifest:-}")
+    [ "${allow_held_out_prompts:-false}" = true ] && prompt_args+=(--allow_held_out_prompts)
     if [ -n "${train_prompts:-}" ]; then
       [ -e "$train_prompts" ] || die "train_prompts '$train_prompts' not found: a folder of wavs with transcripts," \
         "a JSONL (prompt_wav, prompt_text) or a Seed-TTS-eval meta.lst; train_prompts= trains text-only"

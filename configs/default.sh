@@ -42,6 +42,10 @@ fi
 # prompt: the reference recipe's text-only training. Use reward_preset=zero_shot with it.
 : "${train_prompts=}"
 : "${on_bad_prompt=fail}"                # a missing/unreadable/<1 s/>30 s/<16 kHz/untranscribed prompt: fail|skip
+: "${allow_held_out_prompts=false}"      # false: stage 0 refuses training prompts (train_prompts, records' own) that
+                                         # are prompts of eval_manifest or dev_manifest (same recording by content,
+                                         # or same transcript), naming both; true: a warning (a task that evaluates
+                                         # in its training voices on purpose, as configs/smoke.sh's)
 : "${dev_size=0}"                        # rows held out of train as $data_dir/dev.jsonl: stage 4 picks the
                                          # best step on it (0: no dev slice)
 
