@@ -233,7 +233,7 @@ def _present(value) -> bool:
 def describe_rollout(data_source, ground_truth, extra_info) -> str:
     """Which rollout this is, for an error message."""
     info = extra_info if isinstance(extra_info, dict) else {}
-    parts = [f"data_source {data_source!r}"]
+    parts = [f"data_source {str(data_source) if isinstance(data_source, str) else data_source!r}"]
     for key in ("split", "index", "id", "prompt_id", "prompt_wav"):
         if _present(info.get(key)):
             parts.append(f"{key} {info[key]!r}")

@@ -240,7 +240,8 @@ if run_stage 2; then
     "$trainer_python" scripts/preflight_grpo.py --model_dir "$(policy_start_dir)" --data_dir "$data_dir" \
       --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
       --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
-      --exp_dir "$exp_dir" --train_batch_size "$train_batch_size" --total_epochs "$total_epochs" --save_freq "$save_freq" \
+      --exp_dir "$exp_dir" --train_batch_size "$train_batch_size" --total_epochs "$total_epochs" \
+      --save_freq "$save_freq" \
       --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
       "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
     if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then

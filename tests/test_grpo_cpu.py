@@ -298,8 +298,10 @@ def test_refusals_over_the_budget_stop_the_run_naming_the_items(refused_run):
     code, output, exp_dir, records = refused_run
     assert code != 0
     stop = output[output.index("step 2 was not trained and the run stops"):]
+    # configs/default.sh's knob, as the config file set it, reached the trainer
     assert stop.startswith("step 2 was not trained and the run stops: 8 of its 16 rollouts were refused, over "
-                           "reward_failure_budget"), stop[:3000]
+                           "reward_failure_budget=0.25 (4 allowed)"), stop[:3000]
+    assert "or raise reward_failure_budget / reward_failure_max_consecutive_steps (configs/default.sh" in stop
     for index in (5, 6):  # each refused item, with its speaker prompt and the server's reason
         assert re.search(rf"train index {index}, id 'num\d+', prompt_id 'low_rate', prompt_wav '[^']+low_rate.wav', "
                          r"text '[^']+': 4 rollout\(s\) refused: .*sample rate 8000 Hz", stop), stop[:3000]

@@ -416,6 +416,8 @@ def test_a_refused_rollout_reports_the_runs_keys_and_the_reason_instead_of_raisi
     assert refused["transcript_length"] is None
     assert (refused["num_speech_tokens"], refused["ignored_pieces"], refused["truncated"]) == (2, 1, 0.0)
     assert empty_text["failed"] == 1.0 and "ground truth" in empty_text["failure"]
+    # veRL hands data_source over as a numpy string: the message names it plainly
+    assert reward_tts.describe_rollout(np.str_("tts"), "丁", {}) == "rollout (data_source 'tts', ground truth '丁')"
 
 
 def test_on_refused_raise_is_the_default_and_a_bad_value_is_named(reward_server, tmp_path):
@@ -424,7 +426,8 @@ def test_on_refused_raise_is_the_default_and_a_bad_value_is_named(reward_server,
         run(reward_tts.compute_score("tts", format_speech_tokens([1]), "丁", extra_info=low_rate,
                                      **_kwargs(reward_server)))
     with pytest.raises(ValueError, match=r"reward_kwargs.on_refused must be one of raise, report, got 'skip'"):
-        run(reward_tts.compute_score("tts", format_speech_tokens([1]), "丁", **_kwargs(reward_server, on_refused="skip")))
+        run(reward_tts.compute_score("tts", format_speech_tokens([1]), "丁",
+                                     **_kwargs(reward_server, on_refused="skip")))
 
 
 def test_an_unavailable_server_is_not_a_refused_rollout(tmp_path):

@@ -208,7 +208,9 @@ def register() -> type:
         def _retention(self):
             if self._retention_rules is None:
                 trainer = self.config.trainer
-                keep = 1 if trainer.get("remove_previous_ckpt_in_save", False) else trainer.get("max_actor_ckpt_to_keep")
+                keep = trainer.get("max_actor_ckpt_to_keep")
+                if trainer.get("remove_previous_ckpt_in_save", False):  # veRL's deprecated spelling of 1
+                    keep = 1
                 settings = self.config.get("tts", None) or {}
                 self._retention_rules = retention.Retention(pathlib.Path(trainer.default_local_dir), keep,
                                                             bool(settings.get("keep_best_checkpoint", True)))
@@ -294,7 +296,9 @@ def register() -> type:
             expected = int(self.config.data.train_batch_size) // int(getattr(self, "parameter_sync_step", 1) or 1) * n
             lost = refused_rollouts.lost_rollouts(expected, len(sessions))
             if lost:
-                raise refused_rollouts.RewardFailureStop(f"step {self.global_steps}: {lost}")
+                saved = self._save_before_stopping(self.global_steps - 1)
+                raise refused_rollouts.RewardFailureStop(f"step {self.global_steps} was not trained and the run "
+                                                         f"stops: {lost}. {saved}")
             data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
             infos = reward_infos(data.pop("extra_fields").tolist())
             refused = [keep and refused_rollouts.is_refused(info) for info, keep in zip(infos, real)]
@@ -333,8 +337,8 @@ def register() -> type:
             keys = [record["rollout"] for record in records]
             data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["advantages", "response_mask"])
             for record, advantage, mask in zip(records, data["advantages"].unbind(), data["response_mask"].unbind()):
-                record.update(trained=True, advantage_abs_max=float(advantage.abs().max()) if advantage.numel() else 0.0,
-                              loss_tokens=int(mask.sum()))
+                largest = float(advantage.abs().max()) if advantage.numel() else 0.0
+                record.update(trained=True, advantage_abs_max=largest, loss_tokens=int(mask.sum()))
             refused_rollouts.append_records(self._failure_log(), records)
             print(f"step {records[0]['step']}: {len(records)} refused rollout(s), trained with no gradient "
                   f"(logged in {self._failure_log()}):\n{refused_rollouts.describe_items(records)}", flush=True)
@@ -351,8 +355,8 @@ def register() -> type:
                 f"step {step} was not trained and the run stops: {reason}. The refused items:\n"
                 f"{refused_rollouts.describe_items(records)}\nEvery refused rollout of the run: {self._failure_log()}. "
                 f"{saved} Fix the items (their speaker prompt or text; rerun stage 0) or the reward server, then "
-                f"rerun stage 2; or raise {refused_rollouts.BUDGET_KNOB} / {refused_rollouts.CONSECUTIVE_KNOB} to "
-                "train past them.")
+                f"rerun stage 2; or raise {refused_rollouts.BUDGET_KNOB} / {refused_rollouts.CONSECUTIVE_KNOB} "
+                f"({refused_rollouts.KNOBS_WHERE}) to train past them.")
 
         def _save_before_stopping(self, step: int) -> str:
             """Save step ``step``'s weights (the last trained) unless saved already; says what it did."""
@@ -371,7 +375,8 @@ def register() -> type:
                 return f"Saving step {step} failed ({type(error).__name__}: {error})."
             finally:
                 self.global_steps = current
-            return f"The last trained step ({step}) was saved to {root / f'global_step_{step}'}: rerunning resumes there."
+            return (f"The last trained step ({step}) was saved to {root / f'global_step_{step}'}: rerunning "
+                    "resumes there.")
 
         def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, sample_turns,
                                 expected_acc_counts=None):

@@ -41,9 +41,9 @@ REASON_KEY = "failure"
 FAILURE_LOG = "reward_failures.jsonl"
 DEFAULT_BUDGET = 0.01
 DEFAULT_MAX_CONSECUTIVE_STEPS = 3
-BUDGET_KNOB = "reward_failure_budget (configs/default.sh; tts.reward_failure_budget in veRL's config)"
-CONSECUTIVE_KNOB = ("reward_failure_max_consecutive_steps (configs/default.sh; "
-                    "tts.reward_failure_max_consecutive_steps in veRL's config)")
+BUDGET_KNOB = "reward_failure_budget"
+CONSECUTIVE_KNOB = "reward_failure_max_consecutive_steps"
+KNOBS_WHERE = "configs/default.sh, or tts.<knob> among veRL's overrides"
 MAX_NAMED_ITEMS = 10
 
 
@@ -84,11 +84,12 @@ class FailurePolicy:
         budget = self.budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 1 \
                 or math.isnan(budget):
-            raise ValueError(f"{BUDGET_KNOB} must be a share of a step's rollouts in [0, 1), got {budget!r} "
-                             "(0.01: at most 1% of them may be refused; a step with none scored never trains)")
+            raise ValueError(f"{BUDGET_KNOB} ({KNOBS_WHERE}) must be a share of a step's rollouts in [0, 1), got "
+                             f"{budget!r} (0.01: at most 1% of them may be refused; a step with none scored never "
+                             "trains)")
         steps = self.max_consecutive_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"{CONSECUTIVE_KNOB} must be an integer >= 0 (0: off), got {steps!r}")
+            raise ValueError(f"{CONSECUTIVE_KNOB} ({KNOBS_WHERE}) must be an integer >= 0 (0: off), got {steps!r}")
 
     @classmethod
     def from_settings(cls, settings) -> "FailurePolicy":
@@ -168,6 +169,14 @@ def item_of(record: dict) -> tuple:
     return record.get("data_source"), record.get("split"), record.get("index"), record.get("text")
 
 
+def _reason(record: dict) -> str:
+    """The reason without the hook's own "rollout (...): " prefix (the line names the item already)."""
+    reason = str(record.get("reason", ""))
+    if reason.startswith("rollout (") and "): " in reason:
+        return reason.split("): ", 1)[1]
+    return reason
+
+
 def describe_items(records: list[dict], limit: int = MAX_NAMED_ITEMS) -> str:
     """The refused items of ``records``, one line each (its rollouts counted), the first ``limit``."""
     by_item: dict = {}
@@ -182,7 +191,7 @@ def describe_items(records: list[dict], limit: int = MAX_NAMED_ITEMS) -> str:
         for name in ("id", "prompt_id", "prompt_wav"):
             if name in first:
                 where += f", {name} {first[name]!r}"
-        lines.append(f"  - {where}, text {text!r}: {len(group)} rollout(s) refused: {first['reason']}")
+        lines.append(f"  - {where}, text {text!r}: {len(group)} rollout(s) refused: {_reason(first)}")
     if len(by_item) > limit:
         lines.append(f"  ... and {len(by_item) - limit} more items")
     return "\n".join(lines)

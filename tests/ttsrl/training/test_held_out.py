@@ -99,7 +99,8 @@ def test_disjoint_sets_pass_and_a_missing_test_set_is_logged_not_checked(tmp_pat
     data.prepare(texts(tmp_path), str(tmp_path / "o"), test_size=1, train_prompts=str(prompts),
                  server_url=reward_server.grpc_url, log=logged.append,
                  held_out_sets={"evaluation set": str(meta), "dev set": str(tmp_path / "no_dev.jsonl")})
-    assert f"training speaker prompts: 2 checked against the prompts of the evaluation set {meta}: none shared" in logged
+    assert (f"training speaker prompts: 2 checked against the prompts of the evaluation set {meta}: none shared"
+            in logged)
     assert any(line.startswith(f"dev set {tmp_path / 'no_dev.jsonl'} does not exist yet: the training prompts are "
                                "not checked") for line in logged)
 

@@ -19,7 +19,7 @@ def test_refused_rows_and_a_groups_lone_survivor_get_no_gradient():
     assert rr.rows_without_gradient(groups, refused) == [
         False, True, False, False,  # a: one refused, three compared with each other
         True, True, True, True,     # b: its one scored rollout has nothing to be compared with
-        False, False]               # c, pad: groups of one by design (rollout.n=1, veRL's padding) stay as veRL has them
+        False, False]               # c, pad: groups of one by design (rollout.n=1, veRL's padding) stay as they are
 
 
 def _grpo(scores: list[float], groups: list[str]) -> np.ndarray:
@@ -62,7 +62,7 @@ def test_the_budget_is_a_share_of_the_steps_rollouts():
     tracker = rr.FailureTracker(rr.FailurePolicy(0.25, 0))
     assert tracker.check(4, 16) is None  # at the budget: trains
     reason = tracker.check(5, 16)
-    assert reason == "5 of its 16 rollouts were refused, over " + rr.BUDGET_KNOB + "=0.25 (4 allowed)"
+    assert reason == "5 of its 16 rollouts were refused, over reward_failure_budget=0.25 (4 allowed)"
 
 
 def test_refusals_on_consecutive_steps_stop_the_run_and_a_clean_step_resets_the_count():
@@ -105,7 +105,8 @@ def test_a_refused_rollout_is_recorded_with_its_item_and_items_are_named_once():
     info = {"split": "train", "index": np.int64(5), "id": "num005", "prompt_id": "low", "prompt_wav": "/p/low.wav",
             "prompt_text": "提示", "text": "七一五", "language": None}
     records = [rr.failure_record(2, f"uid_{i}_0", "smoke", info, "七一五", "sample rate 8000 Hz") for i in range(4)]
-    records.append(rr.failure_record(2, "uid2_0_0", "smoke", {"split": "train", "index": 6}, "八七", "other"))
+    hook_reason = "rollout (data_source 'smoke', index 6, ground truth '八七'): reward server g refused it: other"
+    records.append(rr.failure_record(2, "uid2_0_0", "smoke", {"split": "train", "index": 6}, "八七", hook_reason))
     assert records[0] == {"step": 2, "rollout": "uid_0_0", "data_source": "smoke", "split": "train", "index": 5,
                           "id": "num005", "prompt_id": "low", "prompt_wav": "/p/low.wav", "text": "七一五",
                           "reason": "sample rate 8000 Hz"}
@@ -113,7 +114,7 @@ def test_a_refused_rollout_is_recorded_with_its_item_and_items_are_named_once():
     assert rr.describe_items(records).splitlines() == [
         "  - data_source 'smoke', train index 5, id 'num005', prompt_id 'low', prompt_wav '/p/low.wav', "
         "text '七一五': 4 rollout(s) refused: sample rate 8000 Hz",
-        "  - data_source 'smoke', train index 6, text '八七': 1 rollout(s) refused: other"]
+        "  - data_source 'smoke', train index 6, text '八七': 1 rollout(s) refused: reward server g refused it: other"]
     assert rr.describe_items(records, limit=1).splitlines()[-1] == "  ... and 1 more items"
 
 
