@@ -125,6 +125,10 @@ def test_force_makes_grpo_start_afresh_with_the_old_run_kept(tmp_path):
     (exp / "global_step_100" / "actor").mkdir(parents=True)
     (exp / "global_step_100" / "actor" / "model.pt").write_text("step 100")
     (exp / "latest_checkpointed_iteration.txt").write_text("100")
+    # what the tts_sync trainer keeps beside the checkpoints: the best step and refused rollouts
+    (exp / "best_checkpoint.json").write_text('{"step": 100, "validation_reward": 0.5}')
+    (exp / ".best_checkpoint" / "global_step_100" / "actor").mkdir(parents=True)
+    (exp / "reward_failures.jsonl").write_text('{"step": 7}\n')
     env = {"exp_dir": str(exp), "train_device": "cpu", "TRAINER_VENV": str(fake_trainer_venv(tmp_path, exp)),
            "n_gpus_per_node": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -139,6 +143,9 @@ def test_force_makes_grpo_start_afresh_with_the_old_run_kept(tmp_path):
     [backup] = exp.glob("replaced_*")
     assert f"moved to {backup}" in fresh.stdout
     assert (backup / "global_step_100" / "actor" / "model.pt").read_text() == "step 100"
+    # a fresh run must not take the old run's best step for its own (retention would restore it)
+    for name in ("best_checkpoint.json", ".best_checkpoint", "reward_failures.jsonl"):
+        assert (backup / name).exists() and not (exp / name).exists()
     assert "trainer.resume_mode" not in (tmp_path / "trainer_args.txt").read_text()  # auto: nothing to resume
 
 

@@ -144,10 +144,11 @@ class Retention:
         return True
 
     # ---- after every save
-    def restore_best(self) -> None:
-        """Put the best checkpoint back where veRL's rotation removed it (from its hard links)."""
+    def restore_best(self, current: int) -> None:
+        """Put the best checkpoint back where veRL's rotation removed it (from its hard links); never
+        a step after ``current`` (a record left by another run)."""
         step = self.best_step()
-        if step is None:
+        if step is None or step > current:
             return
         actor, pin = self.root / f"global_step_{step}" / "actor", self._pin(step)
         if not actor.exists() and pin.is_dir():
@@ -159,7 +160,7 @@ class Retention:
 
     def apply(self, current: int) -> list[int]:
         """Restore the best, then remove the actor checkpoints beyond the rule; returns their steps."""
-        self.restore_best()
+        self.restore_best(current)
         removed = steps_to_remove(saved_steps(self.root), self.keep_last, self.best_step(), current)
         for step in removed:
             shutil.rmtree(self.root / f"global_step_{step}" / "actor", ignore_errors=True)

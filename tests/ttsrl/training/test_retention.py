@@ -112,3 +112,13 @@ def test_without_keep_best_or_a_limit_nothing_is_pinned_or_removed(gloo, tmp_pat
         assert not keep_all.after_validation(step, _reward(step / 10))
     assert retention.saved_steps(tmp_path) == [1, 2, 3]
     assert not (tmp_path / retention.BEST_FILE).exists() and not (tmp_path / retention.PIN_DIR).exists()
+
+
+def test_a_best_record_of_a_later_step_is_never_restored_into_an_earlier_run(tmp_path):
+    """A record another run left (bash run.sh --force moves it aside; by hand it may stay)."""
+    pinned = tmp_path / retention.PIN_DIR / "global_step_9" / "actor"
+    pinned.mkdir(parents=True)
+    (pinned / "model.pt").write_bytes(b"old run")
+    (tmp_path / retention.BEST_FILE).write_text('{"step": 9, "validation_reward": 0.9}')
+    retention.Retention(tmp_path, keep_last=2, log=lambda _: None).apply(5)
+    assert not (tmp_path / "global_step_9").exists()
