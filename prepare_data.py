@@ -35,6 +35,11 @@ One input split deterministically: ``--train_file F --test_size N --seed S``.
 ``--dev_size N`` holds N more rows out of train.parquet as ``dev.jsonl`` (the
 ``ttsrl.eval_sets`` JSONL layout), on which stage 4 chooses the best step.
 
+No training on the test speakers: with --eval_manifest (and --dev_manifest), a training
+speaker prompt (of --train_prompts, or a train_file record's own) whose recording (content
+hash) or transcript is a prompt of that set stops the run, naming both files and lines
+(``ttsrl.training.held_out``).
+
 Bad records (malformed JSON, missing or non-string ``text``, empty or
 whitespace-only text, text over ``--max_chars``, text with nothing left to score
 after the reward scorer's normalization, such as punctuation only) stop the run
@@ -84,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON cache of prompt speech tokens by content hash (default: LOCAL_DIR/prompt_tokens.json)")
     parser.add_argument("--dev_size", type=int, default=0,
                         help="hold this many training rows out as LOCAL_DIR/dev.jsonl (default 0: none)")
+    parser.add_argument("--eval_manifest", default=None,
+                        help="the evaluation set (Seed-TTS-eval meta.lst, CV3-Eval folder or JSONL): no training "
+                             "speaker prompt may share its recording or transcript with its prompts (not yet there: "
+                             "logged and not checked)")
+    parser.add_argument("--dev_manifest", default=None, help="a dev set, checked as --eval_manifest")
+    parser.add_argument("--allow_held_out_prompts", action="store_true",
+                        help="train on prompts of --eval_manifest/--dev_manifest all the same (a warning lists them)")
     parser.add_argument("--hdfs_dir", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -99,7 +111,9 @@ def main(argv=None) -> int:
                          skip_invalid=args.skip_invalid, data_source=args.data_source,
                          train_prompts=args.train_prompts or None, on_bad_prompt=args.on_bad_prompt,
                          server_url=args.server_url or None, prompt_token_cache=args.prompt_token_cache or None,
-                         dev_size=args.dev_size)
+                         dev_size=args.dev_size,
+                         held_out_sets={"evaluation set": args.eval_manifest, "dev set": args.dev_manifest},
+                         allow_held_out=args.allow_held_out_prompts)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -81,11 +81,24 @@ Failures are loud: a rollout is never given a made-up score. Transient failures
 (connection refused, server restarting, timeouts) are retried with backoff within the
 budget, then ``RewardServerUnavailable`` is raised, failing the training step. An input
 the server refuses, or an item the server's engines failed on (after its own retries of a
-transient failure such as CUDA out of memory), raises ``RewardRequestError`` at once,
-naming the rollout (data source, split and index, prompt, ground truth). A response with
-no speech tokens gets the documented minimum (score 0, error rate 1, utilities 0) without a
-server call. The client doing this is ``ttsrl.triton_client.RewardClient``; this file is
-its settings and the result veRL logs.
+transient failure such as CUDA out of memory), is a refused rollout: ``RewardRequestError``
+naming the rollout (data source, split and index, prompt, ground truth), raised at once. A
+response with no speech tokens gets the documented minimum (score 0, error rate 1, utilities
+0) without a server call. The client doing this is ``ttsrl.triton_client.RewardClient``; this
+file is its settings and the result veRL logs.
+
+Refused rollouts in training (``on_refused``, ``reward_kwargs`` only: ``raise``, the default,
+or ``report``, what ``configs/grpo.yaml`` sets). veRL 0.9.1's agent loop catches an exception of
+the hook, logs it from a Ray worker and drops the rollout, so the step trains on the rest with
+nothing counted. With ``report`` a refused rollout returns instead the same keys as every other
+rollout of the run (``result_keys``) plus ``failed`` (1.0; 0.0 for a scored rollout) and
+``failure`` (the error message; "" for a scored one): ``score`` is 0.0, a placeholder that the
+``tts_sync`` trainer (verl_plugins/tts_trainer.py) never uses, and what the server would have
+measured is None; what the hook knows without the server (``num_speech_tokens``,
+``ignored_pieces``, ``truncated``) is filled in. The trainer gives it no gradient, counts and
+logs it, and stops the run when a step's failures exceed ``reward_failure_budget``
+(docs/training.md "Refused rollouts"). ``RewardServerUnavailable`` is not a refused rollout: it
+is raised in both modes.
 
 CLI: ``python reward_tts.py --input FILE.jsonl`` (lines with ``text`` and ``code``, and
 optionally ``extra_info`` with a speaker prompt as above).
@@ -153,6 +166,39 @@ def settings_from(kwargs: dict) -> RewardSettings:
     )
 
 
+ON_REFUSED = ("raise", "report")
+REFUSED_PLACEHOLDER_SCORE = 0.0
+"""``score`` of a refused rollout under ``on_refused=report``: a number veRL's reward tensor can
+hold, never trained on or averaged (the tts_sync trainer masks the rollout)."""
+
+
+def result_keys(components) -> list[str]:
+    """The keys of every result of a run whose server computes ``components`` (without the
+    ``failed``/``failure`` pair that ``on_refused=report`` adds)."""
+    return ["score", "error_rate", "num_speech_tokens", "ignored_pieces", "transcript_length", *components,
+            "truncated"]
+
+
+def refused_result(reason: str, components, parsed=None, truncated: bool = False) -> dict:
+    """The result of a refused rollout under ``on_refused=report`` (module doc): the run's keys,
+    nothing the server would have measured, ``failed`` 1.0 and the reason."""
+    result = dict.fromkeys(result_keys(components))
+    result["score"] = REFUSED_PLACEHOLDER_SCORE
+    if parsed is not None:
+        result.update(num_speech_tokens=len(parsed.ids), ignored_pieces=parsed.ignored)
+    result["truncated"] = 1.0 if truncated else 0.0
+    result.update(failed=1.0, failure=str(reason))
+    return result
+
+
+def _on_refused(kwargs: dict) -> str:
+    value = str(kwargs.get("on_refused") or "raise").strip().lower()
+    if value not in ON_REFUSED:
+        raise ValueError(f"reward_kwargs.on_refused must be one of {', '.join(ON_REFUSED)}, got {value!r} "
+                         "(configs/grpo.yaml: reward.custom_reward_function.reward_kwargs.on_refused)")
+    return value
+
+
 def _result(score: float, error_rate: float, parsed, transcript_length: int, components: dict,
             truncated: bool) -> dict:
     result = {
@@ -187,7 +233,7 @@ def _present(value) -> bool:
 def describe_rollout(data_source, ground_truth, extra_info) -> str:
     """Which rollout this is, for an error message."""
     info = extra_info if isinstance(extra_info, dict) else {}
-    parts = [f"data_source {data_source!r}"]
+    parts = [f"data_source {str(data_source) if isinstance(data_source, str) else data_source!r}"]
     for key in ("split", "index", "id", "prompt_id", "prompt_wav"):
         if _present(info.get(key)):
             parts.append(f"{key} {info[key]!r}")
@@ -249,14 +295,31 @@ def item_language(extra_info, ground_truth: str, rollout: str = "rollout") -> st
 async def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
     """Reward of one rollout (veRL custom reward function, async): the dict of the module doc.
 
-    Raises instead of returning a score it could not compute.
+    Raises instead of returning a score it could not compute; with ``on_refused=report`` a
+    refused rollout returns ``refused_result`` instead (module doc).
     """
-    if not isinstance(ground_truth, str) or not ground_truth.strip():
-        raise RewardRequestError(f"ground truth of a rollout from {data_source!r} is empty or not text: {ground_truth!r}")
+    on_refused = _on_refused(kwargs)
     settings = settings_from(kwargs)
     client = get_client(settings)
     parsed = parse_speech_tokens(solution_str or "", family_from_env())  # the family's stop tokens
     truncated = is_truncated(parsed, kwargs.get("max_response_length"))
+    if on_refused == "report":
+        await client.ensure_ready()  # the keys of a refused rollout's result are the server's components
+    try:
+        result = await _score(client, data_source, parsed, truncated, ground_truth, extra_info)
+    except RewardRequestError as error:
+        if on_refused == "raise":
+            raise
+        return refused_result(str(error), client.components, parsed, truncated)
+    if on_refused == "report":
+        result.update(failed=0.0, failure="")
+    return result
+
+
+async def _score(client, data_source, parsed, truncated: bool, ground_truth, extra_info) -> dict:
+    """``compute_score`` for one rollout: RewardRequestError naming it when it is refused."""
+    if not isinstance(ground_truth, str) or not ground_truth.strip():
+        raise RewardRequestError(f"ground truth of a rollout from {data_source!r} is empty or not text: {ground_truth!r}")
     rollout = describe_rollout(data_source, ground_truth, extra_info)
     prompt = item_prompt(extra_info, rollout)
     language = item_language(extra_info, ground_truth, rollout)

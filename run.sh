@@ -174,6 +174,9 @@ if run_stage 0; then
       split_args=(--test_file "$test_file")
     fi
     prompt_args=(--on_bad_prompt "${on_bad_prompt:-fail}" --dev_size "${dev_size:-0}")
+    # no training on the test speakers: the held-out sets' prompts (one not there yet is logged, not checked)
+    prompt_args+=(--eval_manifest "${eval_manifest:-}" --dev_manifest "${dev_manifest:-}")
+    [ "${allow_held_out_prompts:-false}" = true ] && prompt_args+=(--allow_held_out_prompts)
     if [ -n "${train_prompts:-}" ]; then
       [ -e "$train_prompts" ] || die "train_prompts '$train_prompts' not found: a folder of wavs with transcripts," \
         "a JSONL (prompt_wav, prompt_text) or a Seed-TTS-eval meta.lst; train_prompts= trains text-only"
@@ -237,6 +240,8 @@ if run_stage 2; then
     "$trainer_python" scripts/preflight_grpo.py --model_dir "$(policy_start_dir)" --data_dir "$data_dir" \
       --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
       --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
+      --exp_dir "$exp_dir" --train_batch_size "$train_batch_size" --total_epochs "$total_epochs" \
+      --save_freq "$save_freq" \
       --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
       "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
     if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then

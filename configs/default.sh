@@ -42,6 +42,10 @@ fi
 # prompt: the reference recipe's text-only training. Use reward_preset=zero_shot with it.
 : "${train_prompts=}"
 : "${on_bad_prompt=fail}"                # a missing/unreadable/<1 s/>30 s/<16 kHz/untranscribed prompt: fail|skip
+: "${allow_held_out_prompts=false}"      # false: stage 0 refuses training prompts (train_prompts, records' own) that
+                                         # are prompts of eval_manifest or dev_manifest (same recording by content,
+                                         # or same transcript), naming both; true: a warning (a task that evaluates
+                                         # in its training voices on purpose, as configs/smoke.sh's)
 : "${dev_size=0}"                        # rows held out of train as $data_dir/dev.jsonl: stage 4 picks the
                                          # best step on it (0: no dev slice)
 
@@ -96,6 +100,13 @@ fi
 : "${total_epochs=1}"
 : "${save_freq=100}"
 : "${test_freq=100}"
+# Refused rollouts (the reward server refuses an item, e.g. a prompt under 16 kHz): no gradient,
+# counted (reward/failed/mean) and logged in $exp_dir/reward_failures.jsonl; the run stops, naming
+# the items, before a step whose refused share is over the budget or on the Nth step in a row with
+# any (docs/training.md "Refused rollouts"). Checkpoint retention: configs/grpo.yaml
+# (trainer.max_actor_ckpt_to_keep, tts.keep_best_checkpoint).
+: "${reward_failure_budget=0.01}"        # share of a step's rollouts that may be refused (0 <= x < 1)
+: "${reward_failure_max_consecutive_steps=3}"  # steps in a row with refusals that stop the run (0: off)
 
 # --- DPO instead of GRPO (stage 2 with train_algorithm=dpo) ------------------
 # Offline preference optimization from the same reward server: each round samples

@@ -15,6 +15,10 @@ Checks, all run (so one pass shows every problem):
     and of test.parquet, can be spoken within data.max_response_length at 25 speech tokens/s
     and --chars_per_second (default 4.0, a typical Mandarin reading rate), plus the end token;
     a refusal names max_chars and data.max_response_length, the numbers and the fix;
+  - with --exp_dir and the run's sizes (--train_batch_size, --total_epochs, --save_freq): the
+    disk the run needs in exp_dir's filesystem (the checkpoints it keeps,
+    trainer.max_actor_ckpt_to_keep plus the best, at fp32 weights + AdamW state per parameter,
+    and stage 3's bf16 merged copy of each) fits in its free space;
   - the reward hook file defines compute_score;
   - every reward server in the comma-separated URL list answers Triton's readiness
     check (HTTP /v2/health/ready or gRPC ServerReady) and has the reward model ready.
@@ -71,6 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model_family", default=os.environ.get("TTSRL_MODEL_FAMILY") or None,
                         help="model_family: the family --model_dir must be (default $TTSRL_MODEL_FAMILY)")
     parser.add_argument("--grpo_config", type=Path, default=GRPO_CONFIG, help="default: configs/grpo.yaml")
+    parser.add_argument("--exp_dir", type=Path, default=None,
+                        help="exp_dir: where the checkpoints go (with --train_batch_size: the disk check runs)")
+    parser.add_argument("--train_batch_size", type=int, default=None, help="prompts per step (configs/default.sh)")
+    parser.add_argument("--total_epochs", type=int, default=1)
+    parser.add_argument("--save_freq", type=int, default=0, help="trainer.save_freq (<= 0: no checkpoints)")
     parser.add_argument("--chars_per_second", type=float, default=DEFAULT_CHARS_PER_SECOND,
                         help="speaking rate assumed for the texts (config: speech_chars_per_second; default "
                              f"{DEFAULT_CHARS_PER_SECOND}, a typical Mandarin reading rate)")
@@ -79,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--n_gpus_per_node and --nnodes must be >= 1")
     if args.chars_per_second <= 0:
         parser.error(f"--chars_per_second (speech_chars_per_second) must be > 0, got {args.chars_per_second}")
-    for name in ("max_chars", "max_response_length"):
+    for name in ("max_chars", "max_response_length", "train_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
@@ -88,7 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = vars(args)
-    overrides, config = settings.pop("grpo_overrides"), settings.pop("grpo_config")
+    overrides, config = settings.pop("grpo_overrides"), settings["grpo_config"]
+    settings["overrides"] = tuple((overrides or "").split())
     results = []
     if settings["max_response_length"] is None and overrides is not None:
         try:

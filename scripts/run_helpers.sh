@@ -309,7 +309,8 @@ set_aside_previous_run() {
   # deleted), so veRL's resume_mode=auto finds no checkpoint and starts at step 0.
   local names=() name path
   for path in "$exp_dir"/global_step_* "$exp_dir/latest_checkpointed_iteration.txt" "$exp_dir/dpo" "$exp_dir/eval" \
-      "$exp_dir/synth" "$exp_dir/validation_generations" "$exp_dir/validation_audio" "$exp_dir/tensorboard"; do
+      "$exp_dir/synth" "$exp_dir/validation_generations" "$exp_dir/validation_audio" "$exp_dir/tensorboard" \
+      "$exp_dir/best_checkpoint.json" "$exp_dir/.best_checkpoint" "$exp_dir/reward_failures.jsonl"; do
     [ -e "$path" ] && names+=("${path##*/}")
   done
   if [ ${#names[@]} -eq 0 ]; then

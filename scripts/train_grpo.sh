@@ -62,6 +62,10 @@ done
 for name in save_freq test_freq; do
   [[ ${!name} =~ ^(-1|0|[1-9][0-9]*)$ ]] || die "$name must be an integer >= -1 (-1 disables), got '${!name}'"
 done
+[[ ${reward_failure_budget:-0.01} =~ ^(0|0?\.[0-9]+)$ ]] || die "reward_failure_budget must be a share of a" \
+  "step's rollouts in [0, 1) (0.01: 1% may be refused), got '$reward_failure_budget' (set in $config_file)"
+[[ ${reward_failure_max_consecutive_steps:-3} =~ ^[0-9]+$ ]] || die "reward_failure_max_consecutive_steps must be" \
+  "an integer >= 0 (0: off), got '$reward_failure_max_consecutive_steps' (set in $config_file)"
 
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$repo_root/$1" ;; esac; }
 # A Hydra override value quoted as a string: keeps ':', ',', '/' and spaces literal.
@@ -98,6 +102,9 @@ cmd=(
   "trainer.total_epochs=$total_epochs"
   "trainer.save_freq=$save_freq"
   "trainer.test_freq=$test_freq"
+  # refused rollouts: where the tts_sync trainer enforces them (configs/grpo.yaml, tts:)
+  "tts.reward_failure_budget=${reward_failure_budget:-0.01}"
+  "tts.reward_failure_max_consecutive_steps=${reward_failure_max_consecutive_steps:-3}"
   # Environment of every Ray worker on every node (the reward hook reads
   # REWARD_SERVER_URL and imports ttsrl from the repo root).
   "++$ray_env.REWARD_SERVER_URL=$(quoted "$REWARD_SERVER_URL")"

@@ -23,6 +23,7 @@ from tests.policy_utils import build_tiny_policy
 from token2wav_server import standin
 from token2wav_server.launch import kill_session, start_server
 from ttsrl.policy import sft_warmup
+from ttsrl.training import preflight, retention
 from ttsrl.training.checkpoints import checkpoint_problem
 from ttsrl.training.data import prepare
 
@@ -49,13 +50,13 @@ def grpo_inputs(tmp_path_factory):
 
 
 def training_command(root: Path, policy: Path, exp_dir: Path, server_url: str, steps: int, save_freq: int,
-                     test_freq: int, extra: tuple = ()) -> tuple[list[str], dict]:
+                     test_freq: int, extra: tuple = (), settings_extra: dict | None = None) -> tuple[list[str], dict]:
     """The stage-2 command (train_grpo.sh with a settings file) and its environment."""
     settings = {
         "hf_model_dir": policy, "data_dir": root / "data", "exp_name": exp_dir.name, "exp_dir": exp_dir,
         "CUDA_VISIBLE_DEVICES": "", "n_gpus_per_node": 1, "nnodes": 1, "train_batch_size": 4, "rollout_n": 4,
         "ppo_mini_batch_size": 4, "micro_batch_size_per_gpu": 16, "total_epochs": 1, "save_freq": save_freq,
-        "test_freq": test_freq, "REWARD_SERVER_URL": server_url,
+        "test_freq": test_freq, "REWARD_SERVER_URL": server_url, **(settings_extra or {}),
     }
     config = exp_dir.parent / f"{exp_dir.name}.sh"
     config.write_text("".join(f"{key}='{value}'\n" for key, value in settings.items())
@@ -100,8 +101,10 @@ def finished_run(grpo_inputs):
             time.sleep(0.2)
 
     try:
-        command, env = training_command(root, policy, exp_dir, server.grpc_url, steps=2, save_freq=1, test_freq=2,
-                                        extra=GDPO)
+        # validated every step and one checkpoint kept: veRL's own rotation would delete step 1's
+        # checkpoint when step 2 is saved, unless step 1 validates best (retention keeps it then)
+        command, env = training_command(root, policy, exp_dir, server.grpc_url, steps=2, save_freq=1, test_freq=1,
+                                        extra=(*GDPO, "trainer.max_actor_ckpt_to_keep=1"))
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)
         killer = threading.Thread(target=kill_triton_after_step_one, daemon=True)
@@ -139,9 +142,27 @@ def test_two_real_gdpo_steps_train_checkpoint_and_log_components(finished_run):
         # vLLM samples from the weights the actor trains (pushed after every step): the two agree
         assert data["training/rollout_probs_diff_mean"] < 0.1
     assert "reward/error_rate/mean:" in output  # console logger
-    for step in (1, 2):
-        assert checkpoint_problem(exp_dir / f"global_step_{step}" / "actor") is None
+    assert checkpoint_problem(exp_dir / "global_step_2" / "actor") is None
     assert (exp_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_the_last_checkpoint_and_the_best_are_kept_and_the_preflight_sized_them(finished_run, grpo_inputs):
+    """trainer.max_actor_ckpt_to_keep=1: veRL keeps step 2 alone; the best validated step stays too."""
+    code, output, exp_dir, _killed, _log = finished_run
+    assert code == 0, output[-5000:]
+    rewards = {line["step"]: retention.validation_reward(line["data"]) for line in metric_lines(exp_dir)
+               if line["step"] in (1, 2) and retention.validation_reward(line["data"]) is not None}
+    assert sorted(rewards) == [1, 2]
+    best = 2 if rewards[2] > rewards[1] else 1  # a tie keeps the earlier step
+    assert json.loads((exp_dir / retention.BEST_FILE).read_text()) == {"step": best, "validation_reward": rewards[best]}
+    assert retention.saved_steps(exp_dir) == sorted({best, 2})
+    assert checkpoint_problem(exp_dir / f"global_step_{best}" / "actor") is None
+    shard = Path("global_step_{}".format(best)) / "actor" / "model_world_size_1_rank_0.pt"
+    assert os.path.samefile(exp_dir / shard, exp_dir / retention.PIN_DIR / shard)  # no second copy on disk
+    # the preflight's size of one checkpoint (fp32 weights + AdamW state + tokenizer) is what veRL wrote
+    _root, policy = grpo_inputs
+    written = sum(path.stat().st_size for path in (exp_dir / "global_step_2" / "actor").rglob("*") if path.is_file())
+    assert preflight.disk_plan(policy, 256, 4, 1, 1).checkpoint_bytes == pytest.approx(written, rel=0.05)
 
 
 def test_training_rides_through_a_killed_reward_server(finished_run):
@@ -155,7 +176,7 @@ def test_training_rides_through_a_killed_reward_server(finished_run):
 def test_validation_audio_is_decoded_by_the_server(finished_run):
     code, output, exp_dir, _killed, _log = finished_run
     assert code == 0, output[-5000:]
-    for step in (0, 2):  # before training and at the last step
+    for step in (0, 1, 2):  # before training and at every step
         wavs = sorted((exp_dir / "validation_audio" / f"step_{step}").glob("*.wav"))
         assert len(wavs) == 2
         for wav in wavs:
@@ -170,7 +191,7 @@ def test_validation_audio_is_decoded_by_the_server(finished_run):
     events = EventAccumulator(str(exp_dir / "tensorboard"), size_guidance={"audio": 0})
     events.Reload()
     assert {"val_audio/0", "val_audio/1"} <= set(events.Tags()["audio"])
-    assert sorted({event.step for event in events.Audio("val_audio/0")}) == [0, 2]
+    assert sorted({event.step for event in events.Audio("val_audio/0")}) == [0, 1, 2]
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(grpo_inputs, reward_server):
@@ -202,3 +223,91 @@ def test_killed_run_resumes_from_its_last_checkpoint(grpo_inputs, reward_server)
     assert resumed == list(range(killed_at + 1, 5))
     assert tracker.read_text().strip() == "4"
     assert checkpoint_problem(exp_dir / "global_step_4" / "actor") is None
+    # trainer.max_actor_ckpt_to_keep=3 (configs/grpo.yaml): the resumed process's veRL knows only its own
+    # saves; what the killed run left beyond the last 3 is removed too
+    assert retention.saved_steps(exp_dir) == [2, 3, 4]
+
+
+# ---- refused rollouts (issue 25) -------------------------------------------------------------------------
+REFUSED_ROWS = {1: "step 1", 5: "step 2", 6: "step 2"}
+"""train.parquet rows given a speaker prompt the reward server refuses (8 kHz), with data.shuffle=false
+and 4 prompts per step: one item (4 of 16 rollouts) in step 1, within a budget of 0.25; two items
+(8 of 16) in step 2, over it."""
+
+
+def with_refused_prompts(source: Path, target: Path, rows, prompt_wav: Path) -> None:
+    """Stage 0's data with ``rows`` pointing at a speaker prompt the reward server refuses: a
+    real refusal by the real server (prompts under 16 kHz), not a stubbed hook."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(source / "train.parquet")
+    infos = table.column("extra_info").to_pylist()
+    for row, info in enumerate(infos):
+        refused = row in rows
+        info.update(prompt_wav=str(prompt_wav) if refused else None, prompt_text="提示" if refused else None,
+                    prompt_id="low_rate" if refused else None)
+    table = table.set_column(table.schema.get_field_index("extra_info"), "extra_info", pa.array(infos))
+    pq.write_table(table, target / "train.parquet")
+    (target / "test.parquet").write_bytes((source / "test.parquet").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def refused_run(grpo_inputs, reward_server):
+    """Three GRPO steps asked for, 8 kHz speaker prompts in rows 1 (step 1) and 5, 6 (step 2), a
+    budget of 0.25 (configs/default.sh's reward_failure_budget)."""
+    root, policy = grpo_inputs
+    prompt_wav = root / "refused" / "low_rate.wav"
+    prompt_wav.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(prompt_wav), standin.tokens_to_wave(standin.text_to_tokens("三上"), 3), 8000, subtype="FLOAT")
+    with_refused_prompts(root / "data", root / "data_refused", REFUSED_ROWS, prompt_wav)
+    exp_dir = root / "exp_refused"
+    command, env = training_command(root, policy, exp_dir, reward_server.grpc_url, steps=3, save_freq=5, test_freq=-1,
+                                    extra=("trainer.val_before_train=false", "data.shuffle=false"),
+                                    settings_extra={"data_dir": root / "data_refused", "reward_failure_budget": 0.25})
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                            start_new_session=True)
+    log = exp_dir / "reward_failures.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return result.returncode, result.stdout + result.stderr, exp_dir, records
+
+
+def test_a_refused_rollout_gets_no_gradient_and_is_counted_and_logged(refused_run):
+    code, output, exp_dir, records = refused_run
+    lines = metric_lines(exp_dir)
+    assert training_steps(lines) == [1], output[-5000:]
+    step_one = [line["data"] for line in lines if line["step"] == 1][0]
+    # counted: the item of row 1, all 4 of its rollouts
+    assert step_one["reward/failed/mean"] == pytest.approx(4 / 16)
+    assert step_one["reward/failed/count"] == 4
+    assert np.isfinite(step_one["actor/grad_norm"]) and 0.0 <= step_one["critic/score/mean"] <= 1.0
+    trained = [record for record in records if record["step"] == 1]
+    assert len(trained) == 4
+    for record in trained:
+        # logged with its item and the server's reason; read back after the update: no gradient, no loss tokens
+        assert record["index"] == 1 and record["split"] == "train" and record["prompt_id"] == "low_rate"
+        assert record["data_source"] == "smoke_numerals" and record["text"]
+        assert "sample rate 8000 Hz" in record["reason"] and "index 1" in record["reason"]
+        assert record["trained"] is True
+        assert record["advantage_abs_max"] == 0.0 and record["loss_tokens"] == 0
+    assert "step 1: 4 refused rollout(s), trained with no gradient" in output
+
+
+def test_refusals_over_the_budget_stop_the_run_naming_the_items(refused_run):
+    code, output, exp_dir, records = refused_run
+    assert code != 0
+    stop = output[output.index("step 2 was not trained and the run stops"):]
+    # configs/default.sh's knob, as the config file set it, reached the trainer
+    assert stop.startswith("step 2 was not trained and the run stops: 8 of its 16 rollouts were refused, over "
+                           "reward_failure_budget=0.25 (4 allowed)"), stop[:3000]
+    assert "or raise reward_failure_budget / reward_failure_max_consecutive_steps (configs/default.sh" in stop
+    for index in (5, 6):  # each refused item, with its speaker prompt and the server's reason
+        assert re.search(rf"train index {index}, id 'num\d+', prompt_id 'low_rate', prompt_wav '[^']+low_rate.wav', "
+                         r"text '[^']+': 4 rollout\(s\) refused: .*sample rate 8000 Hz", stop), stop[:3000]
+    assert sorted({record["index"] for record in records if record["step"] == 2}) == [5, 6]
+    assert all(record["trained"] is False for record in records if record["step"] == 2)
+    # the weights of step 1 (not a save step) were saved before stopping: a rerun resumes there
+    assert "The last trained step (1) was saved" in output
+    assert (exp_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert checkpoint_problem(exp_dir / "global_step_1" / "actor") is None

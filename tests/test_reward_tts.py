@@ -389,3 +389,52 @@ def test_item_language_reads_extra_info_else_the_script():
     assert reward_tts.item_language(None, "今日はいい天気") == "ja"
     assert reward_tts.item_language({"language": float("nan")}, "一丁") == "zh"  # pandas' missing value
     assert reward_tts.item_language({"language": "en-US"}, "一丁") == "en"
+
+
+# ---- refused rollouts in training (on_refused=report, issue 25) ---------------------------------
+def test_a_refused_rollout_reports_the_runs_keys_and_the_reason_instead_of_raising(reward_server, tmp_path):
+    """What configs/grpo.yaml sets: the tts_sync trainer needs every rollout back, refused or not,
+    with the same keys (veRL's agent loop drops a rollout whose hook raised)."""
+    report = _kwargs(reward_server, on_refused="report", max_response_length=8)
+    low_rate = _prompt_info(tmp_path, "low", 2, index=2, rate=8000)  # the server refuses prompts under 16 kHz
+    said = "hi" + format_speech_tokens(text_to_tokens("丁七"))
+
+    async def go():
+        calls = [reward_tts.compute_score("tts", said, "丁七", extra_info=info, **report)
+                 for info in (low_rate, {"split": "train", "index": 3})]
+        calls.append(reward_tts.compute_score("tts", said, " ", extra_info={"index": 4}, **report))  # bad ground truth
+        return await asyncio.gather(*calls)
+
+    refused, scored, empty_text = run(go())
+    assert set(refused) == set(scored) == set(empty_text)
+    assert list(scored) == reward_tts.result_keys(("utility_error_rate",)) + ["failed", "failure"]
+    assert (scored["failed"], scored["failure"]) == (0.0, "") and scored["score"] == pytest.approx(1.0)
+    assert refused["failed"] == 1.0 and refused["score"] == reward_tts.REFUSED_PLACEHOLDER_SCORE
+    assert "index 2, prompt_id 'low'" in refused["failure"] and "sample rate 8000 Hz" in refused["failure"]
+    # nothing the server would have measured is made up; what the hook read itself is reported
+    assert refused["error_rate"] is None and refused["utility_error_rate"] is None
+    assert refused["transcript_length"] is None
+    assert (refused["num_speech_tokens"], refused["ignored_pieces"], refused["truncated"]) == (2, 1, 0.0)
+    assert empty_text["failed"] == 1.0 and "ground truth" in empty_text["failure"]
+    # veRL hands data_source over as a numpy string: the message names it plainly
+    assert reward_tts.describe_rollout(np.str_("tts"), "丁", {}) == "rollout (data_source 'tts', ground truth '丁')"
+
+
+def test_on_refused_raise_is_the_default_and_a_bad_value_is_named(reward_server, tmp_path):
+    low_rate = _prompt_info(tmp_path, "low", 2, index=2, rate=8000)
+    with pytest.raises(reward_tts.RewardRequestError, match="sample rate 8000 Hz"):
+        run(reward_tts.compute_score("tts", format_speech_tokens([1]), "丁", extra_info=low_rate,
+                                     **_kwargs(reward_server)))
+    with pytest.raises(ValueError, match=r"reward_kwargs.on_refused must be one of raise, report, got 'skip'"):
+        run(reward_tts.compute_score("tts", format_speech_tokens([1]), "丁",
+                                     **_kwargs(reward_server, on_refused="skip")))
+
+
+def test_an_unavailable_server_is_not_a_refused_rollout(tmp_path):
+    """RewardServerUnavailable still raises with on_refused=report: it fails the step, never a rollout."""
+    from token2wav_server.launch import free_ports
+
+    dead = f"grpc://127.0.0.1:{free_ports(1)[0]}"
+    with pytest.raises(reward_tts.RewardServerUnavailable):
+        run(reward_tts.compute_score("tts", format_speech_tokens([1]), "丁", server_url=dead, on_refused="report",
+                                     startup_wait_s=1, retry_budget_s=1))

@@ -125,6 +125,10 @@ def test_force_makes_grpo_start_afresh_with_the_old_run_kept(tmp_path):
     (exp / "global_step_100" / "actor").mkdir(parents=True)
     (exp / "global_step_100" / "actor" / "model.pt").write_text("step 100")
     (exp / "latest_checkpointed_iteration.txt").write_text("100")
+    # what the tts_sync trainer keeps beside the checkpoints: the best step and refused rollouts
+    (exp / "best_checkpoint.json").write_text('{"step": 100, "validation_reward": 0.5}')
+    (exp / ".best_checkpoint" / "global_step_100" / "actor").mkdir(parents=True)
+    (exp / "reward_failures.jsonl").write_text('{"step": 7}\n')
     env = {"exp_dir": str(exp), "train_device": "cpu", "TRAINER_VENV": str(fake_trainer_venv(tmp_path, exp)),
            "n_gpus_per_node": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -139,4 +143,26 @@ def test_force_makes_grpo_start_afresh_with_the_old_run_kept(tmp_path):
     [backup] = exp.glob("replaced_*")
     assert f"moved to {backup}" in fresh.stdout
     assert (backup / "global_step_100" / "actor" / "model.pt").read_text() == "step 100"
+    # a fresh run must not take the old run's best step for its own (retention would restore it)
+    for name in ("best_checkpoint.json", ".best_checkpoint", "reward_failures.jsonl"):
+        assert (backup / name).exists() and not (exp / name).exists()
     assert "trainer.resume_mode" not in (tmp_path / "trainer_args.txt").read_text()  # auto: nothing to resume
+
+
+def test_stage_0_refuses_training_on_the_test_sets_prompts_naming_both_files(tmp_path, reward_server):
+    """run.sh passes eval_manifest to stage 0. configs/smoke.sh's stand-in task evaluates in its 8 training
+    prompts on purpose (allow_held_out_prompts=true there); by default that is refused before any prompt
+    is tokenized."""
+    smoke = REPO / "assets" / "smoke_zero_shot"
+    env = {"train_file": str(smoke / "texts.jsonl"), "test_file": "", "test_size": "10", "max_chars": "6",
+           "data_dir": str(tmp_path / "parquet"), "train_prompts": str(smoke / "prompts.jsonl"),
+           "eval_manifest": str(smoke / "meta.lst"), "dev_manifest": "", "allow_held_out_prompts": "false",
+           "server_host": reward_server.host, "http_port": str(reward_server.http_port),
+           "REWARD_SERVER_URL": reward_server.grpc_url}
+    done = run_sh("0", "0", env=env)
+    assert done.returncode != 0
+    assert "8 training speaker prompt(s) are prompts of a held-out set" in done.stderr
+    assert f"{smoke / 'prompts.jsonl'}:1: prompt wav {smoke / 'prompt-wavs' / 'voice3_0.wav'} is the recording of " \
+           f"evaluation set {smoke / 'meta.lst'} utterance 'zs00' ({smoke / 'meta.lst'}:1: " in done.stderr
+    assert not (tmp_path / "parquet" / "train.parquet").exists()
+    # (allow_held_out_prompts=true, a warning instead: tests/ttsrl/training/test_held_out.py and the smoke run)

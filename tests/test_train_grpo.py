@@ -99,6 +99,12 @@ def mismatches(cfg, settings: dict = SETTINGS) -> list[str]:
         # the recipe's veRL plugins: trainer mode with per-step reward components and validation audio
         "ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES": "verl_plugins",
         "trainer.v1.trainer_mode": "tts_sync",
+        # refused rollouts: configs/default.sh's knobs, where the tts_sync trainer reads them
+        "tts.reward_failure_budget": 0.01,
+        "tts.reward_failure_max_consecutive_steps": 3,
+        "reward.custom_reward_function.reward_kwargs.on_refused": "report",
+        "trainer.max_actor_ckpt_to_keep": 3,
+        "tts.keep_best_checkpoint": True,
     }
     found = []
     for key, want in expected.items():
@@ -156,6 +162,13 @@ def test_overrides_win_and_a_wrong_value_is_caught(tmp_path):
 def test_bad_size_setting_is_named(tmp_path):
     with pytest.raises(ComposeError, match="rollout_n must be a positive integer, got 'four'"):
         compose(tmp_path, settings={**SETTINGS, "rollout_n": "four"})
+
+
+@pytest.mark.parametrize("name, value", [("reward_failure_budget", "1.5"), ("reward_failure_budget", "1%"),
+                                         ("reward_failure_max_consecutive_steps", "-1")])
+def test_a_bad_refused_rollout_setting_is_named_before_training(tmp_path, name, value):
+    with pytest.raises(ComposeError, match=f"{name} must be .* got '{value}'"):
+        compose(tmp_path, settings={**SETTINGS, name: value})
 
 
 def test_argument_that_is_not_an_override_is_rejected(tmp_path):
@@ -284,6 +297,7 @@ REFERENCE = [
     ("trainer.resume_mode", "trainer.resume_mode", "auto", "same"),
     ("trainer.total_epochs", "trainer.total_epochs", 1, "same"),
     ("trainer.val_before_train", "trainer.val_before_train", False, "differs"),
+    ("trainer.max_actor_ckpt_to_keep", "(not set: veRL's default, keep all)", None, "differs"),
 ]
 
 

@@ -158,3 +158,44 @@ def test_gdpo_components_feed_veRLs_estimator_per_component():
     assert torch.all(advantages[mask == 0] == 0)
     with pytest.raises(KeyError, match="utility_confidence"):
         tts_trainer.gdpo_components(fields, ["utility_confidence"])
+
+
+# ---- refused rollouts in the tts_sync trainer (issue 25; the real run: tests/test_grpo_cpu.py refused_run) ----
+def _bare_trainer(tmp_path, step: int = 3):
+    """The registered tts_sync trainer class, without veRL's set-up: enough for its metric helpers."""
+    from omegaconf import OmegaConf
+
+    trainer = tts_trainer.register().__new__(tts_trainer.register())
+    trainer.config = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path), "save_freq": 0}, "tts": {}})
+    trainer.global_steps = step
+    return trainer
+
+
+def test_validation_reward_leaves_refused_rollouts_out_and_counts_them(tmp_path):
+    """Through veRL's own validation metrics: the placeholder score of a refused rollout is not averaged."""
+    trainer = _bare_trainer(tmp_path)
+    infos = {"reward": [0.8, 0.0, 0.6, 0.4], "failed": [0.0, 1.0, 0.0, 0.0],
+             "failure": ["", "rollout (...): refused: sample rate 8000 Hz", "", ""], "error_rate": [0.1, None, 0.2, 0.3]}
+    metrics = trainer._val_metrics_update(["smoke"] * 4, ["u0", "u1", "u2", "u3"], infos, [1, 1, 1, 1])
+    assert metrics["val-core/smoke/reward/mean@1"] == pytest.approx(0.6)  # (0.8 + 0.6 + 0.4) / 3, not / 4
+    assert metrics["val-aux/smoke/failed/mean@1"] == pytest.approx(0.25)
+    logged = [json.loads(line) for line in (tmp_path / "reward_failures.jsonl").read_text().splitlines()]
+    assert logged == [{"step": 3, "split": "validation", "data_source": "smoke",
+                       "reason": "rollout (...): refused: sample rate 8000 Hz"}]
+
+
+def test_step_scores_and_no_gradient_rows_as_the_trainer_writes_them():
+    assert tts_trainer.score_metrics([0.9, 0.0, 0.5], [True, False, True]) == {
+        "critic/score/mean": pytest.approx(0.7), "critic/score/max": 0.9, "critic/score/min": 0.5}
+    mask = torch.nested.as_nested_tensor([torch.ones(3, dtype=torch.int64), torch.ones(5, dtype=torch.int64)],
+                                         layout=torch.jagged)
+    zeros = tts_trainer.nested_zeros(mask, torch.float32)
+    assert [row.tolist() for row in zeros.unbind()] == [[0.0] * 3, [0.0] * 5]  # each rollout keeps its length
+    assert tts_trainer.nested_zeros(mask).dtype == torch.int64
+
+
+def test_a_bad_failure_setting_stops_the_trainer_naming_it(tmp_path):
+    trainer = _bare_trainer(tmp_path)
+    trainer.config.tts = {"reward_failure_budget": 1.5}
+    with pytest.raises(ValueError, match=r"reward_failure_budget \(configs/default.sh"):
+        trainer._refusal_policy()

@@ -16,6 +16,19 @@ Registered with veRL's ``register_trainer`` (``verl.trainer.ppo.v1``) and select
   ``attention_mask``, but the v1 trainer's ``_compute_advantage`` fetches neither. For ``gdpo``
   this mode fetches the step's reward components (the hook's ``utility_*`` keys) and hands the
   estimator the response mask as its attention mask; the estimator itself is veRL's.
+- **Refused rollouts carry no gradient.** A rollout the reward server refused (the hook's
+  ``failed`` key, ``on_refused=report``) gets advantage 0 and response mask 0; veRL's own
+  estimator computes the group statistics over the scored rollouts only. Refusals are counted
+  (``reward/failed/mean``, ``/count``) and logged with their items (``<exp_dir>/reward_failures.jsonl``),
+  the step's score statistics leave them out, and the run stops naming the items when a step's
+  refusals exceed ``tts.reward_failure_budget`` or recur on ``tts.reward_failure_max_consecutive_steps``
+  steps in a row (the weights of the last trained step are saved first). A step with rollouts
+  missing (veRL's agent loop drops a rollout whose hook raised, e.g. a reward server unavailable
+  past its retry budget) stops the run too. The rules: ``ttsrl.training.refused_rollouts``.
+- **Checkpoint retention.** veRL's ``trainer.max_actor_ckpt_to_keep`` keeps the last few
+  checkpoints; this mode also keeps the one with the best validation reward so far
+  (``tts.keep_best_checkpoint``) and applies the same limit to checkpoints an earlier run left
+  before a resume (``ttsrl.training.retention``).
 - **Audio you can listen to.** At every validation, the first ``trainer.log_val_generations``
   generations are decoded by the reward server's ``token2wav`` and written to
   ``<trainer.default_local_dir>/validation_audio/step_<N>/<i>.wav`` with a ``.json`` beside each
@@ -31,6 +44,8 @@ import os
 import pathlib
 
 import numpy as np
+
+from ttsrl.training import refused_rollouts, retention
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +63,7 @@ STEP_COMPONENTS = {
     "utility_error_rate": ("mean",),
     "utility_similarity": ("mean",),
     "utility_confidence": ("mean",),
+    "failed": ("mean",),  # share of refused rollouts (reward_tts.py's on_refused=report)
 }
 
 
@@ -82,6 +98,29 @@ def component_metrics(extra_infos: list) -> dict[str, float]:
         for stat in stats:
             metrics[f"reward/{key}/{stat}"] = float(getattr(array, stat)())
     return metrics
+
+
+def reward_infos(extra_fields: list) -> list[dict]:
+    """Each rollout's stored reward components (``reward_extra_info``; {} when it has none)."""
+    return [field.get("reward_extra_info", {}) if isinstance(field, dict) else {} for field in extra_fields]
+
+
+def nested_zeros(like, dtype=None):
+    """A jagged nested tensor of zeros with the row lengths of ``like`` (a jagged nested tensor)."""
+    import torch
+
+    lengths = like.offsets().diff().tolist()
+    dtype = dtype or like.dtype
+    return torch.nested.as_nested_tensor([torch.zeros(int(n), dtype=dtype) for n in lengths], layout=torch.jagged)
+
+
+def score_metrics(sequence_scores, keep) -> dict[str, float]:
+    """``critic/score/*`` (veRL's names) over the rows in ``keep``: the step's scored rollouts."""
+    values = np.asarray(sequence_scores, dtype=np.float64)[np.asarray(keep, dtype=bool)]
+    if not len(values):
+        return {f"critic/score/{stat}": float("nan") for stat in ("mean", "max", "min")}
+    return {"critic/score/mean": float(values.mean()), "critic/score/max": float(values.max()),
+            "critic/score/min": float(values.min())}
 
 
 def validation_samples(inputs, outputs, gts, scores, extra_infos: dict, count: int) -> list[dict]:
@@ -159,21 +198,205 @@ def register() -> type:
 
     @register_trainer(TRAINER_MODE)
     class TTSTrainerSync(PPOTrainerSync):
-        """veRL's synchronous trainer with reward components per step and validation audio."""
+        """veRL's synchronous trainer with reward components per step, refused rollouts masked
+        and bounded, and validation audio."""
+
+        _refusal_tracker = None
+        _step_refusals: list = []  # this step's refused rollouts, logged once the actor has trained
+        _retention_rules = None
+
+        def _retention(self):
+            if self._retention_rules is None:
+                trainer = self.config.trainer
+                keep = trainer.get("max_actor_ckpt_to_keep")
+                if trainer.get("remove_previous_ckpt_in_save", False):  # veRL's deprecated spelling of 1
+                    keep = 1
+                settings = self.config.get("tts", None) or {}
+                self._retention_rules = retention.Retention(pathlib.Path(trainer.default_local_dir), keep,
+                                                            bool(settings.get("keep_best_checkpoint", True)))
+            return self._retention_rules
+
+        def _save_checkpoint(self):
+            super()._save_checkpoint()
+            checkpoint = self.config.actor_rollout_ref.actor.get("checkpoint", {}) or {}
+            if not checkpoint.get("async_save", False):  # an asynchronous save may still be writing
+                self._retention().apply(self.global_steps)
+
+        def _validate(self):
+            metrics = super()._validate()
+            try:
+                self._retention().after_validation(self.global_steps, metrics)
+            except OSError as error:  # keeping a checkpoint must never end the run
+                logger.warning("checkpoint retention after the validation of step %d failed: %s",
+                               self.global_steps, error)
+            return metrics
 
         def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
             super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
             import transfer_queue as tq
             non_padding = [not tag.get("is_padding", False) for tag in batch.tags]
-            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-            extra_fields = [field for field, keep in zip(data.pop("extra_fields").tolist(), non_padding) if keep]
-            infos = [field.get("reward_extra_info", {}) if isinstance(field, dict) else {} for field in extra_fields]
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                                   select_fields=["extra_fields", "rm_scores"])
+            infos = [info for info, keep in zip(reward_infos(data.pop("extra_fields").tolist()), non_padding) if keep]
             metrics.update(component_metrics(infos))
+            refused = [refused_rollouts.is_refused(info) for info in infos]
+            if any(info and refused_rollouts.FAILED_KEY in info for info in infos):
+                metrics["reward/failed/count"] = float(sum(refused))
+            if any(refused):
+                # veRL's score statistics counted the refused rollouts' placeholder score
+                scores = [float(row.sum()) for row, keep in zip(data["rm_scores"].unbind(), non_padding) if keep]
+                metrics.update(score_metrics(scores, [not r for r in refused]))
+            self._log_step_refusals(batch.partition_id)
 
         def _compute_advantage(self, batch, metrics):
+            """veRL's estimator over the scored rollouts; refused ones get no gradient (module doc)."""
+            import torch
+            import transfer_queue as tq
+            from tensordict import TensorDict
+            from transfer_queue import KVBatchMeta
+
+            no_gradient = self._check_step_rollouts(batch)
+            if not any(no_gradient):
+                return self._estimate_advantage(batch, metrics)
+            self._estimate_advantage(batch.select_keys([k for k, x in zip(batch.keys, no_gradient) if not x]),
+                                     metrics)
+            dropped = [key for key, x in zip(batch.keys, no_gradient) if x]
+            mask = tq.kv_batch_get(keys=dropped, partition_id=batch.partition_id,
+                                   select_fields=["response_mask"])["response_mask"]
+            fields = TensorDict({"advantages": nested_zeros(mask, torch.float32),
+                                 "returns": nested_zeros(mask, torch.float32),
+                                 "response_mask": nested_zeros(mask)}, batch_size=len(dropped))
+            tq.kv_batch_put(keys=dropped, partition_id=batch.partition_id, fields=fields)
+            written = None if batch.fields is None else list(dict.fromkeys([*batch.fields, *fields.keys()]))
+            return KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id=batch.partition_id, fields=written,
+                               extra_info=batch.extra_info)
+
+        def _estimate_advantage(self, batch, metrics):
             if str(self.config.algorithm.adv_estimator) != "gdpo":
                 return super()._compute_advantage(batch, metrics)
             return self._compute_gdpo_advantage(batch, metrics)
+
+        def _refusal_policy(self):
+            if self._refusal_tracker is None:
+                settings = self.config.get("tts", None) or {}
+                self._refusal_tracker = refused_rollouts.FailureTracker(
+                    refused_rollouts.FailurePolicy.from_settings(settings))
+            return self._refusal_tracker
+
+        def _check_step_rollouts(self, batch) -> list[bool]:
+            """The step's refused rollouts (recorded for the log), which rows get no gradient, and
+            the stop when rollouts are missing or refusals are over the limits."""
+            import transfer_queue as tq
+
+            tracker = self._refusal_policy()
+            tags = batch.tags
+            real = [not tag.get("is_padding", False) for tag in tags]
+            sessions = {key.rsplit("_", 1)[0] for key, keep in zip(batch.keys, real) if keep}
+            n = int(self.config.actor_rollout_ref.rollout.n)
+            expected = int(self.config.data.train_batch_size) // int(getattr(self, "parameter_sync_step", 1) or 1) * n
+            lost = refused_rollouts.lost_rollouts(expected, len(sessions))
+            if lost:
+                saved = self._save_before_stopping(self.global_steps - 1)
+                raise refused_rollouts.RewardFailureStop(f"step {self.global_steps} was not trained and the run "
+                                                         f"stops: {lost}. {saved}")
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+            infos = reward_infos(data.pop("extra_fields").tolist())
+            refused = [keep and refused_rollouts.is_refused(info) for info, keep in zip(infos, real)]
+            self._step_refusals = self._step_refusals + self._refusal_records(batch, refused, infos)
+            reason = tracker.check(sum(refused), sum(real))
+            if reason:
+                self._stop_for_refusals(reason)
+            groups = [key.rsplit("_", 2)[0] for key in batch.keys]
+            return refused_rollouts.rows_without_gradient(groups, refused)
+
+        def _refusal_records(self, batch, refused: list, infos: list) -> list[dict]:
+            import transfer_queue as tq
+
+            keys = [key for key, bad in zip(batch.keys, refused) if bad]
+            if not keys:
+                return []
+            data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id,
+                                   select_fields=["data_source", "extra_info", "reward_model"])
+            sources, extra, models = (data.pop(name).tolist() for name in ("data_source", "extra_info", "reward_model"))
+            reasons = [info.get(refused_rollouts.REASON_KEY, "") for info, bad in zip(infos, refused) if bad]
+            return [refused_rollouts.failure_record(self.global_steps, key, source, info,
+                                                    (model or {}).get("ground_truth") if isinstance(model, dict)
+                                                    else None, reason)
+                    for key, source, info, model, reason in zip(keys, sources, extra, models, reasons)]
+
+        def _failure_log(self) -> pathlib.Path:
+            return pathlib.Path(self.config.trainer.default_local_dir) / refused_rollouts.FAILURE_LOG
+
+        def _log_step_refusals(self, partition_id: str) -> None:
+            """Log this step's refused rollouts with the advantage and loss tokens the actor got."""
+            import transfer_queue as tq
+
+            records, self._step_refusals = self._step_refusals, []
+            if not records:
+                return
+            keys = [record["rollout"] for record in records]
+            data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["advantages", "response_mask"])
+            for record, advantage, mask in zip(records, data["advantages"].unbind(), data["response_mask"].unbind()):
+                largest = float(advantage.abs().max()) if advantage.numel() else 0.0
+                record.update(trained=True, advantage_abs_max=largest, loss_tokens=int(mask.sum()))
+            refused_rollouts.append_records(self._failure_log(), records)
+            print(f"step {records[0]['step']}: {len(records)} refused rollout(s), trained with no gradient "
+                  f"(logged in {self._failure_log()}):\n{refused_rollouts.describe_items(records)}", flush=True)
+
+        def _stop_for_refusals(self, reason: str) -> None:
+            """Log the step's refused rollouts, save the last trained step's weights, and stop."""
+            step = self.global_steps
+            records, self._step_refusals = self._step_refusals, []
+            for record in records:
+                record["trained"] = False
+            refused_rollouts.append_records(self._failure_log(), records)
+            saved = self._save_before_stopping(step - 1)
+            raise refused_rollouts.RewardFailureStop(
+                f"step {step} was not trained and the run stops: {reason}. The refused items:\n"
+                f"{refused_rollouts.describe_items(records)}\nEvery refused rollout of the run: {self._failure_log()}. "
+                f"{saved} Fix the items (their speaker prompt or text; rerun stage 0) or the reward server, then "
+                f"rerun stage 2; or raise {refused_rollouts.BUDGET_KNOB} / {refused_rollouts.CONSECUTIVE_KNOB} "
+                f"({refused_rollouts.KNOBS_WHERE}) to train past them.")
+
+        def _save_before_stopping(self, step: int) -> str:
+            """Save step ``step``'s weights (the last trained) unless saved already; says what it did."""
+            root = pathlib.Path(self.config.trainer.default_local_dir)
+            if step < 1:
+                return "Nothing was trained yet."
+            if (root / f"global_step_{step}" / "actor").is_dir():
+                return f"The last trained step ({step}) is saved in {root / f'global_step_{step}'}."
+            if int(self.config.trainer.save_freq) <= 0:
+                return f"The last trained step ({step}) is not saved (trainer.save_freq <= 0)."
+            current = self.global_steps
+            self.global_steps = step
+            try:
+                self._save_checkpoint()
+            except Exception as error:  # the refusal is the news; a failed save must not hide it
+                return f"Saving step {step} failed ({type(error).__name__}: {error})."
+            finally:
+                self.global_steps = current
+            return (f"The last trained step ({step}) was saved to {root / f'global_step_{step}'}: rerunning "
+                    "resumes there.")
+
+        def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, sample_turns,
+                                expected_acc_counts=None):
+            """Validation's reward leaves out refused rollouts (their placeholder score); they are
+            counted by veRL as ``val-aux/<data source>/failed/mean@N`` and logged."""
+            failed = reward_extra_infos_dict.get(refused_rollouts.FAILED_KEY)
+            if failed and any(refused_rollouts.is_refused({refused_rollouts.FAILED_KEY: f}) for f in failed):
+                rewards = reward_extra_infos_dict["reward"]
+                reasons = reward_extra_infos_dict.get(refused_rollouts.REASON_KEY) or [""] * len(failed)
+                records = []
+                for row, flag in enumerate(failed):
+                    if refused_rollouts.is_refused({refused_rollouts.FAILED_KEY: flag}):
+                        rewards[row] = None
+                        records.append({"step": int(self.global_steps), "split": "validation",
+                                        "data_source": data_sources[row], "reason": reasons[row]})
+                refused_rollouts.append_records(self._failure_log(), records)
+                print(f"validation at step {self.global_steps}: {len(records)} refused rollout(s) left out of the "
+                      f"reward (logged in {self._failure_log()}); first: {records[0]['reason']}", flush=True)
+            return super()._val_metrics_update(data_sources, sample_uids, reward_extra_infos_dict, sample_turns,
+                                               expected_acc_counts=expected_acc_counts)
 
         def _compute_gdpo_advantage(self, batch, metrics):
             import torch

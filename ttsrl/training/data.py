@@ -35,6 +35,7 @@ from ttsrl.atomic_write import atomic_file
 from ttsrl.chat_template import zero_shot_messages
 from ttsrl.json_lines import json_lines
 from ttsrl.language import normalize_language
+from ttsrl.training import held_out
 from ttsrl.training import speaker_prompts as sp
 
 ABILITY = "text-to-speech"
@@ -458,7 +459,8 @@ def _handle_bad_prompts(splits: dict, record_bad: dict, set_bad: list, on_bad_pr
 
 
 def _prepare_prompts(splits: dict, train_prompts: str | None, on_bad_prompt: str, server_url: str | None,
-                     cache_path: str, log) -> tuple[dict, PromptPlan]:
+                     cache_path: str, log, held_out_sets: dict | None = None,
+                     allow_held_out: bool = False) -> tuple[dict, PromptPlan]:
     """Attach, check and tokenize every speaker prompt the splits use or may be paired with."""
     plan = PromptPlan(source=train_prompts or "")
     index_of: dict = {}
@@ -477,6 +479,9 @@ def _prepare_prompts(splits: dict, train_prompts: str | None, on_bad_prompt: str
     set_bad += [b for p, b in header_bad.items() if p >= own]
     splits = _handle_bad_prompts(splits, record_bad, set_bad, on_bad_prompt, log)
     plan.pairable = [p for p in plan.pairable if p not in header_bad]
+    # no training on the test speakers: the prompt set and the train file's own prompts (ttsrl.training.held_out)
+    training = sorted({p for p in splits["train"].prompt.tolist() if p >= 0} | set(plan.pairable))
+    held_out.check_held_out([plan.prompts[p] for p in training], held_out_sets or {}, log, allow_held_out)
 
     used = sorted({p for records in splits.values() for p in records.prompt.tolist() if p >= 0} | set(plan.pairable))
     if train_prompts and not plan.pairable:
@@ -528,9 +533,11 @@ def prepare(train_file: str, local_dir: str, test_file: str | None = None, test_
             seed: int = 0, max_chars: int | None = None, dedup: bool = False, skip_invalid: bool = False,
             data_source: str | None = None, fast: bool = True, log=print, train_prompts: str | None = None,
             on_bad_prompt: str = "fail", server_url: str | None = None, prompt_token_cache: str | None = None,
-            dev_size: int = 0) -> dict[str, int]:
+            dev_size: int = 0, held_out_sets: dict | None = None, allow_held_out: bool = False) -> dict[str, int]:
     """Read, validate, pair with speaker prompts, split and write; returns the rows per output
-    (train, test, and dev when ``dev_size``)."""
+    (train, test, and dev when ``dev_size``). ``held_out_sets`` ({name: manifest}): sets whose
+    prompts the training prompts must not share (``ttsrl.training.held_out``; ``allow_held_out``:
+    a warning instead)."""
     if (test_file is None) == (test_size is None):
         raise DataError("give exactly one of --test_file and --test_size")
     if test_size is not None and test_size < 1:
@@ -543,6 +550,9 @@ def prepare(train_file: str, local_dir: str, test_file: str | None = None, test_
         raise DataError(f"--on_bad_prompt must be one of {', '.join(ON_BAD_PROMPT)}, got {on_bad_prompt!r}")
     data_source = data_source or Path(train_file).stem
     cache_path = prompt_token_cache or os.path.join(local_dir, "prompt_tokens.json")
+    own_dev = os.path.abspath(os.path.join(local_dir, DEV_FILE))  # this stage's own dev slice: training prompts
+    held_out_sets = {name: path for name, path in (held_out_sets or {}).items()
+                     if path and os.path.abspath(path) != own_dev}
 
     train, problems = read_records(train_file, max_chars, fast)
     test = None
@@ -562,8 +572,9 @@ def prepare(train_file: str, local_dir: str, test_file: str | None = None, test_
         log(f"dropped {dropped} duplicate texts")
     splits = {"train": train} if test is None else {"train": train, "test": test}
     try:
-        splits, plan = _prepare_prompts(splits, train_prompts, on_bad_prompt, server_url, cache_path, log)
-    except sp.PromptError as error:
+        splits, plan = _prepare_prompts(splits, train_prompts, on_bad_prompt, server_url, cache_path, log,
+                                        held_out_sets, allow_held_out)
+    except (sp.PromptError, held_out.HeldOutError) as error:
         raise DataError(str(error)) from None
     train, test = splits["train"], splits.get("test")
     if test is None:

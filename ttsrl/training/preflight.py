@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import math
 import os
 import time
@@ -130,29 +131,178 @@ def check_longest_text(path: Path, max_response_length: int,
             f"characters/s <= data.max_response_length={max_response_length}")
 
 
-def max_response_length_of(overrides: list[str] | str = (), config: Path = GRPO_CONFIG) -> int:
-    """data.max_response_length as the GRPO job gets it: ``config``, then the last veRL override
-    of it (``data.max_response_length=N``, also with + or ++) in ``overrides``, as train_grpo.sh
-    passes them (a string is split on whitespace, as the shell splits $grpo_overrides)."""
+def setting_of(key: str, overrides: list[str] | str = (), config: Path = GRPO_CONFIG, default=None) -> tuple:
+    """(value, where it comes from) of the dotted veRL ``key`` as the GRPO job gets it: ``config``,
+    then the last override of it (``key=VALUE``, also with + or ++) in ``overrides``, as
+    train_grpo.sh passes them (a string is split on whitespace, as the shell splits
+    $grpo_overrides). An override's value is YAML (``null``, ``3``, ``true``), as Hydra reads it."""
     import yaml
 
     if isinstance(overrides, str):
         overrides = overrides.split()
     try:
         with open(config, encoding="utf-8") as handle:
-            value = (yaml.safe_load(handle) or {}).get("data", {}).get("max_response_length")
-    except (OSError, yaml.YAMLError, AttributeError) as error:
-        raise CheckFailed(f"cannot read data.max_response_length from {config}: {error}") from None
-    source = f"{config}: data.max_response_length"
+            value = yaml.safe_load(handle) or {}
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    except (OSError, yaml.YAMLError) as error:
+        raise CheckFailed(f"cannot read {key} from {config}: {error}") from None
+    source = f"{config}: {key}"
+    if value is None:
+        value, source = default, f"{key} (veRL's default)"
     for override in overrides:
-        key, sep, text = override.partition("=")
-        if sep and key.lstrip("+") == "data.max_response_length":
-            value, source = text, f"override {override!r}"
+        name, sep, text = override.partition("=")
+        if sep and name.lstrip("+") == key:
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = text
+            source = f"override {override!r}"
+    return value, source
+
+
+def max_response_length_of(overrides: list[str] | str = (), config: Path = GRPO_CONFIG) -> int:
+    """data.max_response_length as the GRPO job gets it (``setting_of``)."""
+    value, source = setting_of("data.max_response_length", overrides, config)
     try:
         number = int(value)
     except (TypeError, ValueError):
         raise CheckFailed(f"{source} must be an integer, got {value!r}") from None
     return number
+
+
+# ---- disk ---------------------------------------------------------------------------------------
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+CHECKPOINT_BYTES_PER_PARAMETER = 4 + 8
+"""An FSDP actor checkpoint (veRL's default save contents: model, optimizer, extra): the fp32
+master weights (veRL's actor keeps fp32 parameters and computes in bf16) and AdamW's two fp32
+moments, per parameter; plus the tokenizer and config in ``huggingface/``."""
+MERGED_BYTES_PER_PARAMETER = 2
+"""Stage 3's merged Hugging Face model: veRL's merger writes bf16."""
+KEEP_KNOB = "trainer.max_actor_ckpt_to_keep (configs/grpo.yaml, or grpo_overrides)"
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What a GRPO run writes to ``exp_dir`` (``disk_plan``)."""
+
+    parameters: int
+    checkpoint_bytes: int     # one FSDP actor checkpoint
+    merged_bytes: int         # one merged model (stage 3)
+    steps: int
+    saves: int
+    kept: int                 # checkpoints on disk at most
+    keep_last: int | None
+    keep_best: bool
+
+    @property
+    def needed_bytes(self) -> int:
+        """Kept checkpoints plus a merged copy of each (stage 3, merge_steps=all)."""
+        return self.kept * (self.checkpoint_bytes + self.merged_bytes)
+
+
+def _files_bytes(paths) -> int:
+    return sum(path.stat().st_size for path in paths if path.is_file())
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters of the Hugging Face model in ``model_dir``: from the safetensors headers (no
+    weights are read), else from the size of pytorch_model*.bin at 4 bytes each."""
+    import struct
+
+    total = 0
+    files = sorted(model_dir.glob("*.safetensors"))
+    for path in files:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += math.prod(entry["shape"])
+    if files:
+        return total
+    return _files_bytes(model_dir.glob("pytorch_model*.bin")) // 4
+
+
+def training_steps_of(train_rows: int, train_batch_size: int, total_epochs: int,
+                      total_training_steps: int | None = None) -> int:
+    """Steps veRL runs: ``trainer.total_training_steps`` when set, else full batches x epochs."""
+    if total_training_steps:
+        return int(total_training_steps)
+    return (train_rows // train_batch_size) * total_epochs
+
+
+def saves_of(steps: int, save_freq: int) -> int:
+    """Checkpoints veRL saves: every save_freq steps and at the last step (none when save_freq <= 0)."""
+    if save_freq <= 0 or steps <= 0:
+        return 0
+    return steps // save_freq + (1 if steps % save_freq else 0)
+
+
+def disk_plan(model_dir: Path, train_rows: int, train_batch_size: int, total_epochs: int, save_freq: int,
+              overrides: list[str] | str = (), config: Path = GRPO_CONFIG) -> DiskPlan:
+    """How many checkpoints the run keeps and how large each is (``DiskPlan``)."""
+    keep_last, source = setting_of("trainer.max_actor_ckpt_to_keep", overrides, config)
+    if setting_of("trainer.remove_previous_ckpt_in_save", overrides, config)[0]:
+        keep_last = 1
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
+        raise CheckFailed(f"{source} must be null (keep all) or an integer >= 0, got {keep_last!r}")
+    keep_best = bool(setting_of("tts.keep_best_checkpoint", overrides, config, default=True)[0])
+    total_steps = setting_of("trainer.total_training_steps", overrides, config)[0]
+    steps = training_steps_of(train_rows, train_batch_size, total_epochs, total_steps)
+    saves = saves_of(steps, save_freq)
+    kept = saves if not keep_last else min(saves, keep_last + (1 if keep_best else 0))
+    parameters = parameter_count(model_dir)
+    extras = _files_bytes(path for path in model_dir.iterdir()
+                          if path.suffix not in (".safetensors", ".bin") and not path.name.endswith(".index.json"))
+    return DiskPlan(parameters, parameters * CHECKPOINT_BYTES_PER_PARAMETER + extras,
+                    parameters * MERGED_BYTES_PER_PARAMETER + extras, steps, saves, kept, keep_last or None,
+                    keep_best)
+
+
+def used_by_checkpoints(exp_dir: Path) -> int:
+    """Bytes the checkpoints and merged models already under ``exp_dir`` take (hard links once)."""
+    seen, total = set(), 0
+    for pattern in ("global_step_*/actor", "global_step_*/merged_hf_model", ".best_checkpoint"):
+        for folder in exp_dir.glob(pattern):
+            for path in folder.rglob("*"):
+                if path.is_file():
+                    stat = path.stat()
+                    if (stat.st_dev, stat.st_ino) not in seen:
+                        seen.add((stat.st_dev, stat.st_ino))
+                        total += stat.st_size
+    return total
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk(exp_dir: Path, plan: DiskPlan) -> str:
+    """Refuse a run whose checkpoints and merged copies will not fit on ``exp_dir``'s filesystem."""
+    import shutil
+
+    free = shutil.disk_usage(_existing_parent(exp_dir)).free
+    used = used_by_checkpoints(exp_dir) if exp_dir.is_dir() else 0
+    more = max(0, plan.needed_bytes - used)
+    keeping = (f"all {plan.saves}" if plan.keep_last is None else
+               f"at most {plan.kept} of {plan.saves} (the last {plan.keep_last}"
+               + (" and the best)" if plan.keep_best else ")"))
+    summary = (f"{plan.steps} steps save {plan.saves} checkpoint(s), {keeping} kept ({KEEP_KNOB}), "
+               f"{plan.checkpoint_bytes / GB:.2f} GB each ({plan.parameters / 1e6:.1f}M parameters: fp32 weights + "
+               f"AdamW state), plus stage 3's bf16 merged copy of each ({plan.merged_bytes / GB:.2f} GB): "
+               f"{plan.needed_bytes / GB:.2f} GB in {exp_dir}"
+               + (f", {used / GB:.2f} GB of it there already" if used else "")
+               + f"; {free / GB:.2f} GB free there")
+    if more > free:
+        raise CheckFailed(f"not enough disk: {summary}, {more / GB:.2f} GB needed. Fix: free space there, set exp_dir "
+                          f"to a larger filesystem, lower {KEEP_KNOB}, or raise save_freq (configs/default.sh)")
+    return summary
 
 
 def parse_server_urls(text: str, protocol: str | None = None) -> list[str]:
@@ -286,6 +436,15 @@ def check_parquet(path: Path) -> str:
     return f"{path} ({metadata.num_rows} rows)"
 
 
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as error:  # the train-data check names the problem
+        raise CheckFailed(f"not checked: {path} cannot be read ({type(error).__name__}); see the data checks") from None
+
+
 def check_reward_hook(path: Path, name: str = "compute_score") -> str:
     if not path.is_file():
         raise CheckFailed(f"reward hook {path} does not exist; it ships with the recipe (restore it from git)")
@@ -380,6 +539,24 @@ class Settings:
     max_response_length: int | None = None  # None: the response-length checks do not run
     chars_per_second: float = DEFAULT_CHARS_PER_SECOND
     model_family: str | None = None  # the configured family the model must be (None: not checked)
+    exp_dir: Path | None = None      # with the sizes below: the disk check runs
+    train_batch_size: int | None = None
+    total_epochs: int = 1
+    save_freq: int = 0
+    overrides: tuple = ()            # the job's veRL overrides (retention, total_training_steps)
+    grpo_config: Path = GRPO_CONFIG
+
+
+def check_run_disk(settings: Settings) -> str:
+    """``check_disk`` for the run ``settings`` describe (not checked when the model or data is missing)."""
+    try:
+        plan = disk_plan(settings.model_dir, _parquet_rows(settings.data_dir / "train.parquet"),
+                         settings.train_batch_size, settings.total_epochs, settings.save_freq, list(settings.overrides),
+                         settings.grpo_config)
+    except (OSError, ValueError, KeyError) as error:  # the model and data checks name the problem
+        raise CheckFailed(f"not checked: the model in {settings.model_dir} cannot be sized ({type(error).__name__}: "
+                          f"{error}); see the model check") from None
+    return check_disk(settings.exp_dir, plan)
 
 
 def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
@@ -410,6 +587,8 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
             checks.append((f"longest {split} text", lambda split=split: check_longest_text(
                 settings.data_dir / f"{split}.parquet", settings.max_response_length, settings.chars_per_second,
                 settings.max_chars)))
+    if settings.exp_dir is not None and settings.train_batch_size:
+        checks.append(("disk", lambda: check_run_disk(settings)))
     checks += [
         ("reward hook", lambda: check_reward_hook(settings.reward_hook)),
         ("reward server", waiting(lambda: check_reward_servers(settings.reward_server_url, settings.timeout,

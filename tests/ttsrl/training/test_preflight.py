@@ -5,6 +5,7 @@ check's failure says what is wrong and what to do.
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -279,3 +280,82 @@ def test_main_refuses_max_chars_beyond_the_response_length(tiny_model, data_dir,
     captured = capsys.readouterr()
     assert code == 1 and "[FAIL] response length: override 'data.max_response_length=x' must be an integer" in captured.out
     assert "[ ok ] reward server" in captured.out  # the other checks still ran
+
+
+# ---- disk (issue 25): what the checkpoints the run keeps, and their merged copies, need ---------------------
+def test_settings_come_from_grpo_yaml_then_the_last_override():
+    assert preflight.setting_of("trainer.max_actor_ckpt_to_keep") == (3, f"{preflight.GRPO_CONFIG}: "
+                                                                          "trainer.max_actor_ckpt_to_keep")
+    assert preflight.setting_of("tts.keep_best_checkpoint")[0] is True
+    overrides = ["trainer.max_actor_ckpt_to_keep=5", "++trainer.max_actor_ckpt_to_keep=null"]
+    assert preflight.setting_of("trainer.max_actor_ckpt_to_keep", overrides) == (
+        None, "override '++trainer.max_actor_ckpt_to_keep=null'")
+    assert preflight.setting_of("trainer.total_training_steps", "trainer.total_training_steps=40")[0] == 40
+    assert preflight.setting_of("trainer.no_such_key", (), default=7) == (7, "trainer.no_such_key (veRL's default)")
+
+
+def test_the_disk_plan_keeps_the_last_checkpoints_and_the_best(tiny_model, tmp_path):
+    parameters = preflight.parameter_count(tiny_model)
+    assert parameters == sum(p.numel() for p in _tiny_parameters(tiny_model))
+    # 100 rows, 8 per step, 2 epochs: 24 steps; saved every 5 and at the last: 5 checkpoints
+    plan = preflight.disk_plan(tiny_model, 100, 8, 2, 5)
+    assert (plan.steps, plan.saves, plan.kept, plan.keep_last, plan.keep_best) == (24, 5, 4, 3, True)
+    assert plan.checkpoint_bytes > parameters * 12 and plan.merged_bytes > parameters * 2
+    assert plan.needed_bytes == 4 * (plan.checkpoint_bytes + plan.merged_bytes)
+    assert preflight.disk_plan(tiny_model, 100, 8, 2, 5, ["tts.keep_best_checkpoint=false"]).kept == 3
+    assert preflight.disk_plan(tiny_model, 100, 8, 2, 5, ["trainer.max_actor_ckpt_to_keep=null"]).kept == 5
+    assert preflight.disk_plan(tiny_model, 100, 8, 2, -1).kept == 0
+    assert preflight.disk_plan(tiny_model, 100, 8, 2, 5, ["trainer.total_training_steps=3"]).saves == 1
+    with pytest.raises(CheckFailed, match=r"override 'trainer.max_actor_ckpt_to_keep=few' must be null \(keep all\)"):
+        preflight.disk_plan(tiny_model, 100, 8, 2, 5, ["trainer.max_actor_ckpt_to_keep=few"])
+
+
+def _tiny_parameters(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return list(AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+
+
+def test_a_run_that_does_not_fit_on_the_disk_is_refused_naming_the_knobs(tmp_path):
+    import shutil
+
+    exp_dir = tmp_path / "exp" / "run"  # not made yet: its nearest existing folder's filesystem counts
+    free = shutil.disk_usage(tmp_path).free
+    fits = preflight.DiskPlan(parameters=1000, checkpoint_bytes=12_000, merged_bytes=2_000, steps=10, saves=5, kept=4,
+                              keep_last=3, keep_best=True)
+    summary = preflight.check_disk(exp_dir, fits)
+    assert summary.startswith("10 steps save 5 checkpoint(s), at most 4 of 5 (the last 3 and the best) kept")
+    assert f"{exp_dir}" in summary and "GB free there" in summary
+    huge = preflight.DiskPlan(parameters=10**12, checkpoint_bytes=free, merged_bytes=free // 6, steps=2500, saves=25,
+                              kept=4, keep_last=3, keep_best=True)
+    with pytest.raises(CheckFailed) as error:
+        preflight.check_disk(exp_dir, huge)
+    message = str(error.value)
+    assert message.startswith("not enough disk: 2500 steps save 25 checkpoint(s)")
+    assert "lower trainer.max_actor_ckpt_to_keep (configs/grpo.yaml, or grpo_overrides)" in message
+    assert "raise save_freq (configs/default.sh)" in message and "set exp_dir to a larger filesystem" in message
+
+
+def test_checkpoints_already_there_count_toward_the_plan(tmp_path):
+    actor = tmp_path / "global_step_5" / "actor"
+    actor.mkdir(parents=True)
+    (actor / "model.pt").write_bytes(b"x" * 5000)
+    pinned = tmp_path / ".best_checkpoint" / "global_step_5" / "actor"
+    pinned.mkdir(parents=True)
+    os.link(actor / "model.pt", pinned / "model.pt")  # the best's hard link: counted once
+    assert preflight.used_by_checkpoints(tmp_path) == 5000
+    plan = preflight.DiskPlan(parameters=1, checkpoint_bytes=5000, merged_bytes=0, steps=5, saves=1, kept=1,
+                              keep_last=3, keep_best=True)
+    assert "GB of it there already" in preflight.check_disk(tmp_path, plan)
+    assert "of it there already" not in preflight.check_disk(tmp_path / "elsewhere", plan)
+
+
+def test_main_prints_the_disk_the_run_needs(tiny_model, data_dir, reward_server, tmp_path, capsys):
+    code = run_script("preflight_grpo", [
+        "--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+        "--reward_server_url", reward_server.grpc_url, "--exp_dir", str(tmp_path / "exp"),
+        "--train_batch_size", "1", "--total_epochs", "1", "--save_freq", "1", "--grpo_overrides", ""])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    # data_dir's train.parquet has 3 rows: 3 steps of 1 prompt, each saved; 3 kept (the last 3, the best among them)
+    assert "[ ok ] disk: 3 steps save 3 checkpoint(s), at most 3 of 3 (the last 3 and the best) kept" in out
