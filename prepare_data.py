@@ -5,17 +5,24 @@ Each input record needs a non-empty string ``text``; ``id`` is carried into
 ``extra_info`` when present. Output rows follow veRL's RL schema::
 
     data_source   str
-    prompt        ttsrl.chat_template.zero_shot_messages(text[, prompt_text, prompt_tokens])
+    prompt        [{"role": "user", "content": llm_prompt_text + normalized_text},
+                   {"role": "assistant", "content": prompt speech tokens <|s_N|>... (trimmed)}]
     ability       "text-to-speech"
-    reward_model  {"style": "rule", "ground_truth": text}
-    extra_info    {"split", "index", "text", ["id"],
+    reward_model  {"style": "rule", "ground_truth": text}   (the raw text: what the scorer compares with)
+    extra_info    {"split", "index", "text", "normalized_text", "llm_prompt_text", "model_family",
+                   "text_tokens", ["id", "language"],
                    zero-shot rows: "prompt_wav", "prompt_text", "prompt_id", "prompt_hash"}
 
-Text-only rows (the reference recipe's layout) have the prompt
-``[{"role": "user", "content": text}, {"role": "assistant", "content": ""}]``.
-Zero-shot rows are CosyVoice2's zero-shot LLM input in a speaker prompt's voice:
-the user turn is prompt_text + text, the assistant turn the prompt's speech
-tokens (``<|s_N|>...``); infer_dist.py builds its prompts with the same function.
+The policy reads upstream CosyVoice's LLM input (``ttsrl.frontend``): the text normalized as
+upstream normalizes it (wetext, or ttsfrd where it is installed), the prompt text as the
+family's LLM reads it (CosyVoice2: normalized; CosyVoice3: its system prefix + transcript),
+each tokenized on its own, then the prompt's speech tokens trimmed as upstream trims them.
+The rollouts, the warm-up, DPO sampling and infer_dist.py build the ids from these fields with
+the same module. Text-only rows have no prompt speech (CosyVoice2: the text alone; CosyVoice3:
+its system prefix + the text). A text that normalizes to nothing to say, or that upstream
+would synthesize as several LLM calls (longer than its 60-80 character/token segments), is a
+bad record. Rows whose text is shorter than half their prompt text's are counted per split
+(upstream warns about them).
 A row is zero-shot when its record has its own ``prompt_wav`` (relative to the
 record file's folder, or absolute) and ``prompt_text``, or when
 ``--train_prompts`` names a prompt set (a folder of wavs with .txt/.lab
@@ -84,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON cache of prompt speech tokens by content hash (default: LOCAL_DIR/prompt_tokens.json)")
     parser.add_argument("--dev_size", type=int, default=0,
                         help="hold this many training rows out as LOCAL_DIR/dev.jsonl (default 0: none)")
+    parser.add_argument("--model_family", default=None, choices=("cosyvoice2", "cosyvoice3"),
+                        help="the policy's family: its prompt layout (default $TTSRL_MODEL_FAMILY, else cosyvoice2)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the policy's converted model folder: measures long non-Chinese texts as upstream "
+                             "splits them and records each text's token count (run.sh passes $hf_model_dir)")
     parser.add_argument("--hdfs_dir", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -99,7 +111,7 @@ def main(argv=None) -> int:
                          skip_invalid=args.skip_invalid, data_source=args.data_source,
                          train_prompts=args.train_prompts or None, on_bad_prompt=args.on_bad_prompt,
                          server_url=args.server_url or None, prompt_token_cache=args.prompt_token_cache or None,
-                         dev_size=args.dev_size)
+                         dev_size=args.dev_size, model_family=args.model_family, tokenizer=args.tokenizer or None)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

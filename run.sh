@@ -185,6 +185,9 @@ if run_stage 0; then
       server_answers || start_server
       prompt_args+=(--server_url "$(first_server_url)")
     fi
+    # the policy's tokenizer (stage -1's conversion) measures long non-Chinese texts as upstream does
+    prompt_args+=(--model_family "$model_family")
+    [ -f "$hf_model_dir/config.json" ] && prompt_args+=(--tokenizer "$hf_model_dir")
     # shellcheck disable=SC2086
     "$trainer_python" prepare_data.py --train_file "$train_file" "${split_args[@]}" --local_dir "$data_dir" \
       --max_chars "$max_chars" --seed "${data_seed:-0}" "${prompt_args[@]}" ${prepare_data_flags:-}
