@@ -35,6 +35,10 @@ fi
 : "${speech_chars_per_second=4.0}"       # speaking rate the preflight assumes: max_chars must fit
                                          # data.max_response_length at 25 speech tokens/s
 : "${data_seed=0}"                       # test/dev split and prompt pairing
+# Upstream CosyVoice's length bounds: every rollout, evaluation and synthesis call generates at least
+# min and at most max times its text's tokens of speech tokens (Qwen2LM.inference: 2 and 20)
+: "${min_token_text_ratio=2}"
+: "${max_token_text_ratio=20}"
 # Zero-shot training (the policy sees each text with a speaker prompt, as CosyVoice2 is used):
 # train_prompts pairs every text with a prompt of this set (a folder of wavs with .txt/.lab
 # transcripts, a JSONL of prompt_wav + prompt_text, or a Seed-TTS-eval meta.lst), balanced across

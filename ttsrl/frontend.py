@@ -452,3 +452,30 @@ def policy_frontend(model_dir: str | os.PathLike, tokenizer=None, **options) -> 
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return PolicyFrontend(tokenizer, family_of_hf_dir(model_dir), **options)
+
+
+# ------------------------------------------------------------------ stage 0's rows
+
+def row_policy_input(frontend: PolicyFrontend, extra_info, messages) -> PolicyInput:
+    """The LLM input of a stage-0 row (``ttsrl.training.data``): its ``extra_info``'s
+    ``normalized_text`` and ``llm_prompt_text``, and the prompt speech tokens of its assistant
+    message. FrontendError naming the row when it was written for another family or before
+    stage 0 recorded the normalized text."""
+    from ttsrl.speech_tokens import parse_speech_tokens
+
+    info = extra_info if isinstance(extra_info, dict) else {}
+    where = f"row {info.get('split', '?')}:{info.get('index', '?')}"
+    text = info.get("normalized_text")
+    if not isinstance(text, str) or not text:
+        raise FrontendError(f"{where} has no normalized_text: its parquet comes from a stage 0 before the policy read "
+                            "upstream CosyVoice's input; rerun stage 0 (bash run.sh --force 0 0)")
+    family = info.get("model_family")
+    if family and family != frontend.family.name:
+        raise FrontendError(f"{where} was prepared for {family} but the policy is {frontend.family.name}; rerun "
+                            f"stage 0 with model_family={frontend.family.name}")
+    speech = ""
+    for message in list(messages if messages is not None else []):
+        if message.get("role") == "assistant":
+            speech = message.get("content") or ""
+    tokens = parse_speech_tokens(speech, frontend.family).ids if speech else []
+    return frontend.build(text, info.get("llm_prompt_text") or "", tokens)
