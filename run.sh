@@ -292,7 +292,7 @@ if run_stage 5; then
   out=$exp_dir/synth/step_${step}.wav
   log "stage 5: synthesize with step $step ($model) -> $out"
   "$trainer_python" scripts/synthesize.py --model "$model" --output "$out" --text "$synth_text" \
-    --server-url "$(first_server_url)" ${synth_args:-}
+    --server-url "$(first_server_url)" $(token_text_ratio_args) ${synth_args:-}
 fi
 
 if run_stage 6; then
