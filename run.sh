@@ -280,7 +280,7 @@ if run_stage 4; then
     evaluate_step "$step" "$model" "$eval_manifest" "$exp_dir/eval/step_$step" "$eval_set_name" "$url"
   done < <(merged_models)
   "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" --dev-dir "$exp_dir/eval/dev" \
-    --select-by "$eval_select_by"
+    --select-by "$eval_select_by" $([ "${eval_allow_missing:-false}" = true ] && echo --allow-missing)
 fi
 
 if run_stage 5; then
