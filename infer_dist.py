@@ -9,8 +9,11 @@ Test sets (``--manifest``, read by ttsrl.eval_sets; prompt paths as each layout 
   - JSONL: ``id``, ``text``, optional ``prompt_text``, ``prompt_wav`` and
     ``prompt_tokens`` (the prompt's CosyVoice2 speech tokens, precomputed).
 
-Each rank generates speech tokens with transformers (batched, left padding, the
-model's chat template, sampling flags) or vLLM (``--backend vllm``: rank r's engine on
+Each rank generates speech tokens from upstream CosyVoice's LLM input (``ttsrl.frontend``:
+the text normalized and split as upstream does, prompt text and text tokenized apart, the
+prompt's speech tokens trimmed to its wav, each call between ``--min-token-text-ratio`` and
+``--max-token-text-ratio`` times its text tokens) with transformers (batched, left padding,
+sampling flags) or vLLM (``--backend vllm``: rank r's engine on
 the LOCAL_RANK-th visible GPU, at ``--gpu-memory-utilization``, or
 ``--shared-gpu-memory-utilization`` on a GPU of the reward server's
 ``--server-devices``; more ranks than GPUs is refused), turns them

@@ -5,17 +5,24 @@ Each input record needs a non-empty string ``text``; ``id`` is carried into
 ``extra_info`` when present. Output rows follow veRL's RL schema::
 
     data_source   str
-    prompt        ttsrl.chat_template.zero_shot_messages(text[, prompt_text, prompt_tokens])
+    prompt        [{"role": "user", "content": llm_prompt_text + normalized_text},
+                   {"role": "assistant", "content": prompt speech tokens <|s_N|>... (trimmed)}]
     ability       "text-to-speech"
-    reward_model  {"style": "rule", "ground_truth": text}
-    extra_info    {"split", "index", "text", ["id"],
+    reward_model  {"style": "rule", "ground_truth": text}   (the raw text: what the scorer compares with)
+    extra_info    {"split", "index", "text", "normalized_text", "llm_prompt_text", "model_family",
+                   "text_tokens", ["id", "language"],
                    zero-shot rows: "prompt_wav", "prompt_text", "prompt_id", "prompt_hash"}
 
-Text-only rows (the reference recipe's layout) have the prompt
-``[{"role": "user", "content": text}, {"role": "assistant", "content": ""}]``.
-Zero-shot rows are CosyVoice2's zero-shot LLM input in a speaker prompt's voice:
-the user turn is prompt_text + text, the assistant turn the prompt's speech
-tokens (``<|s_N|>...``); infer_dist.py builds its prompts with the same function.
+The policy reads upstream CosyVoice's LLM input (``ttsrl.frontend``): the text normalized as
+upstream normalizes it (wetext, or ttsfrd where it is installed), the prompt text as the
+family's LLM reads it (CosyVoice2: normalized; CosyVoice3: its system prefix + transcript),
+each tokenized on its own, then the prompt's speech tokens trimmed as upstream trims them.
+The rollouts, the warm-up, DPO sampling and infer_dist.py build the ids from these fields with
+the same module. Text-only rows have no prompt speech (CosyVoice2: the text alone; CosyVoice3:
+its system prefix + the text). A text that normalizes to nothing to say, or that upstream
+would synthesize as several LLM calls (longer than its 60-80 character/token segments), is a
+bad record. Rows whose text is shorter than half their prompt text's are counted per split
+(upstream warns about them).
 A row is zero-shot when its record has its own ``prompt_wav`` (relative to the
 record file's folder, or absolute) and ``prompt_text``, or when
 ``--train_prompts`` names a prompt set (a folder of wavs with .txt/.lab
@@ -96,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dev_manifest", default=None, help="a dev set, checked as --eval_manifest")
     parser.add_argument("--allow_held_out_prompts", action="store_true",
                         help="train on prompts of --eval_manifest/--dev_manifest all the same (a warning lists them)")
+    parser.add_argument("--model_family", default=None, choices=("cosyvoice2", "cosyvoice3"),
+                        help="the policy's family: its prompt layout (default $TTSRL_MODEL_FAMILY, else cosyvoice2)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the policy's converted model folder: measures long non-Chinese texts as upstream "
+                             "splits them and records each text's token count (run.sh passes $hf_model_dir)")
     parser.add_argument("--hdfs_dir", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -113,7 +125,8 @@ def main(argv=None) -> int:
                          server_url=args.server_url or None, prompt_token_cache=args.prompt_token_cache or None,
                          dev_size=args.dev_size,
                          held_out_sets={"evaluation set": args.eval_manifest, "dev set": args.dev_manifest},
-                         allow_held_out=args.allow_held_out_prompts)
+                         allow_held_out=args.allow_held_out_prompts, model_family=args.model_family,
+                         tokenizer=args.tokenizer or None)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -39,8 +39,11 @@ batch_window_ms     REWARD_BATCH_WINDOW_MS     how long a request waits for more
 
 and ``max_response_length`` (``reward_kwargs`` only): the rollout length limit,
 ``data.max_response_length``, which ``configs/grpo.yaml`` passes
-(``reward.custom_reward_function.reward_kwargs.max_response_length``). Without it no
-rollout counts as truncated (below).
+(``reward.custom_reward_function.reward_kwargs.max_response_length``), with
+``max_token_text_ratio`` (``data.max_token_text_ratio``): a row's own, lower limit is upstream's
+bound, the ``max_speech_tokens`` the tts_frontend agent loop asked vLLM for (in ``extra_info``),
+else the ratio times stage 0's ``text_tokens``. Without any, no rollout counts as truncated
+(below).
 
 Per-item speaker prompts (zero-shot training). A row whose ``extra_info`` has ``prompt_wav``
 (absolute path), ``prompt_text``, ``prompt_id`` and ``prompt_hash`` (stage 0 writes them) is
@@ -71,7 +74,7 @@ one); ``truncated`` (1.0 or 0.0).
 Truncated rollouts. A rollout is truncated when its response has no speech end token
 (``<|eos1|>``..``<|eos3|>``: plain added tokens, so they survive veRL's
 ``skip_special_tokens=True`` decoding, and vLLM keeps the stop token in the response) and
-its length (speech tokens plus ignored pieces) reaches ``max_response_length``. Rule: a
+its length (speech tokens plus ignored pieces) reaches its limit (above). Rule: a
 truncated rollout's ``score`` and every ``utility_*`` are 0, the minimum, so that neither
 GRPO nor GDPO ever prefers a cut-off utterance; its measured ``error_rate`` and
 ``speaker_similarity`` are still reported. ``truncated`` is logged per step as
@@ -216,11 +219,25 @@ def _result(score: float, error_rate: float, parsed, transcript_length: int, com
     return result
 
 
-def is_truncated(parsed, max_response_length) -> bool:
-    """No speech end token, and as long as the length limit allows (module doc)."""
-    if parsed.ended or max_response_length is None:
+def length_limit(max_response_length, extra_info=None, max_token_text_ratio=None):
+    """The most tokens the rollout could have: ``max_response_length``, or its own upstream bound
+    when lower: ``extra_info["max_speech_tokens"]`` (what the tts_frontend agent loop asked vLLM
+    for), else ``max_token_text_ratio`` times ``extra_info["text_tokens"]`` (stage 0). None: no limit known."""
+    info = extra_info if isinstance(extra_info, dict) else {}
+    limits = [int(max_response_length)] if max_response_length is not None else []
+    if _present(info.get("max_speech_tokens")):
+        limits.append(int(info["max_speech_tokens"]))
+    elif _present(info.get("text_tokens")) and max_token_text_ratio is not None:
+        limits.append(int(int(info["text_tokens"]) * float(max_token_text_ratio)))
+    return min(limits) if limits else None
+
+
+def is_truncated(parsed, max_response_length, extra_info=None, max_token_text_ratio=None) -> bool:
+    """No speech end token, and as long as the length limit allows (module doc, ``length_limit``)."""
+    limit = length_limit(max_response_length, extra_info, max_token_text_ratio)
+    if parsed.ended or limit is None:
         return False
-    return len(parsed.ids) + parsed.ignored >= int(max_response_length)
+    return len(parsed.ids) + parsed.ignored >= limit
 
 
 def _present(value) -> bool:
@@ -302,7 +319,7 @@ async def compute_score(data_source, solution_str, ground_truth, extra_info=None
     settings = settings_from(kwargs)
     client = get_client(settings)
     parsed = parse_speech_tokens(solution_str or "", family_from_env())  # the family's stop tokens
-    truncated = is_truncated(parsed, kwargs.get("max_response_length"))
+    truncated = is_truncated(parsed, kwargs.get("max_response_length"), extra_info, kwargs.get("max_token_text_ratio"))
     if on_refused == "report":
         await client.ensure_ready()  # the keys of a refused rollout's result are the server's components
     try:

@@ -188,6 +188,9 @@ if run_stage 0; then
       server_answers || start_server
       prompt_args+=(--server_url "$(first_server_url)")
     fi
+    # the policy's tokenizer (stage -1's conversion) measures long non-Chinese texts as upstream does
+    prompt_args+=(--model_family "$model_family")
+    [ -f "$hf_model_dir/config.json" ] && prompt_args+=(--tokenizer "$hf_model_dir")
     # shellcheck disable=SC2086
     "$trainer_python" prepare_data.py --train_file "$train_file" "${split_args[@]}" --local_dir "$data_dir" \
       --max_chars "$max_chars" --seed "${data_seed:-0}" "${prompt_args[@]}" ${prepare_data_flags:-}
@@ -282,7 +285,7 @@ if run_stage 4; then
     evaluate_step "$step" "$model" "$eval_manifest" "$exp_dir/eval/step_$step" "$eval_set_name" "$url"
   done < <(merged_models)
   "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" --dev-dir "$exp_dir/eval/dev" \
-    --select-by "$eval_select_by"
+    --select-by "$eval_select_by" $([ "${eval_allow_missing:-false}" = true ] && echo --allow-missing)
 fi
 
 if run_stage 5; then
@@ -294,7 +297,7 @@ if run_stage 5; then
   out=$exp_dir/synth/step_${step}.wav
   log "stage 5: synthesize with step $step ($model) -> $out"
   "$trainer_python" scripts/synthesize.py --model "$model" --output "$out" --text "$synth_text" \
-    --server-url "$(first_server_url)" ${synth_args:-}
+    --server-url "$(first_server_url)" $(token_text_ratio_args) ${synth_args:-}
 fi
 
 if run_stage 6; then

@@ -35,6 +35,10 @@ fi
 : "${speech_chars_per_second=4.0}"       # speaking rate the preflight assumes: max_chars must fit
                                          # data.max_response_length at 25 speech tokens/s
 : "${data_seed=0}"                       # test/dev split and prompt pairing
+# Upstream CosyVoice's length bounds: every rollout, evaluation and synthesis call generates at least
+# min and at most max times its text's tokens of speech tokens (Qwen2LM.inference: 2 and 20)
+: "${min_token_text_ratio=2}"
+: "${max_token_text_ratio=20}"
 # Zero-shot training (the policy sees each text with a speaker prompt, as CosyVoice2 is used):
 # train_prompts pairs every text with a prompt of this set (a folder of wavs with .txt/.lab
 # transcripts, a JSONL of prompt_wav + prompt_text, or a Seed-TTS-eval meta.lst), balanced across
@@ -151,7 +155,10 @@ fi
 : "${eval_on_bad_prompt=fail}"           # a row with a missing/unreadable/too long/untranscribed prompt: fail|skip
 : "${eval_language=auto}"                # protocol metric: zh, ja, ko (CER), en (WER), auto (from the texts);
                                          # a set that declares languages is scored per language (README "Stage 4")
-: "${eval_select_by=cer}"                # best_step.txt by: cer|wer (published error rate), pinyin, sim
+: "${eval_select_by=$([ "$reward_preset" = zero_shot ] && echo cer_sim || echo cer)}"  # best_step.txt by:
+                                         # cer|wer (published error rate), pinyin, sim, or cer_sim (zero_shot's
+                                         # default: lowest error rate among steps whose SIM is within 0.02 of the best)
+: "${eval_allow_missing=false}"          # true: a step missing more utterances than step 0 may be chosen
 : "${eval_sim_model=$pretrained_dir/wavlm_large_finetune.pth}"  # Seed-TTS-eval SIM model (stage -1 on GPU);
                                          # when the file exists, stage 1 serves it as 'speaker'; empty: campplus
 : "${eval_sim_model_gdrive_id=1-aE1NfzpRCLxA4GUxX9ITI3F9LlbtEGP}"  # its file on Google Drive (seed-tts-eval README)

@@ -41,6 +41,8 @@ stop_stage=${stop_stage:-6}
 : "${dev_size=24}"                  # held out of train: stage 4 chooses the best step on these
 : "${max_chars=6}"                  # 1 stand-in token per character: 6 characters + the voice and end
 : "${speech_chars_per_second=25}"   #   tokens fit the 8-token responses
+: "${min_token_text_ratio=0}"       # the stand-in speaks 1 token per character, not upstream's 2+ per text
+                                    #   token: its answers (voice + characters + end) are shorter than that
 : "${test_file=}"
 : "${test_size=24}"
 : "${data_dir=$exp_dir/data}"

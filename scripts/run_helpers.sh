@@ -347,10 +347,11 @@ train_dpo_rounds() {
     # shellcheck disable=SC2086
     "${launch[@]}" scripts/train_dpo.py sample "${common[@]}" --round "$round" --prompts "$dpo_prompts" \
       --samples-per-prompt "$dpo_samples_per_prompt" --max-new-tokens "$dpo_max_new_tokens" --backend "$backend" \
-      --device "$device" --seed "${data_seed:-0}" --server-devices "$server_devices" ${dpo_sample_args:-} \
+      --device "$device" --seed "${data_seed:-0}" --server-devices "$server_devices" $(token_text_ratio_args) \
+      ${dpo_sample_args:-} \
       || die "DPO round $round: sampling failed (see above; a rerun resumes)"
     "$trainer_python" scripts/train_dpo.py score "${common[@]}" --round "$round" --server-url "$(first_server_url)" \
-      --max-response-length "$dpo_max_new_tokens" \
+      --max-response-length "$dpo_max_new_tokens" --max-token-text-ratio "${max_token_text_ratio:-20}" \
       || die "DPO round $round: scoring failed (see above; the scores so far are kept and a rerun scores the rest)"
     "$trainer_python" scripts/train_dpo.py pairs "${common[@]}" --round "$round" \
       --max-chosen-error "$dpo_max_chosen_error" --min-margin "$dpo_min_margin" --val-fraction "$dpo_val_fraction" \
@@ -410,6 +411,11 @@ dev_manifest_path() {
   fi
 }
 
+token_text_ratio_args() {
+  # upstream CosyVoice's length bounds for the generating stages (configs/default.sh)
+  echo "--min-token-text-ratio ${min_token_text_ratio:-2} --max-token-text-ratio ${max_token_text_ratio:-20}"
+}
+
 evaluate_step() {
   # $1 step, $2 model dir, $3 manifest, $4 output dir, $5 set name, $6 server URL: zero-shot inference
   # with infer_dist.py, then the published metric (and SIM, pinyin ER) with compute_wer.sh
@@ -423,7 +429,7 @@ evaluate_step() {
   "$trainer_python" -m torch.distributed.run --nproc_per_node="$eval_nproc" --master_port="$eval_master_port" \
     infer_dist.py --model "$model" --manifest "$manifest" --output-dir "$out" --server-url "$url" \
     --prompt-voice "$eval_prompt_voice" --on-bad-prompt "$eval_on_bad_prompt" --server-devices "$server_devices" \
-    ${infer_args:-}
+    $(token_text_ratio_args) ${infer_args:-}
   REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model eval_similarity=$eval_similarity \
     # English utterances go to Whisper-large-v3 (asr_eval_en) when stage 1 serves it
     local english_asr=

@@ -1,7 +1,8 @@
 """Stage 4 summary: every evaluated checkpoint -> table, plot, JSON summary, best checkpoint.
 
     python scripts/summarize_eval.py --eval-dir EXP/eval [--dev-dir EXP/eval/dev]
-                                     [--select-by cer|wer|pinyin|sim]
+                                     [--select-by cer|wer|pinyin|sim|cer_sim] [--sim-tolerance 0.02]
+                                     [--allow-missing]
 
 Reads, for each set, SET_DIR/step_<N>/wer.json (from compute_wer.sh: the published metric,
 CER for a zh set or WER for an en set, Seed-TTS-eval protocol; with the mean speaker
@@ -16,11 +17,15 @@ dev_manifest= or a dev slice". The chosen step must have a test score (else an e
 it); a step scored on one set only gets '-' in the other set's columns and a warning.
 
 ``--select-by``: ``cer`` (default) or ``wer`` (both: the set's published error rate, lowest
-wins), ``pinyin`` (lowest pinyin error rate) or ``sim`` (highest speaker similarity); ties go
-to the earlier step, and steps without the chosen metric are passed over.
+wins), ``pinyin`` (lowest pinyin error rate), ``sim`` (highest speaker similarity) or
+``cer_sim`` (the zero_shot preset's default in run.sh, following its training objective: the
+lowest error rate among the steps whose SIM is within --sim-tolerance of the best SIM); ties
+go to the earlier step, and steps without the chosen metric are passed over.
 
 Utterances without audio are left out of each set's means (Seed-TTS-eval's rule) and counted
-in the ``missing`` columns.
+in the ``missing`` columns. A step missing more of the choosing set's utterances than step 0
+cannot be chosen (its means leave out its hardest utterances): the table's ``selection``
+column says so; --allow-missing lifts the rule.
 
 A set whose eval set declares several languages (a CV3-Eval folder of subsets, a JSONL with a
 ``language`` field; compute_wer.py then scores each utterance with its language's metric) gets
@@ -43,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from ttsrl.evaluation.summary import SELECT_BY, EvalError, describe, summarize  # noqa: E402
+from ttsrl.evaluation.summary import SELECT_BY, SIM_TOLERANCE, EvalError, describe, summarize  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -55,9 +60,14 @@ def main(argv=None) -> int:
     parser.add_argument("--select-by", choices=SELECT_BY, default="cer",
                         help="metric that picks best_step.txt: cer/wer (the set's published error rate), "
                              "pinyin (our pinyin error rate) or sim (speaker similarity, highest wins)")
+    parser.add_argument("--sim-tolerance", type=float, default=SIM_TOLERANCE,
+                        help="cer_sim: a SIM within this of the best counts as the best's (default %(default)s)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="let a step that misses more utterances than step 0 be chosen")
     args = parser.parse_args(argv)
     try:
-        result = summarize(Path(args.eval_dir), args.select_by, Path(args.dev_dir) if args.dev_dir else None)
+        result = summarize(Path(args.eval_dir), args.select_by, Path(args.dev_dir) if args.dev_dir else None,
+                           args.allow_missing, args.sim_tolerance)
     except EvalError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

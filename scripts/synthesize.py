@@ -3,8 +3,8 @@
     python scripts/synthesize.py --model DIR --output OUT.wav [--text TEXT]
         [--prompt-text TEXT --prompt-tokens 1,2,3] [--server-url URL] [--greedy] [--seed N]
 
-Generation and decoding are stage 4's (ttsrl.evaluation.synthesis: the model's chat
-template, the recipe's sampling, the reward server's token2wav); the default text is a
+Generation and decoding are stage 4's (ttsrl.evaluation.synthesis: upstream CosyVoice's LLM input,
+ttsrl.frontend; the recipe's sampling within upstream's length bounds; the reward server's token2wav); the default text is a
 tongue-twister. Zero-shot prompting needs the prompt's speech tokens (--prompt-tokens);
 --prompt-wav is recorded for reference only in this version.
 """

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     score.add_argument("--server-url", required=True)
     score.add_argument("--max-response-length", type=int, default=None,
                        help="the sampling limit, so the reward's truncation guard applies as in GRPO")
+    score.add_argument("--max-token-text-ratio", type=float, default=None,
+                       help="upstream's bound the sampler used: a sample that reached it without an end token "
+                            "was cut off too (the reward's truncation guard, as in GRPO)")
     score.add_argument("--concurrency", type=int, default=256)
 
     pairs = common(steps.add_parser("pairs", help="chosen/rejected pairs by the pair rule"))
@@ -117,6 +120,8 @@ def run_score(args) -> int:
     kwargs = {"server_url": args.server_url}
     if args.max_response_length:
         kwargs["max_response_length"] = args.max_response_length
+    if args.max_token_text_ratio:
+        kwargs["max_token_text_ratio"] = args.max_token_text_ratio
 
     async def go():
         try:

@@ -113,6 +113,13 @@ cmd=(
   "++$ray_env.VERL_FILE_LOGGER_PATH=$(quoted "$exp_abs/metrics/$run_id.jsonl")"
   # the recipe's veRL plugins (verl_plugins/): the tts_sync trainer mode, and the CPU platform below
   "++$ray_env.VERL_USE_EXTERNAL_MODULES=verl_plugins"
+  # the policy reads upstream CosyVoice's input, bounded as upstream bounds it (verl_plugins/agent_loop.py)
+  "actor_rollout_ref.rollout.agent.agent_loop_config_path=$(quoted "$repo_root/configs/agent_loop.yaml")"
+  actor_rollout_ref.rollout.agent.default_agent_loop=tts_frontend
+  data.custom_cls.path=pkg://verl_plugins.agent_loop
+  data.custom_cls.name=TTSFrontendDataset
+  "data.min_token_text_ratio=${min_token_text_ratio:-2}"
+  "data.max_token_text_ratio=${max_token_text_ratio:-20}"
 )
 # The hook's other settings (REWARD_MODEL_NAME, REWARD_PROTOCOL, REWARD_PROMPT,
 # REWARD_*_S timeouts) travel the same way when set here.

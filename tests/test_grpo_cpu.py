@@ -56,7 +56,10 @@ def training_command(root: Path, policy: Path, exp_dir: Path, server_url: str, s
         "hf_model_dir": policy, "data_dir": root / "data", "exp_name": exp_dir.name, "exp_dir": exp_dir,
         "CUDA_VISIBLE_DEVICES": "", "n_gpus_per_node": 1, "nnodes": 1, "train_batch_size": 4, "rollout_n": 4,
         "ppo_mini_batch_size": 4, "micro_batch_size_per_gpu": 16, "total_epochs": 1, "save_freq": save_freq,
-        "test_freq": test_freq, "REWARD_SERVER_URL": server_url, **(settings_extra or {}),
+        "test_freq": test_freq, "REWARD_SERVER_URL": server_url,
+        # the stand-in task speaks one token per character, not upstream's 2+ per text token (configs/smoke.sh);
+        # with a min bound, vLLM's processed log-probs (stop tokens masked) would differ from the actor's
+        "min_token_text_ratio": 0, **(settings_extra or {}),
     }
     config = exp_dir.parent / f"{exp_dir.name}.sh"
     config.write_text("".join(f"{key}='{value}'\n" for key, value in settings.items())

@@ -17,16 +17,19 @@ def test_reference_cli_writes_verl_rl_schema(tmp_path):
     assert prepare_data.main(["--train_file", train, "--test_file", test, "--local_dir", str(out)]) == 0
     rows = read(out / "train.parquet")
     assert len(rows) == 5
+    # the policy reads the text as upstream CosyVoice normalizes it; the raw text stays the reference
+    normalized = "今天是二零二四年三月五日。"
+    assert TEXTS[1] == "今天是2024年3月5日。"
     assert rows[1] == {
         "data_source": "train",
-        "prompt": [{"role": "user", "content": TEXTS[1]}, {"role": "assistant", "content": ""}],
+        "prompt": [{"role": "user", "content": normalized}, {"role": "assistant", "content": ""}],
         "ability": "text-to-speech",
         "reward_model": {"style": "rule", "ground_truth": TEXTS[1]},
-        "extra_info": {"split": "train", "index": 1, "text": TEXTS[1], "id": "u1"},
+        "extra_info": {"split": "train", "index": 1, "text": TEXTS[1], "normalized_text": normalized,
+                       "llm_prompt_text": "", "model_family": "cosyvoice2", "text_tokens": None, "id": "u1"},
     }
     test_rows = read(out / "test.parquet")
-    assert [r["extra_info"] for r in test_rows] == [
-        {"split": "test", "index": i, "text": t} for i, t in enumerate(TEXTS[5:])]
+    assert [(r["extra_info"]["index"], r["extra_info"]["text"]) for r in test_rows] == list(enumerate(TEXTS[5:]))
 
 
 BAD_LINES = [

@@ -202,6 +202,21 @@ def test_truncated_rollouts_get_the_minimum_but_report_what_they_said(reward_ser
     assert len({frozenset(r) for r in (cut, ended, cut_with_text, short, unlimited)}) == 1  # same keys
 
 
+def test_a_rows_own_upstream_bound_is_its_truncation_limit():
+    """A rollout the tts_frontend agent loop bounded at upstream's max (max_token_text_ratio x its
+    text tokens) and that reached it without an end token was cut off too."""
+    said = reward_tts.parse_speech_tokens(format_speech_tokens(text_to_tokens("一丁七万")))
+    ended = reward_tts.parse_speech_tokens(format_speech_tokens(text_to_tokens("一丁七万")) + "<|eos1|>")
+    assert reward_tts.length_limit(512, {"max_speech_tokens": 4}) == 4
+    assert reward_tts.length_limit(512, {"text_tokens": 2}, 2.0) == 4
+    assert reward_tts.length_limit(3, {"text_tokens": 2}, 20) == 3
+    assert reward_tts.length_limit(None, {"text_tokens": None}, 20) is None
+    assert reward_tts.is_truncated(said, 512, {"max_speech_tokens": 4})
+    assert reward_tts.is_truncated(said, 512, {"text_tokens": 2}, 2.0)
+    assert not reward_tts.is_truncated(said, 512, {"text_tokens": 3}, 2.0)
+    assert not reward_tts.is_truncated(ended, 512, {"max_speech_tokens": 4})
+
+
 # ---- per-item speaker prompts ----------------------------------------------------------
 def _prompt_info(folder, name: str, voice: int, index: int = 0, rate: int = 16000, text: str = "提示") -> dict:
     """extra_info as stage 0 writes it for a row with its own speaker prompt (stand-in audio in ``voice``)."""

@@ -184,7 +184,7 @@ def test_composed_data_and_reward_settings_load_in_verl(tmp_path):
 
     from transformers import AutoTokenizer
     from verl.trainer.ppo.reward import get_custom_reward_fn, resolve_reward_manager_cls
-    from verl.utils.dataset.rl_dataset import RLHFDataset
+    from verl.utils.dataset.rl_dataset import RLHFDataset, get_dataset_class
 
     import prepare_data
     from tests.policy_utils import build_tiny_policy
@@ -199,7 +199,16 @@ def test_composed_data_and_reward_settings_load_in_verl(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
     data_config = cfg.data.copy()
     data_config.cache_dir = str(tmp_path / "cache")
-    dataset = RLHFDataset(cfg.data.train_files, tokenizer, data_config)
+    # the policy reads upstream CosyVoice's input: veRL loads our dataset class and agent loop
+    dataset_cls = get_dataset_class(cfg.data)
+    assert dataset_cls.__name__ == "TTSFrontendDataset" and issubclass(dataset_cls, RLHFDataset)
+    assert cfg.actor_rollout_ref.rollout.agent.default_agent_loop == "tts_frontend"
+    loops = OmegaConf.load(cfg.actor_rollout_ref.rollout.agent.agent_loop_config_path)
+    assert [(loop.name, loop._target_) for loop in loops] == [("tts_frontend",
+                                                                "verl_plugins.agent_loop.TTSFrontendAgentLoop")]
+    assert (cfg.data.min_token_text_ratio, cfg.data.max_token_text_ratio) == (2, 20)
+    assert cfg.reward.custom_reward_function.reward_kwargs.max_token_text_ratio == 20
+    dataset = dataset_cls(cfg.data.train_files, tokenizer, data_config)
     assert len(dataset) == len(texts) - 1
     assert all(dataset[i]["reward_model"]["ground_truth"] for i in range(len(dataset)))
 

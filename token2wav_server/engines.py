@@ -85,9 +85,13 @@ class Token2WavEngine(Protocol):
 
 @runtime_checkable
 class AsrEngine(Protocol):
+    """``transcribe(waves, languages)``: ``languages`` is each wave's language
+    (``ttsrl.language.ASR_LANGUAGES``: zh, en, ja, ko, yue or auto), or None: the engine's own
+    default. An engine that serves one language only (Whisper for English) ignores it."""
+
     sample_rate: int
 
-    def transcribe(self, waves: list) -> list: ...
+    def transcribe(self, waves: list, languages: list | None = None) -> list: ...
 
 
 @runtime_checkable

@@ -1,8 +1,12 @@
 """ASR engines through FunASR: SenseVoiceSmall (the reward ASR) and any FunASR model
 (Paraformer for evaluation), loaded from a local directory (no download at run time).
 
-The whole batch goes to ``AutoModel.generate`` in one call, with the front end's random
-dither off (same audio, same transcript); SenseVoice's rich-transcription
+The whole batch goes to ``AutoModel.generate`` in one call per language, with the front end's
+random dither off (same audio, same transcript). Each wave's language (``languages``: zh, en,
+ja, ko, yue, or auto for SenseVoice's own language identification) is SenseVoice's
+``language``, the query its decoder reads first; a batch of several languages is one call per
+language. Without languages every wave gets the engine's ``language`` (default auto). Paraformer
+has no language input and ignores it. SenseVoice's rich-transcription
 tags (``<|zh|><|NEUTRAL|><|Speech|><|woitn|>``) are stripped from the text.
 
 Confidence (``AsrResult.nll``, the reward's ``confidence`` component): for SenseVoice, the
@@ -23,6 +27,8 @@ import threading
 from typing import Optional
 
 import numpy as np
+
+from ttsrl.language import ASR_LANGUAGES, AUTO
 
 from .engines import AsrResult
 
@@ -112,7 +118,7 @@ class FunasrAsr:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model_dir: str, device: str = "cpu", language: str = "zh", use_itn: bool = False,
+    def __init__(self, model_dir: str, device: str = "cpu", language: str = "auto", use_itn: bool = False,
                  option: str = "--sensevoice-dir", model=None):
         self.language = language
         self.use_itn = use_itn
@@ -135,23 +141,36 @@ class FunasrAsr:
         # Warm up: load kernels and lazily built state before the first request.
         self.transcribe([np.zeros(SAMPLE_RATE, dtype=np.float32)])
 
-    def transcribe(self, waves: list) -> list:
+    def transcribe(self, waves: list, languages: list | None = None) -> list:
         if not waves:
             return []
         inputs = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves]
+        languages = [self.language] * len(inputs) if languages is None else [str(x or AUTO) for x in languages]
+        if len(languages) != len(inputs):
+            raise ValueError(f"{len(languages)} languages for {len(inputs)} waveforms")
+        unknown = sorted(set(languages) - set(ASR_LANGUAGES))
+        if unknown:
+            raise ValueError(f"ASR language(s) {unknown}: SenseVoice takes {list(ASR_LANGUAGES)}")
+        outputs, posteriors = [None] * len(inputs), [None] * len(inputs)
         with self._lock:
-            if self._posteriors is not None:
-                self._posteriors.clear()
-            outputs = self.model.generate(input=inputs, cache={}, language=self.language, use_itn=self.use_itn,
-                                          batch_size=len(inputs), disable_pbar=True)
-            posteriors = self._posteriors.take() if self._posteriors is not None else None
-        if len(outputs) != len(inputs):
-            raise RuntimeError(f"FunASR returned {len(outputs)} results for {len(inputs)} waveforms")
+            for language in dict.fromkeys(languages):  # one generate call per language, in first-seen order
+                rows = [i for i, x in enumerate(languages) if x == language]
+                if self._posteriors is not None:
+                    self._posteriors.clear()
+                got = self.model.generate(input=[inputs[i] for i in rows], cache={}, language=language,
+                                          use_itn=self.use_itn, batch_size=len(rows), disable_pbar=True)
+                if len(got) != len(rows):
+                    raise RuntimeError(f"FunASR returned {len(got)} results for {len(rows)} waveforms")
+                taken = self._posteriors.take() if self._posteriors is not None else [None] * len(rows)
+                if len(taken) != len(rows):
+                    raise RuntimeError(f"captured CTC posteriors of {len(taken)} utterances for {len(rows)} waveforms")
+                for i, out, log_probs in zip(rows, got, taken):
+                    outputs[i], posteriors[i] = out, log_probs
+        if self._posteriors is None:
+            posteriors = None
         texts = [clean_transcript(str(out.get("text", ""))) for out in outputs]
         if posteriors is None:
             return [AsrResult(text) for text in texts]
-        if len(posteriors) != len(inputs):
-            raise RuntimeError(f"captured CTC posteriors of {len(posteriors)} utterances for {len(inputs)} waveforms")
         return [AsrResult(text, ctc_transcript_nll(log_probs[SENSEVOICE_QUERY_FRAMES:], self._blank_id))
                 for text, log_probs in zip(texts, posteriors)]
 

@@ -78,7 +78,8 @@ class WhisperAsr:
         # Warm up: load kernels and lazily built state before the first request.
         self.transcribe([np.zeros(SAMPLE_RATE, dtype=np.float32)])
 
-    def transcribe(self, waves: list) -> list:
+    def transcribe(self, waves: list, languages: list | None = None) -> list:
+        """English transcripts (this engine serves the utterances declared en; ``languages`` unused)."""
         import whisper
 
         inputs = []

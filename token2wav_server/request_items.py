@@ -224,10 +224,10 @@ def token_items(requests: list, parameters: list, limits: Limits, bank: PromptBa
     return items
 
 
-def wave_items(requests: list, default_rate: int, limits: Limits) -> list:
+def wave_items(requests: list, default_rate: int, limits: Limits, with_language: bool = False) -> list:
     """Parse WAV (padded), WAV_LENS (optional), SAMPLE_RATE (optional, default
-    ``default_rate``) of every request -> one Item per row, with ``wave`` and ``rate``
-    set, or ``error``."""
+    ``default_rate``) and, ``with_language``, LANGUAGE (optional, ``parse_language``) of every
+    request -> one Item per row, with ``wave``, ``rate`` (and ``language``) set, or ``error``."""
     items = []
     for r, request in enumerate(requests):
         batch = request_batch_size(request, "WAV")
@@ -235,6 +235,8 @@ def wave_items(requests: list, default_rate: int, limits: Limits) -> list:
             waves = _rows(request, "WAV", batch).astype(np.float32, copy=False)
             lens = _rows(request, "WAV_LENS", batch)[:, 0] if "WAV_LENS" in request else [None] * batch
             rate_rows = _rows(request, "SAMPLE_RATE", batch)[:, 0] if "SAMPLE_RATE" in request else None
+            languages = (_rows(request, "LANGUAGE", batch)[:, 0] if with_language and "LANGUAGE" in request
+                         else None)
         except ItemError as error:
             items.extend(Item(r, row, error=str(error), rate=default_rate) for row in range(batch))
             continue
@@ -252,5 +254,10 @@ def wave_items(requests: list, default_rate: int, limits: Limits) -> list:
                 item.error = "WAV has NaN or infinite samples"
             else:
                 item.wave = waves[row, :length]
+            if languages is not None and not item.error:
+                try:
+                    item.language = parse_language(languages[row])
+                except ItemError as error:
+                    item.error = str(error)
             items.append(item)
     return items

@@ -37,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from ttsrl.language import AUTO
 from ttsrl.scoring import EmptyReferenceError
 from ttsrl.triton_client import BANK_PROMPT_PREFIX, pad_rows
 
@@ -151,6 +152,11 @@ def _run_batched(function, inputs: list, items: list, what: str) -> list:
     return results
 
 
+def _with_languages(asr):
+    """``asr.transcribe`` over (wave, language) pairs, so a retry item by item keeps each language."""
+    return lambda pairs: asr.transcribe([wave for wave, _ in pairs], [language for _, language in pairs])
+
+
 class Pipeline:
     """The served computations of one slot."""
 
@@ -189,12 +195,13 @@ class Pipeline:
                 item.wave = np.asarray(wave, dtype=np.float32).reshape(-1)
 
     def _transcribe(self, items: list, rate: int, asr=None) -> None:
+        """Each item's transcript, the ASR told the item's language (``auto`` for an item without one)."""
         asr = asr or self.slot.engines.asr
         todo = [it for it in items if not it.error and it.wave is not None]
         if not todo:
             return
-        waves = [resample(it.wave, rate, asr.sample_rate) for it in todo]
-        results = _run_batched(asr.transcribe, waves, todo, "ASR")
+        waves = [(resample(it.wave, rate, asr.sample_rate), it.language or AUTO) for it in todo]
+        results = _run_batched(_with_languages(asr), waves, todo, "ASR")
         for item, result in zip(todo, results):
             if result is not None:
                 item.transcript = str(result.text)
@@ -320,10 +327,19 @@ class Pipeline:
 
     def asr(self, requests: list, parameters: Optional[list] = None, which: str = "asr") -> list:
         """Inputs WAV (FP32, padded), WAV_LENS (optional), SAMPLE_RATE (optional, default the
-        ASR's rate) -> TRANSCRIPTS, ASR_NLL, ERRORS. ``which``: ``asr`` or ``asr_eval``."""
+        ASR's rate), LANGUAGE (optional: each item's language, told to the ASR; empty or absent:
+        auto) -> TRANSCRIPTS, ASR_NLL, ERRORS. ``which``: ``asr`` or ``asr_eval``."""
         asr = getattr(self.slot.engines, which)
-        items = wave_items(requests, asr.sample_rate, self.limits)
-        for item, result in zip(items, self._run_on_waves(asr, asr.transcribe, items, which)):
+        items = wave_items(requests, asr.sample_rate, self.limits, with_language=True)
+        todo = [i for i, it in enumerate(items) if not it.error]
+        results = [None] * len(items)
+        if todo:
+            with self.slot.lock:
+                waves = [(resample(items[i].wave, items[i].rate, asr.sample_rate), items[i].language or AUTO)
+                         for i in todo]
+                for i, output in zip(todo, _run_batched(_with_languages(asr), waves, [items[i] for i in todo], which)):
+                    results[i] = output
+        for item, result in zip(items, results):
             if result is not None:
                 item.transcript = str(result.text)
                 item.nll = None if result.nll is None else float(result.nll)

@@ -238,7 +238,7 @@ class StandinAsr:
         self.delay_ms = delay_ms
         self.tokens_per_char = tokens_per_char
 
-    def transcribe(self, waves: list) -> list:
+    def transcribe(self, waves: list, languages: list | None = None) -> list:
         _sleep(self.delay_ms)
         results = []
         for wave in waves:

@@ -100,6 +100,8 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
         Tensor(name="SAMPLE_RATE", shape=(1,), dtype=np.int32, optional=True),
     ]
     asr_outputs = [text_out("TRANSCRIPTS"), float_out("ASR_NLL"), text_out("ERRORS")]
+    # each item's language, told to the ASR (SenseVoice); absent or empty: auto
+    asr_inputs = wave_inputs + [Tensor(name="LANGUAGE", shape=(1,), dtype=bytes, optional=True)]
     asr_models = ["asr"]
     for which in ("asr_eval", "asr_eval_en"):  # optional evaluation ASRs, bound when every slot has one
         if all(getattr(p.slot.engines, which) is not None for p in pipelines):
@@ -109,7 +111,7 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
         triton.bind(
             model_name=which,
             infer_func=[_infer_function(lambda r, prm, p=p, w=which: p.asr(r, prm, w)) for p in pipelines],
-            inputs=wave_inputs,
+            inputs=asr_inputs,
             outputs=asr_outputs,
             config=config(),
             strict=False,

@@ -1,8 +1,10 @@
 """Prompt templates for the speech-token policy, in one place.
 
 Data rows carry the veRL chat form ``[{"role": "user", "content": text},
-{"role": "assistant", "content": ""}]``; the tokenizer's chat template turns it
-into the prompt the LLM sees.
+{"role": "assistant", "content": ""}]``; the tokenizer's chat template renders it as one
+string. The ids the policy reads are not that rendering: ``ttsrl.frontend`` builds them as
+upstream CosyVoice does (prompt text and text tokenized apart), and every stage that prompts
+the policy uses it. The templates stay for the converted tokenizer and for reading rows.
 
 ``cosyvoice2`` (default): ``<|sos|>`` + text + ``<|task_id|>``, exactly what
 CosyVoice2's own LLM is fed (sos embedding, text embeddings, task-id
@@ -75,8 +77,7 @@ def zero_shot_messages(text: str, prompt_text: str = "", prompt_tokens=()) -> li
     """The policy's input for ``text`` in the voice of a speaker prompt: CosyVoice2's zero-shot
     LLM input (prompt transcript + text between ``<|sos|>`` and ``<|task_id|>``, then the
     prompt's speech tokens, after which the LLM continues in that voice). Without prompt
-    tokens it is the text-only input. Stage 0's parquet rows, the warm-up and infer_dist.py
-    all build their prompts here, so training and evaluation see one layout."""
+    tokens it is the text-only input (the layout only: the policy's ids come from ttsrl.frontend)."""
     if len(prompt_tokens):
         return prompt_messages(prompt_text + text, format_speech_tokens(prompt_tokens))
     return prompt_messages(text)

@@ -65,6 +65,7 @@ class EvalUtterance:
     prompt_tokens: list = dataclasses.field(default_factory=list)
     where: str = ""  # "file:line" of the row that defined it
     language: str = ""  # zh, en, ja, ko (ttsrl.language); "": not declared by the set
+    row: dict | None = None  # a stage-0 row ({"extra_info", "messages"}): the policy reads the row's input
 
 
 @dataclasses.dataclass

@@ -4,7 +4,12 @@ Supported languages (``LANGUAGES``) and their metric (``ttsrl.scoring``):
 
 - ``zh``: pinyin error rate or CER, as the configured metric says (today's scoring);
 - ``en``: WER after Whisper-style English normalization (``ttsrl.text_norm.normalize_english``);
-- ``ja``, ``ko``: CER over the characters left after removing punctuation and whitespace.
+- ``ja``, ``ko``, ``yue`` (Cantonese, declared only: its script is Han, which reads as zh): CER over
+  the characters left after removing punctuation and whitespace.
+
+Each item's language also reaches the ASR (SenseVoice's ``language``: ``ASR_LANGUAGES``), for the
+reward and for evaluation; ``auto`` (SenseVoice's own language identification) where a request
+carries none.
 
 ``FALLBACK_LANGUAGE`` (``zh``) is what a text whose script says nothing gets (digits and
 punctuation only, or a script none of the four uses, such as Cyrillic): it is scored exactly
@@ -33,8 +38,11 @@ import re
 
 from .text_norm import HAN_CHARS
 
-LANGUAGES = ("zh", "en", "ja", "ko")
+LANGUAGES = ("zh", "en", "ja", "ko", "yue")
 FALLBACK_LANGUAGE = "zh"
+AUTO = "auto"
+ASR_LANGUAGES = LANGUAGES + (AUTO,)
+"""What SenseVoice is told an item's language is: one of LANGUAGES, or ``auto`` (none given)."""
 ALIASES = {
     "zh": "zh", "cmn": "zh", "zho": "zh", "chi": "zh", "chinese": "zh", "mandarin": "zh", "zh-cn": "zh",
     "zh-hans": "zh", "zh-tw": "zh", "zh-hant": "zh", "zh-hk": "zh", "zh-sg": "zh", "cmn-hans-cn": "zh",
@@ -42,6 +50,7 @@ ALIASES = {
     "en-in": "en",
     "ja": "ja", "jp": "ja", "jpn": "ja", "japanese": "ja", "ja-jp": "ja",
     "ko": "ko", "kor": "ko", "korean": "ko", "ko-kr": "ko",
+    "yue": "yue", "cantonese": "yue", "zh-yue": "yue", "yue-hk": "yue", "yue-hant": "yue",
 }
 """Accepted spellings (lower case, ``_`` read as ``-``) -> language."""
 

@@ -36,9 +36,9 @@ from rapidfuzz.distance import Levenshtein
 
 from .scoring import Alignment, EmptyReferenceError
 
-LANGUAGES = ("zh", "en", "ja", "ko")
-METRIC_OF_LANGUAGE = {"zh": "cer", "en": "wer", "ja": "cer", "ko": "cer"}
-_CHARACTER_LANGUAGES = ("zh", "ja", "ko")
+LANGUAGES = ("zh", "en", "ja", "ko", "yue")
+METRIC_OF_LANGUAGE = {"zh": "cer", "en": "wer", "ja": "cer", "ko": "cer", "yue": "cer"}
+_CHARACTER_LANGUAGES = ("zh", "ja", "ko", "yue")
 """Languages whose protocol token is a character (CER); the others' is a word (WER)."""
 
 

@@ -70,6 +70,11 @@ class SamplingOptions:
     max_new_tokens: int = MAX_NEW_TOKENS
     greedy: bool = False
     seed: int = 0
+    min_token_text_ratio: float = 2.0
+    """Upstream CosyVoice's bounds: each LLM call generates at least this many speech tokens per
+    text token ... (ttsrl.frontend)"""
+    max_token_text_ratio: float = 20.0
+    """... and at most this many (and never more than ``max_new_tokens``)."""
 
 
 def add_sampling_arguments(parser, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
@@ -81,9 +86,15 @@ def add_sampling_arguments(parser, max_new_tokens: int = MAX_NEW_TOKENS) -> None
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="default: configs/grpo.yaml's")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="default: configs/grpo.yaml's")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--min-token-text-ratio", type=float, default=2.0,
+                        help="each LLM call generates at least this many speech tokens per text token (upstream "
+                             "CosyVoice's min_token_text_ratio, default %(default)s)")
+    parser.add_argument("--max-token-text-ratio", type=float, default=20.0,
+                        help="... and at most this many (upstream's max_token_text_ratio, default %(default)s)")
 
 
 def options_from_args(args) -> SamplingOptions:
     """The SamplingOptions of parsed ``add_sampling_arguments`` flags (and ``--seed``)."""
     return SamplingOptions(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.greedy,
-                           getattr(args, "seed", 0))
+                           getattr(args, "seed", 0), getattr(args, "min_token_text_ratio", 2.0),
+                           getattr(args, "max_token_text_ratio", 20.0))

@@ -6,7 +6,7 @@ The item's language (``ttsrl.language``) picks the metric (``metric_name``):
 - no language (``None``, every caller before languages existed) or ``zh``: the configured
   ``metric``, ``pinyin`` or ``char``, described below, exactly as before;
 - ``en``: WER over the words of ``ttsrl.text_norm.normalize_english`` (Whisper's rules);
-- ``ja``, ``ko``: CER over the characters of ``ttsrl.text_norm.normalize_characters``
+- ``ja``, ``ko``, ``yue``: CER over the characters of ``ttsrl.text_norm.normalize_characters``
   (punctuation and whitespace removed).
 
 For en, ja and ko the ``metric`` argument is not used (it chooses between the two Chinese
@@ -45,7 +45,7 @@ from .text_norm import (HAN_CHARS, ReadingSlots, join_pieces, normalize_characte
                         normalize_text, reading_slots)
 
 METRICS = ("pinyin", "char")
-LANGUAGE_METRICS = {"en": "wer", "ja": "cer", "ko": "cer"}
+LANGUAGE_METRICS = {"en": "wer", "ja": "cer", "ko": "cer", "yue": "cer"}
 """The metric of each language that does not use the configured (Chinese) one."""
 MAX_ENUMERATED_READINGS = 64
 """Up to this many combinations of number readings are scored exhaustively;
@@ -204,7 +204,7 @@ def language_tokens(text: str, language: str) -> tuple[str, ...]:
     Whisper way) for en, characters for ja and ko."""
     if language == "en":
         return tuple(normalize_english(text).split())
-    if language in ("ja", "ko"):
+    if language in ("ja", "ko", "yue"):
         return tuple(normalize_characters(text))
     raise ValueError(f"language {language!r} has no token rule of its own; expected one of {sorted(LANGUAGE_METRICS)}")
 

@@ -43,6 +43,58 @@ def test_tiny_sensevoice_transcribes_a_batch(tiny_sensevoice):
     assert asr.transcribe([]) == []
 
 
+def _language_queries(asr):
+    """The language ids SenseVoice's decoder receives: its ``embed`` reads the language query
+    first, then the text-norm query, then the event/emotion query, per inference call."""
+    inner = asr.model.model
+    seen = []
+    inner.embed.register_forward_hook(lambda _m, args, _out: seen.append(args[0].flatten().tolist()))
+    ids = {index: name for name, index in inner.lid_dict.items()}
+
+    def queries():
+        return [ids[s[0]] for s in seen[0::3]]
+    return queries
+
+
+def test_sensevoice_hears_each_waves_language(tiny_sensevoice):
+    asr = FunasrAsr(str(tiny_sensevoice), "cpu")
+    heard = _language_queries(asr)
+    waves = [_noise(0.6, k) for k in range(5)]
+    results = asr.transcribe(waves, ["en", "zh", "en", "ja", "yue"])
+    assert heard() == ["en", "zh", "ja", "yue"]  # one call per language, in first-seen order
+    # each transcript is the one its wave gets alone in its language: the batch is put back in order
+    alone = [asr.transcribe([w], [x])[0] for w, x in zip(waves, ["en", "zh", "en", "ja", "yue"])]
+    assert [(r.text, round(r.nll, 5)) for r in results] == [(r.text, round(r.nll, 5)) for r in alone]
+    asr.transcribe(waves[:1])
+    assert heard()[-1] == "auto"  # no language given: SenseVoice's own identification, never forced to zh
+    with pytest.raises(ValueError, match="fr"):
+        asr.transcribe(waves[:1], ["fr"])
+
+
+def test_the_reward_and_the_asr_model_pass_each_items_language_to_sensevoice(tiny_sensevoice):
+    asr = FunasrAsr(str(tiny_sensevoice), "cpu")
+    heard = _language_queries(asr)
+    engines = Engines(token2wav=standin.StandinToken2Wav(), asr=asr)
+    prompt = SpeakerPrompt("silence", np.zeros(16000, dtype=np.float32), 16000, "")
+    pipeline = Pipeline(Slot(engines, [prompt]), RewardConfig())
+    ids = standin.text_to_tokens("一丁七万丈三上下")
+    request = {"TOKENS": np.array([ids, ids, ids], dtype=np.int32),
+               "TOKEN_LENS": np.array([[len(ids)]] * 3, dtype=np.int32),
+               "GT_TEXT": np.array([["今天天气不错".encode()], [b"good weather"], ["今日は".encode()]], dtype=object),
+               "LANGUAGE": np.array([[b"zh"], [b"en-US"], [b"ja"]], dtype=object)}
+    out = pipeline.token2wav_asr([request])[0]
+    assert list(out["ERRORS"].ravel()) == [b"", b"", b""]
+    assert heard()[-3:] == ["zh", "en", "ja"]
+    # the asr model (evaluation): each item's LANGUAGE, auto where it is empty; a bad one names the row
+    waves = np.stack([_noise(0.5, 7), _noise(0.5, 8), _noise(0.5, 9)])
+    asr_request = {"WAV": waves, "SAMPLE_RATE": np.array([[16000]] * 3, dtype=np.int32),
+                   "LANGUAGE": np.array([[b"ko"], [b""], [b"klingon"]], dtype=object)}
+    asr_out = pipeline.asr([asr_request])[0]
+    assert heard()[-2:] == ["ko", "auto"]
+    errors = [e.decode() for e in asr_out["ERRORS"].ravel()]
+    assert errors[:2] == ["", ""] and "klingon" in errors[2]
+
+
 def test_real_asr_behind_the_reward_pipeline(tiny_sensevoice):
     asr = FunasrAsr(str(tiny_sensevoice), "cpu")
     engines = Engines(token2wav=standin.StandinToken2Wav(), asr=asr)

@@ -211,7 +211,7 @@ def test_asr_model_validates_each_item():
 class _NoNllAsr:
     sample_rate = 16000
 
-    def transcribe(self, waves):
+    def transcribe(self, waves, languages=None):
         return [AsrResult("一") for _ in waves]
 
 

@@ -85,10 +85,19 @@ def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str,
     """Transcribe OUT/wavs with the server -> (references, hypotheses, why each reference
     without a hypothesis has none). With ``english_asr_model`` (the server's ``asr_eval_en``:
     Whisper-large-v3, as Seed-TTS-eval and CV3-Eval transcribe English), the utterances the
-    manifest declares ``en`` go to that model and the rest to ``asr_model``."""
+    manifest declares ``en`` go to that model and the rest to ``asr_model``. Each utterance's
+    declared language is told to the ASR (SenseVoice's ``language``; auto where it declares
+    none); a language no ASR here takes is an error naming the utterance."""
+    from ttsrl.language import normalize_language
+
     references = read_references(output_dir / "manifest.jsonl")
     records = read_records(output_dir / "manifest.jsonl")
-    languages = manifest_languages(output_dir / "manifest.jsonl") if english_asr_model else {}
+    languages = {}
+    for utt_id, declared in manifest_languages(output_dir / "manifest.jsonl").items():
+        try:
+            languages[utt_id] = normalize_language(declared, f"utterance {utt_id!r}") if declared else ""
+        except ValueError as error:
+            raise OutputDirError(f"{output_dir / 'manifest.jsonl'}: {error}") from None
     hypotheses: dict[str, str] = {}
     missing: dict[str, str] = {}
     by_model: dict[str, tuple[list, list, list]] = {}
@@ -100,24 +109,25 @@ def transcribe_output_dir(output_dir: Path, server_url: str, asr_model: str,
             log(f"missing wav: {wav}" + (f" ({error})" if error else ""))
             continue
         wave, rate = read_wave(wav)
-        model = english_asr_model if languages.get(utt_id) == "en" else asr_model
+        model = english_asr_model if english_asr_model and languages.get(utt_id) == "en" else asr_model
         ids, waves, rates = by_model.setdefault(model, ([], [], []))
         ids.append(utt_id)
         waves.append(wave)
         rates.append(rate)
     for model, (ids, waves, rates) in by_model.items():
-        _transcribe_with(server_url, model, ids, waves, rates, hypotheses, missing, log)
+        _transcribe_with(server_url, model, ids, waves, rates, hypotheses, missing, log,
+                         [languages.get(utt_id, "") for utt_id in ids])
     return references, hypotheses, missing
 
 
 def _transcribe_with(server_url: str, model: str, ids: list, waves: list, rates: list, hypotheses: dict,
-                     missing: dict, log) -> None:
+                     missing: dict, log, languages: list | None = None) -> None:
     from ttsrl.triton_client import TritonModelClient
 
     client = TritonModelClient(server_url, model)
     try:
         try:
-            results = client.transcribe(waves, rates)
+            results = client.transcribe(waves, rates, languages)
         except Exception as error:  # the whole request failed (e.g. the server does not serve the model)
             raise OutputDirError(f"transcribing {len(ids)} utterances with the server's {model!r} at {server_url} "
                                  f"failed: {error}") from error

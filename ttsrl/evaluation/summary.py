@@ -10,6 +10,19 @@ that step are not the ones that picked it; without dev scores it is chosen on th
 and every output says that this is optimistic. ``scripts/summarize_eval.py`` documents the
 files.
 
+Selection (``select_by``): ``cer``/``wer`` (the lowest published error rate), ``pinyin``,
+``sim`` (the highest SIM), or ``cer_sim``, the zero_shot preset's default, which follows its
+training objective (error rate and similarity together): among the steps whose SIM is within
+``sim_tolerance`` (0.02) of the best SIM on the set, the lowest error rate. A step that only
+read better by losing its voice is passed over, and a SIM difference within the tolerance
+(about the spread between repeated evaluations of one checkpoint) does not outweigh the error
+rate. Without SIM scores it is the error rate alone, with a warning.
+
+Missing audio counts against a step: a step with more utterances without audio (or
+transcript) than step 0 (the base model; without a step 0, the fewest of any step) on the set
+that chooses cannot be chosen, since its means leave its hardest utterances out; the table's
+``selection`` column says why. ``allow_missing`` lifts this rule.
+
 A set scored per language (its wer.json summary has ``by_language``: the eval set declared
 languages, ``ttsrl.evaluation.wer``) gets a ``by_language`` entry in each of its rows in
 summary.json and, when it holds more than one language (a single-language column would
@@ -25,9 +38,11 @@ from pathlib import Path
 from ttsrl.atomic_write import atomic_file, write_json, write_text
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-SELECT_BY = ("cer", "wer", "pinyin", "sim")
+SELECT_BY = ("cer", "wer", "pinyin", "sim", "cer_sim")
+SIM_TOLERANCE = 0.02
+"""``cer_sim``: SIM within this of the best counts as the best's (module doc)."""
 SETS = ("dev", "test")
-_COLUMN = {"cer": "error_rate", "wer": "error_rate", "pinyin": "per", "sim": "sim"}
+_COLUMN = {"cer": "error_rate", "wer": "error_rate", "pinyin": "per", "sim": "sim", "cer_sim": "error_rate"}
 TEST_SELECTION_WARNING = "best step chosen on the test set: optimistic; set dev_manifest= or a dev slice"
 MISSING_NOTE = ("missing: utterances without audio (or a transcript), left out of that set's means as "
                 "Seed-TTS-eval's run_wer.py leaves them out; read each mean with its count")
@@ -72,16 +87,38 @@ def collect(eval_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["step"])
 
 
-def best(rows: list[dict], select_by: str = "cer", set_name: str = "test") -> dict:
-    """The row with the best ``select_by`` score (lowest error rate, highest SIM); ties go to
-    the earlier step, rows without the score are passed over."""
+def excluded(rows: list[dict], allow_missing: bool = False) -> dict[int, str]:
+    """{step: why it cannot be chosen}: more utterances without audio than step 0 (or than the
+    fewest of any step when there is no step 0), unless ``allow_missing``."""
+    if allow_missing or not rows:
+        return {}
+    base = next((r for r in rows if r["step"] == 0), None)
+    allowed = base["missing"] if base is not None else min(r["missing"] for r in rows)
+    what = "step 0's" if base is not None else "the fewest of any step,"
+    return {r["step"]: f"{r['missing']} missing > {what} {allowed}" for r in rows if r["missing"] > allowed}
+
+
+def best(rows: list[dict], select_by: str = "cer", set_name: str = "test", allow_missing: bool = False,
+         sim_tolerance: float = SIM_TOLERANCE) -> dict:
+    """The row with the best ``select_by`` score (module doc: lowest error rate, highest SIM,
+    or cer_sim); ties go to the earlier step, rows without the score or ``excluded`` for their
+    missing audio are passed over."""
     if select_by not in SELECT_BY:
         raise EvalError(f"unknown --select-by {select_by!r}; expected one of {SELECT_BY}")
     column = _COLUMN[select_by]
-    scored = [r for r in rows if r.get(column) is not None]
+    barred = excluded(rows, allow_missing)
+    scored = [r for r in rows if r.get(column) is not None and r["step"] not in barred]
     if not scored:
-        raise EvalError(f"no step has a {select_by} score on the {set_name} set to select by"
-                        + (" (the server serves no speaker model)" if select_by == "sim" else ""))
+        why = " (the server serves no speaker model)" if select_by == "sim" else ""
+        if barred and any(r.get(column) is not None for r in rows):
+            why = f" that is not missing more audio than step 0 ({'; '.join(f'step {s}: {w}' for s, w in barred.items())}; " \
+                  "--allow-missing lifts this)"
+        raise EvalError(f"no step has a {select_by} score on the {set_name} set to select by{why}")
+    if select_by == "cer_sim":
+        with_sim = [r for r in scored if r.get("sim") is not None]
+        if with_sim:
+            top = max(r["sim"] for r in with_sim)
+            scored = [r for r in with_sim if r["sim"] >= top - sim_tolerance]
     sign = -1.0 if select_by == "sim" else 1.0
     return min(scored, key=lambda r: (sign * r[column], r["step"]))
 
@@ -112,11 +149,12 @@ def read_dev_rows(dev_dir: Path | None) -> tuple[list[dict] | None, str | None]:
 
 
 def choose(dev_rows: list[dict] | None, test_rows: list[dict], select_by: str,
-           dev_dir: Path | None = None, eval_dir: Path | None = None) -> tuple[int, str]:
+           dev_dir: Path | None = None, eval_dir: Path | None = None, allow_missing: bool = False,
+           sim_tolerance: float = SIM_TOLERANCE) -> tuple[int, str]:
     """(best step, the set that selected it: dev or test). The chosen step must have a test score."""
     if not dev_rows:
-        return best(test_rows, select_by, "test")["step"], "test"
-    step = best(dev_rows, select_by, "dev")["step"]
+        return best(test_rows, select_by, "test", allow_missing, sim_tolerance)["step"], "test"
+    step = best(dev_rows, select_by, "dev", allow_missing, sim_tolerance)["step"]
     if step not in _by_step(test_rows):
         test_file = Path(eval_dir or ".") / f"step_{step}" / "wer.json"
         dev_folder = Path(dev_dir or ".") / f"step_{step}"
@@ -126,10 +164,20 @@ def choose(dev_rows: list[dict] | None, test_rows: list[dict], select_by: str,
     return step, "dev"
 
 
-def notes(steps: list[dict], best_step: int, selected_on: str, select_by: str, no_dev_why: str | None) -> dict:
+def notes(steps: list[dict], best_step: int, selected_on: str, select_by: str, no_dev_why: str | None,
+          allow_missing: bool = False, sim_tolerance: float = SIM_TOLERANCE) -> dict:
     """What the reader of the table must know: warnings (the selection is optimistic, a step
-    is scored on one set only, the chosen step lacks audio) and the notes that explain the columns."""
+    is scored on one set only, the chosen step lacks audio, steps barred for missing audio) and
+    the notes that explain the columns; ``selection``: {step: why it could not be chosen}."""
     warnings, lines = [], []
+    selecting = [s[selected_on] for s in steps if s[selected_on] is not None]
+    barred = excluded(selecting, allow_missing)
+    if barred:
+        warnings.append(f"step(s) {', '.join(map(str, barred))} cannot be chosen: more {selected_on} utterances "
+                        "without audio than the base model (see the selection column; --allow-missing, "
+                        "eval_allow_missing=true, lifts this)")
+    if select_by == "cer_sim" and not any(r.get("sim") is not None for r in selecting):
+        warnings.append(f"cer_sim without SIM scores on the {selected_on} set: chosen by the error rate alone")
     if selected_on == "test":
         warnings.append(TEST_SELECTION_WARNING + (f" ({no_dev_why})" if no_dev_why else ""))
     else:
@@ -142,12 +190,13 @@ def notes(steps: list[dict], best_step: int, selected_on: str, select_by: str, n
     if chosen["missing"]:
         warnings.append(f"the chosen step {best_step} has {chosen['missing']} {selected_on} utterance(s) without "
                         f"audio, left out of its {selected_on} means: compare the missing column across steps")
-    metric = {"pinyin": "lowest pinyin error rate", "sim": "highest SIM"}.get(select_by) or \
-        f"lowest {chosen['label']}"
+    metric = {"pinyin": "lowest pinyin error rate", "sim": "highest SIM",
+              "cer_sim": f"lowest {chosen['label']} among the steps whose SIM is within {sim_tolerance} of the "
+                         "best"}.get(select_by) or f"lowest {chosen['label']}"
     reported = "; the test columns report it" if selected_on == "dev" else ""
     lines.append(f"best step: {best_step}, chosen on the {selected_on} set by {select_by} ({metric}){reported}")
     lines.append(MISSING_NOTE)
-    return {"warnings": warnings, "notes": lines}
+    return {"warnings": warnings, "notes": lines, "selection": barred}
 
 
 def _set_names(steps: list[dict]) -> list[str]:
@@ -191,6 +240,8 @@ def table(steps: list[dict], best_step: int, info: dict) -> str:
             [f"{name} {language} {language_label} %" for language, language_label in _languages(steps, name)]
         header += more
         rule += ["---:"] * len(more)
+    header.append("selection")
+    rule.append(":---")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     for s in steps:
         cells = [f"{s['step']}" + (" (best)" if s["step"] == best_step else "")]
@@ -207,6 +258,8 @@ def table(steps: list[dict], best_step: int, info: dict) -> str:
                 cells.append("-" if r.get("sim") is None else f"{r['sim']:.4f}")
             cells += [str(r["utterances"]), str(r["missing"]), str(r["bad_prompt"])]
             cells += [_percent(rate) for rate in _language_rates(r, languages)]
+        barred = info.get("selection", {}).get(s["step"])
+        cells.append("best" if s["step"] == best_step else (f"excluded: {barred}" if barred else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"warning: {w}" for w in info["warnings"]] + info["notes"]
@@ -288,18 +341,21 @@ def plot(steps: list[dict], path: Path, best_step: int, selected_on: str, select
         plt.close(figure)
 
 
-def summarize(eval_dir: Path, select_by: str = "cer", dev_dir: Path | None = None) -> dict:
+def summarize(eval_dir: Path, select_by: str = "cer", dev_dir: Path | None = None, allow_missing: bool = False,
+              sim_tolerance: float = SIM_TOLERANCE) -> dict:
     """Read both sets, choose the best step, write EVAL_DIR/cer_by_step.{tsv,md,png},
     summary.json and best_step.txt (last, so it names a step whose summary is written)."""
     test_rows = collect(eval_dir)
     dev_rows, no_dev_why = read_dev_rows(dev_dir)
-    best_step, selected_on = choose(dev_rows, test_rows, select_by, dev_dir, eval_dir)
+    best_step, selected_on = choose(dev_rows, test_rows, select_by, dev_dir, eval_dir, allow_missing, sim_tolerance)
     steps = merge_steps(dev_rows, test_rows)
-    info = notes(steps, best_step, selected_on, select_by, no_dev_why)
+    info = notes(steps, best_step, selected_on, select_by, no_dev_why, allow_missing, sim_tolerance)
     markdown = table(steps, best_step, info)
     chosen = next(s for s in steps if s["step"] == best_step)
     result = {"eval_dir": str(eval_dir), "dev_dir": None if dev_dir is None else str(dev_dir),
               "select_by": select_by, "selected_on": selected_on, "best_step": best_step, "best": chosen,
+              "allow_missing": allow_missing, "sim_tolerance": sim_tolerance,
+              "excluded": {str(k): v for k, v in info["selection"].items()},
               "labels": {name: _columns(steps, name)[0] for name in _set_names(steps)},
               "warnings": info["warnings"], "notes": info["notes"], "steps": steps}
     write_text(eval_dir / "cer_by_step.tsv", tsv(steps, best_step))

@@ -74,6 +74,8 @@ def synthesize_batch(batch: list[EvalUtterance], generator, token2wav, output_di
                   "tokens": 0, "duration": 0.0, "error": None}
         if isinstance(response, Exception):
             record["error"] = f"generation failed: {response}"
+            if isinstance(response, ValueError):  # ttsrl.frontend.FrontendError: upstream cannot say this text
+                record["error"] = f"upstream's frontend refuses the text: {response}"
         else:
             parsed = parse_speech_tokens(response, getattr(generator, "family", None))
             record["tokens"] = len(parsed.ids)

@@ -1,22 +1,76 @@
-"""Speech-token generation with the policy LLM: the zero-shot chat prompt of an utterance,
-and two batched backends, transformers (any machine) and vLLM (CUDA machines), sampling
-as ``ttsrl.sampling.SamplingOptions`` says. Each backend's ``generate(batch)`` returns the
-decoded answer text of every utterance (speech-token pieces, ``ttsrl.speech_tokens``). Both stop at
-the stop tokens of the model's family (``ttsrl.model_family``), which a converted directory records;
+"""Speech-token generation with the policy LLM: upstream CosyVoice's LLM input of an utterance
+(``ttsrl.frontend``: the text normalized and split as upstream does, prompt text and text
+tokenized apart, the prompt's speech tokens trimmed as upstream trims them), and two batched
+backends, transformers (any machine) and vLLM (CUDA machines), sampling as
+``ttsrl.sampling.SamplingOptions`` says, each LLM call between upstream's min and max speech
+tokens (``min_token_text_ratio``/``max_token_text_ratio`` times its text tokens, and at most
+``max_new_tokens``). Each backend's ``generate(batch)`` returns the decoded answer text of every
+utterance (speech-token pieces, ``ttsrl.speech_tokens``); a text upstream synthesizes in
+several LLM calls gets the calls' speech tokens one after another. Both stop at the stop tokens
+of the model's family (``ttsrl.model_family``), which a converted directory records;
 ``generator.family`` is it (parse the answers with ``parse_speech_tokens(text, generator.family)``)."""
 from __future__ import annotations
 
 import os
 
-from ttsrl.chat_template import zero_shot_messages
 from ttsrl.eval_sets import EvalUtterance
+from ttsrl.frontend import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, PolicyFrontend, row_policy_input
 from ttsrl.sampling import SamplingOptions
 from ttsrl.model_family import ModelFamily, family_of_hf_dir, get_family
+from ttsrl.speech_tokens import format_speech_tokens, parse_speech_tokens
 
 
-def build_messages(utt: EvalUtterance) -> list[dict]:
-    """Zero-shot when the prompt's speech tokens are known, else text-only."""
-    return zero_shot_messages(utt.text, utt.prompt_text, utt.prompt_tokens)
+def utterance_inputs(frontend: PolicyFrontend, utt: EvalUtterance) -> list:
+    """The LLM calls of ``utt``: a stage-0 row's own input, else upstream's frontend on its text,
+    zero-shot when the prompt's speech tokens are known (trimmed to the prompt wav when there is
+    one), else text-only."""
+    if utt.row is not None:
+        return [row_policy_input(frontend, utt.row.get("extra_info"), utt.row.get("messages"))]
+    tokens = list(utt.prompt_tokens or [])
+    if tokens and utt.prompt_wav:
+        from ttsrl.frontend import wav_prompt_token_limit
+
+        tokens = tokens[:wav_prompt_token_limit(utt.prompt_wav)]
+    return frontend.inputs(utt.text, utt.prompt_text, tokens)
+
+
+def join_answers(answers: list[str], family) -> str:
+    """The answers of one utterance's LLM calls as one answer: each call's speech tokens in turn,
+    then the end token when the last call ended (a single call's answer is kept as it is)."""
+    if len(answers) == 1:
+        return answers[0]
+    parsed = [parse_speech_tokens(a, family) for a in answers]
+    ids = [i for p in parsed for i in p.ids]
+    return format_speech_tokens(ids) + (get_family(family).eos_token if parsed[-1].ended else "")
+
+
+class FrontendBatching:
+    """What both backends share: a batch of utterances -> the flat list of LLM calls -> one answer
+    per utterance."""
+
+    frontend: PolicyFrontend
+    family: ModelFamily
+
+    def generate(self, batch: list[EvalUtterance]) -> list:
+        """One answer per utterance; an utterance upstream's frontend refuses (its text normalizes
+        to nothing) gets its ``FrontendError`` instead, the others are generated."""
+        from ttsrl.frontend import FrontendError
+
+        calls = []
+        for utt in batch:
+            try:
+                calls.append(utterance_inputs(self.frontend, utt))
+            except FrontendError as error:
+                calls.append(error)
+        answers = self.generate_inputs([c for per in calls if isinstance(per, list) for c in per])
+        joined, start = [], 0
+        for per in calls:
+            if not isinstance(per, list):
+                joined.append(per)
+                continue
+            joined.append(join_answers(answers[start:start + len(per)], self.family))
+            start += len(per)
+        return joined
 
 
 def stop_token_ids(tokenizer, model_dir: str, family: str | ModelFamily | None = None) -> list[int]:
@@ -32,12 +86,27 @@ def stop_token_ids(tokenizer, model_dir: str, family: str | ModelFamily | None =
     return ids
 
 
-def chat_prompts(tokenizer, batch: list[EvalUtterance]) -> list[str]:
-    """The generation prompts of a batch: each utterance's messages through the model's chat template."""
-    return [tokenizer.apply_chat_template(build_messages(u), tokenize=False) for u in batch]
+def make_frontend(tokenizer, family, sampling: SamplingOptions) -> PolicyFrontend:
+    return PolicyFrontend(tokenizer, family, min_ratio=sampling.min_token_text_ratio,
+                          max_ratio=sampling.max_token_text_ratio)
 
 
-class TransformersGenerator:
+class RowLengthBounds:
+    """A transformers logits processor: row r may not stop before its ``minimum[r]`` new tokens
+    (its stop tokens are masked), as upstream's decoding ignores eos below ``min_len``."""
+
+    def __init__(self, prompt_length: int, minimum: list[int], stop_ids: list[int]):
+        self.prompt_length, self.minimum, self.stop_ids = prompt_length, minimum, stop_ids
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids.shape[1] - self.prompt_length
+        for row, minimum in enumerate(self.minimum):
+            if generated < minimum:
+                scores[row, self.stop_ids] = -float("inf")
+        return scores
+
+
+class TransformersGenerator(FrontendBatching):
     """Batched sampling with transformers; left padding so every prompt ends where generation starts."""
 
     def __init__(self, model_dir: str, device: str, sampling: SamplingOptions,
@@ -56,22 +125,30 @@ class TransformersGenerator:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.family = family_of_hf_dir(model_dir) if family is None else get_family(family)
         self.end_ids = stop_token_ids(self.tokenizer, model_dir, self.family)
+        self.frontend = make_frontend(self.tokenizer, self.family, sampling)
 
-    def generate(self, batch: list[EvalUtterance]) -> list[str]:
+    def generate_inputs(self, calls: list) -> list[str]:
+        """One answer per ``PolicyInput``: its ids, at least its min and at most its max new tokens."""
+        from transformers import LogitsProcessorList
+
         torch = self.torch
-        prompts = chat_prompts(self.tokenizer, batch)
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         s = self.sampling
-        kwargs = dict(max_new_tokens=s.max_new_tokens, eos_token_id=self.end_ids,
-                      pad_token_id=self.tokenizer.pad_token_id)
+        padded = self.tokenizer.pad({"input_ids": [list(c.ids) for c in calls]}, padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in padded.items()}
+        maximum = [c.max_new_tokens(s.max_new_tokens) for c in calls]
+        minimum = [c.min_new_tokens(s.max_new_tokens) for c in calls]
+        prompt_length = inputs["input_ids"].shape[1]
+        kwargs = dict(max_new_tokens=max(maximum), eos_token_id=self.end_ids, pad_token_id=self.tokenizer.pad_token_id,
+                      logits_processor=LogitsProcessorList([RowLengthBounds(prompt_length, minimum, self.end_ids)]))
         if s.greedy:
             kwargs.update(do_sample=False, top_p=None, top_k=None, temperature=None)
         else:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         with torch.no_grad():
             output = self.model.generate(**inputs, **kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [self.tokenizer.decode(row, skip_special_tokens=False) for row in new_tokens]
+        new_tokens = output[:, prompt_length:]
+        # a row's tokens do not depend on the rows that go on longer: cut each at its own maximum
+        return [self.tokenizer.decode(row[:limit], skip_special_tokens=False) for row, limit in zip(new_tokens, maximum)]
 
 
 OWN_GPU_MEMORY_SHARE = 0.85
@@ -180,7 +257,7 @@ def place_vllm_engine(environ=None, **placement) -> tuple[int, float]:
     return rank, share
 
 
-class VllmGenerator:
+class VllmGenerator(FrontendBatching):
     """vLLM offline generation (CUDA machines with vllm installed), one engine per rank on the
     rank's own GPU (``place_vllm_engine``)."""
 
@@ -194,16 +271,23 @@ class VllmGenerator:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.llm = LLM(**vllm_engine_kwargs(model_dir, sampling, rank, share))
         self.family = family_of_hf_dir(model_dir)
+        self.sampling = sampling
+        self.frontend = make_frontend(self.tokenizer, self.family, sampling)
         end_ids = stop_token_ids(self.tokenizer, model_dir, self.family)
         if sampling.greedy:
-            self.params = SamplingParams(temperature=0.0, max_tokens=sampling.max_new_tokens, stop_token_ids=end_ids)
+            self.params = dict(temperature=0.0, stop_token_ids=end_ids)
         else:
-            self.params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                         max_tokens=sampling.max_new_tokens, stop_token_ids=end_ids)
+            self.params = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                               stop_token_ids=end_ids)
+        self._params_type = SamplingParams
 
-    def generate(self, batch: list[EvalUtterance]) -> list[str]:
-        prompts = chat_prompts(self.tokenizer, batch)
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+    def generate_inputs(self, calls: list) -> list[str]:
+        """One answer per ``PolicyInput``, with its own min/max tokens (vLLM's per-request limits)."""
+        cap = self.sampling.max_new_tokens
+        params = [self._params_type(**self.params, min_tokens=c.min_new_tokens(cap), max_tokens=c.max_new_tokens(cap))
+                  for c in calls]
+        prompts = [{"prompt_token_ids": list(c.ids)} for c in calls]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=False) for o in outputs]
 
 

@@ -15,9 +15,10 @@ response only.
 
 ``--data`` is one of:
 
-- ``*.parquet``: stage 0's ``train.parquet`` (veRL's RL schema). Each row's ``prompt`` messages
-  are the prompt, so the warm-up trains on the very string GRPO samples from, zero-shot prompt
-  speech tokens included; the targets are ``extra_info.speech_tokens`` when the row has them,
+- ``*.parquet``: stage 0's ``train.parquet`` (veRL's RL schema). Each row's input is built as
+  GRPO's rollouts build it (``ttsrl.frontend.row_policy_input``: upstream CosyVoice's LLM input,
+  prompt text and text tokenized apart, zero-shot prompt speech tokens included), so the
+  warm-up trains on the very ids GRPO samples from; the targets are ``extra_info.speech_tokens`` when the row has them,
   else (``--standin-targets``) ``token2wav_server.standin.targets_for`` of the row's
   ``reward_model.ground_truth`` in the voice of the prompt's speech tokens. With
   ``--standin-targets any-voice`` each target is in one of the data's prompt voices drawn per
@@ -26,7 +27,8 @@ response only.
   profile uses it so that GRPO's similarity reward has the cloning left to teach.
 - JSONL: one ``{"text": ..., "speech_tokens": [int, ...]}`` per line (the speech tokens of a
   recording of the text: the reward server's ``speech_tokenizer`` model makes them from wavs);
-  the prompt is the text-only input of the text. ``--standin-targets`` instead takes plain
+  the prompt is the text-only input of the text, normalized as upstream normalizes it
+  (``ttsrl.frontend``; a text upstream would synthesize in several calls is a bad record). ``--standin-targets`` instead takes plain
   ``{"text": ...}`` records and uses the stand-in engines' tokens of each text
   (``token2wav_server.standin.text_to_tokens``): the CPU smoke profile's task.
 
@@ -57,7 +59,9 @@ import shutil
 from dataclasses import dataclass
 
 from ttsrl.atomic_write import atomic_dir
-from ttsrl.chat_template import zero_shot_messages
+from ttsrl.chat_template import prompt_messages
+from ttsrl.frontend import FrontendError, PolicyFrontend, row_policy_input
+from ttsrl.model_family import family_of_hf_dir
 from ttsrl.json_lines import json_lines
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, SPEECH_VOCAB_SIZE, format_speech_tokens, parse_speech_tokens
 
@@ -87,10 +91,13 @@ class StampMismatch(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One supervised example: the policy's chat messages and the speech token ids it should answer."""
+    """One supervised example: the policy's chat messages and the speech token ids it should
+    answer; a stage-0 row's ``extra_info`` (its normalized texts) or a record's raw ``text``."""
 
     messages: list
     targets: list
+    extra_info: dict | None = None
+    text: str = ""
 
 
 def _bad_ids(ids) -> bool:
@@ -133,7 +140,7 @@ def load_jsonl(path: str, standin_targets: bool = False) -> list[Example]:
                 problems.append(f"{where}: 'speech_tokens' must be a non-empty list of ints in "
                                 f"[0, {SPEECH_VOCAB_SIZE})")
                 continue
-        examples.append(Example(zero_shot_messages(text), ids))
+        examples.append(Example(prompt_messages(text), ids, text=text))
     _raise_problems(path, problems, examples)
     return examples
 
@@ -221,7 +228,7 @@ def load_parquet(path: str, standin_targets: bool | str = False) -> list[Example
             problems.append(f"{where}: no 'extra_info.speech_tokens' (the targets); add them to the data, or "
                             "pass --standin-targets for the stand-in engines' tokens (smoke profile)")
             continue
-        examples.append(Example(messages, list(ids)))
+        examples.append(Example(messages, list(ids), extra_info=row.get("extra_info") or {}))
     _raise_problems(path, problems, examples)
     return examples
 
@@ -235,16 +242,28 @@ def load_examples(path: str, standin_targets: bool = False) -> list[Example]:
     return load_jsonl(path, standin_targets)
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The prompt string of ``messages``: the call veRL's RLHFDataset makes for GRPO's rollouts."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def prompt_ids(frontend: PolicyFrontend, example: Example) -> list[int]:
+    """The ids the policy reads for ``example``: a stage-0 row's as GRPO's rollouts build them, a
+    record's text as upstream's frontend makes it (one LLM call)."""
+    try:
+        if example.extra_info is not None:
+            return list(row_policy_input(frontend, example.extra_info, example.messages).ids)
+        inputs = frontend.inputs(example.text)
+    except FrontendError as error:
+        raise PairsError(str(error)) from None
+    if len(inputs) != 1:
+        raise PairsError(f"text {example.text!r}: upstream synthesizes it as {len(inputs)} separate LLM inputs; "
+                         "give each as a record of its own")
+    return list(inputs[0].ids)
 
 
-def encode_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + response, prompt length) per example."""
+def encode_examples(tokenizer, examples: list[Example], family=None) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + response, prompt length) per example; ``family``: the policy's
+    (default CosyVoice2)."""
+    frontend = PolicyFrontend(tokenizer, family)
     encoded = []
     for example in examples:
-        prompt = tokenizer(render_prompt(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
+        prompt = prompt_ids(frontend, example)
         ids = example.targets
         response = tokenizer(format_speech_tokens(ids) + SPEECH_END_TOKENS[0], add_special_tokens=False)["input_ids"]
         if len(response) != len(ids) + 1:
@@ -431,7 +450,7 @@ def warm_up(model_dir: str, data: str, output_dir: str, steps: int = 200, lr: fl
     examples = load_examples(data, standin_targets)
     device = resolve_device(device, local_rank)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = encode_examples(tokenizer, examples)
+    encoded = encode_examples(tokenizer, examples, family_of_hf_dir(model_dir))
     save_dtype = AutoConfig.from_pretrained(model_dir).dtype or torch.float32
     if isinstance(save_dtype, str):
         save_dtype = getattr(torch, save_dtype)

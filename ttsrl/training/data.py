@@ -15,6 +15,21 @@ A record's optional ``language`` (zh, en, ja, ko or an alias such as ``cmn`` or 
 ``extra_info["language"]``, where the reward hook reads it to pick the error metric; an
 unknown language is a bad record named by file:line. Without it the hook detects the
 language from the text.
+
+The policy reads what upstream CosyVoice's ``inference_zero_shot`` would feed its LLM
+(``ttsrl.frontend``): each text is normalized as upstream normalizes it, and a text that
+normalizes to nothing to say, or that upstream would synthesize in several LLM calls (over
+its 60-80 character/token segments), is a bad record named by file:line. A row's
+``extra_info`` keeps the raw ``text`` (the reward's and the evaluation's reference, as
+Seed-TTS-eval scores against the raw text) and adds ``normalized_text`` (what the policy
+reads), ``llm_prompt_text`` (the prompt text as the family's LLM reads it, normalized), the
+row's ``model_family`` and, when stage 0 is given the policy's tokenizer, ``text_tokens``
+(the normalized text's token count, from which the length bounds follow). The prompt speech
+tokens are trimmed as upstream trims them for its 24 kHz models. The ``prompt`` messages
+hold the same strings (user: llm_prompt_text + normalized_text; assistant: the prompt speech
+tokens); the ids the policy reads are built from them by ``ttsrl.frontend`` (prompt text and
+text tokenized apart). Rows whose text is shorter than half their prompt text's (upstream
+warns that this may lead to bad performance) are counted and logged per split.
 """
 from __future__ import annotations
 
@@ -32,9 +47,13 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from ttsrl.atomic_write import atomic_file
-from ttsrl.chat_template import zero_shot_messages
+from ttsrl.chat_template import prompt_messages
+from ttsrl.frontend import (FrontendError, TextNormalizer, default_normalizer, llm_prompt_text, short_text,
+                            trim_prompt_tokens)
 from ttsrl.json_lines import json_lines
 from ttsrl.language import normalize_language
+from ttsrl.model_family import ModelFamily, family_from_env, get_family
+from ttsrl.speech_tokens import format_speech_tokens
 from ttsrl.training import held_out
 from ttsrl.training import speaker_prompts as sp
 
@@ -47,6 +66,9 @@ MAX_REPORTED_ERRORS = 20
 DEV_FILE = "dev.jsonl"
 ON_BAD_PROMPT = ("fail", "skip")
 NOTHING_TO_SCORE = "nothing to score after normalization"
+NOTHING_TO_SAY = "nothing to say after upstream's text normalization"
+SEVERAL_CALLS = "several LLM calls upstream"
+NOT_NORMALIZABLE = "text upstream's frontend cannot normalize"
 _LETTER_OR_NUMBER = r"[\p{L}\p{N}]"
 """A text with a letter or number keeps a word through the scorer's normalization (NFKC maps
 no letter or number to punctuation or symbols alone); only the others need ``nothing_to_score``."""
@@ -66,6 +88,7 @@ class Records:
     path: str = ""
     lines: np.ndarray | None = None  # file line of each record (line reader); None from the fast reader
     prompt: np.ndarray | None = None  # each record's position in the run's prompt list, -1: text-only
+    normalized: pa.Array | None = None  # the text as upstream's frontend normalizes it (one segment)
 
     def __len__(self) -> int:
         return len(self.text)
@@ -75,7 +98,8 @@ class Records:
         arrow = pa.array(indices, type=pa.int64())
         return Records(self.text.take(arrow), {k: v.take(arrow) for k, v in self.optional.items()}, self.path,
                        None if self.lines is None else self.lines[indices],
-                       None if self.prompt is None else self.prompt[indices])
+                       None if self.prompt is None else self.prompt[indices],
+                       None if self.normalized is None else self.normalized.take(arrow))
 
     def where(self, row: int) -> str:
         return f"{self.path}:{self.lines[row]}" if self.lines is not None else f"{self.path} (record {row + 1})"
@@ -251,14 +275,82 @@ def read_records_fast(path: str, max_chars: int | None) -> Records | None:
     return Records(text, optional, path)
 
 
-def read_records(path: str, max_chars: int | None, fast: bool = True) -> tuple[Records, list[Problem]]:
+@dataclass
+class TextFrontend:
+    """How stage 0 normalizes texts: upstream's normalizer and, when given, the policy's
+    tokenizer (it measures non-Chinese segments, and gives ``text_tokens``)."""
+
+    normalizer: TextNormalizer
+    family: ModelFamily
+    tokenizer: object = None
+    _cache: dict = field(default_factory=dict)
+
+    def tokenize(self, text: str) -> list:
+        return list(self.tokenizer([text])["input_ids"][0]) if text else []
+
+    def segments(self, text: str) -> tuple[list | None, tuple[str, str] | None]:
+        """(upstream's segments of ``text``, None) or (None, (reason, detail)), each text once."""
+        if text not in self._cache:
+            try:
+                segments = self.normalizer.normalize(text, split=True,
+                                                     tokenize=self.tokenize if self.tokenizer is not None else None)
+            except FrontendError as error:
+                self._cache[text] = None, (NOT_NORMALIZABLE, str(error))
+            else:
+                quoted = json.dumps(text, ensure_ascii=False)[:60]
+                if not segments or not any(segments):
+                    self._cache[text] = None, (NOTHING_TO_SAY, f'"text" is {quoted}: upstream\'s text frontend '
+                                                               "leaves no segment to synthesize; drop or fix the record")
+                elif len(segments) > 1:
+                    self._cache[text] = None, (SEVERAL_CALLS, f'"text" is {quoted}...: upstream synthesizes it as '
+                                                              f"{len(segments)} separate LLM inputs ({segments[0][:20]}... "
+                                                              "and more); give each as a record of its own")
+                else:
+                    self._cache[text] = segments, None
+        return self._cache[text]
+
+    def prompt_text(self, transcript: str, text: str = "") -> str:
+        """The prompt text as the family's LLM reads it, normalized (FrontendError: cannot be)."""
+        prompt = llm_prompt_text(self.family, transcript, text)
+        if not prompt:
+            return ""
+        return self.normalizer.normalize(prompt, split=False,
+                                         tokenize=self.tokenize if self.tokenizer is not None else None)
+
+
+def normalize_records(records: Records, frontend: TextFrontend) -> tuple[list[Problem], list[int]]:
+    """Set ``records.normalized``; (problems at the records' lines, their rows)."""
+    problems, rows, normalized = [], [], []
+    for row, text in enumerate(records.text.to_pylist()):
+        segments, bad = frontend.segments(text)
+        if bad is not None:
+            line = records.lines[row] if records.lines is not None else row + 1
+            problems.append(Problem(records.path, int(line), *bad))
+            rows.append(row)
+        normalized.append(segments[0] if segments else None)
+    records.normalized = pa.array(normalized, type=pa.string())
+    return problems, rows
+
+
+def read_records(path: str, max_chars: int | None, fast: bool = True,
+                 frontend: TextFrontend | None = None) -> tuple[Records, list[Problem]]:
+    """Read and check ``path``; with ``frontend`` also normalize each text (bad ones are
+    problems and left out)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if fast:
         records = read_records_fast(path, max_chars)
         if records is not None:
-            return records, []
-    return read_records_by_line(path, max_chars)
+            if frontend is None or not normalize_records(records, frontend)[0]:
+                return records, []
+            # a text upstream cannot use: the line reader names its file:line
+    records, problems = read_records_by_line(path, max_chars)
+    if frontend is not None:
+        bad, rows = normalize_records(records, frontend)
+        if bad:
+            problems = sorted(problems + bad, key=lambda p: p.line)
+            records = _drop_rows(records, rows)
+    return records, problems
 
 
 def deduplicate(records: Records) -> tuple[Records, int]:
@@ -283,38 +375,53 @@ def _constant(value: str, n: int) -> pa.Array:
     return pa.array([value], type=pa.string()).take(pa.array(np.zeros(n, dtype=np.int64)))
 
 
-def _text_only_prompts(text: pa.Array) -> pa.Array:
-    """``zero_shot_messages(text)`` of every row (user text, empty assistant), column-wise."""
-    n = len(text)
-    interleave = np.empty(2 * n, dtype=np.int64)
-    interleave[0::2] = np.arange(n)
-    interleave[1::2] = n
-    contents = pa.concat_arrays([text, pa.array([""], type=pa.string())]).take(pa.array(interleave))
-    roles = pa.array(["user", "assistant"], type=pa.string()).take(pa.array(np.tile(np.array([0, 1], dtype=np.int64), n)))
-    messages = pa.StructArray.from_arrays([roles, contents], names=["role", "content"])
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), messages)
-
-
-def build_table(records: Records, split: str, data_source: str, prompts: list | None = None) -> pa.Table:
+def build_table(records: Records, split: str, data_source: str, prompts: list | None = None,
+                frontend: TextFrontend | None = None, log=None) -> pa.Table:
     """veRL RL rows for one split. ``prompts``: the run's speaker prompts (``records.prompt``
-    indexes them). Text-only tables are assembled column-wise from Arrow arrays; a table
-    with zero-shot rows builds its prompt column row by row with ``zero_shot_messages``, the
-    function evaluation (infer_dist.py) builds its prompts with, and adds the prompt's
-    identity to ``extra_info``."""
+    indexes them, their tokens already trimmed); ``frontend``: how texts are normalized (default:
+    upstream's normalizer for ``$TTSRL_MODEL_FAMILY``, no tokenizer). Each row's messages hold
+    the policy's input as strings (module doc); ``extra_info`` the raw and normalized texts and
+    the prompt's identity. ``log``: where the count of texts shorter than half their prompt
+    text goes."""
+    frontend = frontend or TextFrontend(default_normalizer(), family_from_env())
+    if records.normalized is None:
+        bad, _ = normalize_records(records, frontend)
+        if bad:
+            raise DataError(format_problems(bad))
     n = len(records)
     text = records.text
+    normalized = records.normalized.to_pylist()
     index = records.prompt if records.prompt is not None else np.full(n, -1, dtype=np.int64)
     zero_shot = bool((index >= 0).any())
-    if zero_shot:
-        prompt = pa.array([zero_shot_messages(t) if i < 0 else
-                           zero_shot_messages(t, prompts[i].text, prompts[i].tokens)
-                           for t, i in zip(text.to_pylist(), index.tolist())], type=_PROMPT_TYPE)
-    else:
-        prompt = _text_only_prompts(text)
+    llm_prompts: dict = {}
+    users, assistants, prompt_texts, short = [], [], [], 0
+    for raw, segment, position in zip(text.to_pylist(), normalized, index.tolist()):
+        prompt = prompts[position] if position >= 0 else None
+        key = (position, "<|endofprompt|>" in raw)
+        if key not in llm_prompts:
+            try:
+                llm_prompts[key] = frontend.prompt_text(prompt.text if prompt else "", raw)
+            except FrontendError as error:
+                raise DataError(f"{prompt.where}: the prompt transcript cannot be normalized: {error}") from None
+        llm = llm_prompts[key]
+        prompt_texts.append(llm)
+        users.append(llm + segment)
+        assistants.append(format_speech_tokens(prompt.tokens) if prompt else "")
+        short += bool(prompt and short_text(segment, llm))
+    if short and log is not None:
+        log(f"{split}: {short} of {n} texts are shorter than half their prompt text (upstream CosyVoice warns that "
+            "this may lead to bad performance)")
+    prompt_column = pa.array([prompt_messages(u, a) for u, a in zip(users, assistants)], type=_PROMPT_TYPE)
     reward_model = pa.StructArray.from_arrays([_constant("rule", n), text], names=["style", "ground_truth"])
     carried = {k: v for k, v in records.optional.items() if k not in PROMPT_FIELDS}
-    info_names = ["split", "index", "text"] + list(carried)
-    info_arrays = [_constant(split, n), pa.array(np.arange(n, dtype=np.int64)), text] + list(carried.values())
+    text_tokens = [None] * n
+    if frontend.tokenizer is not None and n:
+        text_tokens = [len(ids) for ids in frontend.tokenizer(normalized)["input_ids"]]
+    info_names = ["split", "index", "text", "normalized_text", "llm_prompt_text", "model_family", "text_tokens"] \
+        + list(carried)
+    info_arrays = [_constant(split, n), pa.array(np.arange(n, dtype=np.int64)), text, records.normalized,
+                   pa.array(prompt_texts, type=pa.string()), _constant(frontend.family.name, n),
+                   pa.array(text_tokens, type=pa.int64())] + list(carried.values())
     if zero_shot:
         take = pa.array(np.where(index >= 0, index, len(prompts)))  # the extra last entry: null
         for name, values in (("prompt_wav", [p.wav for p in prompts]), ("prompt_text", [p.text for p in prompts]),
@@ -324,7 +431,7 @@ def build_table(records: Records, split: str, data_source: str, prompts: list | 
     extra_info = pa.StructArray.from_arrays(info_arrays, names=info_names)
     return pa.table({
         "data_source": _constant(data_source, n),
-        "prompt": prompt,
+        "prompt": prompt_column,
         "ability": _constant(ABILITY, n),
         "reward_model": reward_model,
         "extra_info": extra_info,
@@ -333,19 +440,23 @@ def build_table(records: Records, split: str, data_source: str, prompts: list | 
 
 def dev_manifest(records: Records, prompts: list) -> str:
     """The dev slice in ``ttsrl.eval_sets``' JSONL layout (id, text, prompt_text, prompt_wav,
-    prompt_tokens), which stage 4 evaluates to choose the best step. Ids: the records' own
-    when every dev record has a distinct one that is a valid file name, else dev00000..."""
+    prompt_tokens, and language where the record declares one), which stage 4 evaluates to
+    choose the best step. Ids: the records' own when every dev record has a distinct one that
+    is a valid file name, else dev00000..."""
     n = len(records)
     ids = records.optional["id"].to_pylist() if "id" in records.optional else [None] * n
     if any(i is None or not i or "/" in i or i in (".", "..") for i in ids) or len(set(ids)) < n:
         ids = [f"dev{row:05d}" for row in range(n)]
+    languages = records.optional["language"].to_pylist() if "language" in records.optional else [None] * n
     index = records.prompt if records.prompt is not None else np.full(n, -1, dtype=np.int64)
     lines = []
     for row, (utt_id, text, position) in enumerate(zip(ids, records.text.to_pylist(), index.tolist())):
         prompt = prompts[position] if position >= 0 else None
-        lines.append(json.dumps({"id": utt_id, "text": text, "prompt_text": prompt.text if prompt else "",
-                                 "prompt_wav": prompt.wav if prompt else "",
-                                 "prompt_tokens": list(prompt.tokens) if prompt else []}, ensure_ascii=False))
+        line = {"id": utt_id, "text": text, "prompt_text": prompt.text if prompt else "",
+                "prompt_wav": prompt.wav if prompt else "", "prompt_tokens": list(prompt.tokens) if prompt else []}
+        if languages[row]:
+            line["language"] = languages[row]
+        lines.append(json.dumps(line, ensure_ascii=False))
     return "".join(line + "\n" for line in lines)
 
 
@@ -504,7 +615,37 @@ def _prepare_prompts(splits: dict, train_prompts: str | None, on_bad_prompt: str
         raise DataError(f"prompt set {train_prompts}: no usable prompt left; nothing written")
     log(f"speaker prompts: {len(used) - len(refused)} with speech tokens ({fetched} from the speech tokenizer at "
         f"{url}, the rest from {cache_path})")
+    _trim_prompt_tokens(plan.prompts, [p for p in used if p not in refused])
     return splits, plan
+
+
+def text_frontend(model_family=None, tokenizer=None) -> TextFrontend:
+    """Stage 0's ``TextFrontend``: upstream's normalizer, the family (checked against a
+    tokenizer folder's), and the tokenizer loaded from a folder when one is named."""
+    family = get_family(model_family) if model_family is not None else family_from_env()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        from ttsrl.model_family import WrongFamilyError, check_family, family_of_hf_dir
+
+        try:
+            check_family(family, family_of_hf_dir(tokenizer), tokenizer)
+        except (WrongFamilyError, ValueError) as error:
+            raise DataError(f"--tokenizer: {error}") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    return TextFrontend(default_normalizer(), family, tokenizer)
+
+
+def _trim_prompt_tokens(prompts: list, positions) -> None:
+    """Each used prompt's speech tokens as upstream keeps them for the LLM (and the flow):
+    ``min(mel_frames // 2, tokens)`` of its wav (``ttsrl.frontend.trim_prompt_tokens``)."""
+    import soundfile
+
+    for position in positions:
+        prompt = prompts[position]
+        if prompt.tokens is not None:
+            info = soundfile.info(prompt.wav)
+            prompt.tokens = trim_prompt_tokens(prompt.tokens, int(info.frames), int(info.samplerate))
 
 
 def _default_server_url() -> str:
@@ -533,11 +674,14 @@ def prepare(train_file: str, local_dir: str, test_file: str | None = None, test_
             seed: int = 0, max_chars: int | None = None, dedup: bool = False, skip_invalid: bool = False,
             data_source: str | None = None, fast: bool = True, log=print, train_prompts: str | None = None,
             on_bad_prompt: str = "fail", server_url: str | None = None, prompt_token_cache: str | None = None,
-            dev_size: int = 0, held_out_sets: dict | None = None, allow_held_out: bool = False) -> dict[str, int]:
-    """Read, validate, pair with speaker prompts, split and write; returns the rows per output
-    (train, test, and dev when ``dev_size``). ``held_out_sets`` ({name: manifest}): sets whose
+            dev_size: int = 0, held_out_sets: dict | None = None, allow_held_out: bool = False,
+            model_family: str | ModelFamily | None = None, tokenizer=None) -> dict[str, int]:
+    """Read, validate, normalize, pair with speaker prompts, split and write; returns the rows per
+    output (train, test, and dev when ``dev_size``). ``held_out_sets`` ({name: manifest}): sets whose
     prompts the training prompts must not share (``ttsrl.training.held_out``; ``allow_held_out``:
-    a warning instead)."""
+    a warning instead). ``model_family``: the policy's (default ``$TTSRL_MODEL_FAMILY``, else
+    cosyvoice2); ``tokenizer``: the policy's converted model folder (or a tokenizer), which measures
+    long non-Chinese texts as upstream does and gives ``text_tokens`` (module doc)."""
     if (test_file is None) == (test_size is None):
         raise DataError("give exactly one of --test_file and --test_size")
     if test_size is not None and test_size < 1:
@@ -553,11 +697,13 @@ def prepare(train_file: str, local_dir: str, test_file: str | None = None, test_
     own_dev = os.path.abspath(os.path.join(local_dir, DEV_FILE))  # this stage's own dev slice: training prompts
     held_out_sets = {name: path for name, path in (held_out_sets or {}).items()
                      if path and os.path.abspath(path) != own_dev}
+    frontend = text_frontend(model_family, tokenizer)
+    log(f"text normalization: {frontend.normalizer.kind}, as upstream CosyVoice picks it ({frontend.family.name})")
 
-    train, problems = read_records(train_file, max_chars, fast)
+    train, problems = read_records(train_file, max_chars, fast, frontend)
     test = None
     if test_file is not None:
-        test, test_problems = read_records(test_file, max_chars, fast)
+        test, test_problems = read_records(test_file, max_chars, fast, frontend)
         problems += test_problems
     if problems:
         if not skip_invalid:
@@ -588,7 +734,8 @@ def prepare(train_file: str, local_dir: str, test_file: str | None = None, test_
     # Each output is paired on its own (its own seeded order), so each is balanced across speakers.
     for salt, (name, records) in enumerate(outputs.items()):
         _pair(records, plan, (seed, 2, salt), name, log)
-    tables = {name: build_table(outputs[name], name, data_source, plan.prompts) for name in ("train", "test")}
+    tables = {name: build_table(outputs[name], name, data_source, plan.prompts, frontend, log)
+              for name in ("train", "test")}
     texts = {DEV_FILE: dev_manifest(dev, plan.prompts)} if dev is not None else {}
     for path in write_tables_atomically(tables, local_dir, texts):
         log(f"wrote {path}")

@@ -7,11 +7,13 @@ is kept up while the margin grows). The reference model is the round's starting 
 probabilities are computed once before training (``precompute_ref_log_probs``), so only the policy
 is held in memory while it trains.
 
-Pairs are TRL's conversational form: the prompt is the row's chat messages (text, then the speaker
-prompt's speech tokens), the chosen and rejected answers are one assistant message each, holding
-the response exactly as the policy produced it (speech tokens, then the end token when it stopped).
-The model's own chat template joins them, so DPO sees the token sequences GRPO and inference see
-(the non-conversational form would append the tokenizer's eos to every answer).
+Pairs hold the row's chat messages and ``extra_info`` and the chosen and rejected answers as one
+assistant message each, the response exactly as the policy produced it (speech tokens, then the
+end token when it stopped). TRL's DPOTrainer would render them with the chat template and tokenize
+the prompt as one string; ``FrontendDPOTrainer`` (a subclass through TRL's ``_prepare_dataset``)
+hands it the ids instead: the prompt as GRPO's rollouts and inference build it
+(``ttsrl.frontend.row_policy_input``: upstream CosyVoice's input, prompt text and text tokenized
+apart), each answer's tokens after it.
 
 Checkpoints: ``exp_dir/global_step_N/hf_model`` (a Hugging Face model; N counts optimizer steps
 over all rounds, as GRPO's ``global_step_N`` does), written whole and marked complete by
@@ -64,8 +66,36 @@ def checkpoint_dir(exp_dir: Path, step: int) -> Path:
     return Path(exp_dir) / f"global_step_{step}" / HF_CHECKPOINT_DIRNAME
 
 
-def _trl_rows(pairs: list[dict]) -> list[dict]:
-    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+def _trl_rows(pairs: list[dict], tokenizer) -> list[dict]:
+    """TRL's tokenized pair rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) of ``pairs``."""
+    from ttsrl.frontend import PolicyFrontend, row_policy_input
+
+    frontends: dict = {}
+    rows = []
+    for pair in pairs:
+        info = pair.get("extra_info") or {}
+        family = info.get("model_family") or "cosyvoice2"
+        if family not in frontends:
+            frontends[family] = PolicyFrontend(tokenizer, family)
+        prompt = list(row_policy_input(frontends[family], info, pair["prompt"]).ids)
+
+        def answer(messages):
+            text = "".join(m["content"] for m in messages)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append({"prompt_ids": prompt, "chosen_ids": answer(pair["chosen"]),
+                     "rejected_ids": answer(pair["rejected"])})
+    return rows
+
+
+def frontend_dpo_trainer():
+    """TRL's DPOTrainer taking pairs already as ids (``_trl_rows``): the prompt is upstream's input."""
+    from trl import DPOTrainer
+
+    class FrontendDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # prompt_ids / chosen_ids / rejected_ids, built by _trl_rows
+
+    return FrontendDPOTrainer
 
 
 def train_dpo(policy_dir: str | Path, train_pairs: list[dict], val_pairs: list[dict], exp_dir: Path,
@@ -76,15 +106,12 @@ def train_dpo(policy_dir: str | Path, train_pairs: list[dict], val_pairs: list[d
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     cuda = settings.device.startswith("cuda")
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise ValueError(f"{policy_dir}: the tokenizer has no chat template; DPO needs the policy's prompt layout "
-                         "(convert the model with scripts/convert_cosyvoice2_to_hf.py)")
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     losses, weights = settings.trl_losses()
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -98,9 +125,10 @@ def train_dpo(policy_dir: str | Path, train_pairs: list[dict], val_pairs: list[d
         eval_strategy="epoch" if val_pairs else "no", report_to="none", use_cpu=not cuda, bf16=cuda,
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
     )
-    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(_trl_rows(train_pairs)),
-                         eval_dataset=Dataset.from_list(_trl_rows(val_pairs)) if val_pairs else None,
-                         processing_class=tokenizer)
+    trainer = frontend_dpo_trainer()(
+        model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(_trl_rows(train_pairs, tokenizer)),
+        eval_dataset=Dataset.from_list(_trl_rows(val_pairs, tokenizer)) if val_pairs else None,
+        processing_class=tokenizer)
     log(f"DPO round {round_number}: {len(train_pairs)} pairs ({len(val_pairs)} validation), about "
         f"{steps_per_epoch * settings.epochs:.0f} optimizer steps, beta {settings.beta}, loss {'+'.join(losses)}"
         f"{f' {weights}' if weights else ''}, lr {settings.lr}")

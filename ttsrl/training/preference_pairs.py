@@ -90,6 +90,7 @@ def build_pairs(samples: list[dict], scores: list[dict], rows: dict, rule: PairR
         row = rows[index]
         pairs.append({
             "prompt_index": index, "prompt": row.messages, "ground_truth": row.ground_truth,
+            "extra_info": row.extra_info,  # its normalized texts: the ids the policy reads (ttsrl.frontend)
             "chosen": [{"role": "assistant", "content": chosen["response"]}],
             "rejected": [{"role": "assistant", "content": rejected["response"]}],
             "chosen_score": chosen["score"], "rejected_score": rejected["score"],

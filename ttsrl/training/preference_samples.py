@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttsrl.atomic_write import write_text
-from ttsrl.chat_template import zero_shot_messages
 from ttsrl.eval_sets import EvalUtterance
 from ttsrl.json_lines import json_lines
 from ttsrl.model_family import get_family
@@ -44,20 +43,16 @@ class PromptRow:
     extra_info: dict = field(default_factory=dict)
 
     def utterance(self) -> EvalUtterance:
-        """The row as the generators take it. The row's own messages are the layout of
-        ``ttsrl.chat_template.zero_shot_messages`` (stage 0 builds them there); this rebuilds them
-        from their parts and checks that nothing differs, so DPO samples exactly the GRPO prompt."""
+        """The row as the generators take it: they build its input as GRPO's rollouts do
+        (``ttsrl.frontend.row_policy_input``), so DPO samples exactly the GRPO prompt."""
         user = next((m["content"] for m in self.messages if m.get("role") == "user"), None)
-        assistant = next((m["content"] for m in self.messages if m.get("role") == "assistant"), "")
         if user is None:
             raise PreferenceDataError(f"training row {self.index}: its prompt has no user message: {self.messages}")
-        tokens = parse_speech_tokens(assistant).ids if assistant else []
-        utterance = EvalUtterance(id=str(self.index), text=user, prompt_tokens=tokens, where=f"row {self.index}")
-        if zero_shot_messages(user, "", tokens) != [{"role": m["role"], "content": m["content"]} for m in self.messages]:
-            raise PreferenceDataError(f"training row {self.index}: its prompt {self.messages} is not the zero-shot "
-                                      "layout of ttsrl.chat_template (text, then prompt speech tokens); rebuild it "
-                                      "with stage 0")
-        return utterance
+        if not self.extra_info.get("normalized_text"):
+            raise PreferenceDataError(f"training row {self.index}: no extra_info.normalized_text (a parquet from a "
+                                      "stage 0 before the policy read upstream CosyVoice's input); rerun stage 0")
+        return EvalUtterance(id=str(self.index), text=self.ground_truth, where=f"row {self.index}",
+                             row={"extra_info": self.extra_info, "messages": self.messages})
 
 
 def _plain(value):
@@ -213,6 +208,9 @@ def sample_responses(prompts: list[PromptRow], samples_per_prompt: int, generate
             texts = generate(utterances)
             if len(texts) != len(utterances):
                 raise RuntimeError(f"the generator returned {len(texts)} answers for {len(utterances)} prompts")
+            for utterance, text in zip(utterances, texts):
+                if isinstance(text, Exception):
+                    raise PreferenceDataError(f"training {utterance.where}: {text}")
             records = []
             for k, text in enumerate(texts):
                 prompt = batch[k // samples_per_prompt]

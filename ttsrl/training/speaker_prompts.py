@@ -2,7 +2,7 @@
 pair texts with prompts, and get each prompt's speech tokens once.
 
 A prompt is a recording (wav) and its transcript. Training rows in a prompt's voice carry
-CosyVoice2's zero-shot LLM input (``ttsrl.chat_template.zero_shot_messages``), which needs
+upstream CosyVoice's zero-shot LLM input (``ttsrl.frontend``), which needs
 the prompt's speech tokens; those come from the reward server's ``speech_tokenizer``
 model (the tokenizer of the CosyVoice2 the policy was converted from), batched, and are
 kept in an on-disk cache keyed by the prompt's content (``speaker_prompt_key``: sample

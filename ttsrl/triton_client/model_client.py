@@ -91,24 +91,32 @@ class TritonModelClient:
                                          int(out["SAMPLE_RATE"].reshape(-1)[row]), self._error(out["PROMPT_ID"], row)))
         return results
 
-    def _wave_requests(self, waves: list[np.ndarray], sample_rates: list[int], outputs: list[str]):
-        """Send waveforms in requests of REQUEST_ITEMS (padded, with WAV_LENS and SAMPLE_RATE);
-        yields (output arrays, row, error message or "") per item, in order."""
+    def _wave_requests(self, waves: list[np.ndarray], sample_rates: list[int], outputs: list[str],
+                       languages: list | None = None):
+        """Send waveforms in requests of REQUEST_ITEMS (padded, with WAV_LENS and SAMPLE_RATE, and
+        LANGUAGE when ``languages`` is given); yields (output arrays, row, error message or "") per
+        item, in order."""
         if len(waves) != len(sample_rates):
             raise ValueError(f"{len(waves)} waveforms but {len(sample_rates)} sample rates")
+        if languages is not None and len(languages) != len(waves):
+            raise ValueError(f"{len(waves)} waveforms but {len(languages)} languages")
         for start in range(0, len(waves), REQUEST_ITEMS):
             chunk = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves[start:start + REQUEST_ITEMS]]
             rates = sample_rates[start:start + REQUEST_ITEMS]
             wav, lengths = pad_rows(chunk, np.float32)
             rate_array = np.array([[r] for r in rates], dtype=np.int32)
-            out = self._infer({"WAV": wav, "WAV_LENS": lengths, "SAMPLE_RATE": rate_array}, outputs + ["ERRORS"])
+            arrays = {"WAV": wav, "WAV_LENS": lengths, "SAMPLE_RATE": rate_array}
+            if languages is not None:
+                arrays["LANGUAGE"] = text_column(x or "" for x in languages[start:start + REQUEST_ITEMS])
+            out = self._infer(arrays, outputs + ["ERRORS"])
             for row in range(len(chunk)):
                 yield out, row, self._error(out["ERRORS"], row)
 
-    def transcribe(self, waves: list[np.ndarray], sample_rates: list[int]) -> list:
-        """Waveforms -> [transcript str or ServerItemError] (models ``asr``, ``asr_eval``)."""
+    def transcribe(self, waves: list[np.ndarray], sample_rates: list[int], languages: list | None = None) -> list:
+        """Waveforms -> [transcript str or ServerItemError] (models ``asr``, ``asr_eval``);
+        ``languages``: each wave's language, told to the ASR ("" or None: auto)."""
         results: list = []
-        for out, row, error in self._wave_requests(waves, sample_rates, ["TRANSCRIPTS"]):
+        for out, row, error in self._wave_requests(waves, sample_rates, ["TRANSCRIPTS"], languages):
             if error:
                 results.append(ServerItemError(error))
             else:

@@ -30,19 +30,48 @@ def test_table_plot_and_best_from_two_checkpoints(tmp_path, capsys):
     assert run_script("summarize_eval", ["--eval-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    assert ("| step | test CER % | test pinyin ER % | test utterances | test missing | test bad prompts |"
-            in out)
-    assert "| 200 (best) | 5.00 | 3.00 | 7 | 1 | 1 |" in out and "| 0 | 12.00 | 8.00 | 7 | 0 | 0 |" in out
-    assert out.index("| 0 |") < out.index("| 100 |") < out.index("| 200 (best)")
-    assert "best checkpoint by cer on the test set: step 200 (test CER 5.00%, 1 missing)" in out
-    assert (tmp_path / "best_step.txt").read_text() == "200\n"
+    assert ("| step | test CER % | test pinyin ER % | test utterances | test missing | test bad prompts | "
+            "selection |" in out)
+    # step 200 reads best (5%) by leaving out an utterance it has no audio for, which step 0 has:
+    # it cannot be chosen, and the table says why
+    assert "| 200 | 5.00 | 3.00 | 7 | 1 | 1 | excluded: 1 missing > step 0's 0 |" in out
+    assert "| 0 | 12.00 | 8.00 | 7 | 0 | 0 |  |" in out and "| 100 (best) | 7.00 | 5.00 | 7 | 0 | 0 | best |" in out
+    assert out.index("| 0 |") < out.index("| 100 (best)") < out.index("| 200 |")
+    assert "best checkpoint by cer on the test set: step 100 (test CER 7.00%)" in out
+    assert "step(s) 200 cannot be chosen" in captured.err
+    assert (tmp_path / "best_step.txt").read_text() == "100\n"
     tsv = (tmp_path / "cer_by_step.tsv").read_text().splitlines()
     assert tsv[0] == "step\ttest_cer\ttest_per\ttest_utterances\ttest_missing\ttest_bad_prompt\tbest"
-    assert tsv[1] == "0\t0.120000\t0.080000\t7\t0\t0\t0" and tsv[3].endswith("\t1")
+    assert tsv[1] == "0\t0.120000\t0.080000\t7\t0\t0\t0" and tsv[2].endswith("\t1")
     png = (tmp_path / "cer_by_step.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
-    # the chosen step has an utterance without audio on the selecting set: said so
+    # the user may allow it: then the chosen step's missing audio is said
+    assert run_script("summarize_eval", ["--eval-dir", str(tmp_path), "--allow-missing"]) == 0
+    captured = capsys.readouterr()
+    assert "best checkpoint by cer on the test set: step 200 (test CER 5.00%, 1 missing)" in captured.out
     assert "the chosen step 200 has 1 test utterance(s) without audio" in captured.err
+
+
+def test_zero_shot_selection_follows_error_rate_and_similarity(tmp_path):
+    """The main job's case (issue 26): dev CER 4.17% at step 8 but SIM 0.58, 6.25% and SIM 0.92 at
+    step 16. cer picks step 8; cer_sim passes over the step that lost the voice."""
+    fake_result(tmp_path / "step_0", 0.08, 0.05, sim=0.60)
+    fake_result(tmp_path / "step_8", 0.0417, 0.03, sim=0.58)
+    fake_result(tmp_path / "step_16", 0.0625, 0.04, sim=0.92)
+    fake_result(tmp_path / "step_24", 0.0700, 0.05, sim=0.91)  # within the tolerance, but a higher CER
+    assert summarize(tmp_path, "cer")["best_step"] == 8
+    result = summarize(tmp_path, "cer_sim")
+    assert result["best_step"] == 16
+    assert "among the steps whose SIM is within 0.02 of the best" in result["table"]
+    assert summarize(tmp_path, "cer_sim", sim_tolerance=0.5)["best_step"] == 8  # a loose tolerance: CER decides
+
+
+def test_cer_sim_without_similarity_falls_back_to_the_error_rate_and_says_so(tmp_path):
+    fake_result(tmp_path / "step_0", 0.08, 0.05)
+    fake_result(tmp_path / "step_8", 0.05, 0.03)
+    result = summarize(tmp_path, "cer_sim")
+    assert result["best_step"] == 8
+    assert any("without SIM scores" in warning for warning in result["warnings"])
 
 
 def test_without_a_dev_set_the_test_set_selects_and_every_output_warns(tmp_path, capsys):

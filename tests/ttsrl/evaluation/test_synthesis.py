@@ -61,7 +61,8 @@ def test_prompt_tokens_come_from_the_server_speech_tokenizer(tmp_path, tiny_poli
     without the model, leave text-only prompting; manifest tokens win over the wav."""
     from transformers import AutoTokenizer
 
-    from ttsrl.policy.generation import chat_prompts
+    from ttsrl.frontend import PolicyFrontend, wav_prompt_token_limit
+    from ttsrl.policy.generation import utterance_inputs
     from ttsrl.speech_tokens import format_speech_tokens
 
     folder = tmp_path / "set"
@@ -86,8 +87,10 @@ def test_prompt_tokens_come_from_the_server_speech_tokenizer(tmp_path, tiny_poli
     assert sources == {"u0": "server", "u1": "none", "u2": "manifest", "u3": "none"}
     assert [u.prompt_tokens for u in utterances] == [ids, [], [7, 8], []]
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
-    prompt = chat_prompts(tokenizer, utterances[:1])[0]
-    assert prompt.endswith("提示你好<|task_id|>" + format_speech_tokens(ids))
+    [call] = utterance_inputs(PolicyFrontend(tokenizer, "cosyvoice2"), utterances[0])
+    kept = ids[:wav_prompt_token_limit(folder / "standin.wav")]  # trimmed as upstream trims them
+    assert kept
+    assert tokenizer.decode(list(call.ids)).endswith("提示你好。<|task_id|>" + format_speech_tokens(kept))
 
     out = tmp_path / "out"
     args = infer_dist.build_parser().parse_args(["--model", str(tiny_policy), "--manifest", str(manifest),

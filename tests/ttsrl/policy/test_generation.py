@@ -1,13 +1,49 @@
-"""ttsrl.policy.generation: the chat prompt of an utterance."""
+"""ttsrl.policy.generation: upstream's LLM input of an utterance, and upstream's length bounds."""
+import pytest
+
+from tests.policy_utils import tiny_policy  # noqa: F401 - fixture
 from ttsrl.eval_sets import EvalUtterance
-from ttsrl.policy.generation import build_messages
+from ttsrl.frontend import FrontendError, PolicyFrontend
+from ttsrl.policy.generation import join_answers, utterance_inputs
+from ttsrl.speech_tokens import format_speech_tokens, parse_speech_tokens
 
 
-def test_zero_shot_messages_put_prompt_speech_in_the_answer():
-    utt = EvalUtterance("a", "你好", prompt_text="提示", prompt_tokens=[5, 6])
-    assert build_messages(utt) == [{"role": "user", "content": "提示你好"},
-                                   {"role": "assistant", "content": "<|s_5|><|s_6|>"}]
-    assert build_messages(EvalUtterance("b", "你好"))[1]["content"] == ""
+def test_an_utterance_reads_upstreams_input(tiny_policy):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_policy))
+    frontend = PolicyFrontend(tokenizer, "cosyvoice2")
+    [call] = utterance_inputs(frontend, EvalUtterance("a", "2024年", prompt_text="提示", prompt_tokens=[5, 6]))
+    assert tokenizer.decode(list(call.ids)) == "<|sos|>提示二零二四年。<|task_id|><|s_5|><|s_6|>"
+    [alone] = utterance_inputs(frontend, EvalUtterance("b", "你好", prompt_text="提示"))  # no tokens: text only
+    assert tokenizer.decode(list(alone.ids)) == "<|sos|>你好。<|task_id|>"
+    long = "这是一个很长的句子，它有很多很多的字。" * 6
+    assert len(utterance_inputs(frontend, EvalUtterance("c", long))) > 1  # upstream's several LLM calls
+    with pytest.raises(FrontendError):
+        utterance_inputs(frontend, EvalUtterance("d", "。。。"))
+
+
+def test_the_answers_of_several_calls_are_one_answer():
+    first, second = format_speech_tokens([1, 2]) + "<|eos1|>", format_speech_tokens([3]) + "<|eos1|>"
+    joined = parse_speech_tokens(join_answers([first, second], "cosyvoice2"))
+    assert (joined.ids, joined.ended) == ([1, 2, 3], True)
+    assert join_answers([first], "cosyvoice2") == first
+
+
+def test_transformers_generation_keeps_each_calls_bounds(tiny_policy):  # noqa: F811
+    """Each call stops no earlier than its min and no later than its max (upstream's bounds), in one batch."""
+    from ttsrl.policy.generation import TransformersGenerator
+    from ttsrl.sampling import SamplingOptions
+
+    generator = TransformersGenerator(str(tiny_policy), "cpu", SamplingOptions(max_new_tokens=40, greedy=True,
+                                                                               min_token_text_ratio=3,
+                                                                               max_token_text_ratio=5))
+    calls = [generator.frontend.build("一。"), generator.frontend.build("一二三四五六。")]
+    answers = [parse_speech_tokens(a, generator.family) for a in generator.generate_inputs(calls)]
+    for call, answer in zip(calls, answers):
+        length = len(answer.ids) + answer.ignored
+        assert call.min_tokens <= length <= call.max_tokens == 5 * call.text_tokens
+    assert len(answers[0].ids) + answers[0].ignored < calls[1].min_tokens  # the short call was not held to the long one's
 
 
 import pytest  # noqa: E402  (this section's own import: the file is appended to by section)

@@ -19,7 +19,8 @@ from tests.cli import run_script
 from tests.policy_utils import tiny_policy  # noqa: F401  (fixture)
 from token2wav_server import standin
 from token2wav_server.launch import free_ports
-from ttsrl.chat_template import expected_prompt, zero_shot_messages
+from ttsrl.chat_template import prompt_messages
+from ttsrl.frontend import PolicyFrontend, default_normalizer, row_policy_input
 from ttsrl.policy import sft_warmup
 from ttsrl.speech_tokens import SPEECH_END_TOKENS, format_speech_tokens
 
@@ -35,16 +36,23 @@ def write_jsonl(path, records):
 
 def write_stage0_parquet(path, rows):
     """A train.parquet in veRL's RL schema, as stage 0 writes it: ``rows`` of (text, prompt_text,
-    prompt_tokens, speech_tokens or None); the prompt is ``zero_shot_messages`` (stage 0's builder)."""
-    messages = [zero_shot_messages(text, prompt_text, prompt_tokens) for text, prompt_text, prompt_tokens, _ in rows]
+    prompt_tokens, speech_tokens or None) with the texts normalized as upstream does (CosyVoice2)."""
+    normalizer = default_normalizer()
+    normalized = [normalizer.normalize(text)[0] for text, *_ in rows]
+    llm_prompts = [normalizer.normalize(p, split=False) if tokens else "" for _, p, tokens, _ in rows]
+    messages = [prompt_messages(llm + text, format_speech_tokens(row[2]))
+                for llm, text, row in zip(llm_prompts, normalized, rows)]
     table = pa.table({
         "data_source": ["tts"] * len(rows),
         "prompt": messages,
         "ability": ["tts"] * len(rows),
         "reward_model": [{"style": "rule", "ground_truth": text} for text, *_ in rows],
-        "extra_info": pa.array([{"split": "train", "index": i, "text": row[0], "speech_tokens": row[3]}
-                                for i, row in enumerate(rows)],
+        "extra_info": pa.array([{"split": "train", "index": i, "text": row[0], "normalized_text": normalized[i],
+                                 "llm_prompt_text": llm_prompts[i], "model_family": "cosyvoice2",
+                                 "speech_tokens": row[3]} for i, row in enumerate(rows)],
                                type=pa.struct([("split", pa.string()), ("index", pa.int64()), ("text", pa.string()),
+                                               ("normalized_text", pa.string()), ("llm_prompt_text", pa.string()),
+                                               ("model_family", pa.string()),
                                                ("speech_tokens", pa.list_(pa.int64()))])),
     })
     pq.write_table(table, path)
@@ -54,7 +62,8 @@ def write_stage0_parquet(path, rows):
 def response_nll(model_dir, text, ids) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompt = tokenizer(expected_prompt(text), add_special_tokens=False)["input_ids"]
+    [policy_input] = PolicyFrontend(tokenizer, "cosyvoice2").inputs(text)
+    prompt = list(policy_input.ids)
     response = tokenizer(format_speech_tokens(ids) + SPEECH_END_TOKENS[0], add_special_tokens=False)["input_ids"]
     labels = torch.tensor([[-100] * len(prompt) + response])
     with torch.no_grad():
@@ -135,7 +144,6 @@ def test_a_warm_up_without_a_stamp_is_not_reused(tmp_path, tiny_policy, capsys):
 def test_stage0_parquet_trains_on_the_prompt_grpo_sees(tmp_path, tiny_policy):  # noqa: F811
     from omegaconf import OmegaConf
     from verl.utils.dataset.rl_dataset import RLHFDataset
-    from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
 
     voice_7 = [standin.VOICE_TOKEN_BASE + 7, 12, 40]  # a zero-shot prompt's speech tokens (stand-in voice 7)
     rows = [("三七九", "一二", voice_7, None),           # zero-shot, stand-in targets in the prompt's voice
@@ -148,17 +156,19 @@ def test_stage0_parquet_trains_on_the_prompt_grpo_sees(tmp_path, tiny_policy):  
     assert examples[0].targets[0] == standin.VOICE_TOKEN_BASE + 7  # says the text in the prompt's voice
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
-    for (text, prompt_text, prompt_tokens, _), example in zip(rows, examples):
-        assert sft_warmup.render_prompt(tokenizer, example.messages) == expected_prompt(
-            prompt_text + text, prompt_speech=format_speech_tokens(prompt_tokens))
-    # ... and token for token the prompt veRL's agent loop builds from the same parquet rows
+    frontend = PolicyFrontend(tokenizer, "cosyvoice2")
+    encoded = sft_warmup.encode_examples(tokenizer, examples)
+    for (text, prompt_text, prompt_tokens, _), (ids, prompt_length) in zip(rows, encoded):
+        # upstream's input: prompt text and text normalized and tokenized apart, then the prompt speech
+        [expected] = frontend.inputs(text, prompt_text, prompt_tokens)
+        assert ids[:prompt_length] == list(expected.ids)
+    # ... and token for token the prompt veRL's tts_frontend agent loop builds from the same parquet rows
     config = OmegaConf.create({"prompt_key": "prompt", "max_prompt_length": 256, "filter_overlong_prompts": True,
                                "filter_overlong_prompts_workers": 1, "cache_dir": str(tmp_path / "cache")})
     dataset = RLHFDataset(str(data), tokenizer, config)
-    builder = create_continuous_token_builder(tokenizer, hf_model_type="qwen2")
-    encoded = sft_warmup.encode_examples(tokenizer, examples)
     for item, (ids, prompt_length) in enumerate(encoded):
-        assert ids[:prompt_length] == builder.build_initial_tokens(dataset[item]["raw_prompt"])
+        row = dataset[item]
+        assert ids[:prompt_length] == list(row_policy_input(frontend, row["extra_info"], row["raw_prompt"]).ids)
 
     out = tmp_path / "sft"
     argv = ["--model", str(tiny_policy), "--data", str(data), "--standin-targets", "--output-dir", str(out),
@@ -221,7 +231,7 @@ def test_rank_shares_average_to_the_gradient_of_the_whole_batch(tiny_policy):  #
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
     texts = ["三七九八四六", "一", "十五", "八"]  # unequal lengths: rank 0 gets far more tokens
     encoded = sft_warmup.encode_examples(
-        tokenizer, [sft_warmup.Example(zero_shot_messages(t), standin.text_to_tokens(t)) for t in texts])
+        tokenizer, [sft_warmup.Example(prompt_messages(t), standin.text_to_tokens(t), text=t) for t in texts])
     model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
     picks = [0, 1, 2, 3, 0]
 

@@ -140,7 +140,7 @@ def test_verl_rlhf_dataset_reads_output_and_builds_template_prompts(tmp_path, st
     builder = create_continuous_token_builder(tokenizer, hf_model_type="qwen2")
     for item in range(len(dataset)):
         row = dataset[item]
-        text = row["reward_model"]["ground_truth"]
+        text = row["extra_info"]["normalized_text"]  # what the policy reads (the raw text is the reference)
         ids = builder.build_initial_tokens(row["raw_prompt"])
         assert tokenizer.decode(ids) == expected_prompt(text, style)
 
@@ -165,13 +165,16 @@ def test_texts_with_nothing_to_score_are_refused_with_file_line(tmp_path, fast):
     for line in range(4, 4 + len(UNSCORABLE)):
         assert f"{path}:{line}: {data.NOTHING_TO_SCORE}: " in message
     assert message.count(data.NOTHING_TO_SCORE) == len(UNSCORABLE)  # "´" keeps a combining mark the scorer reads
+    # ... but upstream's text frontend leaves nothing of it to say (a symbol only): refused too, at its line
+    assert f"{path}:{4 + len(UNSCORABLE)}: {data.NOTHING_TO_SAY}: " in message
     assert not (tmp_path / "o").exists()
     if fast:
         assert data.read_records_fast(path, None) is None  # the fast reader hands such a file to the line reader
     logged = []
     counts = data.prepare(path, str(tmp_path / "o"), test_size=1, skip_invalid=True, fast=fast, log=logged.append)
-    assert counts == {"train": 3, "test": 1}
-    assert f"skipped {len(UNSCORABLE)} invalid records ({data.NOTHING_TO_SCORE}: {len(UNSCORABLE)})" in logged
+    assert counts == {"train": 2, "test": 1}
+    assert (f"skipped {len(UNSCORABLE) + 1} invalid records ({data.NOTHING_TO_SAY}: 1, "
+            f"{data.NOTHING_TO_SCORE}: {len(UNSCORABLE)})") in logged
 
 
 def test_fast_reader_still_takes_files_whose_texts_all_score(tmp_path):
@@ -201,9 +204,18 @@ def _texts(n):
     return [{"text": f"第{i}句话。", "id": f"t{i}"} for i in range(n)]
 
 
+def _trimmed(ids, wav):
+    """``ids`` as upstream keeps them for the LLM with ``wav`` as the prompt."""
+    from ttsrl.frontend import trim_prompt_tokens
+
+    info = soundfile.info(str(wav))
+    return trim_prompt_tokens(ids, info.frames, info.samplerate)
+
+
 def test_zero_shot_rows_use_the_one_prompt_builder_and_name_their_prompt(tmp_path, reward_server):
-    from ttsrl.chat_template import zero_shot_messages
+    from ttsrl.chat_template import prompt_messages
     from ttsrl.eval_sets import load_eval_set
+    from ttsrl.speech_tokens import format_speech_tokens
 
     prompts, tokens = _prompt_set(tmp_path)
     path = write_jsonl(tmp_path / "a.jsonl", _texts(40))
@@ -216,8 +228,14 @@ def test_zero_shot_rows_use_the_one_prompt_builder_and_name_their_prompt(tmp_pat
     rows = read(out / "train.parquet") + read(out / "test.parquet")
     for row in rows:
         info = row["extra_info"]
-        ids = tokens[info["prompt_id"]]
-        assert row["prompt"] == zero_shot_messages(info["text"], info["prompt_text"], ids)
+        ids = _trimmed(tokens[info["prompt_id"]], info["prompt_wav"])
+        # the policy's input: the prompt text and the text as upstream normalizes them, the prompt's
+        # speech tokens as upstream trims them
+        assert info["llm_prompt_text"] == info["prompt_text"].replace("0", "零").replace("1", "一")
+        assert info["normalized_text"] == "第" + "零一二三四五六七八九"[int(info["id"][1:])] + "句话。" \
+            if len(info["id"]) == 2 else info["normalized_text"].startswith("第")
+        assert row["prompt"] == prompt_messages(info["llm_prompt_text"] + info["normalized_text"],
+                                                format_speech_tokens(ids))
         assert row["reward_model"]["ground_truth"] == info["text"]  # scored against the text alone
         speaker, k = info["prompt_id"][:-1], info["prompt_id"][-1]
         assert info["prompt_wav"] == str((tmp_path / "prompts" / speaker / f"{k}.wav").resolve())
@@ -232,7 +250,8 @@ def test_zero_shot_rows_use_the_one_prompt_builder_and_name_their_prompt(tmp_pat
     assert len(dev.utterances) == 6 and not {u.text for u in dev.utterances} & train_texts
     assert {u.id for u in dev.utterances} <= {f"t{i}" for i in range(40)}
     for utt in dev.utterances:
-        assert utt.prompt_tokens == tokens[Path(utt.prompt_wav).parent.name + Path(utt.prompt_wav).stem]
+        assert utt.prompt_tokens == _trimmed(tokens[Path(utt.prompt_wav).parent.name + Path(utt.prompt_wav).stem],
+                                             utt.prompt_wav)
         assert utt.prompt_text.startswith(Path(utt.prompt_wav).parent.name)
     # The same run again: every prompt's tokens from the cache, so no server is needed.
     again = tmp_path / "again"
@@ -271,8 +290,8 @@ def test_per_record_prompts_alone_leave_the_other_rows_text_only(tmp_path, rewar
     data.prepare(write_jsonl(tmp_path / "a.jsonl", records), str(out), test_file=write_jsonl(tmp_path / "t.jsonl", _texts(1)),
                  server_url=reward_server.http_url)
     rows = read(out / "train.parquet")
-    assert rows[0]["prompt"][0]["content"] == "提示第0句话。" and rows[0]["prompt"][1]["content"].startswith("<|s_")
-    assert rows[1]["prompt"] == [{"role": "user", "content": "第1句话。"}, {"role": "assistant", "content": ""}]
+    assert rows[0]["prompt"][0]["content"] == "提示第零句话。" and rows[0]["prompt"][1]["content"].startswith("<|s_")
+    assert rows[1]["prompt"] == [{"role": "user", "content": "第一句话。"}, {"role": "assistant", "content": ""}]
     assert rows[1]["extra_info"]["prompt_hash"] is None and rows[1]["extra_info"]["prompt_wav"] is None
     assert not set(data.PROMPT_INFO) & set(read(out / "test.parquet")[0]["extra_info"])
 
@@ -396,10 +415,10 @@ def test_verl_rlhf_dataset_builds_zero_shot_prompts(tmp_path, reward_server):
     for item in range(len(dataset)):
         row = dataset[item]
         info = row["extra_info"]
-        speech = tokens[info["prompt_id"]]
+        speech = _trimmed(tokens[info["prompt_id"]], info["prompt_wav"])
         ids = builder.build_initial_tokens(row["raw_prompt"])
-        assert tokenizer.decode(ids) == expected_prompt(info["prompt_text"] + info["text"], "cosyvoice2",
-                                                        format_speech_tokens(speech))
+        assert tokenizer.decode(ids) == expected_prompt(info["llm_prompt_text"] + info["normalized_text"],
+                                                        "cosyvoice2", format_speech_tokens(speech))
         assert ids[-len(speech):] == tokenizer.convert_tokens_to_ids([speech_token(i) for i in speech])
 
 
@@ -421,3 +440,67 @@ def test_an_unknown_language_names_file_line_and_the_value(tmp_path, fast):
         data.prepare(path, str(tmp_path / "o"), test_size=1, fast=fast)
     assert f"{path}:2: bad language: " in str(error.value) and "'klingon'" in str(error.value)
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ upstream's frontend at stage 0
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_text_upstream_would_split_is_refused_with_file_line(tmp_path, fast):
+    long = "这是一个很长的句子，它有很多很多的字。" * 6  # over upstream's 80-character segments
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS[:3]] + [{"text": long}])
+    with pytest.raises(data.DataError) as error:
+        data.prepare(path, str(tmp_path / "o"), test_size=1, fast=fast)
+    assert f"{path}:4: {data.SEVERAL_CALLS}: " in str(error.value) and "separate LLM inputs" in str(error.value)
+
+
+def test_long_english_needs_the_policy_tokenizer_and_it_gives_text_tokens(tmp_path):
+    from tests.qwen_vocab import policy_tokenizer
+
+    english = "This sentence is long enough that only the tokenizer can tell whether it splits, really."
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS[:3]] + [{"text": english}])
+    with pytest.raises(data.DataError, match=f"{path}:4: {data.NOT_NORMALIZABLE}: .*tokenizer"):
+        data.prepare(path, str(tmp_path / "o"), test_size=1)
+    tokenizer = policy_tokenizer("cosyvoice2")
+    data.prepare(path, str(tmp_path / "o"), test_size=1, seed=3, tokenizer=tokenizer)
+    rows = read(tmp_path / "o" / "train.parquet") + read(tmp_path / "o" / "test.parquet")
+    for row in rows:
+        info = row["extra_info"]
+        assert info["text_tokens"] == len(tokenizer(info["normalized_text"])["input_ids"]) > 0
+
+
+def test_cosyvoice3_rows_read_the_system_prefix(tmp_path):
+    from ttsrl.model_family import COSYVOICE3_SYSTEM_PREFIX
+
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS[:4]])
+    data.prepare(path, str(tmp_path / "o"), test_size=1, model_family="cosyvoice3")
+    for row in read(tmp_path / "o" / "train.parquet"):
+        info = row["extra_info"]
+        assert info["model_family"] == "cosyvoice3" and info["llm_prompt_text"] == COSYVOICE3_SYSTEM_PREFIX
+        assert row["prompt"][0]["content"] == COSYVOICE3_SYSTEM_PREFIX + info["normalized_text"]
+
+
+def test_texts_shorter_than_half_their_prompt_text_are_counted(tmp_path, reward_server):
+    from tests.ttsrl.training.test_speaker_prompts import standin_ids, write_prompt
+
+    write_prompt(tmp_path / "mine.wav", standin_ids(5), transcript=None)
+    records = [{"text": "好。", "prompt_wav": "mine.wav", "prompt_text": "这是一段比较长的提示文本"},
+               {"text": "这一句和提示差不多长了。", "prompt_wav": "mine.wav", "prompt_text": "这是一段比较长的提示文本"},
+               {"text": "行。"}]
+    logged = []
+    data.prepare(write_jsonl(tmp_path / "a.jsonl", records), str(tmp_path / "o"),
+                 test_file=write_jsonl(tmp_path / "t.jsonl", _texts(1)), server_url=reward_server.http_url,
+                 log=logged.append)
+    assert ("train: 1 of 3 texts are shorter than half their prompt text (upstream CosyVoice warns that this may "
+            "lead to bad performance)") in logged
+
+
+def test_the_dev_slice_keeps_each_records_language(tmp_path):
+    from ttsrl.eval_sets import load_eval_set
+
+    records = [{"text": f"第{i}句话。", "id": f"z{i}", "language": "zh"} for i in range(6)] + \
+        [{"text": f"Sentence {i}.", "id": f"e{i}", "language": "en"} for i in range(6)] + [{"text": "没有语言。", "id": "n"}]
+    data.prepare(write_jsonl(tmp_path / "a.jsonl", records), str(tmp_path / "o"), test_size=1, dev_size=8, seed=1)
+    utterances = load_eval_set(str(tmp_path / "o" / "dev.jsonl")).utterances
+    assert {u.language for u in utterances} >= {"zh", "en"}
+    for utt in utterances:
+        assert utt.language == {"z": "zh", "e": "en", "n": ""}[utt.id[0]]

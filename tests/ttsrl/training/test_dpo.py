@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.policy_utils import tiny_policy  # noqa: F401 (fixture)
 from ttsrl.chat_template import prompt_messages
+from ttsrl.frontend import PolicyFrontend, row_policy_input
 from ttsrl.training import dpo
 from ttsrl.training.checkpoints import merge_checkpoint, select_checkpoints
 
@@ -18,23 +19,28 @@ from ttsrl.training.checkpoints import merge_checkpoint, select_checkpoints
 def pairs(n: int) -> list[dict]:
     out = []
     for i in range(n):
-        out.append({"prompt": prompt_messages(f"文本{i}"),
+        out.append({"prompt": prompt_messages(f"文本{i}。"),
+                    "extra_info": {"split": "train", "index": i, "normalized_text": f"文本{i}。", "llm_prompt_text": "",
+                                   "model_family": "cosyvoice2"},
                     "chosen": [{"role": "assistant", "content": f"<|s_{100 + i}|><|s_7|><|eos1|>"}],
                     "rejected": [{"role": "assistant", "content": f"<|s_{900 + i}|><|s_9|><|s_9|><|eos1|>"}]})
     return out
 
 
 def margin(model_dir, examples) -> float:
-    """Mean log p(chosen) - log p(rejected) under the model, from the model's own chat template."""
+    """Mean log p(chosen) - log p(rejected) under the model, after the ids the policy reads
+    (upstream's input, ttsrl.frontend)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    frontend = PolicyFrontend(tokenizer, "cosyvoice2")
     total = 0.0
     for example in examples:
-        prompt = tokenizer.apply_chat_template(example["prompt"], tokenize=False)
+        prompt = list(row_policy_input(frontend, example["extra_info"], example["prompt"]).ids)
         values = []
         for side in ("chosen", "rejected"):
-            ids = tokenizer(prompt + example[side][0]["content"], add_special_tokens=False, return_tensors="pt").input_ids
-            start = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+            answer = tokenizer(example[side][0]["content"], add_special_tokens=False).input_ids
+            ids = torch.tensor([prompt + answer])
+            start = len(prompt)
             with torch.no_grad():
                 logits = model(ids).logits[0, :-1].log_softmax(-1)
             values.append(logits[torch.arange(start - 1, ids.shape[1] - 1), ids[0, start:]].sum().item())
@@ -61,6 +67,14 @@ def test_dpo_raises_the_chosen_response_and_saves_a_checkpoint_stage_3_copies(ti
     merged = tmp_path / "global_step_16" / "merged_hf_model"
     assert (merged / "merge_complete.json").is_file() and (merged / "model.safetensors").is_file()
     assert merge_checkpoint(checkpoint) == "skipped"
+
+
+def test_dpo_reads_the_prompt_ids_grpo_reads(tiny_policy):  # noqa: F811
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    [row] = dpo._trl_rows(pairs(1), tokenizer)
+    expected = row_policy_input(PolicyFrontend(tokenizer, "cosyvoice2"), pairs(1)[0]["extra_info"], pairs(1)[0]["prompt"])
+    assert row["prompt_ids"] == list(expected.ids)
+    assert row["chosen_ids"] == tokenizer.convert_tokens_to_ids(["<|s_100|>", "<|s_7|>", "<|eos1|>"])
 
 
 def test_rounds_chain_their_policies_and_steps(tmp_path):

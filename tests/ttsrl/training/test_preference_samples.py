@@ -37,13 +37,13 @@ def test_rows_of_stage_0_become_the_generators_prompts(train_parquet):
     rows = read_prompt_rows(train_parquet)
     assert len(rows) == 7 and all(r.ground_truth and r.messages[0]["role"] == "user" for r in rows)
     utterance = rows[0].utterance()
-    assert utterance.text == rows[0].messages[0]["content"] and utterance.prompt_tokens == []
-    zero_shot = PromptRow(0, [{"role": "user", "content": "右后一二"},
-                              {"role": "assistant", "content": "<|s_6551|><|s_3|>"}], "一二", "src")
-    assert zero_shot.utterance().prompt_tokens == [6551, 3]
-    other_layout = PromptRow(1, [{"role": "system", "content": "x"}, {"role": "user", "content": "一"}], "一", "src")
-    with pytest.raises(PreferenceDataError, match="training row 1: .* not the zero-shot layout"):
-        other_layout.utterance()
+    # the generators build the row's input as GRPO's rollouts do (ttsrl.frontend.row_policy_input)
+    assert utterance.row == {"extra_info": rows[0].extra_info, "messages": rows[0].messages}
+    assert utterance.text == rows[0].ground_truth
+    assert rows[0].messages[0]["content"] == rows[0].extra_info["normalized_text"]
+    before_stage_0_normalized = PromptRow(1, [{"role": "user", "content": "一"}], "一", "src", {"text": "一"})
+    with pytest.raises(PreferenceDataError, match="training row 1: no extra_info.normalized_text.*rerun stage 0"):
+        before_stage_0_normalized.utterance()
     picked = choose_prompts(rows, 3, seed=5)
     assert len(picked) == 3 and picked == choose_prompts(rows, 3, seed=5) and picked != choose_prompts(rows, 3, seed=6)
     assert choose_prompts(rows, 0, seed=5) == rows
