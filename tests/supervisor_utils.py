@@ -25,8 +25,12 @@ def worker_exits(log: str) -> list[WorkerExit]:
 def assert_one_exit_then_failed_starts(log: str, pid: int, status: int) -> list[WorkerExit]:
     """``log`` (the server's log since a fault was injected) has the exit of worker ``pid`` with
     ``status`` first, and after it at most exits of replacements that never became ready; each
-    of those exits was restarted too. Returns the exits."""
+    of those exits was restarted too. Returns the exits.
+
+    Whether the first exit says "before the front saw it ready" is not checked: the front polls
+    once a second, and a loaded machine can delay that poll past the moment the worker already
+    served the test's requests."""
     exits = worker_exits(log)
-    assert exits and exits[0] == (pid, status, False), (exits, log[-3000:])
+    assert exits and (exits[0].pid, exits[0].status) == (pid, status), (exits, log[-3000:])
     assert all(e.before_ready for e in exits[1:]), (exits, log[-3000:])
     return exits
