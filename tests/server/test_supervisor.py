@@ -15,6 +15,7 @@ import requests
 import tritonclient.grpc as grpcclient
 
 import reward_tts
+from tests.supervisor_utils import assert_one_exit_then_failed_starts
 from token2wav_server import cli
 from token2wav_server.launch import free_ports, session_members, start_server
 from token2wav_server.standin import text_to_tokens
@@ -137,12 +138,15 @@ def test_server_comes_back_after_worker_crash_and_triton_hang_and_cleans_up_when
         restarts, starts = base["token2wav_server_worker_restarts_total"], base["token2wav_server_worker_starts_total"]
 
         # 1. The worker (PyTriton) dies: SIGKILL. Its Triton goes with it; a new one comes up.
+        since = len(server.log())
         first_worker = server.kill_worker(signal.SIGKILL)
         _wait_ready(server, lambda: server.worker_pid() != first_worker)
         _good_request(server)
         metrics = _metrics_once_up(server)
-        assert metrics["token2wav_server_worker_restarts_total"] == restarts + 1
-        assert metrics["token2wav_server_worker_last_exit_status"] == 128 + signal.SIGKILL
+        # every restart is accounted for: the kill's, then any replacement that failed to start
+        killed = assert_one_exit_then_failed_starts(server.log()[since:], first_worker, 128 + signal.SIGKILL)
+        assert metrics["token2wav_server_worker_restarts_total"] == restarts + len(killed)
+        assert metrics["token2wav_server_worker_last_exit_status"] == killed[-1].status
         assert metrics["token2wav_server_worker_up"] == 1
 
         # 2. Triton hangs (SIGSTOP): the hook's retry budget bounds a rollout's wait (its
@@ -150,7 +154,7 @@ def test_server_comes_back_after_worker_crash_and_triton_hang_and_cleans_up_when
         kwargs = {"server_url": server.grpc_url, "retry_budget_s": 2, "request_timeout_s": 120,
                   "backoff_initial_s": 0.1}
         tokens = format_speech_tokens(text_to_tokens(TEXT))
-        hung = server.triton_pid()
+        hung, hung_worker, since = server.triton_pid(), server.worker_pid(), len(server.log())
 
         async def score_then_hang():
             try:
@@ -167,9 +171,10 @@ def test_server_comes_back_after_worker_crash_and_triton_hang_and_cleans_up_when
         _wait_ready(server, lambda: server.triton_pid() != hung)
         _good_request(server)
         metrics = _metrics_once_up(server)
+        hang_killed = assert_one_exit_then_failed_starts(server.log()[since:], hung_worker, 128 + signal.SIGKILL)
         assert metrics["token2wav_server_worker_hang_kills_total"] == 1
-        assert metrics["token2wav_server_worker_restarts_total"] == restarts + 2
-        assert metrics["token2wav_server_worker_starts_total"] == starts + 2
+        assert metrics["token2wav_server_worker_restarts_total"] == restarts + len(killed) + len(hang_killed)
+        assert metrics["token2wav_server_worker_starts_total"] == starts + len(killed) + len(hang_killed)
         log = server.log()
         assert "restarting the worker in" in log and "has not answered health checks" in log
 
@@ -189,7 +194,7 @@ def test_run_sh_stage_1_supervises_and_stop_server_leaves_nothing(tmp_path):
     http_port, grpc_port, metrics_port = free_ports(3)
     env = dict(os.environ, exp_dir=str(tmp_path / "exp"), server_engines="token2wav_server.standin:create_engines",
                server_devices="cpu", http_port=str(http_port), grpc_port=str(grpc_port),
-               metrics_port=str(metrics_port), server_start_timeout="300", server_max_restarts="3")
+               metrics_port=str(metrics_port), server_start_timeout="300", server_max_restarts="7")
     env.pop("PYTHONPATH", None)
     started = subprocess.run(["bash", "run.sh", "1", "1"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=400)
@@ -198,14 +203,17 @@ def test_run_sh_stage_1_supervises_and_stop_server_leaves_nothing(tmp_path):
         assert started.returncode == 0, started.stdout + started.stderr
         pid = int(pid_file.read_text())
         server_log = (tmp_path / "exp" / "logs" / "reward_server.log").read_text()
-        assert "restarts: up to 3 in 600 s" in server_log
+        # not the default (10), so the log proves the setting reached the server; room for a start
+        # or two that fail on a loaded machine (each counts) before the restart this test causes
+        assert "restarts: up to 7 in 600 s" in server_log
         triton = [p for p in session_members(pid) if open(f"/proc/{p}/comm").read().strip() == "tritonserver"]
         assert len(triton) == 1
         os.kill(triton[0], signal.SIGKILL)  # stage 1's server comes back by itself, same ports
         deadline = time.monotonic() + 240
         log_file = tmp_path / "exp" / "logs" / "reward_server.log"
         while time.monotonic() < deadline:
-            log = log_file.read_text()
+            # only what the kill caused: a start that failed under load logs a restart too
+            log = log_file.read_text()[len(server_log):]
             if "restarting the worker" in log and "worker ready" in log.split("restarting the worker")[-1]:
                 break
             time.sleep(1)

@@ -12,8 +12,10 @@ import pytest
 import requests
 
 import reward_tts
+from tests.supervisor_utils import assert_one_exit_then_failed_starts
 from token2wav_server.launch import start_server
 from token2wav_server.standin import text_to_tokens
+from token2wav_server.triton_worker import EXIT_TRITON_DIED
 from ttsrl.speech_tokens import format_speech_tokens
 
 TEXTS = ["一丁七万", "三上下丈", "七万三上丁", "丈三一丁七上", "下丈七"]
@@ -47,7 +49,7 @@ def test_rollouts_ride_through_a_triton_kill_with_true_scores():
         first_triton = server.triton_pid()
         # A first start that failed on a loaded machine was retried: count from here.
         restarts_before = _metric(server, "token2wav_server_worker_restarts_total")
-        results, started = [], threading.Event()
+        results, started, fault = [], threading.Event(), {}
 
         async def client(index: int):
             protocol = "grpc" if index % 2 == 0 else "http"
@@ -65,6 +67,7 @@ def test_rollouts_ride_through_a_triton_kill_with_true_scores():
         def kill_triton_once_traffic_flows():
             started.wait(timeout=120)
             time.sleep(1.0)
+            fault.update(worker=server.worker_pid(), since=len(server.log()))
             server.kill_triton(signal.SIGKILL)  # as a segfault would end it
             killed.set()
 
@@ -99,7 +102,9 @@ def test_rollouts_ride_through_a_triton_kill_with_true_scores():
         for protocol in ("grpc", "http"):  # both protocols scored rollouts after the kill
             assert sum(1 for p, _, _, after in results if p == protocol and after) >= CLIENTS // 2
         assert server.triton_pid() != first_triton
-        assert _metric(server, "token2wav_server_worker_restarts_total") == restarts_before + 1
+        # the worker whose Triton died, restarted; then any replacement that failed to start on a loaded machine
+        exits = assert_one_exit_then_failed_starts(server.log()[fault["since"]:], fault["worker"], EXIT_TRITON_DIED)
+        assert _metric(server, "token2wav_server_worker_restarts_total") == restarts_before + len(exits)
         assert "restarting the worker in" in server.log()
     finally:
         killed.set()
