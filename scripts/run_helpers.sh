@@ -423,10 +423,12 @@ evaluate_step() {
     infer_dist.py --model "$model" --manifest "$manifest" --output-dir "$out" --server-url "$url" \
     --prompt-voice "$eval_prompt_voice" --on-bad-prompt "$eval_on_bad_prompt" --server-devices "$server_devices" \
     ${infer_args:-}
+  # English utterances go to Whisper-large-v3 (asr_eval_en) when stage 1 serves it
+  local english_asr=
+  [ -n "${eval_asr_en_model:-}" ] && [ -f "$eval_asr_en_model" ] && english_asr=asr_eval_en
+  # compute_wer.sh runs in its own process: these reach it only as its environment (one command,
+  # no comment inside it; bash run.sh 4 4 on its own has nothing else exported)
   REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model eval_similarity=$eval_similarity \
-    # English utterances go to Whisper-large-v3 (asr_eval_en) when stage 1 serves it
-    local english_asr=
-    [ -n "${eval_asr_en_model:-}" ] && [ -f "$eval_asr_en_model" ] && english_asr=asr_eval_en
     eval_language=$eval_language eval_english_asr_model=$english_asr bash scripts/compute_wer.sh "$out" "$set_name"
 }
 
