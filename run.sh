@@ -189,16 +189,16 @@ if run_stage 1; then
 fi
 
 if run_stage 2; then
+  # train_device=auto|cuda|cpu; cuda without the GPUs stops here, naming the failed check and the fix
+  device=$(select_train_device "${train_device:-auto}" "$n_gpus_per_node")
+  log "stage 2: ${train_algorithm^^} on $([ "$device" = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
+  require_env trainer
   # the experiment folder is this family's and algorithm's (or new); the data, this family's
   claim_folder experiment "$exp_dir"
   claim_folder data "$data_dir"
   if [ "$rehearse" = true ] && [ "$train_algorithm" = grpo ]; then
     rehearsal_check_gpu_job  # the GPU command at the config's real sizes, checked as veRL checks it
   fi
-  # train_device=auto|cuda|cpu; cuda without the GPUs stops here, naming the failed check and the fix
-  device=$(select_train_device "${train_device:-auto}" "$n_gpus_per_node")
-  log "stage 2: ${train_algorithm^^} on $([ "$device" = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
-  require_env trainer
   export CUDA_VISIBLE_DEVICES REWARD_SERVER_URL
   if [ -n "${sft_data:-}" ]; then
     # Supervised warm-up; GRPO or DPO then starts from its output. On GPUs one DDP rank per GPU (bf16).

@@ -39,9 +39,28 @@ from ttsrl.model_family import COSYVOICE2, COSYVOICE3, FAMILIES  # noqa: E402
 from ttsrl.tiny_models.llm import write_tiny_cosyvoice2, write_tiny_cosyvoice3  # noqa: E402
 
 
+def write_model_dir(args) -> None:
+    """--output-dir: the family's LLM side, or with --full its complete directory."""
+    if args.model_family == COSYVOICE3.name and args.full:
+        path = write_full_cosyvoice3(args.output_dir, seed=args.seed, size=args.size, cosyvoice_src=args.cosyvoice_src)
+        print(f"wrote Fun-CosyVoice3-0.5B directory ({args.size} flow/HiFT, tiny LLM, random weights) to {path}")
+    elif args.model_family == COSYVOICE3.name:
+        path = write_tiny_cosyvoice3(args.output_dir, seed=args.seed, logit_std=args.logit_std)
+        print(f"wrote tiny CosyVoice3 model to {path}")
+    elif args.full:
+        path = write_full_cosyvoice2(args.output_dir, seed=args.seed, size=args.size, cosyvoice_src=args.cosyvoice_src)
+        print(f"wrote CosyVoice2 directory ({args.size} flow/HiFT, random weights) to {path}")
+    else:
+        path = write_tiny_cosyvoice2(args.output_dir, seed=args.seed, logit_std=args.logit_std,
+                                     bias_std=args.bias_std)
+        print(f"wrote tiny CosyVoice2 model to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", required=True, help="directory to write (replaced if present)")
+    parser.add_argument("--output-dir", default=None,
+                        help="the model directory to write (replaced if present); may be left out when only "
+                             "--sensevoice-dir, --paraformer-dir or --whisper-file are wanted")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--logit-std", type=float, default=4.0, help="spread of the speech logits (nats)")
     parser.add_argument("--bias-std", type=float, default=0.5, help="spread of llm_decoder.bias")
@@ -58,19 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paraformer-dir", default=None, help="also write a tiny Paraformer directory here")
     parser.add_argument("--whisper-file", default=None, help="also write a tiny Whisper (large-v3.pt's format) here")
     args = parser.parse_args(argv)
-    if args.model_family == COSYVOICE3.name and args.full:
-        path = write_full_cosyvoice3(args.output_dir, seed=args.seed, size=args.size, cosyvoice_src=args.cosyvoice_src)
-        print(f"wrote Fun-CosyVoice3-0.5B directory ({args.size} flow/HiFT, tiny LLM, random weights) to {path}")
-    elif args.model_family == COSYVOICE3.name:
-        path = write_tiny_cosyvoice3(args.output_dir, seed=args.seed, logit_std=args.logit_std)
-        print(f"wrote tiny CosyVoice3 model to {path}")
-    elif args.full:
-        path = write_full_cosyvoice2(args.output_dir, seed=args.seed, size=args.size, cosyvoice_src=args.cosyvoice_src)
-        print(f"wrote CosyVoice2 directory ({args.size} flow/HiFT, random weights) to {path}")
-    else:
-        path = write_tiny_cosyvoice2(args.output_dir, seed=args.seed, logit_std=args.logit_std,
-                                     bias_std=args.bias_std)
-        print(f"wrote tiny CosyVoice2 model to {path}")
+    if args.output_dir is None and not (args.sensevoice_dir or args.paraformer_dir or args.whisper_file):
+        parser.error("give --output-dir (and/or --sensevoice-dir, --paraformer-dir, --whisper-file)")
+    if args.output_dir is not None:
+        write_model_dir(args)
     if args.sensevoice_dir:
         print(f"wrote tiny SenseVoiceSmall to {write_tiny_sensevoice(args.sensevoice_dir, seed=args.seed)}")
     if args.paraformer_dir:

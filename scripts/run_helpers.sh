@@ -52,8 +52,8 @@ install_stage() {
   log "stage -1: install for $device ($how)"
   [ "$force" = true ] && setup_flag=(--force)
   # TTSRL_CONFIG: setup_env.sh reads this config's cosyvoice_src (where CosyVoice's requirements are)
-  TTSRL_DEVICE=$device TTSRL_CONFIG="$config" bash scripts/setup_env.sh trainer "${setup_flag[@]}"
-  TTSRL_DEVICE=$device TTSRL_CONFIG="$config" bash scripts/setup_env.sh server "${setup_flag[@]}"
+  setup_environment "$device" trainer "${setup_flag[@]}"
+  setup_environment "$device" server "${setup_flag[@]}"
   optional_failures=()
   if [ "${model_source:-modelscope}" = tiny ]; then
     install_tiny_models
@@ -70,6 +70,12 @@ install_stage() {
       log "WARNING:   $failure"
     done
   fi
+}
+
+setup_environment() {
+  # $1 cpu|cuda, $2 trainer|server, then setup_env.sh's option: scripts/setup_env.sh with this config
+  # (TTSRL_CONFIG: it reads the config's cosyvoice_src and cuda_wheels)
+  TTSRL_DEVICE=$1 TTSRL_CONFIG="$config" bash scripts/setup_env.sh "${@:2}"
 }
 
 optional_step() {
@@ -90,7 +96,7 @@ install_models() {
   # reward's ASR, the converted LLM); then the evaluation assets, each optional
   get_cosyvoice_source
   # picks up CosyVoice's runtime requirements from $cosyvoice_src (its stamp: nothing to do when current)
-  TTSRL_DEVICE=$1 TTSRL_CONFIG="$config" bash scripts/setup_env.sh server
+  setup_environment "$1" server
   download_model "$(family_field modelscope_id)" "$(family_model_dir)" llm.pt
   download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
   convert_llm
@@ -118,20 +124,28 @@ install_tiny_models() {
   # real architectures, built where the configured ones would be downloaded
   if [[ "$server_engines" == token2wav_server.engines_cosyvoice[23]:* ]]; then
     # The real engines on tiny random models: CosyVoice's own classes build them, so its source is needed.
+    # Each piece is built when missing (or with --force); another family's build leaves the ASR models be.
     get_cosyvoice_source
-    local model_dir build_flags=() built="SenseVoiceSmall"
+    local model_dir build=() built=()
     model_dir=$(family_model_dir)
-    if [ -n "${paraformer_dir:-}" ]; then build_flags+=(--paraformer-dir "$paraformer_dir"); built+=", Paraformer"; fi
-    if [ -n "${eval_asr_en_model:-}" ]; then build_flags+=(--whisper-file "$eval_asr_en_model"); built+=", Whisper"; fi
-    if [ -f "$model_dir/flow.pt" ] && [ -f "$model_dir/llm.pt" ] && [ -f "$sensevoice_dir/model.pt" ] \
-        && [ "$force" = false ]; then
-      log "tiny $model_family and $built models already in $model_dir, $sensevoice_dir"
+    if [ "$force" = true ] || [ ! -f "$model_dir/flow.pt" ] || [ ! -f "$model_dir/llm.pt" ]; then
+      build+=(--full --model-family "$model_family" --output-dir "$model_dir"); built+=("$model_family (LLM, flow, HiFT, ONNX stand-ins)")
+    fi
+    if [ "$force" = true ] || [ ! -f "$sensevoice_dir/model.pt" ]; then
+      build+=(--sensevoice-dir "$sensevoice_dir"); built+=(SenseVoiceSmall)
+    fi
+    if [ -n "${paraformer_dir:-}" ] && { [ "$force" = true ] || [ ! -f "$paraformer_dir/model.pt" ]; }; then
+      build+=(--paraformer-dir "$paraformer_dir"); built+=(Paraformer-zh)
+    fi
+    if [ -n "${eval_asr_en_model:-}" ] && { [ "$force" = true ] || [ ! -f "$eval_asr_en_model" ]; }; then
+      build+=(--whisper-file "$eval_asr_en_model"); built+=(Whisper)
+    fi
+    if [ ${#build[@]} -eq 0 ]; then
+      log "tiny $model_family, SenseVoiceSmall and evaluation ASR models already in $model_dir, $sensevoice_dir"
     else
-      log "building tiny random $model_family (the real classes: LLM, flow, HiFT, ONNX stand-ins), $built" \
-          "models (model_source=tiny; no download)"
-      "$server_python" scripts/make_tiny_cosyvoice2.py --full --model-family "$model_family" --output-dir "$model_dir" \
-        --seed 0 --cosyvoice-src "$cosyvoice_src" --sensevoice-dir "$sensevoice_dir" "${build_flags[@]}" \
-        || die "building the tiny $model_family models failed (see above)"
+      log "building tiny random models from the real classes (model_source=tiny; no download): ${built[*]}"
+      "$server_python" scripts/make_tiny_cosyvoice2.py "${build[@]}" --seed 0 --cosyvoice-src "$cosyvoice_src" \
+        || die "building the tiny models failed (see above)"
     fi
   else
     local tiny_dir

@@ -149,6 +149,11 @@ if [ "$device" = cpu ]; then
   # (configs/smoke.sh sets it empty): a CPU run has no CUDA devices to pin.
   unset CUDA_VISIBLE_DEVICES
 fi
+if [ -n "${cuda_compat_dir:-}" ]; then
+  # NVIDIA's forward-compatibility libcuda (an older driver on data-center GPUs) for every Ray worker too
+  use_cuda_compat
+  platform_env+=(LD_LIBRARY_PATH)
+fi
 # the config file's grpo_overrides (e.g. configs/smoke.sh), then the rehearsal's sizes (bash run.sh
 # --rehearse sets TTSRL_REHEARSAL_OVERRIDES: fewer steps), then the command line's
 # shellcheck disable=SC2206

@@ -34,7 +34,7 @@ class FolderOwnerError(RuntimeError):
 
 
 def _describe(owner: dict) -> str:
-    parts = [f"model_family={owner['model_family']}"]
+    parts = [f"model_family={owner['model_family']}"] if owner.get("model_family") else []
     if owner.get("train_algorithm"):
         parts.append(f"train_algorithm={owner['train_algorithm']}")
     return ", ".join(parts)
