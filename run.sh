@@ -226,7 +226,7 @@ if run_stage 2; then
     "$trainer_python" scripts/preflight_grpo.py --model_dir "$(policy_start_dir)" --data_dir "$data_dir" \
       --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
       --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
-      --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
+      --grpo_overrides "${grpo_overrides:-} ${TTSRL_REHEARSAL_OVERRIDES:-} ${overrides[*]:-}" \
       "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
     if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
       mkdir -p "$exp_dir/logs"

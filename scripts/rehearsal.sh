@@ -29,6 +29,7 @@ REHEARSAL_EVAL_ROWS=2              # rows of each evaluation set (stage 0's test
 REHEARSAL_EVAL_NPROC=2             # stage 4's inference processes (they divide REHEARSAL_EVAL_ROWS)
 REHEARSAL_TRAIN_FILE=assets/zh_texts.jsonl  # texts when the config's train_file is missing
 REHEARSAL_DPO_PROMPTS=2            # DPO prompts sampled per round
+REHEARSAL_RESPONSE_TOKENS=64       # the longest response (GRPO, DPO sampling, stage 4 and 5 inference)
 
 # The settings that are outputs or downloads: relative ones go under $rehearsal_root, absolute ones
 # too (their path below it), so a rehearsal on the machine of a real run never writes beside it.
@@ -40,7 +41,8 @@ REHEARSAL_READ=("${REHEARSAL_OUTPUT_PATHS[@]}" rehearsal_root model_family train
                 train_batch_size rollout_n ppo_mini_batch_size micro_batch_size_per_gpu save_freq test_freq
                 test_size dev_size eval_nproc infer_args sft_data sft_steps dpo_rounds dpo_prompts
                 dpo_max_chosen_error dpo_min_margin train_device CUDA_VISIBLE_DEVICES server_devices
-                reward_preset server_args eval_select_by eval_select_on grpo_overrides)
+                reward_preset server_args eval_select_by eval_select_on grpo_overrides synth_args
+                speech_chars_per_second dpo_max_new_tokens)
 
 rehearsal_changes=()   # "kind|name|real value|rehearsal value|why"
 declare -A rehearsal_real=()
@@ -155,8 +157,27 @@ rehearsal_prepare() {
         "a micro batch must divide the $responses responses of an update"
     fi
   fi
-  rehearsal_change sizes TTSRL_REHEARSAL_OVERRIDES "trainer.total_training_steps=$REHEARSAL_STEPS" \
-    "$REHEARSAL_STEPS GRPO steps instead of the config's epochs (veRL override after the config's grpo_overrides)"
+  # The response length: a tiny random policy almost never says its end token, so every response
+  # runs to the limit, and the real engines decode each one on the CPU. The limit shrinks, and the
+  # speaking rate the preflight assumes grows by the same factor, so its length check holds for the
+  # same texts (max_chars is the config's).
+  local verl_sizes="trainer.total_training_steps=$REHEARSAL_STEPS" length factor tokens_why
+  length=$(rehearsal_response_length)
+  if [ "$length" -gt "$REHEARSAL_RESPONSE_TOKENS" ]; then
+    factor=$((length / REHEARSAL_RESPONSE_TOKENS))
+    verl_sizes+=" data.max_response_length=$REHEARSAL_RESPONSE_TOKENS"
+    tokens_why="responses of at most $REHEARSAL_RESPONSE_TOKENS speech tokens instead of $length: a tiny random policy rarely ends early, and the real engines decode every token on the CPU"
+    rehearsal_change sizes speech_chars_per_second \
+      "$(awk -v rate="${rehearsal_real[speech_chars_per_second]:-4.0}" -v f="$factor" 'BEGIN { print rate * f }')" \
+      "the preflight's speaking rate x$factor with the ${factor}x shorter responses: the same texts (max_chars) fit"
+    value=${rehearsal_real[dpo_max_new_tokens]:-512}
+    [[ $value =~ ^[0-9]+$ ]] && [ "$value" -gt "$REHEARSAL_RESPONSE_TOKENS" ] \
+      && rehearsal_change sizes dpo_max_new_tokens "$REHEARSAL_RESPONSE_TOKENS" "$tokens_why"
+    rehearsal_change sizes synth_args "${rehearsal_real[synth_args]:+${rehearsal_real[synth_args]} }--max-new-tokens $REHEARSAL_RESPONSE_TOKENS" \
+      "$tokens_why"
+  fi
+  rehearsal_change sizes TTSRL_REHEARSAL_OVERRIDES "$verl_sizes" \
+    "veRL overrides after the config's grpo_overrides: $REHEARSAL_STEPS GRPO steps instead of the config's epochs${tokens_why:+; $tokens_why}"
   for name in save_freq test_freq; do
     value=${rehearsal_real[$name]}
     [[ $value =~ ^[1-9][0-9]*$ ]] && rehearsal_change sizes "$name" "$REHEARSAL_STEPS" \
@@ -167,8 +188,8 @@ rehearsal_prepare() {
     [[ $value =~ ^[1-9][0-9]*$ ]] && [ "$value" -gt "$REHEARSAL_EVAL_ROWS" ] && rehearsal_change sizes "$name" \
       "$REHEARSAL_EVAL_ROWS" "an evaluation set of $REHEARSAL_EVAL_ROWS rows (validation / the dev slice that chooses the best step)"
   done
-  rehearsal_change sizes infer_args "${rehearsal_real[infer_args]:+${rehearsal_real[infer_args]} }--max-utterances $REHEARSAL_EVAL_ROWS" \
-    "stage 4 infers the first $REHEARSAL_EVAL_ROWS utterances of each set"
+  rehearsal_change sizes infer_args "${rehearsal_real[infer_args]:+${rehearsal_real[infer_args]} }--max-utterances $REHEARSAL_EVAL_ROWS --max-new-tokens $REHEARSAL_RESPONSE_TOKENS" \
+    "stage 4 infers the first $REHEARSAL_EVAL_ROWS utterances of each set, each at most $REHEARSAL_RESPONSE_TOKENS speech tokens (a random policy runs to the limit)"
   if [ -n "${rehearsal_real[sft_data]}" ] && [[ ${rehearsal_real[sft_steps]} =~ ^[0-9]+$ ]] \
       && [ "${rehearsal_real[sft_steps]}" -gt "$REHEARSAL_STEPS" ]; then
     rehearsal_change sizes sft_steps "$REHEARSAL_STEPS" "$REHEARSAL_STEPS supervised warm-up steps"
@@ -180,6 +201,15 @@ rehearsal_prepare() {
   value=${rehearsal_real[dpo_rounds]:-1}
   [[ $value =~ ^[0-9]+$ ]] && [ "$value" -gt 2 ] && rehearsal_change sizes dpo_rounds 2 "two DPO rounds (round 2 starts from round 1)"
   return 0
+}
+
+rehearsal_response_length() {
+  # the GRPO response length of the real run: the config's grpo_overrides' last data.max_response_length,
+  # else configs/grpo.yaml's (read without Python: stage -1 may run before any environment exists)
+  local length
+  length=$(grep -o 'data\.max_response_length=[0-9]*' <<<"${rehearsal_real[grpo_overrides]}" | tail -n 1 | cut -d= -f2)
+  [ -n "$length" ] || length=$(sed -n 's/^  max_response_length: \([0-9][0-9]*\).*/\1/p' configs/grpo.yaml | head -n 1)
+  echo "${length:-0}"
 }
 
 rehearsal_engines_note() {
