@@ -177,6 +177,8 @@ write_standin_seedtts_eval() {
   [ -f "$prompt_wav" ] || die "the stand-in test set needs CosyVoice's $prompt_wav (the source: stage -1)"
   set_dir=$(dirname "$eval_manifest")
   root=$(dirname "$set_dir")
+  [ ! -e "$set_dir" ] || die "$set_dir exists but has no $(basename "$eval_manifest"): move it aside (or fix" \
+    "eval_manifest) and rerun stage -1; the stand-in test set is written only into a new folder"
   mkdir -p "$root"
   staging=$(mktemp -d "$root/.standin.XXXXXX")
   if ! "$trainer_python" -c 'import json, shutil, sys
@@ -193,7 +195,6 @@ for index, line in enumerate(lines):
     rm -rf "$staging"
     die "writing the stand-in test set into $set_dir failed (above)"
   fi
-  rm -rf "$set_dir"
   mv "$staging" "$set_dir"
   log "wrote a tiny stand-in of the Seed-TTS-eval test set (4 rows, its layout) at $eval_manifest"
 }
