@@ -44,8 +44,12 @@ def user_shell() -> dict:
 
 
 def write_config(path: Path, base: Path | str = "configs/default.sh", **settings) -> Path:
-    """A user's config file: some settings, then the profile it builds on."""
-    lines = [f"{name}={shlex.quote(str(value))}" for name, value in settings.items()]
+    """A user's config file: some settings, in configs/default.sh's form (a variable set in the
+    environment wins), then the profile it builds on."""
+    def quoted(value) -> str:  # inside "${name=...}": escape what double quotes interpret
+        return "".join("\\" + c if c in '"$`\\' else c for c in str(value))
+
+    lines = [f': "${{{name}={quoted(value)}}}"' for name, value in settings.items()]
     path.write_text("\n".join(lines + [f"source {base}"]) + "\n")
     return path
 
@@ -261,3 +265,30 @@ def test_cosyvoice3_rehearses_every_stage_with_its_real_engines_and_exports_its_
     shared = write_config(r.config.with_name("shared_data.sh"), base=config, data_dir=r.path("data/cosyvoice2"))
     clash = rehearse(shared, "0", "0", check=False)
     assert clash.returncode == 1 and "model_family=cosyvoice2" in clash.stderr and "set another data_dir" in clash.stderr
+
+
+# ---- fast checks of the rehearsal's own refusals ----------------------------------------------------------------
+
+def test_a_batch_eight_gpus_cannot_divide_is_caught_before_stage_2_on_a_laptop(tmp_path):
+    """The real-size check runs veRL's own validation on the GPU command at the config's world size
+    before anything trains: 33 prompts x 4 responses do not split over 8 GPUs x 1 node."""
+    config = write_config(tmp_path / "odd.sh", rehearsal_root=tmp_path / "r", train_batch_size=33,
+                          ppo_mini_batch_size=33)
+    done = rehearse(config, "2", "2", check=False)
+    assert done.returncode == 1
+    assert "veRL refuses this job at 8 GPU(s) x 1 node(s)" in done.stderr
+    assert "real_train_batch_size (132) must be divisible by minimal possible batch size (8)" in done.stderr
+    assert "the GPU run of" in done.stderr and "would fail at start-up" in done.stderr
+    assert "train_batch_size: '33' -> '1'" in done.stdout  # the CPU run's own size keeps 1 update per step
+    assert not (tmp_path / "r" / "exp" / "cosyvoice2_grpo" / "global_step_1").exists()
+
+
+def test_a_setting_the_config_forces_is_named_with_the_fix(tmp_path):
+    """The rehearsal changes a setting as an environment variable does; a config that assigns it
+    unconditionally would silently undo the change, so the rehearsal stops, naming it."""
+    config = tmp_path / "plain.sh"
+    config.write_text(f"source {REPO / 'configs' / 'default.sh'}\nn_gpus_per_node=8\n")
+    done = rehearse(config, "0", "0", check=False)
+    assert done.returncode == 1
+    assert f"{config} sets n_gpus_per_node to '8' unconditionally" in done.stderr
+    assert ": \"${n_gpus_per_node=...}\"" in done.stderr

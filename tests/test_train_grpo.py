@@ -387,7 +387,8 @@ def test_gpu_attention_is_one_the_cuda_environment_has_and_the_actor_builds_with
     result = check_job(gpu)
     assert result.world_size == 8 and result.attention == "sdpa" and result.actor.startswith("Qwen2ForCausalLM")
     gpu.actor_rollout_ref.model.override_config.attn_implementation = "flash_attention_2"  # veRL's default
-    with pytest.raises(CompositionError, match="attn_implementation='flash_attention_2'.*FlashAttention2"):
+    with pytest.raises(CompositionError, match="attn_implementation='flash_attention_2'.*FlashAttention2.*"
+                                               "set attn_implementation=auto"):
         check_job(gpu)
     with pytest.raises(ComposeError, match="attn_implementation=flash_attention_2 needs CUDA"):
         compose(tmp_path / "cpu", settings={**settings, "attn_implementation": "flash_attention_2"},

@@ -78,6 +78,9 @@ def load_actor(cfg) -> tuple[str, str]:
 
     model_cfg = cfg.actor_rollout_ref.model
     attention = (model_cfg.get("override_config") or {}).get("attn_implementation", "flash_attention_2")
+    if not (Path(str(model_cfg.path)) / "config.json").is_file():
+        raise CompositionError(f"the actor's model directory {model_cfg.path} (actor_rollout_ref.model.path) has no "
+                               "config.json: convert the LLM first (stage -1) or fix hf_model_dir")
     try:
         model_config = omega_conf_to_dataclass(model_cfg)
         dtype = PrecisionType.to_dtype(cfg.actor_rollout_ref.actor.fsdp_config.get("model_dtype") or "fp32")
@@ -86,10 +89,11 @@ def load_actor(cfg) -> tuple[str, str]:
     except Exception as error:  # noqa: BLE001 - hydra wraps the cause (InstantiationException): name it
         cause = error.__cause__ or error
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        hint = ("set attn_implementation=auto (sdpa) in the config, or install flash-attn in the trainer environment"
+                if "attention" in first.lower() or "attn" in first.lower() else "fix what it names")
         raise CompositionError(
             f"the actor does not build with this job's model settings (attn_implementation={attention!r}, "
-            f"actor_rollout_ref.model.override_config): {first}. Every GPU worker would fail the same way at "
-            "start-up: set attn_implementation=sdpa (or auto) in the config, or install what it names") from None
+            f"actor_rollout_ref.model): {first}. Every GPU worker would fail the same way at start-up: {hint}") from None
     parameters = sum(p.numel() for p in module.parameters())
     used = getattr(module.config, "_attn_implementation", None) or attention
     return (f"{type(module).__name__}, {parameters / 1e6:.1f}M parameters ({str(dtype).replace('torch.', '')})",
