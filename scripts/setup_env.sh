@@ -175,8 +175,8 @@ if [ "$TTSRL_DEVICE" = cpu ]; then
   fi
 else
   while IFS= read -r install; do
-    # shellcheck disable=SC2086
-    "${pip[@]}" $install || die "pip could not install ($cuda_wheels wheels): pip install $install"
+    read -r -a install_args <<<"$install"  # words, never globbed (verl[vllm] is not a pattern)
+    "${pip[@]}" "${install_args[@]}" || die "pip could not install ($cuda_wheels wheels): pip install $install"
   done < <(cuda_installs)
 fi
 echo "$stamp_text" > "$stamp"
