@@ -182,6 +182,8 @@ require_env() {
 require_gpus() {
   # $1: how many GPUs the current stage ($current_stage) needs
   has_cuda || die "stage ${current_stage:-?} needs CUDA GPUs and nvidia-smi finds none (see README: 'What runs where')"
+  local driver_problem
+  driver_problem=$(cuda_driver_problem) || die "stage ${current_stage:-?} needs CUDA GPUs, but the $driver_problem"
   local count
   count=$(nvidia-smi -L | wc -l)
   [ "$count" -ge "$1" ] || die "stage ${current_stage:-?} needs $1 GPUs, nvidia-smi lists $count; lower n_gpus_per_node"

@@ -208,6 +208,8 @@ def test_a_driver_older_than_580_is_named_with_both_fixes(tmp_path):
         in done.stderr
     assert "cuda-compat-13-0" in done.stderr and "cuda_compat_dir=/usr/local/cuda-13.0/compat" in done.stderr
     assert "cuda_wheels=cu128 bash run.sh --force -1 -1" in done.stderr
+    server = bash("current_stage=1; require_gpus 1", env=env, path_prefix=path)  # stage 1's reward server on GPUs
+    assert server.returncode == 1 and "stage 1 needs CUDA GPUs, but the check 'NVIDIA driver >= 580" in server.stderr
     # the CUDA 12.8 wheels run on it; so does a forward-compatibility libcuda
     assert bash("select_train_device cuda 8", env=trainer_env_with_stamp(tmp_path, "cu128"),
                 path_prefix=path).stdout.strip() == "cuda"
