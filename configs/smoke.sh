@@ -32,8 +32,9 @@
 stage=${stage:--1}
 stop_stage=${stop_stage:-6}
 
-: "${exp_name=smoke}"
-: "${exp_dir=exp/smoke}"
+# one experiment folder per family and algorithm, as configs/default.sh's (exp/smoke_cosyvoice2_grpo, ...)
+: "${exp_name=smoke_${model_family:-cosyvoice2}_${train_algorithm:-grpo}}"
+: "${exp_dir=exp/$exp_name}"
 : "${pretrained_dir=$exp_dir/pretrained}"
 : "${model_source=tiny}"
 : "${train_file=assets/smoke_zero_shot/texts.jsonl}"  # 1536 texts of 3-4 numerals (stand-in task, see above)

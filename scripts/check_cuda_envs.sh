@@ -17,7 +17,8 @@
 #      vllm, verl and verl_plugins import in the trainer env; pytriton, funasr, onnxruntime
 #      (with CUDAExecutionProvider), token2wav_server.engines_cosyvoice2 and CosyVoice2's own
 #      class import in the server env; the GPU training command composes (scripts/train_grpo.sh
-#      --compose-only with train_device=cuda, passing veRL's own config validation).
+#      --compose-only with train_device=cuda, passing veRL's own config validation, and its actor
+#      builds with the command's attention: scripts/check_grpo_job.py).
 # The GPU check of train_device=cuda is skipped for that last one with TTSRL_SKIP_GPU_CHECK=1:
 # this script is the only user of that variable (it composes the command, it trains nothing).
 #
@@ -148,27 +149,22 @@ check "server: import CosyVoice2 (the pinned source)" \
 
 compose_gpu_command() {
   # the stage-2 command with the default config's sizes (8 GPUs, 1 node), composed by the pinned
-  # veRL and validated as veRL validates it at start-up; no TTSRL_DEVICE, so train_device decides
+  # veRL and checked as veRL checks it at start-up (scripts/check_grpo_job.py: its validation at
+  # that world size, and the actor built with the command's attention on a tiny converted policy);
+  # no TTSRL_DEVICE, so train_device decides
   local data=$scratch/compose-data model=$scratch/compose-model
-  mkdir -p "$data" "$model"
+  mkdir -p "$data"
+  (cd "$clone" && PYTHONPATH="$clone" "$trainer_py" -c 'import sys
+from pathlib import Path
+from ttsrl.tiny_models.llm import write_tiny_cosyvoice2
+write_tiny_cosyvoice2(Path(sys.argv[1]) / "cosyvoice2", seed=0)' "$scratch" \
+      && "$trainer_py" scripts/convert_cosyvoice2_to_hf.py --cosyvoice2-dir "$scratch/cosyvoice2" \
+        --output-dir "$model") || return 1
   (cd "$clone" && env -u TTSRL_DEVICE TTSRL_SKIP_GPU_CHECK=1 train_device=cuda trainer_python="$trainer_py" \
       data_dir="$data" hf_model_dir="$model" exp_dir="$scratch/compose-exp" \
       bash scripts/train_grpo.sh --compose-only) >"$scratch/job.yaml" || return 1
-  PYTHONPATH="$clone" "$trainer_py" - "$scratch/job.yaml" <<'EOF'
-import sys
-from omegaconf import OmegaConf
-from verl.trainer.ppo.utils import need_critic, need_reference_policy
-from verl.utils.config import validate_config
-
-cfg = OmegaConf.load(sys.argv[1])
-env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
-assert cfg.trainer.device == "cuda", f"trainer.device is {cfg.trainer.device}"
-assert "VERL_PLATFORM" not in env, "the CPU platform was added to a GPU command"
-assert cfg.actor_rollout_ref.actor.strategy == "fsdp", cfg.actor_rollout_ref.actor.strategy
-validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
-print(f"trainer.device={cfg.trainer.device}, {cfg.trainer.n_gpus_per_node} GPUs x {cfg.trainer.nnodes} node, "
-      f"mini batch {cfg.actor_rollout_ref.actor.ppo_mini_batch_size}: veRL validation passed")
-EOF
+  grep -q "VERL_PLATFORM" "$scratch/job.yaml" && { echo "the CPU platform was added to a GPU command"; return 1; }
+  (cd "$clone" && "$trainer_py" scripts/check_grpo_job.py "$scratch/job.yaml")
 }
 check "trainer: GPU training command composes (train_device=cuda)" compose_gpu_command
 

@@ -9,6 +9,9 @@
 # has_cuda / default_device: what the GPU-or-CPU choices of every script go by (nvidia-smi).
 # cuda_gpu_problem / select_train_device: the training device of a profile (train_device=auto|cuda|cpu);
 # cuda dies naming the check that failed and the fix, auto logs what it picked and why.
+# cuda_driver_problem / use_cuda_compat: the NVIDIA driver against the CUDA wheels of the environments
+# (cuda_wheels: cu130 needs driver >= 580, cu128 >= 525), and NVIDIA's forward-compatibility libraries
+# (cuda_compat_dir) for older drivers on data-center GPUs.
 # require_env / require_dir / require_gpus: checks that die with what is missing and how to get it
 # (require_env reads $trainer_python and $server_python, require_gpus names $current_stage:
 # run.sh sets them).
@@ -48,6 +51,11 @@ cuda_gpu_problem() {
          "(>= 580 for the CUDA 13 torch 2.11.0 wheels) until 'nvidia-smi -L' lists the GPUs"
     return 1
   fi
+  local driver_problem
+  if driver_problem=$(cuda_driver_problem); then :; else
+    echo "$driver_problem"
+    return 1
+  fi
   listed=$(grep -c '^GPU [0-9]' <<<"$listing" || true)
   if [ "$listed" -eq 0 ]; then
     echo "check 'nvidia-smi -L lists a GPU' failed: it lists none. Fix: check the driver and that the GPUs are" \
@@ -75,6 +83,54 @@ cuda_gpu_problem() {
     return 1
   fi
   return 0
+}
+
+cuda_wheels_of_env() {
+  # the CUDA wheels the trainer environment was built with (its stamp, setup_env.sh); cu130 when unknown
+  local stamp
+  stamp="$(dirname "$(dirname "${trainer_python:-.venv/bin/python}")")/.ttsrl-requirements"
+  sed -n 's/^cuda_wheels //p' "$stamp" 2>/dev/null | head -n 1 | grep . || echo cu130
+}
+
+cuda_min_driver() {
+  # $1: cu130|cu128 -> the oldest NVIDIA driver (major) its wheels run on (CUDA 13: 580; CUDA 12.x
+  # with minor-version compatibility: 525)
+  case $1 in cu130) echo 580 ;; *) echo 525 ;; esac
+}
+
+cuda_driver_problem() {
+  # Prints nothing and returns 0 when nvidia-smi's driver runs the CUDA wheels of the trainer
+  # environment (or NVIDIA's forward-compatibility libraries in cuda_compat_dir bridge the gap); else
+  # prints the check that failed with the fixes and returns 1.
+  local driver major wheels needed
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+  major=${driver%%.*}
+  [[ $major =~ ^[0-9]+$ ]] || return 0  # no version to compare: the GPU checks speak for themselves
+  wheels=$(cuda_wheels_of_env)
+  needed=$(cuda_min_driver "$wheels")
+  [ "$major" -ge "$needed" ] && return 0
+  if [ -n "${cuda_compat_dir:-}" ] && [ -e "$cuda_compat_dir/libcuda.so.1" ]; then
+    return 0  # forward compatibility (data-center GPUs): use_cuda_compat puts it on LD_LIBRARY_PATH
+  fi
+  echo "check 'NVIDIA driver >= $needed for the $wheels wheels' failed: nvidia-smi reports driver $driver." \
+       "Fix, one of: (a) data-center GPUs (A100, H100, H200, L40S...): keep the wheels and install NVIDIA's" \
+       "forward-compatibility package (apt/dnf install cuda-compat-13-0 from NVIDIA's CUDA repository), then set" \
+       "cuda_compat_dir=/usr/local/cuda-13.0/compat; (b) any GPU with driver >= 525: CUDA 12.8 wheels," \
+       "cuda_wheels=cu128 bash run.sh --force -1 -1 (rebuilds both environments); (c) a driver >= 580" \
+       "(README 'Hardware')"
+  return 1
+}
+
+use_cuda_compat() {
+  # cuda_compat_dir set: NVIDIA's forward-compatibility libcuda goes first on LD_LIBRARY_PATH, for this
+  # run and every process it starts (scripts/train_grpo.sh passes it to the Ray workers too)
+  [ -n "${cuda_compat_dir:-}" ] || return 0
+  [ -e "$cuda_compat_dir/libcuda.so.1" ] || die "cuda_compat_dir=$cuda_compat_dir has no libcuda.so.1: install" \
+    "NVIDIA's forward-compatibility package (cuda-compat-13-0) there, or set cuda_compat_dir= (README 'Hardware')"
+  case ":${LD_LIBRARY_PATH:-}:" in
+    *":$cuda_compat_dir:"*) ;;
+    *) export LD_LIBRARY_PATH="$cuda_compat_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+  esac
 }
 
 select_train_device() {
@@ -126,6 +182,8 @@ require_env() {
 require_gpus() {
   # $1: how many GPUs the current stage ($current_stage) needs
   has_cuda || die "stage ${current_stage:-?} needs CUDA GPUs and nvidia-smi finds none (see README: 'What runs where')"
+  local driver_problem
+  driver_problem=$(cuda_driver_problem) || die "stage ${current_stage:-?} needs CUDA GPUs, but the $driver_problem"
   local count
   count=$(nvidia-smi -L | wc -l)
   [ "$count" -ge "$1" ] || die "stage ${current_stage:-?} needs $1 GPUs, nvidia-smi lists $count; lower n_gpus_per_node"

@@ -1,7 +1,7 @@
 """Checks before launching GRPO (stage 2); every failure says what to do.
 
     python scripts/preflight_grpo.py --model_dir pretrained_models/cosyvoice2_llm_hf \
-        --data_dir data/parquet --reward_server_url grpc://127.0.0.1:8001 \
+        --data_dir data/cosyvoice2 --reward_server_url grpc://127.0.0.1:8001 \
         --n_gpus_per_node 8 --nnodes 1
 
 Checks, all run (so one pass shows every problem):

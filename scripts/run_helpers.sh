@@ -26,6 +26,179 @@ run_stage() {
 }
 
 # ---- stage -1: sources, models, conversion ----------------------------------------------
+install_device() {
+  # what stage -1 installs for: $TTSRL_DEVICE when set (TTSRL_DEVICE=cuda on a GPU-less login node
+  # builds the CUDA environments and downloads the models there), else cuda when nvidia-smi lists a GPU
+  local device=${TTSRL_DEVICE:-$(default_device)}
+  case $device in
+    cpu|cuda) echo "$device" ;;
+    *) die "TTSRL_DEVICE must be cpu or cuda, got '$device' (or leave it unset: nvidia-smi decides)" ;;
+  esac
+}
+
+install_stage() {
+  # stage -1: the environments, then what training needs (essential: a failure stops the stage),
+  # then the optional evaluation assets (a failure is named with the setting that skips it, and
+  # the stage goes on)
+  local device setup_flag=() how
+  device=$(install_device)
+  if [ -n "${TTSRL_DEVICE:-}" ]; then
+    how="TTSRL_DEVICE=$TTSRL_DEVICE"
+  elif has_cuda; then
+    how="nvidia-smi lists a GPU"
+  else
+    how="nvidia-smi lists no GPU; TTSRL_DEVICE=cuda installs for CUDA anyway, e.g. on a login node"
+  fi
+  log "stage -1: install for $device ($how)"
+  [ "$force" = true ] && setup_flag=(--force)
+  # TTSRL_CONFIG: setup_env.sh reads this config's cosyvoice_src (where CosyVoice's requirements are)
+  setup_environment "$device" trainer "${setup_flag[@]}"
+  setup_environment "$device" server "${setup_flag[@]}"
+  optional_failures=()
+  if [ "${model_source:-modelscope}" = tiny ]; then
+    install_tiny_models
+  elif [ "$device" = cuda ]; then
+    install_models "$device"
+  else
+    log "no CUDA: skipping the CosyVoice source, model and test-set downloads (they serve GPU stages; on a" \
+        "GPU-less login node: TTSRL_DEVICE=cuda bash run.sh -1 -1; to rehearse here: bash run.sh --rehearse -1 -1)"
+  fi
+  if [ ${#optional_failures[@]} -gt 0 ]; then
+    log "WARNING: stage -1 finished without ${#optional_failures[@]} optional evaluation asset(s):"
+    local failure
+    for failure in "${optional_failures[@]}"; do
+      log "WARNING:   $failure"
+    done
+  fi
+}
+
+setup_environment() {
+  # $1 cpu|cuda, $2 trainer|server, then setup_env.sh's option: scripts/setup_env.sh with this config
+  # (TTSRL_CONFIG: it reads the config's cosyvoice_src and cuda_wheels)
+  TTSRL_DEVICE=$1 TTSRL_CONFIG="$config" bash scripts/setup_env.sh "${@:2}"
+}
+
+optional_step() {
+  # $1: what it is, $2: the setting that goes without it, then the command, run in a subshell: its
+  # failure (a die included) is logged with that setting, listed at the end of stage -1, and the
+  # stage goes on
+  local what=$1 knob=$2
+  shift 2
+  if ( "$@" ); then
+    return 0
+  fi
+  optional_failures+=("$what: failed (see above); to go without it set $knob")
+  log "WARNING: optional: $what failed (see above); stage -1 goes on. To go without it: $knob"
+}
+
+install_models() {
+  # $1: cuda. What training needs first (the source, the family's model: LLM and token2wav, the
+  # reward's ASR, the converted LLM); then the evaluation assets, each optional
+  get_cosyvoice_source
+  # picks up CosyVoice's runtime requirements from $cosyvoice_src (its stamp: nothing to do when current)
+  setup_environment "$1" server
+  download_model "$(family_field modelscope_id)" "$(family_model_dir)" llm.pt
+  download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
+  convert_llm
+  log "stage -1: what training needs is ready; now the optional evaluation assets"
+  if [ -n "${paraformer_dir:-}" ]; then
+    optional_step "Paraformer-zh (stage 4's Chinese ASR) into $paraformer_dir" \
+      "paraformer_dir= and eval_asr_model=asr (stage 4 then transcribes with SenseVoiceSmall)" \
+      download_model iic/paraformer-zh "$paraformer_dir" model.pt
+  fi
+  if [ -n "${eval_asr_en_model:-}" ]; then
+    optional_step "Whisper-large-v3 (stage 4's English ASR) at $eval_asr_en_model" "eval_asr_en_model=" \
+      download_whisper_model
+  fi
+  if [ -n "${eval_sim_model:-}" ]; then
+    optional_step "the SIM model (Seed-TTS-eval's WavLM + ECAPA-TDNN) at $eval_sim_model" \
+      "eval_sim_model= (stage 4's SIM then uses the family's campplus)" download_sim_model
+  fi
+  optional_step "stage 4's test set at $eval_manifest" "eval_manifest= to a test set you have (README 'Stage 4')" \
+    download_seedtts_eval
+  return 0
+}
+
+install_tiny_models() {
+  # model_source=tiny (configs/smoke.sh, bash run.sh --rehearse): tiny random models of the family's
+  # real architectures, built where the configured ones would be downloaded
+  if [[ "$server_engines" == token2wav_server.engines_cosyvoice[23]:* ]]; then
+    # The real engines on tiny random models: CosyVoice's own classes build them, so its source is needed.
+    # Each piece is built when missing (or with --force); another family's build leaves the ASR models be.
+    get_cosyvoice_source
+    local model_dir build=() built=()
+    model_dir=$(family_model_dir)
+    if [ "$force" = true ] || [ ! -f "$model_dir/flow.pt" ] || [ ! -f "$model_dir/llm.pt" ]; then
+      build+=(--full --model-family "$model_family" --output-dir "$model_dir"); built+=("$model_family (LLM, flow, HiFT, ONNX stand-ins)")
+    fi
+    if [ "$force" = true ] || [ ! -f "$sensevoice_dir/model.pt" ]; then
+      build+=(--sensevoice-dir "$sensevoice_dir"); built+=(SenseVoiceSmall)
+    fi
+    if [ -n "${paraformer_dir:-}" ] && { [ "$force" = true ] || [ ! -f "$paraformer_dir/model.pt" ]; }; then
+      build+=(--paraformer-dir "$paraformer_dir"); built+=(Paraformer-zh)
+    fi
+    if [ -n "${eval_asr_en_model:-}" ] && { [ "$force" = true ] || [ ! -f "$eval_asr_en_model" ]; }; then
+      build+=(--whisper-file "$eval_asr_en_model"); built+=(Whisper)
+    fi
+    if [ ${#build[@]} -eq 0 ]; then
+      log "tiny $model_family, SenseVoiceSmall and evaluation ASR models already in $model_dir, $sensevoice_dir"
+    else
+      log "building tiny random models from the real classes (model_source=tiny; no download): ${built[*]}"
+      "$server_python" scripts/make_tiny_cosyvoice2.py "${build[@]}" --seed 0 --cosyvoice-src "$cosyvoice_src" \
+        || die "building the tiny models failed (see above)"
+    fi
+  else
+    local tiny_dir
+    tiny_dir=$(family_model_dir)
+    if [ -f "$tiny_dir/llm.pt" ] && [ "$force" = false ]; then
+      log "tiny $model_family-shaped model already in $tiny_dir"
+    else
+      log "building a tiny random $model_family-shaped model in $tiny_dir (model_source=tiny; no download)"
+      "$trainer_python" scripts/make_tiny_cosyvoice2.py --model-family "$model_family" --output-dir "$tiny_dir" --seed 0
+    fi
+  fi
+  convert_llm
+  if [ -n "${eval_sim_model:-}" ] && { [ ! -f "$eval_sim_model" ] || [ "$force" = true ]; }; then
+    log "building a tiny random SIM model (WavLM + ECAPA-TDNN in the published checkpoint layout) at $eval_sim_model"
+    mkdir -p "$(dirname "$eval_sim_model")"
+    "$server_python" -c 'import sys; from token2wav_server import engines_wavlm_sv as sv
+sv.save_checkpoint(sv.random_model(seed=0), sys.argv[1])' "$eval_sim_model"
+  fi
+  if [ ! -e "$eval_manifest" ] && seedtts_root_of "$eval_manifest" >/dev/null; then
+    write_standin_seedtts_eval
+  fi
+}
+
+write_standin_seedtts_eval() {
+  # A tiny stand-in of the Seed-TTS-eval test set at $eval_manifest, in its layout (<set>/meta.lst of
+  # 'utt|prompt_text|prompt-wavs/<utt>.wav|text' lines, the prompt wavs beside it): 4 texts of
+  # assets/zh_texts.jsonl, each prompted with CosyVoice's zero-shot prompt wav. Written whole or not at all.
+  local set_dir root staging prompt_wav=$cosyvoice_src/asset/zero_shot_prompt.wav
+  [ -f "$prompt_wav" ] || die "the stand-in test set needs CosyVoice's $prompt_wav (the source: stage -1)"
+  set_dir=$(dirname "$eval_manifest")
+  root=$(dirname "$set_dir")
+  [ ! -e "$set_dir" ] || die "$set_dir exists but has no $(basename "$eval_manifest"): move it aside (or fix" \
+    "eval_manifest) and rerun stage -1; the stand-in test set is written only into a new folder"
+  mkdir -p "$root"
+  staging=$(mktemp -d "$root/.standin.XXXXXX")
+  if ! "$trainer_python" -c 'import json, shutil, sys
+from pathlib import Path
+staging, prompt, meta = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+(staging / "prompt-wavs").mkdir()
+lines = Path("assets/zh_texts.jsonl").read_text(encoding="utf-8").splitlines()[:4]
+rows = []
+for index, line in enumerate(lines):
+    utt, text = f"standin_{index:02d}", json.loads(line)["text"]
+    shutil.copyfile(prompt, staging / "prompt-wavs" / f"{utt}.wav")
+    rows.append(f"{utt}|希望你以后能够做的比我还好呦。|prompt-wavs/{utt}.wav|{text}")
+(staging / meta).write_text("\n".join(rows) + "\n", encoding="utf-8")' "$staging" "$prompt_wav" "$(basename "$eval_manifest")"; then
+    rm -rf "$staging"
+    die "writing the stand-in test set into $set_dir failed (above)"
+  fi
+  mv "$staging" "$set_dir"
+  log "wrote a tiny stand-in of the Seed-TTS-eval test set (4 rows, its layout) at $eval_manifest"
+}
+
 get_cosyvoice_source() {
   # $cosyvoice_archive (a tarball of the pinned checkout that unpacks to CosyVoice/, for machines
   # without GitHub access) when set and $cosyvoice_src is missing; else clone at $cosyvoice_commit.
@@ -174,6 +347,17 @@ hf_hub_download("k2-fsa/TTS_eval_datasets", "seedtts_testset.tar.gz", repo_type=
   [ -e "$eval_manifest" ] || die "the Seed-TTS-eval test set is in $root/seedtts_testset but has no $eval_manifest;" \
     "set eval_manifest to one of its meta files (zh/meta.lst, en/meta.lst, zh/hardcase.lst)"
   log "Seed-TTS-eval test set ready: $eval_manifest"
+}
+
+# ---- the run's folders (ttsrl/run_folders.py) -----------------------------------------------
+claim_folder() {
+  # $1: experiment|data, $2: the folder. It must be free or this run's (model_family, and for an
+  # experiment train_algorithm); another run's outputs stop the stage, naming both. Recorded in
+  # $2/run.json the first time.
+  local flags=(--model-family "$model_family")
+  [ "$1" = experiment ] && flags+=(--train-algorithm "$train_algorithm")
+  "$trainer_python" -m ttsrl.run_folders claim "$1" "$2" "${flags[@]}" >/dev/null \
+    || die "stage $current_stage stops before writing into $2 (above)"
 }
 
 # ---- the model family (ttsrl/model_family.py is the one home of what each family is) ------
@@ -402,7 +586,7 @@ model_of_step() {
 
 # ---- stage 4: evaluation --------------------------------------------------------------
 dev_manifest_path() {
-  # the set that chooses the best step: dev_manifest= when set, else stage 0's dev slice, else none
+  # the dev set: dev_manifest= when set, else stage 0's dev slice, else none
   if [ -n "${dev_manifest:-}" ]; then
     [ -e "$dev_manifest" ] || die "dev_manifest '$dev_manifest' not found: $(eval_manifest_help)"
     echo "$dev_manifest"
@@ -416,10 +600,40 @@ token_text_ratio_args() {
   echo "--min-token-text-ratio ${min_token_text_ratio:-2} --max-token-text-ratio ${max_token_text_ratio:-20}"
 }
 
+selection_set() {
+  # the set stage 4 chooses the best step on: the dev set (eval_select_on=dev, the default); with
+  # eval_select_on=test none (the test set chooses, when the user asks for it). No dev set stops
+  # stage 4 before it infers anything, naming the fixes.
+  case ${eval_select_on:-dev} in
+    dev)
+      local dev
+      dev=$(dev_manifest_path)
+      [ -n "$dev" ] || die "stage 4 chooses the best step on a dev set, and there is none: no $data_dir/dev.jsonl" \
+        "(stage 0 holds dev_size=${dev_size:-0} training rows out) and dev_manifest= is empty. Fix: set dev_size" \
+        "(e.g. 100) and rerun stage 0 (bash run.sh --force 0 0; it redraws the split), or point dev_manifest at a" \
+        "dev set; eval_select_on=test chooses on the test set instead (optimistic: the test numbers then picked" \
+        "the step they report)"
+      echo "$dev" ;;
+    test) ;;
+    *) die "eval_select_on must be dev or test, got '$eval_select_on' (configs/default.sh)" ;;
+  esac
+}
+
+dev_prompt_voice() {
+  # $1: the dev set. Stage 0's dev slice of text-only training has no prompt wavs: its rows are
+  # decoded in the server's bank voice, as training decoded them; any other set in eval_prompt_voice.
+  if [ -n "$1" ] && [ "$1" = "$data_dir/dev.jsonl" ] && ! grep -q '"prompt_wav": "[^"]' "$1"; then
+    echo bank
+  else
+    echo "$eval_prompt_voice"
+  fi
+}
+
 evaluate_step() {
-  # $1 step, $2 model dir, $3 manifest, $4 output dir, $5 set name, $6 server URL: zero-shot inference
-  # with infer_dist.py, then the published metric (and SIM, pinyin ER) with compute_wer.sh
-  local step=$1 model=$2 manifest=$3 out=$4 set_name=$5 url=$6
+  # $1 step, $2 model dir, $3 manifest, $4 output dir, $5 set name, $6 server URL, $7 voice
+  # (utterance|bank): zero-shot inference with infer_dist.py, then the published metric (and SIM,
+  # pinyin ER) with compute_wer.sh
+  local step=$1 model=$2 manifest=$3 out=$4 set_name=$5 url=$6 voice=$7
   if [ -f "$out/wer.json" ] && [ "$force" = false ]; then
     log "step $step already scored on $set_name ($out/wer.json); skipping"
     return
@@ -428,12 +642,14 @@ evaluate_step() {
   # shellcheck disable=SC2086
   "$trainer_python" -m torch.distributed.run --nproc_per_node="$eval_nproc" --master_port="$eval_master_port" \
     infer_dist.py --model "$model" --manifest "$manifest" --output-dir "$out" --server-url "$url" \
-    --prompt-voice "$eval_prompt_voice" --on-bad-prompt "$eval_on_bad_prompt" --server-devices "$server_devices" \
+    --prompt-voice "$voice" --on-bad-prompt "$eval_on_bad_prompt" --server-devices "$server_devices" \
     $(token_text_ratio_args) ${infer_args:-}
+  # English utterances go to Whisper-large-v3 (asr_eval_en) when stage 1 serves it
+  local english_asr=
+  [ -n "${eval_asr_en_model:-}" ] && [ -f "$eval_asr_en_model" ] && english_asr=asr_eval_en
+  # compute_wer.sh runs in its own process: these reach it only as its environment (one command,
+  # no comment inside it; bash run.sh 4 4 on its own has nothing else exported)
   REWARD_SERVER_URL=$url eval_asr_model=$eval_asr_model eval_similarity=$eval_similarity \
-    # English utterances go to Whisper-large-v3 (asr_eval_en) when stage 1 serves it
-    local english_asr=
-    [ -n "${eval_asr_en_model:-}" ] && [ -f "$eval_asr_en_model" ] && english_asr=asr_eval_en
     eval_language=$eval_language eval_english_asr_model=$english_asr bash scripts/compute_wer.sh "$out" "$set_name"
 }
 

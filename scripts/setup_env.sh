@@ -6,6 +6,7 @@
 #   bash scripts/setup_env.sh server    # .venv-server: PyTriton, funasr, CosyVoice runtime
 #   bash scripts/setup_env.sh KIND --force        # reinstall even when the stamp is current
 #   bash scripts/setup_env.sh KIND --print-stamp  # print what the stamp would record; install nothing
+#   bash scripts/setup_env.sh KIND --print-commands  # print the pip installs it would run; install nothing
 #
 # Why two: nvidia-pytriton 0.7.0 needs numpy<2, verl 0.9.1 needs numpy>=2.
 # Without CUDA, torch is exactly 2.13.0 (the CPU build) and constraints-cpu.txt
@@ -20,6 +21,11 @@
 # (the device, the pins this script installs itself, and the name and content of every
 # requirement file); nothing is installed when none of that changed, and a changed pin
 # reinstalls. --force reinstalls.
+# CUDA wheels (the config's cuda_wheels): cu130 (default) installs PyPI's CUDA 13 builds (torch 2.11.0,
+# vLLM 0.24.0 on it), which need NVIDIA driver >= 580; cu128 installs the same versions' CUDA 12.8
+# builds from PyTorch's wheel index (download.pytorch.org/whl/cu128) and vLLM's release assets
+# (vllm-0.24.0+cu128), for drivers 525-579 (README "Hardware"). The stamp records the choice, so
+# changing it rebuilds; the GPU checks compare the driver with it (scripts/lib.sh).
 # Settings (environment): PYTHON (default python3), TRAINER_VENV (.venv),
 # SERVER_VENV (.venv-server), TTSRL_DEVICE=cpu|cuda (default: detect),
 # TTSRL_CONFIG (default configs/default.sh; run.sh passes its --config): the config
@@ -41,8 +47,8 @@ case "$kind" in
   *) die "usage: $0 trainer|server [--force|--print-stamp]" ;;
 esac
 case "$option" in
-  ''|--force|--print-stamp) ;;
-  *) die "unknown option '$option'; usage: $0 trainer|server [--force|--print-stamp]" ;;
+  ''|--force|--print-stamp|--print-commands) ;;
+  *) die "unknown option '$option'; usage: $0 trainer|server [--force|--print-stamp|--print-commands]" ;;
 esac
 python=${PYTHON:-python3}
 config_file=${TTSRL_CONFIG:-configs/default.sh}  # a relative path is relative to the repository root
@@ -60,6 +66,12 @@ esac
 cpu_torch=torch==2.13.0
 cuda_torch=torch==2.11.0
 cuda_verl="verl[vllm]==0.9.1"
+cuda_vllm_version=0.24.0  # what verl[vllm]==0.9.1 resolves to with torch 2.11.0 (DESIGN.md)
+cuda_wheels=${cuda_wheels:-cu130}
+case $cuda_wheels in
+  cu130|cu128) ;;
+  *) die "cuda_wheels must be cu130 (driver >= 580) or cu128 (driver >= 525), got '$cuda_wheels' (configs/default.sh)" ;;
+esac
 
 command -v "$python" >/dev/null || die "$python not found; set PYTHON to a Python 3.10-3.12 interpreter"
 "$python" -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 12)' 2>/dev/null \
@@ -88,6 +100,7 @@ stamp_text=$(
   if [ "$TTSRL_DEVICE" = cpu ]; then echo "pin $cpu_torch"
   elif [ "$kind" = trainer ]; then echo "pin $cuda_verl"  # its vllm pins the CUDA torch
   else echo "pin $cuda_torch"; fi
+  [ "$TTSRL_DEVICE" = cpu ] || echo "cuda_wheels $cuda_wheels"
   for file in "$requirements" constraints-cpu.txt "${extra_files[@]}" "${nodeps_files[@]}"; do
     echo "file $file $(sha256sum < "$file" | cut -d' ' -f1)"
   done
@@ -95,6 +108,31 @@ stamp_text=$(
 stamp=$venv/.ttsrl-requirements
 if [ "$option" = --print-stamp ]; then
   echo "$stamp_text"
+  exit 0
+fi
+
+cuda_installs() {
+  # the CUDA environment's pip installs, one per line (the arguments after 'pip install')
+  if [ "$cuda_wheels" = cu130 ]; then  # PyPI's builds
+    if [ "$kind" = trainer ]; then echo "$cuda_verl -r $requirements"
+    else echo "$cuda_torch -r $requirements ${extra_files[*]/#/-r }"; fi
+    return
+  fi
+  # PyTorch's CUDA 12.x index for torch, vLLM's release asset of the same variant (vLLM's install
+  # docs), then the rest with torch and vLLM already satisfied
+  local index=https://download.pytorch.org/whl/$cuda_wheels arch
+  arch=$(uname -m)
+  echo "$cuda_torch --index-url $index"
+  if [ "$kind" = trainer ]; then
+    echo "https://github.com/vllm-project/vllm/releases/download/v$cuda_vllm_version/vllm-$cuda_vllm_version+$cuda_wheels-cp38-abi3-manylinux_2_28_$arch.whl --extra-index-url $index"
+    echo "$cuda_verl -r $requirements --extra-index-url $index"
+  else
+    echo "-r $requirements ${extra_files[*]/#/-r } --extra-index-url $index"
+  fi
+}
+if [ "$option" = --print-commands ]; then
+  if [ "$TTSRL_DEVICE" = cuda ]; then cuda_installs | sed 's/^/pip install /'
+  else echo "pip install $cpu_torch"; echo "pip install -c constraints-cpu.txt -r $requirements ${extra_files[*]/#/-r }"; fi
   exit 0
 fi
 
@@ -136,13 +174,10 @@ if [ "$TTSRL_DEVICE" = cpu ]; then
       || die "the CosyVoice CPU runtime does not import in $venv (see the traceback above)"
   fi
 else
-  if [ "$kind" = trainer ]; then
-    "${pip[@]}" "$cuda_verl" -r "$requirements" \
-      || die "pip could not install $cuda_verl with $requirements"
-  else
-    "${pip[@]}" "$cuda_torch" -r "$requirements" "${extra_files[@]/#/-r}" \
-      || die "pip could not install $cuda_torch with $requirements ${extra_files[*]}"
-  fi
+  while IFS= read -r install; do
+    read -r -a install_args <<<"$install"  # words, never globbed (verl[vllm] is not a pattern)
+    "${pip[@]}" "${install_args[@]}" || die "pip could not install ($cuda_wheels wheels): pip install $install"
+  done < <(cuda_installs)
 fi
 echo "$stamp_text" > "$stamp"
 log "$kind environment ready: $venv"

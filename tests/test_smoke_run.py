@@ -7,11 +7,12 @@ experiment folder on free ports, checks that the policy learned (validation rewa
 last step above step 0's, and the main job's final table: on held-out zero-shot texts the last
 step's CER at most 0.6x step 0's and its SIM above it, with a trained step chosen on the dev set), and that nothing is left behind: no server process, no bound port.
 
-Two variants reuse that run's environments, tiny models, stage 0 data and warm-up (so CI pays for
+A variant reuses that run's environments, tiny models, stage 0 data and warm-up (so CI pays for
 the set-up once): ``train_algorithm=dpo`` (2 rounds of offline DPO; its final table must show the
-test CER at most 0.8x step 0's) and ``model_family=cosyvoice3`` (a tiny CosyVoice3-shaped policy
-through every stage, 2 GRPO steps, exported to a CosyVoice3 llm.pt; a CosyVoice2 llm.pt under
-model_family=cosyvoice3 is refused).
+test CER at most 0.8x step 0's). CosyVoice3 through every stage (2 GRPO steps, its export to a
+CosyVoice3 llm.pt, the refusal of a CosyVoice2 llm.pt under model_family=cosyvoice3) is checked by
+the rehearsal of configs/default.sh with model_family=cosyvoice3 (tests/test_rehearsal.py), on the
+real CosyVoice3 engines.
 """
 import json
 import os
@@ -78,8 +79,8 @@ def run_smoke(env: dict, *stages: str, timeout: float = 2700) -> subprocess.Comp
 
 @pytest.fixture(scope="module")
 def grpo_smoke(tmp_path_factory):
-    """The main job (GRPO), run once; the DPO and CosyVoice3 variants reuse its environments,
-    models, data and warm-up instead of making their own."""
+    """The main job (GRPO), run once; the DPO variant reuses its environments, models, data and
+    warm-up instead of making its own."""
     root = tmp_path_factory.mktemp("smoke_run")
     env = smoke_env(root)
     return env, run_smoke(env), root / "smoke"
@@ -171,47 +172,6 @@ def test_dpo_variant_trains_offline_from_the_same_server_and_stages_3_to_6_take_
     best = summary["best_step"]
     assert (exp / "synth" / f"step_{best}.wav").exists() and (exp / f"global_step_{best}" / "llm.pt").exists()
     assert_nothing_left(env)
-
-
-CV3_OVERRIDES = ("trainer.total_training_steps=2 data.max_prompt_length=48 data.max_response_length=8 "
-                 "actor_rollout_ref.actor.optim.lr=5e-4 actor_rollout_ref.rollout.val_kwargs.n=2")
-
-
-@pytest.mark.slow
-def test_cosyvoice3_variant_runs_every_stage_on_a_tiny_cosyvoice3_and_exports_its_llm_pt(grpo_smoke):
-    """model_family=cosyvoice3 through the same stages (fewer GRPO steps, no warm-up: it checks the
-    family's path, the GRPO variant checks the learning); then a CosyVoice2 llm.pt under
-    model_family=cosyvoice3 is refused, naming both families."""
-    import torch
-
-    from ttsrl.model_family import family_of_hf_dir, family_of_llm_state_dict
-
-    _, _, grpo_exp = grpo_smoke
-    env = variant_env(grpo_exp, "smoke_cv3", model_family="cosyvoice3", sft_data="", grpo_overrides=CV3_OVERRIDES,
-                      save_freq="2", test_freq="2", synth_step="2", export_step="2")
-    exp = Path(env["exp_dir"])
-    done = run_smoke(env)
-    assert "model_family=cosyvoice3" in done.stdout and "tiny random cosyvoice3-shaped model" in done.stdout
-    assert family_of_hf_dir(grpo_exp / "pretrained" / "cosyvoice3_llm_hf").name == "cosyvoice3"
-    lines = [json.loads(line) for path in (exp / "metrics").glob("*.jsonl") for line in path.read_text().splitlines()]
-    steps = {line["step"]: line["data"] for line in lines}
-    assert [s for s in sorted(steps) if "actor/grad_norm" in steps[s]] == [1, 2]
-    assert family_of_hf_dir(exp / "global_step_2" / "merged_hf_model").name == "cosyvoice3"
-    summary = json.loads((exp / "eval" / "summary.json").read_text())
-    assert sorted(row["step"] for row in summary["steps"]) == [0, 2]
-    exported = torch.load(exp / "global_step_2" / "llm.pt", map_location="cpu", weights_only=True)
-    assert family_of_llm_state_dict(exported).name == "cosyvoice3"
-    assert (exp / "synth" / "step_2.wav").exists()
-    assert_nothing_left(env)
-
-    wrong = variant_env(grpo_exp, "smoke_wrong_family", model_family="cosyvoice3",
-                        cosyvoice3_dir=str(grpo_exp / "pretrained" / "CosyVoice2-0.5B"),
-                        hf_model_dir=str(grpo_exp.parent / "wrong_hf"))
-    refused = subprocess.run(["bash", "run.sh", "--config", "configs/smoke.sh", "-1", "-1"], cwd=REPO, env=wrong,
-                             capture_output=True, text=True, timeout=900)
-    assert refused.returncode != 0
-    assert "is a cosyvoice2 llm.pt but model_family=cosyvoice3" in refused.stderr, refused.stderr[-2000:]
-    assert not (grpo_exp.parent / "wrong_hf").exists()
 
 
 @pytest.mark.slow

@@ -387,3 +387,147 @@ def test_train_device_decides_without_ttsrl_device(tmp_path):
     assert gpu.trainer.device == "cuda" and gpu.actor_rollout_ref.actor.strategy == "fsdp"
     with pytest.raises(ComposeError, match="TTSRL_DEVICE must be cpu or cuda, got 'gpu'"):
         compose(tmp_path, env_extra={"TTSRL_DEVICE": "gpu"})
+
+
+# ---- issue 25: what every GPU worker needs ---------------------------------------------------------------------
+
+def test_gpu_attention_is_one_the_cuda_environment_has_and_the_actor_builds_with_it(tmp_path):
+    """Defect 1 of issue 25: veRL defaults attn_implementation to flash_attention_2, which the CUDA
+    environment does not install; every actor then failed at start-up. The composed GPU command names
+    sdpa (flash-attn does not import here), the same as the CPU command, and the actor builds with it as
+    veRL's FSDP engine builds it; with flash_attention_2 the same check fails, naming the setting."""
+    from tests.policy_utils import build_tiny_policy
+    from ttsrl.training.composition import CompositionError, check_job
+
+    policy = build_tiny_policy(tmp_path / "policy")
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "cpu").mkdir()
+    settings = {**SETTINGS, "hf_model_dir": str(policy), "n_gpus_per_node": "8"}
+    gpu = compose(tmp_path / "gpu", settings=settings)
+    cpu = compose(tmp_path / "cpu", settings=settings, env_extra={"TTSRL_DEVICE": "cpu"})
+    for cfg in (gpu, cpu):
+        assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    result = check_job(gpu)
+    assert result.world_size == 8 and result.attention == "sdpa" and result.actor.startswith("Qwen2ForCausalLM")
+    gpu.actor_rollout_ref.model.override_config.attn_implementation = "flash_attention_2"  # veRL's default
+    with pytest.raises(CompositionError, match="attn_implementation='flash_attention_2'.*FlashAttention2.*"
+                                               "set attn_implementation=auto"):
+        check_job(gpu)
+    with pytest.raises(ComposeError, match="attn_implementation=flash_attention_2 needs CUDA"):
+        compose(tmp_path / "cpu", settings={**settings, "attn_implementation": "flash_attention_2"},
+                env_extra={"TTSRL_DEVICE": "cpu"})
+
+
+def test_check_grpo_job_catches_a_batch_eight_gpus_cannot_divide(tmp_path):
+    """The rehearsal's check before stage 2 (scripts/check_grpo_job.py): veRL's own validation at the
+    job's world size, on a laptop."""
+    from tests.cli import run_script
+
+    job = tmp_path / "job.yaml"
+    cfg = compose(tmp_path, settings={**SETTINGS, "n_gpus_per_node": "8", "train_batch_size": "6",
+                                      "rollout_n": "3", "ppo_mini_batch_size": "6", "micro_batch_size_per_gpu": "1"})
+    job.write_text(OmegaConf.to_yaml(cfg))
+    assert run_script("check_grpo_job", [str(job), "--no-actor"]) == 1  # 6 x 3 = 18 responses over 8 GPUs
+
+
+def env_reads(path: Path) -> set[str]:
+    """Environment variable names a module reads: os.environ.get("X"), os.environ["X"], os.getenv("X"),
+    (os.environ or a given mapping).get(NAME) with NAME a module constant, and reward_tts's
+    _setting(kwargs, key, "X", default)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    constants = {node.targets[0].id: node.value.value for node in ast.walk(tree)
+                 if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+
+    def name_of(arg):
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            return arg.value
+        if isinstance(arg, ast.Name) and arg.id in constants:
+            return constants[arg.id]
+        return None
+
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            text = ast.unparse(func)
+            if ((text.endswith(".get") and "environ" in text) or text.endswith("getenv")) and node.args:
+                found.add(name_of(node.args[0]))
+            elif text == "_setting" and len(node.args) >= 3:
+                found.add(name_of(node.args[2]))
+        elif isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("environ"):
+            found.add(name_of(node.slice))
+    return {name for name in found if name}
+
+
+def worker_modules() -> list[Path]:
+    """reward_tts.py, verl_plugins/ and every module of this repository they import, transitively."""
+    import ast
+
+    todo = [REPO_ROOT / "reward_tts.py", *sorted((REPO_ROOT / "verl_plugins").glob("*.py"))]
+    seen: list[Path] = []
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.append(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # from .x import y: beside this module
+                base = path.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                parts = node.module.split(".") if node.module else []
+                targets = [base.joinpath(*parts)] + [base.joinpath(*parts, alias.name) for alias in node.names]
+            else:
+                names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                    [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                targets = [REPO_ROOT.joinpath(*name.split(".")) for name in names
+                           if name.split(".")[0] in ("ttsrl", "verl_plugins", "token2wav_server")]
+            for base in targets:
+                todo += [base.with_suffix(".py"), base / "__init__.py"]
+    return seen
+
+
+def test_every_setting_the_hook_and_plugins_read_reaches_every_ray_worker(tmp_path):
+    """Defect 3 of issue 25: TTSRL_MODEL_FAMILY did not reach Ray workers on other nodes, so a CosyVoice3
+    run parsed responses with CosyVoice2's stop tokens. Every variable the hook, the plugins and what they
+    import read is in ttsrl.worker_env's list (or set per process by the launcher), and the composed
+    command passes each one that has a value through veRL's runtime env, the family from the config."""
+    from ttsrl.worker_env import SET_BY_THE_LAUNCHER, WORKER_ENV
+
+    modules = worker_modules()
+    assert REPO_ROOT / "ttsrl" / "model_family.py" in modules  # the transitive walk reaches the hook's imports
+    read = set().union(*(env_reads(path) for path in modules))
+    assert {"TTSRL_MODEL_FAMILY", "REWARD_SERVER_URL", "REWARD_MAX_BATCH"} <= read
+    assert read - set(WORKER_ENV) - SET_BY_THE_LAUNCHER == set()
+
+    values = {name: f"value-of-{name}" for name in WORKER_ENV
+              if name.startswith("REWARD_") and name != "REWARD_SERVER_URL"}
+    cfg = compose(tmp_path, settings={**SETTINGS, "model_family": "cosyvoice3"},
+                  env_extra={**values, "REWARD_FAILURE_BUDGET": "0.01"})  # a REWARD_* the list does not know
+    env_vars = OmegaConf.to_container(cfg.ray_kwargs.ray_init.runtime_env.env_vars)
+    assert env_vars["TTSRL_MODEL_FAMILY"] == "cosyvoice3"  # no TTSRL_MODEL_FAMILY in the environment
+    assert {name: env_vars.get(name) for name in values} == values
+    assert env_vars["REWARD_FAILURE_BUDGET"] == "0.01"
+    for name in ("PYTHONPATH", "VERL_USE_EXTERNAL_MODULES", "TENSORBOARD_DIR", "VERL_FILE_LOGGER_PATH",
+                 "REWARD_SERVER_URL"):
+        assert name in env_vars
+    assert "VERL_PLATFORM" not in env_vars  # the GPU command
+
+
+def test_the_cpu_platform_is_one_list_with_a_reason_per_entry():
+    """scripts/cpu_platform.sh: every entry says why the CPU cannot take the GPU's value, and the CPU
+    command carries exactly its veRL overrides (CPU_SETTINGS above checks their values)."""
+    listing = subprocess.run(["bash", "-c", "source scripts/cpu_platform.sh; n_gpus_per_node=2 nnodes=1; "
+                              "cpu_platform_overrides; echo ---; cpu_platform_settings"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    overrides, settings = listing.split("---\n")
+    for line in (overrides + settings).strip().splitlines():
+        entry, _, why = line.partition("|")
+        assert len(why.split()) >= 4, f"no reason given: {line}"
+    verl_keys = {line.split("|")[0].split(" ", 1)[1].split("=")[0].lstrip("+")
+                 for line in overrides.strip().splitlines() if line.startswith("verl ")}
+    assert {key for key in CPU_SETTINGS if not key.startswith("ray_kwargs.ray_init.runtime_env")
+            and key != "actor_rollout_ref.model.override_config.attn_implementation"} <= verl_keys

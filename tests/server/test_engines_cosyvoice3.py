@@ -51,6 +51,22 @@ def _tokens(seed, lengths):
     return [rng.integers(0, 6561, n) for n in lengths]
 
 
+def test_the_full_tiny_directory_adds_the_llm_side_stage_minus_1_converts(cosyvoice_src, tmp_path):
+    """write_full_cosyvoice3 (stage -1 with model_source=tiny and the real CosyVoice3 engines, e.g. the
+    rehearsal): the token2wav files the engines check and a CosyVoice3 llm.pt with its tokenizer folder."""
+    import torch
+
+    from ttsrl.model_family import family_of_llm_state_dict
+    from ttsrl.tiny_models.cosyvoice3_audio import write_full_cosyvoice3
+
+    directory = write_full_cosyvoice3(tmp_path / "Fun-CosyVoice3-0.5B-2512", seed=0, cosyvoice_src=cosyvoice_src)
+    check_cosyvoice3_dir(str(directory))
+    assert {"llm.pt", "CosyVoice-BlankEN"} <= {p.name for p in directory.iterdir()}
+    state = torch.load(directory / "llm.pt", map_location="cpu", weights_only=True)
+    assert family_of_llm_state_dict(state).name == "cosyvoice3"
+    assert [p.name for p in tmp_path.iterdir()] == ["Fun-CosyVoice3-0.5B-2512"]  # no staging folder left
+
+
 def test_tiny_directory_has_the_real_layout(cosyvoice3_models):
     import onnxruntime
 

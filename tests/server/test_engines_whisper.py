@@ -13,29 +13,16 @@ from token2wav_server.engines import AsrResult, EngineOptions, Engines, SpeakerP
 from token2wav_server.engines_whisper import WhisperAsr, check_whisper_checkpoint
 from token2wav_server.reward_scoring import RewardConfig
 from token2wav_server.serving import Pipeline, Slot
-
-LARGE_V3_N_MELS = 128
-LARGE_V3_N_VOCAB = 51866  # multilingual tokenizer with 100 languages (large-v3 added Cantonese)
+from ttsrl.tiny_models.asr import WHISPER_LARGE_V3_N_MELS as LARGE_V3_N_MELS
+from ttsrl.tiny_models.asr import WHISPER_LARGE_V3_N_VOCAB as LARGE_V3_N_VOCAB
 
 
 @pytest.fixture(scope="module")
 def whisper_checkpoint(tmp_path_factory):
     """A tiny random Whisper in the format of large-v3.pt ({"dims", "model_state_dict"})."""
-    import torch
-    from whisper.model import ModelDimensions, Whisper
+    from ttsrl.tiny_models.asr import write_tiny_whisper
 
-    # n_audio_ctx stays 1500: the encoder takes exactly one 30 s window (3000 mel frames, stride 2).
-    dims = ModelDimensions(n_mels=LARGE_V3_N_MELS, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2,
-                           n_audio_layer=1, n_vocab=LARGE_V3_N_VOCAB, n_text_ctx=32, n_text_state=32,
-                           n_text_head=2, n_text_layer=1)
-    model = Whisper(dims)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # unit-scale weights, so the (noise) transcript depends on the audio
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    path = tmp_path_factory.mktemp("whisper") / "tiny-large-v3.pt"
-    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, path)
-    return path
+    return write_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny-large-v3.pt", seed=0)
 
 
 @pytest.fixture(scope="module")

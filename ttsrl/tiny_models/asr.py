@@ -1,8 +1,9 @@
 """Tiny SenseVoiceSmall and Paraformer directories in FunASR's layout (server environment:
 funasr, sentencepiece): config.yaml, configuration.json, model.pt with random weights through
-funasr's model registry, a tokenizer trained here, am.mvn. What the reward server's real ASR
+funasr's model registry, a tokenizer trained here, am.mvn; and a tiny Whisper checkpoint in the
+format of openai-whisper's large-v3.pt (``write_tiny_whisper``). What the reward server's real ASR
 engines load; nothing is downloaded. CLI: ``scripts/make_tiny_cosyvoice2.py --sensevoice-dir D
---paraformer-dir D``.
+--paraformer-dir D --whisper-file F``.
 """
 from __future__ import annotations
 
@@ -143,3 +144,32 @@ def write_tiny_paraformer(output_dir: str | Path, seed: int = 0) -> Path:
         metas = {"tokenizer_conf": {"token_list": "tokens.json"}, "frontend_conf": {"cmvn_file": "am.mvn"}}
         _write_funasr_files(tmp, config, model_args, metas, seed)
     return output_dir
+
+
+WHISPER_LARGE_V3_N_MELS = 128
+WHISPER_LARGE_V3_N_VOCAB = 51866  # the multilingual tokenizer with 100 languages (large-v3 added Cantonese)
+
+
+def write_tiny_whisper(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Whisper in the format of large-v3.pt (``{"dims", "model_state_dict"}``): large-v3's
+    mel bins, vocabulary and 30 s window, one small layer each side. Written atomically."""
+    import dataclasses
+
+    from whisper.model import ModelDimensions, Whisper
+
+    from ttsrl.atomic_write import atomic_file
+
+    # n_audio_ctx stays 1500: the encoder takes exactly one 30 s window (3000 mel frames, stride 2).
+    dims = ModelDimensions(n_mels=WHISPER_LARGE_V3_N_MELS, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2,
+                           n_audio_layer=1, n_vocab=WHISPER_LARGE_V3_N_VOCAB, n_text_ctx=32, n_text_state=32,
+                           n_text_head=2, n_text_layer=1)
+    model = Whisper(dims)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # unit-scale weights, so the (noise) transcript depends on the audio
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, tmp)
+    return path

@@ -11,8 +11,10 @@ x-transformers for the DiT): what the reward server's CosyVoice3 token2wav engin
     DIR/speech_tokenizer_v3.onnx         (``ttsrl.tiny_models.cosyvoice2``'s graphs: the v3
                                          tokenizer has the v2 tokenizer's interface)
 
-No LLM (``llm.pt``, ``CosyVoice-BlankEN/``): the reward server never runs it. Nothing is
-downloaded.
+No LLM (``llm.pt``, ``CosyVoice-BlankEN/``): the reward server never runs it.
+``write_full_cosyvoice3`` adds the tiny LLM side (``ttsrl.tiny_models.llm``) for a complete
+directory, what run.sh's stage -1 builds with ``model_source=tiny`` and the real CosyVoice3
+engines (``bash run.sh --rehearse`` with ``model_family=cosyvoice3``). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -125,4 +127,27 @@ def write_cosyvoice3_audio(output_dir: str | Path, seed: int = 0, size: str = "t
         torch.save(configs["hift"].state_dict(), tmp / "hift.pt")
         write_campplus_onnx(tmp / "campplus.onnx", seed=seed)
         write_speech_tokenizer_onnx(tmp / "speech_tokenizer_v3.onnx", seed=seed)
+    return output_dir
+
+
+def write_full_cosyvoice3(output_dir: str | Path, seed: int = 0, size: str = "tiny",
+                          cosyvoice_src: str | Path | None = None) -> Path:
+    """A complete Fun-CosyVoice3-0.5B-layout directory: the audio half above and the tiny LLM side
+    (``llm.pt``, ``CosyVoice-BlankEN/``), so stage -1 converts its LLM and the reward server's
+    CosyVoice3 engines load it. ``output_dir`` is replaced, atomically."""
+    from ttsrl.atomic_write import replace_dir
+    from ttsrl.model_family import COSYVOICE3
+    from ttsrl.tiny_models.llm import write_tiny_llm_files
+
+    output_dir = Path(output_dir)
+    staged = output_dir.with_name(f".{output_dir.name}.full")
+    write_cosyvoice3_audio(staged, seed=seed, size=size, cosyvoice_src=cosyvoice_src)
+    try:
+        write_tiny_llm_files(staged, seed=seed, family=COSYVOICE3)
+        replace_dir(staged, output_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return output_dir

@@ -602,9 +602,8 @@ def _prepare_prompts(splits: dict, train_prompts: str | None, on_bad_prompt: str
     url = server_url or _default_server_url()
     cache = sp.PromptTokenCache(cache_path)
     wanted = [plan.prompts[p] for p in used]
-    known = len(cache.tokens)
     token_bad = sp.extract_tokens(wanted, url, cache)
-    fetched = len(cache.tokens) - known
+    fetched = cache.fetched
     refused = {used[position]: problem for position, problem in token_bad.items()}
     record_bad = {name: _record_problems(records, {p: b for p, b in refused.items() if p < own})
                   for name, records in splits.items()}

@@ -4,10 +4,12 @@ pair texts with prompts, and get each prompt's speech tokens once.
 A prompt is a recording (wav) and its transcript. Training rows in a prompt's voice carry
 upstream CosyVoice's zero-shot LLM input (``ttsrl.frontend``), which needs
 the prompt's speech tokens; those come from the reward server's ``speech_tokenizer``
-model (the tokenizer of the CosyVoice2 the policy was converted from), batched, and are
-kept in an on-disk cache keyed by the prompt's content (``speaker_prompt_key``: sample
-rate, transcript and float32 samples), so a second run with the same prompts asks the
-server nothing.
+model (the tokenizer of the model family the policy was converted from), batched, and are
+kept in an on-disk cache keyed by the tokenizer and by the prompt's content
+(``speaker_prompt_key``: sample rate, transcript and float32 samples). The tokenizer is
+recognised by what it does: the tokens it gives a fixed probe wave (``tokenizer_fingerprint``,
+one small request), so CosyVoice2's, CosyVoice3's and the stand-in's tokens never mix in one
+cache, and a second run with the same prompts and tokenizer asks the server only that probe.
 
 Prompt sets (``read_prompt_set``):
 
@@ -39,7 +41,14 @@ from ttsrl.json_lines import json_lines
 TOKENIZER_MODEL = "speech_tokenizer"
 TOKENIZE_BATCH = 16
 """Prompts per ``tokenize`` call (the client splits them into requests of its own size)."""
-CACHE_FORMAT = "ttsrl-prompt-tokens/1"
+CACHE_FORMAT = "ttsrl-prompt-tokens/2"
+LEGACY_CACHE_FORMAT = "ttsrl-prompt-tokens/1"
+"""A cache written before tokens were keyed by tokenizer: its entries are kept (under
+``UNKNOWN_TOKENIZER``) and never used."""
+UNKNOWN_TOKENIZER = "unknown: cached before the tokenizer was recorded"
+PROBE_TOKEN_IDS = tuple(range(100, 6500, 256))
+"""The probe wave's content: stand-in audio of these 25 ids (``token2wav_server.standin``), 1 s at
+16 kHz; every speech tokenizer (real or stand-in) tokenizes it, each in its own way."""
 
 # Reasons a prompt cannot be used (the keys of the counts stage 0 logs with --on_bad_prompt skip).
 NOT_FOUND = "prompt wav not found"
@@ -275,28 +284,48 @@ def pair_prompts(count: int, prompts: list[Prompt], seed: int) -> np.ndarray:
 # ------------------------------------------------------------------ speech tokens
 
 class PromptTokenCache:
-    """Speech tokens by ``speaker_prompt_key``, in one JSON file written atomically.
+    """Speech tokens by tokenizer, then by ``speaker_prompt_key``, in one JSON file written atomically.
 
     The key is the prompt's content, not its path: a moved file keeps its tokens, an edited
-    one gets new ones. Tokens depend on the tokenizer too: delete the file after changing the
-    server's speech tokenizer (e.g. from stand-in to real engines)."""
+    one gets new ones. ``use_tokenizer`` (``extract_tokens`` calls it with the server's
+    ``tokenizer_fingerprint``) selects whose tokens ``get`` and ``put`` see: tokens of another
+    tokenizer stay in the file, unused."""
 
     def __init__(self, path: str):
         self.path = path
-        self.tokens: dict[str, list[int]] = {}
+        self.by_tokenizer: dict[str, dict[str, list[int]]] = {}
+        self.tokenizer: str | None = None
         self.changed = False
+        self.fetched = 0  # entries put since this cache was read
         if os.path.isfile(path):
             try:
                 payload = json.loads(Path(path).read_text(encoding="utf-8"))
-                if payload.get("format") != CACHE_FORMAT or not isinstance(payload.get("tokens"), dict):
+                if payload.get("format") == LEGACY_CACHE_FORMAT and isinstance(payload.get("tokens"), dict):
+                    tables = {UNKNOWN_TOKENIZER: payload["tokens"]}
+                elif payload.get("format") == CACHE_FORMAT and isinstance(payload.get("tokenizers"), dict):
+                    tables = payload["tokenizers"]
+                else:
                     raise ValueError(f"not a {CACHE_FORMAT} file")
-                for key, ids in payload["tokens"].items():
-                    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-                        raise ValueError(f"entry {key!r} is not a list of token ids")
-                    self.tokens[key] = ids
+                for tokenizer, table in tables.items():
+                    if not isinstance(table, dict):
+                        raise ValueError(f"tokenizer {tokenizer!r}: not a mapping of prompt keys to token ids")
+                    for key, ids in table.items():
+                        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+                            raise ValueError(f"entry {key!r} is not a list of token ids")
+                    self.by_tokenizer[tokenizer] = dict(table)
             except (ValueError, AttributeError, UnicodeDecodeError) as error:
                 raise PromptError(f"prompt token cache {path} cannot be read ({error}): delete it (it is rebuilt "
                                   "from the reward server) or point --prompt_token_cache elsewhere") from None
+
+    def use_tokenizer(self, tokenizer: str) -> None:
+        self.tokenizer = tokenizer
+
+    @property
+    def tokens(self) -> dict[str, list[int]]:
+        """The selected tokenizer's entries."""
+        if self.tokenizer is None:
+            raise RuntimeError("PromptTokenCache: call use_tokenizer first (extract_tokens does)")
+        return self.by_tokenizer.setdefault(self.tokenizer, {})
 
     def get(self, key: str) -> list[int] | None:
         return self.tokens.get(key)
@@ -304,12 +333,39 @@ class PromptTokenCache:
     def put(self, key: str, ids: list[int]) -> None:
         self.tokens[key] = [int(i) for i in ids]
         self.changed = True
+        self.fetched += 1
 
     def save(self) -> None:
         if self.changed:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            write_json(self.path, {"format": CACHE_FORMAT, "tokens": self.tokens})
+            tables = {name: table for name, table in self.by_tokenizer.items() if table}
+            write_json(self.path, {"format": CACHE_FORMAT, "tokenizers": tables})
             self.changed = False
+
+
+def probe_wave() -> tuple[np.ndarray, int]:
+    """The fixed wave ``tokenizer_fingerprint`` sends (stand-in audio, so the stand-in tokenizer reads it too)."""
+    from token2wav_server import standin
+
+    return standin.tokens_to_wave(list(PROBE_TOKEN_IDS), voice=3).astype(np.float32), standin.SAMPLE_RATE
+
+
+def tokenizer_fingerprint(client, server_url: str) -> str:
+    """The speech tokenizer behind ``client`` (a ``TritonModelClient`` of ``speech_tokenizer``), named
+    by the tokens it gives the probe wave: the same tokenizer always gives the same name."""
+    import hashlib
+
+    wave, rate = probe_wave()
+    try:
+        (result,) = client.tokenize([wave], [rate])
+    except Exception as error:  # transport errors: the server went away or timed out
+        raise PromptError(f"the reward server at {server_url} failed to tokenize the probe wave that names its "
+                          f"speech tokenizer: {error}") from None
+    if isinstance(result, Exception) or not result:
+        raise PromptError(f"the reward server at {server_url} refused the probe wave that names its speech "
+                          f"tokenizer ({result or 'no tokens'}): is {TOKENIZER_MODEL!r} a speech tokenizer?")
+    digest = hashlib.sha256(json.dumps([int(i) for i in result]).encode()).hexdigest()[:16]
+    return f"{TOKENIZER_MODEL}:{digest}"
 
 
 def read_prompt_wave(path: str) -> tuple[np.ndarray, int]:
@@ -322,30 +378,29 @@ def read_prompt_wave(path: str) -> tuple[np.ndarray, int]:
 
 def extract_tokens(prompts: list[Prompt], server_url: str, cache: PromptTokenCache,
                    batch_size: int = TOKENIZE_BATCH) -> dict[int, PromptProblem]:
-    """Give every prompt its ``key`` and ``tokens`` (in place): from ``cache``, else from the
-    server's ``speech_tokenizer`` in batches of ``batch_size`` (then cached). The server is
-    only contacted when some prompt is not cached. Returns {position: problem} for prompts
-    that cannot be read or that the server refused; raises PromptError when the server is
-    not ready or fails as a whole. The cache keeps what was fetched, even then."""
+    """Give every prompt its ``key`` and ``tokens`` (in place): from ``cache`` (the entries of the
+    server's tokenizer, ``tokenizer_fingerprint``), else from the server's ``speech_tokenizer`` in
+    batches of ``batch_size`` (then cached). Returns {position: problem} for prompts that cannot be
+    read or that the server refused; raises PromptError when the server is not ready or fails as a
+    whole. The cache keeps what was fetched, even then."""
     from ttsrl.triton_client import TritonModelClient, speaker_prompt_key
     from ttsrl.triton_client.ready import readiness_problem
 
     bad: dict[int, PromptProblem] = {}
     pending: list[tuple[int, np.ndarray, int]] = []
-    client = None
+    if not prompts:
+        return bad
+    problem = readiness_problem(server_url, model=TOKENIZER_MODEL)
+    if problem is not None:
+        first = prompts[0]
+        raise PromptError(
+            f"{first.where}: prompt {first.wav} needs speech tokens, but the reward server at {server_url} "
+            f"{problem}: start the reward server first (run.sh stage 1) or point --server_url at one "
+            f"(its speech tokenizer also names the tokens cached in {cache.path})")
+    client = TritonModelClient(server_url, TOKENIZER_MODEL)
 
     def flush() -> None:
-        nonlocal client
         first = prompts[pending[0][0]]
-        if client is None:
-            problem = readiness_problem(server_url, model=TOKENIZER_MODEL)
-            if problem is not None:
-                raise PromptError(
-                    f"{first.where}: prompt {first.wav} needs speech tokens, but the reward server at {server_url} "
-                    f"{problem}: start the reward server first (run.sh stage 1) or point --server_url at one "
-                    f"({sum(1 for p in prompts if p.tokens is None)} prompts lack tokens; those in {cache.path} "
-                    "need no server)")
-            client = TritonModelClient(server_url, TOKENIZER_MODEL)
         try:
             results = client.tokenize([wave for _, wave, _ in pending], [rate for _, _, rate in pending])
         except Exception as error:  # transport errors: the server went away or timed out
@@ -363,6 +418,7 @@ def extract_tokens(prompts: list[Prompt], server_url: str, cache: PromptTokenCac
         pending.clear()
 
     try:
+        cache.use_tokenizer(tokenizer_fingerprint(client, server_url))
         for position, prompt in enumerate(prompts):
             try:
                 wave, rate = read_prompt_wave(prompt.wav)
@@ -381,7 +437,6 @@ def extract_tokens(prompts: list[Prompt], server_url: str, cache: PromptTokenCac
         if pending:
             flush()
     finally:
-        if client is not None:
-            client.close()
+        client.close()
         cache.save()
     return bad

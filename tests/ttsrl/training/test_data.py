@@ -253,11 +253,11 @@ def test_zero_shot_rows_use_the_one_prompt_builder_and_name_their_prompt(tmp_pat
         assert utt.prompt_tokens == _trimmed(tokens[Path(utt.prompt_wav).parent.name + Path(utt.prompt_wav).stem],
                                              utt.prompt_wav)
         assert utt.prompt_text.startswith(Path(utt.prompt_wav).parent.name)
-    # The same run again: every prompt's tokens from the cache, so no server is needed.
+    # The same run again: every prompt's tokens from the cache (the server only names its tokenizer).
     again = tmp_path / "again"
     (out / "prompt_tokens.json").rename(tmp_path / "cache.json")
     data.prepare(path, str(again), test_size=4, seed=2, train_prompts=prompts, dev_size=6,
-                 server_url="grpc://127.0.0.1:1", prompt_token_cache=str(tmp_path / "cache.json"))
+                 server_url=reward_server.grpc_url, prompt_token_cache=str(tmp_path / "cache.json"))
     for name in ("train.parquet", "test.parquet", "dev.jsonl"):
         assert (again / name).read_bytes() == (out / name).read_bytes()
 

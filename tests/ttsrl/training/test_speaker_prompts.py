@@ -156,18 +156,43 @@ def test_tokens_come_from_the_server_in_batches_once_then_from_the_cache(tmp_pat
     cache_path = tmp_path / "cache" / "prompt_tokens.json"
     bad = sp.extract_tokens(prompts, reward_server.grpc_url, sp.PromptTokenCache(str(cache_path)))
     assert bad == {}
-    assert counting == [16, 4]
+    assert counting == [1, 16, 4]  # the probe that names the tokenizer, then the prompts in batches
     assert [p.tokens for p in prompts] == ids
     wave, rate = soundfile.read(str(prompts[3].wav), dtype="float32")
     assert prompts[3].key == speaker_prompt_key(wave, rate, "提示文本")
     stored = json.loads(cache_path.read_text(encoding="utf-8"))
-    assert stored["format"] == sp.CACHE_FORMAT and stored["tokens"][prompts[3].key] == ids[3]
-    # A second run with the same prompts asks no server: this URL would fail any call.
+    [(tokenizer, table)] = stored["tokenizers"].items()
+    assert stored["format"] == sp.CACHE_FORMAT and tokenizer.startswith("speech_tokenizer:")
+    assert table[prompts[3].key] == ids[3]
+    # A second run with the same prompts and tokenizer asks the server only the probe.
     again = [prompt_of(tmp_path / f"p{i}.wav") for i in range(20)]
     stamp = cache_path.stat().st_mtime_ns
-    assert sp.extract_tokens(again, UNREACHABLE, sp.PromptTokenCache(str(cache_path))) == {}
-    assert counting == [16, 4] and [p.tokens for p in again] == ids
+    assert sp.extract_tokens(again, reward_server.grpc_url, sp.PromptTokenCache(str(cache_path))) == {}
+    assert counting == [1, 16, 4, 1] and [p.tokens for p in again] == ids
     assert cache_path.stat().st_mtime_ns == stamp  # nothing new: not rewritten
+
+
+def test_tokens_of_another_tokenizer_are_kept_but_never_used(tmp_path, reward_server, counting):
+    """Defect 4 of issue 25: a cache keyed by audio alone handed CosyVoice2's prompt tokens to a
+    CosyVoice3 run. Another tokenizer's entry for the very same prompt is not used (and stays in
+    the file), and so are the entries of a cache written before tokenizers were recorded."""
+    ids = standin_ids(7)
+    prompt = prompt_of(write_prompt(tmp_path / "p.wav", ids))
+    wave, rate = soundfile.read(str(prompt.wav), dtype="float32")
+    key = speaker_prompt_key(wave, rate, prompt.text)
+    other = "speech_tokenizer:0123456789abcdef"  # e.g. CosyVoice2's, for a CosyVoice3 server
+    cache_path = tmp_path / "prompt_tokens.json"
+    cache_path.write_text(json.dumps({"format": sp.CACHE_FORMAT, "tokenizers": {other: {key: [1, 2, 3]}}}))
+    assert sp.extract_tokens([prompt], reward_server.grpc_url, sp.PromptTokenCache(str(cache_path))) == {}
+    assert prompt.tokens == ids and counting == [1, 1]  # the probe, then the prompt itself
+    tables = json.loads(cache_path.read_text())["tokenizers"]
+    assert tables[other] == {key: [1, 2, 3]} and len(tables) == 2
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps({"format": sp.LEGACY_CACHE_FORMAT, "tokens": {key: [4, 5]}}))
+    again = prompt_of(tmp_path / "p.wav")
+    assert sp.extract_tokens([again], reward_server.grpc_url, sp.PromptTokenCache(str(legacy))) == {}
+    assert again.tokens == ids
+    assert json.loads(legacy.read_text())["tokenizers"][sp.UNKNOWN_TOKENIZER] == {key: [4, 5]}
 
 
 def test_refused_and_unreadable_prompts_are_reported_with_the_server_url(tmp_path, reward_server):
@@ -199,6 +224,6 @@ def test_a_broken_cache_names_the_file_and_the_fix(tmp_path):
     path.write_text('{"format": "something else"}', encoding="utf-8")
     with pytest.raises(sp.PromptError, match="c.json cannot be read .*delete it"):
         sp.PromptTokenCache(str(path))
-    path.write_text(json.dumps({"format": sp.CACHE_FORMAT, "tokens": {"k": ["x"]}}), encoding="utf-8")
+    path.write_text(json.dumps({"format": sp.CACHE_FORMAT, "tokenizers": {"t": {"k": ["x"]}}}), encoding="utf-8")
     with pytest.raises(sp.PromptError, match="'k' is not a list of token ids"):
         sp.PromptTokenCache(str(path))
