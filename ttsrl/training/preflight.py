@@ -417,7 +417,7 @@ def check_model_dir(model_dir: Path, model_family: str | None = None) -> str:
     return f"model {model_dir} ({family.name}; tokenizer has the speech tokens)"
 
 
-def check_parquet(path: Path) -> str:
+def check_parquet(path: Path, model_family: str | None = None) -> str:
     import pyarrow.parquet as pq
 
     how = "run `bash run.sh 0 0` (prepare_data.py) or set data_dir"
@@ -433,7 +433,26 @@ def check_parquet(path: Path) -> str:
         raise CheckFailed(f"{path} lacks column(s) {missing} that veRL reads (has {sorted(columns)}): {how}")
     if metadata.num_rows == 0:
         raise CheckFailed(f"{path} has no rows: {how} with a non-empty input")
+    if model_family is not None and "extra_info" in columns:
+        _check_rows_family(path, model_family)
     return f"{path} ({metadata.num_rows} rows)"
+
+
+def _check_rows_family(path: Path, model_family: str) -> None:
+    """Stage 0 writes the family whose input each row holds (``extra_info.model_family``). A row of
+    another family would fail in every rollout worker (veRL's agent loop logs the error and drops
+    the rollout), so it is refused here, before Ray starts, naming the first such row."""
+    import pyarrow.parquet as pq
+
+    infos = pq.read_table(path, columns=["extra_info"]).column("extra_info").to_pylist()
+    for index, info in enumerate(infos):
+        family = (info or {}).get("model_family")
+        if family and family != model_family:
+            count = sum(1 for other in infos if (other or {}).get("model_family") not in (None, "", model_family))
+            raise CheckFailed(f"{path} row {index} (and {count - 1} more) was prepared for model_family={family}, "
+                              f"but this run is model_family={model_family}: rerun stage 0 for this family "
+                              f"(bash run.sh --force 0 0 with model_family={model_family}) or point data_dir at "
+                              f"its data (default data/$model_family)")
 
 
 def _parquet_rows(path: Path) -> int:
@@ -576,8 +595,8 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
         checks.append(("vLLM", check_rollout_packages))
     checks += [
         ("model", lambda: check_model_dir(settings.model_dir, settings.model_family)),
-        ("train data", lambda: check_parquet(settings.data_dir / "train.parquet")),
-        ("test data", lambda: check_parquet(settings.data_dir / "test.parquet")),
+        ("train data", lambda: check_parquet(settings.data_dir / "train.parquet", settings.model_family)),
+        ("test data", lambda: check_parquet(settings.data_dir / "test.parquet", settings.model_family)),
     ]
     if settings.max_response_length is not None:
         if settings.max_chars is not None:

@@ -99,6 +99,26 @@ def test_parquet_failures_say_what_to_do(tmp_path, data_dir):
     assert "(3 rows)" in check_parquet(data_dir / "train.parquet")
 
 
+def test_rows_prepared_for_another_family_are_refused_before_ray_starts(tmp_path):
+    """A CosyVoice3 run on CosyVoice2's parquet: the agent loop would refuse every row in the Ray
+    workers, where veRL only logs it; the preflight names the file, the first row and the fix."""
+    path = tmp_path / "test.parquet"
+    infos = [{"split": "test", "index": i, "model_family": family} for i, family in
+             enumerate(["cosyvoice3", "cosyvoice2", "cosyvoice2"])]
+    records = [{"prompt": [{"role": "user", "content": "一"}], "data_source": "tts",
+                "reward_model": {"style": "rule", "ground_truth": "一"}, "extra_info": info} for info in infos]
+    pd.DataFrame(records).to_parquet(path)
+    with pytest.raises(CheckFailed, match=r"test.parquet row 1 \(and 1 more\) was prepared for "
+                                          r"model_family=cosyvoice2, but this run is model_family=cosyvoice3"):
+        check_parquet(path, "cosyvoice3")
+    with pytest.raises(CheckFailed, match=r"row 0 \(and 0 more\) was prepared for model_family=cosyvoice3"):
+        check_parquet(path.with_name("test.parquet"), "cosyvoice2")
+    same = tmp_path / "same.parquet"
+    pd.DataFrame(records[1:]).to_parquet(same)
+    assert "(2 rows)" in check_parquet(same, "cosyvoice2")
+    assert "(3 rows)" in check_parquet(path)  # no family asked: not checked
+
+
 def test_reward_hook_check(tmp_path):
     hook = tmp_path / "hook.py"
     hook.write_text("def other():\n    pass\n")
