@@ -104,6 +104,10 @@ case "${model_family:=cosyvoice2}" in
 esac
 # the reward hook and the trainer parse responses with the family's stop tokens (ttsrl.model_family)
 export TTSRL_MODEL_FAMILY=$model_family
+# GRPO's algorithm preset: a misspelt one stops here, before stage -1, naming the known ones
+if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ] && [ "${train_algorithm:-grpo}" = grpo ]; then
+  check_algorithm_preset "${algorithm_preset:-grpo}" configs/algorithm_presets.yaml
+fi
 log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir; model_family=$model_family"
 
 if run_stage -1; then

@@ -92,6 +92,7 @@ fi
 : "${sft_steps=200}"                     # warm-up optimizer steps (batch 16)
 : "${sft_lr=1e-5}"                       # CosyVoice's own fine-tuning lr for the 0.5B LLM
 : "${sft_args=}"                         # extra scripts/sft_warmup.py flags (--batch-size, --seed, --standin-targets)
+: "${algorithm_preset=grpo}"             # grpo|dapo|dr_grpo|gspo|gdpo: veRL options (configs/algorithm_presets.yaml)
 : "${grpo_overrides=}"                   # veRL key=value overrides of this config (before the command line's)
 : "${train_batch_size=32}"               # prompts per step (x rollout_n responses)
 : "${rollout_n=4}"
