@@ -246,6 +246,8 @@ if run_stage 2; then
       --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
       --exp_dir "$exp_dir" --train_batch_size "$train_batch_size" --total_epochs "$total_epochs" \
       --save_freq "$save_freq" \
+      --algorithm_preset "${algorithm_preset:-grpo}" --reward_config "$reward_config" \
+      ${reward_preset:+--reward_preset "$reward_preset"} --ppo_mini_batch_size "$ppo_mini_batch_size" \
       --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
       "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
     if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then
