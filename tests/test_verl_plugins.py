@@ -200,6 +200,54 @@ def test_the_rollout_dump_gets_each_rollouts_advantage_and_components():
     assert "failure" not in columns  # text is not a component
 
 
+def test_dynamic_sampling_drops_and_counts_ties_but_keeps_a_refused_item():
+    """veRL's own replay buffer (sync mode, DAPO's filter_groups on the reward) over a real TransferQueue,
+    as the tts_sync trainer builds it: the group whose rollouts all scored 1.0 is dropped, counted and
+    replaced by two fresh prompts (veRL's sync rule); the group of a refused item (the placeholder score
+    on every rollout: a tie too) is kept for the trainer's refused-rollout rules."""
+    import ray
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    def finished_group(uid, scores, refused=False):
+        keys = [f"{uid}_{session}_0" for session in range(len(scores))]
+        fields = [{"rm_scores": torch.tensor([0.0, score]), "extra_fields": {"reward_extra_info": {
+            "score": score, "failed": 1.0 if refused else 0.0}}} for score in scores]
+        tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(fields),
+                        tags=[{"status": "success", "global_steps": 1}] * len(keys))
+        tq.kv_put(key=uid, partition_id="train", tag={"is_prompt": True, "status": "finished", "global_steps": 1})
+
+    refills = []
+
+    def refill(count):  # stands in for the agent loop: fresh prompts whose rollouts differ
+        for _ in range(count):
+            refills.append(f"fresh{len(refills)}")
+            finished_group(refills[-1], [0.1, 0.3, 0.3, 0.6])
+        return count
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+        finished_group("tie", [1.0, 1.0, 1.0, 1.0])
+        finished_group("refused", [0.0, 0.0, 0.0, 0.0], refused=True)
+        finished_group("differs", [0.2, 0.5, 0.5, 0.9])
+        buffer = ReplayBuffer(trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None,
+                              max_off_policy_strategy="drop", sampler_kwargs={}, poll_interval=0.05, refill_fn=refill,
+                              filter_groups_metric="reward", train_batch_size=4, gen_batch_size=1,
+                              max_inflight_gen_batches=1)
+        tts_trainer.keep_refused_groups(buffer)
+        batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=4)
+        tq.close()
+    finally:
+        ray.shutdown()
+    assert sorted({key.split("_")[0] for key in batch.keys}) == ["differs", "fresh0", "fresh1", "refused"]
+    assert metrics["training/filter_groups/evicted_samples"] == 1  # the tie, and only it
+    assert metrics["_dapo_filtered_reward_counts"] == {1.0: 1}
+    assert refills == ["fresh0", "fresh1"]  # two prompts per dropped group, none for the refused item
+
+
 def test_to_veRL_the_tts_sync_trainer_is_its_synchronous_trainer(tmp_path):
     """veRL keys the replay buffer, dynamic sampling's drain-then-select and checkpoint contents on the
     name "sync"; the tts_sync trainer answers it whatever veRL's __init__ stores."""
