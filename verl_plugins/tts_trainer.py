@@ -2,7 +2,9 @@
 
 Registered with veRL's ``register_trainer`` (``verl.trainer.ppo.v1``) and selected by
 ``trainer.v1.trainer_mode=tts_sync`` in ``configs/grpo.yaml``; the training loop itself is veRL's
-``PPOTrainerSync``, unchanged. Three additions:
+``PPOTrainerSync``, unchanged, and to veRL it is its ``sync`` mode (``trainer_mode``: veRL keys the
+synchronous replay buffer, dynamic sampling's drain-then-select and the checkpoint contents on
+that name). The additions:
 
 - **Reward components every step.** veRL 0.9.1 logs the extra keys of a dict reward
   (``reward_tts.compute_score``: error rate, speaker similarity, ASR NLL, ...) for validation
@@ -29,6 +31,11 @@ Registered with veRL's ``register_trainer`` (``verl.trainer.ppo.v1``) and select
   checkpoints; this mode also keeps the one with the best validation reward so far
   (``tts.keep_best_checkpoint``) and applies the same limit to checkpoints an earlier run left
   before a resume (``ttsrl.training.retention``).
+- **Dynamic sampling keeps refused items.** Under ``algorithm.filter_groups`` (the dapo preset) a
+  group whose rollouts all got the same reward is dropped; a refused item's group (the placeholder
+  score on every rollout) is kept, so the refused-rollout rules see it (``keep_refused_groups``).
+- **What each rollout was trained with.** With ``trainer.rollout_data_dir``, veRL's dump of the
+  trained rollouts also has each one's advantage, loss tokens and reward components.
 - **Audio you can listen to.** At every validation, the first ``trainer.log_val_generations``
   generations are decoded by the reward server's ``token2wav`` and written to
   ``<trainer.default_local_dir>/validation_audio/step_<N>/<i>.wav`` with a ``.json`` beside each
