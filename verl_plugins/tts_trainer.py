@@ -522,7 +522,7 @@ def register() -> type:
             response_mask = data["response_mask"]
             padded = data.to_padded_tensor()
             advantages, returns = gdpo_advantages(padded["rm_scores"], padded["response_mask"],
-                                                  padded["uid"].tolist(), extra_fields, algorithm,
+                                                  list(padded["uid"]), extra_fields, algorithm,
                                                   int(self.config.actor_rollout_ref.rollout.n))
             output = TensorDict({"advantages": response_to_nested(advantages, response_mask),
                                  "returns": response_to_nested(returns, response_mask)}, batch_size=len(batch))
