@@ -135,6 +135,10 @@ esac
 export TTSRL_MODEL_FAMILY=$model_family
 # NVIDIA's forward-compatibility libraries (drivers older than the CUDA wheels need; README "Hardware")
 use_cuda_compat
+# GRPO's algorithm preset: a misspelt one stops here, before stage -1, naming the known ones
+if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ] && [ "${train_algorithm:-grpo}" = grpo ]; then
+  check_algorithm_preset "${algorithm_preset:-grpo}" configs/algorithm_presets.yaml
+fi
 log "config: $config; stages $stage..$stop_stage; exp_dir=$exp_dir; model_family=$model_family;" \
     "train_algorithm=$train_algorithm$([ "$rehearse" = true ] && echo "; REHEARSAL under $rehearsal_root")"
 
@@ -234,6 +238,8 @@ if run_stage 2; then
       --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
       --exp_dir "$exp_dir" --train_batch_size "$train_batch_size" --total_epochs "$total_epochs" \
       --save_freq "$save_freq" \
+      --algorithm_preset "${algorithm_preset:-grpo}" --reward_config "$reward_config" \
+      ${reward_preset:+--reward_preset "$reward_preset"} --ppo_mini_batch_size "$ppo_mini_batch_size" \
       --grpo_overrides "${grpo_overrides:-} ${TTSRL_REHEARSAL_OVERRIDES:-} ${overrides[*]:-}" \
       "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"
     if [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ]; then

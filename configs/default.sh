@@ -109,6 +109,7 @@ fi
 : "${sft_steps=200}"                     # warm-up optimizer steps (batch 16)
 : "${sft_lr=1e-5}"                       # CosyVoice's own fine-tuning lr for the 0.5B LLM
 : "${sft_args=}"                         # extra scripts/sft_warmup.py flags (--batch-size, --seed, --standin-targets)
+: "${algorithm_preset=grpo}"             # grpo|dapo|dr_grpo|gspo|gdpo: veRL options (configs/algorithm_presets.yaml)
 : "${grpo_overrides=}"                   # veRL key=value overrides of this config (before the command line's)
 : "${attn_implementation=auto}"          # the actor's attention: auto (flash_attention_2 when flash-attn imports
                                          # in the CUDA trainer environment, else sdpa, torch's own, on GPUs and

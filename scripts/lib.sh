@@ -15,6 +15,8 @@
 # require_env / require_dir / require_gpus: checks that die with what is missing and how to get it
 # (require_env reads $trainer_python and $server_python, require_gpus names $current_stage:
 # run.sh sets them).
+# algorithm_preset_names / check_algorithm_preset: the presets of configs/algorithm_presets.yaml; an
+# unknown algorithm_preset dies listing the known ones (run.sh and train_grpo.sh, before anything starts).
 
 log() {
   local fname=${BASH_SOURCE[1]##*/}
@@ -192,4 +194,22 @@ require_gpus() {
 require_dir() {
   # $1: directory, $2: what it is and how to get it
   [ -d "$1" ] || die "$1 not found: $2"
+}
+
+algorithm_preset_names() {
+  # $1: configs/algorithm_presets.yaml; prints its preset names, sorted, one per line (the two-space
+  # keys under `presets:`; ttsrl/training/algorithm_presets.py reads the same file with YAML). Shell
+  # only, so run.sh checks the name before stage -1 has built any environment.
+  awk '/^presets:/ { inside = 1; next }
+       inside && /^[^ #]/ { inside = 0 }
+       inside && /^  [A-Za-z0-9_-]+:/ { sub(/^  /, ""); sub(/:.*/, ""); print }' "$1" | sort
+}
+
+check_algorithm_preset() {
+  # $1: the algorithm_preset setting, $2: the presets file; dies naming the known presets
+  local names
+  [ -f "$2" ] || die "algorithm presets file $2 not found (it ships with the recipe: restore it from git)"
+  names=$(algorithm_preset_names "$2")
+  grep -qxF -- "$1" <<<"$names" || die "unknown algorithm_preset (configs/default.sh) '$1'; known presets:" \
+    "$(paste -sd, <<<"$names" | sed 's/,/, /g') ($2)"
 }

@@ -19,6 +19,10 @@ Checks, all run (so one pass shows every problem):
     disk the run needs in exp_dir's filesystem (the checkpoints it keeps,
     trainer.max_actor_ckpt_to_keep plus the best, at fp32 weights + AdamW state per parameter,
     and stage 3's bf16 merged copy of each) fits in its free space;
+  - with --algorithm_preset (configs/algorithm_presets.yaml): what the preset sets (gdpo: the
+    reward keys of --reward_preset in --reward_config), which of its keys --grpo_overrides replace
+    (an explicit override wins), and a note when its clip range cannot act; an unknown preset
+    fails naming the known ones;
   - the reward hook file defines compute_score;
   - every reward server in the comma-separated URL list answers Triton's readiness
     check (HTTP /v2/health/ready or gRPC ServerReady) and has the reward model ready.
@@ -80,6 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=None, help="prompts per step (configs/default.sh)")
     parser.add_argument("--total_epochs", type=int, default=1)
     parser.add_argument("--save_freq", type=int, default=0, help="trainer.save_freq (<= 0: no checkpoints)")
+    parser.add_argument("--algorithm_preset", default=None,
+                        help="algorithm_preset (configs/default.sh): print what it sets and which overrides win")
+    parser.add_argument("--reward_config", type=Path, default=REPO_ROOT / "configs" / "reward.yaml",
+                        help="reward_config: gdpo takes its reward keys from --reward_preset there")
+    parser.add_argument("--reward_preset", default=None, help="reward_preset (default: the file's)")
+    parser.add_argument("--ppo_mini_batch_size", type=int, default=None,
+                        help="prompts per policy update (configs/default.sh): whether a preset's clip range acts")
     parser.add_argument("--chars_per_second", type=float, default=DEFAULT_CHARS_PER_SECOND,
                         help="speaking rate assumed for the texts (config: speech_chars_per_second; default "
                              f"{DEFAULT_CHARS_PER_SECOND}, a typical Mandarin reading rate)")
@@ -88,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--n_gpus_per_node and --nnodes must be >= 1")
     if args.chars_per_second <= 0:
         parser.error(f"--chars_per_second (speech_chars_per_second) must be > 0, got {args.chars_per_second}")
-    for name in ("max_chars", "max_response_length", "train_batch_size"):
+    for name in ("max_chars", "max_response_length", "train_batch_size", "ppo_mini_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args

@@ -5,7 +5,8 @@
 #
 # Composes configs/grpo.yaml (layered on veRL's ppo_trainer) with the paths and
 # sizes of configs/default.sh (or --config FILE / $TTSRL_CONFIG; variables
-# already set in the environment win), the config's $grpo_overrides, and then
+# already set in the environment win), the settings of $algorithm_preset
+# (configs/algorithm_presets.yaml), the config's $grpo_overrides, and then
 # the key=value overrides given here, which win over everything. The device is
 # $TTSRL_DEVICE (cpu|cuda; run.sh stage 2 passes it), else the config's
 # train_device (auto|cuda|cpu, checked as in run.sh). On the CPU it adds the CPU
@@ -68,6 +69,7 @@ done
   "step's rollouts in [0, 1) (0.01: 1% may be refused), got '$reward_failure_budget' (set in $config_file)"
 [[ ${reward_failure_max_consecutive_steps:-3} =~ ^[0-9]+$ ]] || die "reward_failure_max_consecutive_steps must be" \
   "an integer >= 0 (0: off), got '$reward_failure_max_consecutive_steps' (set in $config_file)"
+check_algorithm_preset "${algorithm_preset:-grpo}" "$repo_root/configs/algorithm_presets.yaml"
 
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$repo_root/$1" ;; esac; }
 # A Hydra override value quoted as a string: keeps ':', ',', '/' and spaces literal.
@@ -168,10 +170,18 @@ if [ -n "${cuda_compat_dir:-}" ]; then
   use_cuda_compat
   platform_env+=(LD_LIBRARY_PATH)
 fi
-# the config file's grpo_overrides (e.g. configs/smoke.sh), then the rehearsal's sizes (bash run.sh
-# --rehearse sets TTSRL_REHEARSAL_OVERRIDES: fewer steps), then the command line's
+# The algorithm preset (algorithm_preset=grpo|dapo|dr_grpo|gspo|gdpo: veRL's own options, from
+# configs/algorithm_presets.yaml; gdpo's reward keys from the reward preset), then the config file's
+# grpo_overrides (e.g. configs/smoke.sh), then the rehearsal's sizes (bash run.sh --rehearse sets
+# TTSRL_REHEARSAL_OVERRIDES: fewer steps), then the command line's: an explicit key=value wins.
+preset_overrides=$(PYTHONPATH=$repo_root "$trainer_python" -m ttsrl.training.algorithm_presets overrides \
+  "${algorithm_preset:-grpo}" --reward-config "$(absolute "${reward_config:-configs/reward.yaml}")" \
+  ${reward_preset:+--reward-preset "$reward_preset"}) || die "algorithm_preset=${algorithm_preset:-grpo}: see above"
+preset_settings=()
+[ -n "$preset_overrides" ] && mapfile -t preset_settings <<<"$preset_overrides"
+log "algorithm preset ${algorithm_preset:-grpo}: ${preset_settings[*]:-nothing beyond configs/grpo.yaml}"
 # shellcheck disable=SC2206
-cmd+=(${grpo_overrides:-} ${TTSRL_REHEARSAL_OVERRIDES:-} "${overrides[@]}")
+cmd+=("${preset_settings[@]}" ${grpo_overrides:-} ${TTSRL_REHEARSAL_OVERRIDES:-} "${overrides[@]}")
 
 # The environment of every Ray worker on every node: ttsrl/worker_env.py lists what the reward
 # hook, the plugins and their imports read; each one that has a value goes through veRL's runtime

