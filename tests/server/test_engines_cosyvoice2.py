@@ -206,3 +206,25 @@ def test_cosyvoice_source_comes_from_env_or_the_pinned_archive_else_an_error(mon
     monkeypatch.setenv("cosyvoice_src", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a CosyVoice checkout"):
         builder.find_cosyvoice_source()
+
+
+def test_fp16_branch_rehearsed_on_the_cpu(real_models, token2wav, prepared):
+    """--fp16 (the default on CUDA) on the CPU, changing only what a CPU forces (the autocast's
+    device type: the CPU's float16 autocast instead of CUDA's): the flow runs in mixed precision,
+    one by one and batched alike, and HiFT stays in fp32 outside autocast, as upstream
+    CosyVoice2Model.token2wav runs it (the same mel vocodes to the same samples)."""
+    half = CosyVoice2Token2Wav(str(real_models.cosyvoice2_dir), "cpu", fp16=True)
+    rng = np.random.default_rng(4)
+    batch = [rng.integers(0, 6561, n) for n in (18, 9, 27)]
+    full_mels = token2wav.mels(batch, [prepared] * 3)
+    half_mels = half.mels(batch, [prepared] * 3)
+    for full, mixed in zip(full_mels, half_mels):
+        assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
+        assert 0 < (mixed - full).abs().max() < 0.05 * full.abs().max()  # fp16 rounding: changed, not broken
+    half.flow_batch = True
+    for serial, batched in zip(half_mels, half.mels(batch, [prepared] * 3)):
+        torch.testing.assert_close(batched, serial, rtol=0, atol=0.05 * float(serial.abs().max()))
+    torch.manual_seed(0)
+    reference = token2wav.vocode(full_mels[0])
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(half.vocode(full_mels[0]), reference)
