@@ -32,7 +32,8 @@
 #                       $train_algorithm: grpo (veRL, global_step_N/actor) or dpo (rounds of
 #                       sample/score/pair/TRL DPO -> $exp_dir/dpo/round_R, global_step_N/hf_model)
 #   3  merge            $exp_dir/global_step_*/actor (or hf_model: copied) -> .../merged_hf_model
-#   4  evaluate         merged models, reward server, a zero-shot test set -> CER/WER, SIM, pinyin ER
+#   4  evaluate         merged models, reward server (+ an evaluation server of its own with the evaluation
+#                       models unless server_models=all or eval_server_url), a zero-shot test set -> CER/WER, SIM, pinyin ER
 #                       per checkpoint (each utterance in its own prompt's voice), table, plot, best step
 #   5  synthesize       a merged model, reward server -> one wav
 #   6  export           a merged model -> llm.pt for CosyVoice
@@ -55,6 +56,7 @@ config=configs/default.sh
 force=false
 stop_server_only=false
 server_started_here=false
+eval_server_started_here=false
 positional=()
 overrides=()
 while [ $# -gt 0 ]; do
@@ -270,7 +272,8 @@ if run_stage 4; then
   require_env trainer
   require_eval_manifest
   check_server
-  url=$(first_server_url)
+  evaluation_server_url  # $eval_url: a server with the evaluation models (stage 4 may start its own)
+  url=$eval_url
   while read -r step model; do
     [ -d "$model" ] || die "model of step $step not found: $model"
     [ -n "$dev_set" ] && evaluate_step "$step" "$model" "$dev_set" "$exp_dir/eval/dev/step_$step" dev "$url"
@@ -278,6 +281,7 @@ if run_stage 4; then
   done < <(merged_models)
   "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" --dev-dir "$exp_dir/eval/dev" \
     --select-by "$eval_select_by"
+  if [ "$eval_server_started_here" = true ]; then stop_server evaluation; fi  # started for stage 4 only
 fi
 
 if run_stage 5; then

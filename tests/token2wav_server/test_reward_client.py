@@ -206,3 +206,14 @@ def test_routing_setting_of_the_hook(monkeypatch):
     monkeypatch.setenv("REWARD_ROUTING", "round_robin")
     assert reward_tts.settings_from({}).routing == "round_robin"
     assert reward_tts.settings_from({"routing": "least_work"}).routing == "least_work"
+
+
+def test_readiness_cli_checks_the_models_a_stage_needs(reward_server, capsys):
+    """What run.sh's stage 4 asks before it evaluates on a server: every --model is served."""
+    from ttsrl.triton_client.__main__ import main
+
+    assert main([reward_server.grpc_url]) == 0
+    assert main(["--model", "asr_eval", "--model", "speaker", reward_server.http_url]) == 0
+    assert main(["--model", "asr_eval_en", reward_server.grpc_url]) == 1
+    assert (f"reward server at {reward_server.grpc_url} is up but model 'asr_eval_en' is not ready"
+            in capsys.readouterr().err)
