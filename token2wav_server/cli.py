@@ -257,7 +257,7 @@ def front_checks(args) -> tuple:
     load_factory(args.engines)
     if args.instances_per_device < 1:
         raise ValueError("--instances-per-device must be >= 1")
-    limits = GuardLimits(max_body_bytes=int(args.http_max_body_mb * 1024 * 1024))
+    limits = GuardLimits(max_body_bytes=int(args.http_max_body_mb * 1024 * 1024), max_items=args.max_batch_size)
     policy = RestartPolicy(max_restarts=args.max_restarts if args.supervise else 0,
                            window_s=args.restart_window_s, backoff_initial_s=args.restart_backoff_s,
                            backoff_max_s=max(30.0, args.restart_backoff_s), hang_timeout_s=args.hang_timeout_s)
