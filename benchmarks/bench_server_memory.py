@@ -10,7 +10,9 @@ through FunASR; a Whisper in large-v3.pt's format; the WavLM + ECAPA-TDNN SIM mo
 published layout), then starts ``python -m token2wav_server`` with the real CosyVoice2 engines on
 the CPU, one configuration after another (``--repeats`` rounds, alternating), and measures
 
-- start-up: from the process start to ``token2wav_asr`` ready (what run.sh's stage 1 waits for);
+- start-up: from the process start to ``token2wav_asr`` ready (what run.sh's stage 1 waits for),
+  as wall-clock seconds and as CPU seconds (user + system time of the server's processes by then:
+  the work of starting, which other jobs on the machine do not inflate as they do the wall clock);
 - memory: the resident set (RSS) and the proportional set (PSS: shared pages split among their
   users, so shared libraries are not counted once per process) summed over every process of the
   server's session (the front, the worker holding the engines, tritonserver, one Python-backend
@@ -89,6 +91,15 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return fields.get("Rss", 0), fields.get("Pss", 0)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (0 when it is gone)."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(args_list: list, log_dir: pathlib.Path, settle_s: float) -> dict:
     from token2wav_server.launch import start_server
 
@@ -98,13 +109,14 @@ def measure(args_list: list, log_dir: pathlib.Path, settle_s: float) -> dict:
     server = start_server(engines=ENGINES, extra_args=args_list, devices="cpu", timeout=1200, log_path=log_path)
     try:
         startup = time.monotonic() - started
+        startup_cpu = sum(cpu_seconds(p.pid) for p in server.members())
         time.sleep(settle_s)
         members = server.members()
         usage = [memory_kib(p.pid) for p in members]
         worker = server.worker_pid()
         models = [line.split("serving ", 1)[1].split(":")[0] for line in server.log().splitlines()
                   if "token2wav_server: serving [" in line][-1]
-        return {"startup_s": startup, "rss_mib": sum(r for r, _ in usage) / 1024,
+        return {"startup_s": startup, "startup_cpu_s": startup_cpu, "rss_mib": sum(r for r, _ in usage) / 1024,
                 "pss_mib": sum(p for _, p in usage) / 1024, "worker_rss_mib": memory_kib(worker)[0] / 1024,
                 "processes": len(members), "models": models}
     finally:
@@ -137,15 +149,17 @@ def main(argv=None) -> int:
             for name, config in configs.items():
                 result = measure(config, root, args.settle_s)
                 results[name].append(result)
-                print(f"  round {round_ + 1}: {name}: {result['startup_s']:.1f} s, PSS {result['pss_mib']:.0f} MiB, "
+                print(f"  round {round_ + 1}: {name}: {result['startup_s']:.1f} s ({result['startup_cpu_s']:.1f} CPU s), PSS {result['pss_mib']:.0f} MiB, "
                       f"RSS {result['rss_mib']:.0f} MiB, {result['processes']} processes", flush=True)
     print(f"\nreal CosyVoice2 engines on tiny weights, CPU, {args.instances} slot(s); median of {args.repeats}\n")
-    print("| server | models served | start-up s | PSS MiB | RSS MiB (sum) | worker RSS MiB | processes |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| server | models served | start-up s | start-up CPU s | PSS MiB | RSS MiB (sum) | worker RSS MiB | "
+          "processes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, runs in results.items():
         median = {key: statistics.median(run[key] for run in runs) for key in
-                  ("startup_s", "pss_mib", "rss_mib", "worker_rss_mib", "processes")}
-        print(f"| {name} | {runs[0]['models']} | {median['startup_s']:.1f} | {median['pss_mib']:.0f} | "
+                  ("startup_s", "startup_cpu_s", "pss_mib", "rss_mib", "worker_rss_mib", "processes")}
+        print(f"| {name} | {runs[0]['models']} | {median['startup_s']:.1f} | {median['startup_cpu_s']:.1f} | "
+              f"{median['pss_mib']:.0f} | "
               f"{median['rss_mib']:.0f} | {median['worker_rss_mib']:.0f} | {median['processes']:.0f} |")
     return 0
 

@@ -85,7 +85,8 @@ fi
 : "${reward_config=configs/reward.yaml}"
 : "${reward_preset=intelligibility}"     # a preset of reward_config: intelligibility (error rate; the
                                          # reference's reward) or zero_shot (error rate + speaker similarity)
-: "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"  # comma-separated list: one server per node
+: "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"  # comma-separated list of servers: the hook
+                                         # routes by outstanding work per server slot (REWARD_ROUTING)
 : "${prompt_bank=$cosyvoice_src/asset/zero_shot_prompt.wav}"  # speaker prompts: wav, JSONL or folder
 : "${server_args=}"                       # extra python -m token2wav_server flags (--max-batch-size 64 ...)
 : "${server_foreground=false}"            # true: stage 1 serves in the foreground (SLURM, a dedicated terminal)

@@ -188,10 +188,11 @@ def engine_options(args, device: str, need_speaker: bool, engines: frozenset | N
 
 def describe_settings(args, config) -> str:
     """The effective settings a server starts with, for its log."""
-    wanted = served_engines(args, config)
-    lines = [f"--models {args.models}: loads {', '.join(sorted(wanted))}"]
     if args.models == "training":
-        lines.append("(evaluation models not loaded: --models all serves them)")
+        lines = [f"--models training: loads {', '.join(sorted(served_engines(args, config)))} "
+                 "(evaluation models not loaded: --models all serves them)"]
+    else:
+        lines = ["--models all: every engine the factory builds, the evaluation models given too"]
     lines += ["decoding " + decode_settings(args, device).describe() for device in parse_devices(args.devices)]
     return "; ".join(lines)
 

@@ -141,6 +141,16 @@ def test_fp16_runs_the_flow_and_hift_under_autocast_as_upstream(token2wav, promp
         torch.testing.assert_close(many, one, rtol=0, atol=0.05 * float(one.abs().max()))
 
 
+def test_tensorrt_goes_through_upstreams_load_trt(token2wav, cosyvoice3_models):
+    """--load-trt hands the engine's own DiT flow to upstream's CosyVoice3Model.load_trt (plan and ONNX
+    names as upstream builds them); on the CPU that is as far as it goes: upstream's own CUDA check."""
+    estimator = token2wav.flow.decoder.estimator
+    with pytest.raises(AssertionError, match="tensorrt only supports gpu"):
+        engines_cosyvoice3.load_trt_estimator(token2wav.flow, token2wav.hift, cosyvoice3_models["cosyvoice3"],
+                                              torch.device("cpu"), fp16=True)
+    assert token2wav.flow.decoder.estimator is estimator  # nothing replaced
+
+
 def test_batched_dit_decoding_matches_item_by_item(token2wav, prompts):
     """The DiT run once per Euler step for a padded batch gives the mel flow.inference gives
     per item. Measured difference: under 1e-6 on mels of magnitude ~4 (float32 rounding).

@@ -221,3 +221,13 @@ def test_gpu_slots_get_the_gpu_defaults_passed_to_their_factory(tmp_path, caplog
 def test_conflicting_decode_options_stop_the_front_before_any_port(caplog):
     assert cli.main(STANDIN + ["--devices", "0", "--load-trt", "--flow-batch"]) == 2
     assert "cannot start: --load-trt and --flow-batch" in caplog.text
+
+
+def test_the_effective_settings_line():
+    from token2wav_server.reward_scoring import load_reward_config
+
+    args = cli.build_parser().parse_args(STANDIN + ["--devices", "0,cpu", "--models", "training", "--no-fp16"])
+    assert cli.describe_settings(args, load_reward_config(args.reward_config, "zero_shot")) == (
+        "--models training: loads asr, reward_speaker, speech_tokenizer, token2wav (evaluation models not loaded: "
+        "--models all serves them); decoding cuda:0: fp16 off, flow_batch on, load_jit off, load_trt off; "
+        "decoding cpu: fp16 off, flow_batch off, load_jit off, load_trt off")
