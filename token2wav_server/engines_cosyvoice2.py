@@ -448,10 +448,13 @@ def engines_around(token2wav, options: EngineOptions) -> Engines:
     def wanted(name: str, path) -> bool:
         return bool(path) and options.wants(name)
 
+    campplus = CampplusSpeaker(token2wav)
     return Engines(
         token2wav=token2wav,
         asr=sensevoice(options.sensevoice_dir, options.device),
-        speaker=CampplusSpeaker(token2wav),
+        # the evaluation's speaker model, or only the reward's (a training server weighting similarity)
+        speaker=campplus if options.wants("speaker") else None,
+        reward_speaker=campplus if options.wants("reward_speaker") and not options.wants("speaker") else None,
         asr_eval=paraformer(options.asr_eval_dir, options.device) if wanted("asr_eval", options.asr_eval_dir) else None,
         asr_eval_en=(whisper_asr(options.asr_eval_en, options.device) if wanted("asr_eval_en", options.asr_eval_en)
                      else None),

@@ -112,20 +112,27 @@ def test_one_by_one_equals_upstream_cosyvoice3_model_token2wav(token2wav, prompt
     assert np.abs(ours).max() > 1e-3
 
 
-def test_fp16_runs_the_flow_and_hift_under_autocast_as_upstream(token2wav, prompts, cosyvoice3_models):
+def test_fp16_runs_the_flow_and_hift_under_autocast_as_upstream(token2wav, prompts):
     """--fp16 (the default on CUDA) on the CPU, changing only what a CPU forces (the autocast's
     device type): what the engine decodes equals upstream CosyVoice3Model.token2wav under the
     same float16 autocast, flow and HiFT both inside it, and differs from fp32 by fp16 rounding."""
     from cosyvoice.cli.model import CosyVoice3Model
 
-    half = CosyVoice3Token2Wav(str(cosyvoice3_models["cosyvoice3"]), "cpu", fp16=True)
-    upstream = CosyVoice3Model(None, half.flow, half.hift, fp16=False)  # its own autocast is CUDA's
+    upstream = CosyVoice3Model(None, token2wav.flow, token2wav.hift, fp16=False)  # its own autocast is CUDA's
     upstream.device = torch.device("cpu")
     tokens, prompt = _tokens(6, (21,))[0], prompts[0]
     torch.manual_seed(0)
-    ours = half.synthesize([tokens], [prompt])[0]
-    torch.manual_seed(0)
     full = token2wav.synthesize([tokens], [prompt])[0]
+    batch = _tokens(7, (12, 25))
+    serial = token2wav.mels(batch, [prompt] * 2)
+    token2wav.fp16 = True  # the same engine with --fp16
+    try:
+        torch.manual_seed(0)
+        ours = token2wav.synthesize([tokens], [prompt])[0]
+        token2wav.flow_batch = True
+        batched = token2wav.mels(batch, [prompt] * 2)
+    finally:
+        token2wav.fp16 = token2wav.flow_batch = False
     upstream.hift_cache_dict["u"] = None
     torch.manual_seed(0)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
@@ -134,10 +141,7 @@ def test_fp16_runs_the_flow_and_hift_under_autocast_as_upstream(token2wav, promp
                                     prompt["flow_embedding"], token_offset=0, uuid="u", stream=False, finalize=True)
     np.testing.assert_allclose(ours, theirs.float().reshape(-1).numpy(), rtol=0, atol=1e-3)
     assert np.isfinite(ours).all() and 0 < np.abs(ours - full).max()
-    half.flow_batch = True
-    batch = _tokens(7, (12, 25))
-    serial = [m for m in token2wav.mels(batch, [prompt] * 2)]
-    for one, many in zip(serial, half.mels(batch, [prompt] * 2)):
+    for one, many in zip(serial, batched):
         torch.testing.assert_close(many, one, rtol=0, atol=0.05 * float(one.abs().max()))
 
 
