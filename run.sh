@@ -3,7 +3,7 @@
 #
 #   bash run.sh [--config FILE] [--force] START STOP [-- key=value ...]
 #   bash run.sh --config FILE              # the stages the config file names (stage, stop_stage)
-#   bash run.sh --stop-server              # stop the reward server stage 1 started
+#   bash run.sh --stop-server              # stop the reward server stage 1 started (and a stage 4 one left behind)
 #   bash run.sh --help
 #
 # Settings come from configs/default.sh (or --config FILE); variables already set
@@ -97,6 +97,8 @@ trap report_failure EXIT
 
 if [ "$stop_server_only" = true ]; then
   stop_server
+  # stage 4's evaluation server, when a run that started it was killed before stopping it
+  [ -f "$(server_pid_file evaluation)" ] && stop_server evaluation
   exit 0
 fi
 
