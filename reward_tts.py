@@ -18,8 +18,11 @@ kwarg               environment                meaning
 ==================  =========================  ===========================================
 server_url          REWARD_SERVER_URL          ``grpc://host:port`` or ``http://host:port``;
                                                comma-separated for several servers
-                                               (round robin, failover). Default
+                                               (load-aware routing, failover). Default
                                                ``grpc://127.0.0.1:8001``.
+routing             REWARD_ROUTING             ``least_work`` (default: least outstanding
+                                               work per server slot, this node's servers
+                                               first) or ``round_robin``
 protocol            REWARD_PROTOCOL            ``grpc`` / ``http`` for URLs without scheme
 model_name          REWARD_MODEL_NAME          Triton model, default ``token2wav_asr``
 request_timeout_s   REWARD_REQUEST_TIMEOUT_S   one attempt's limit, default 120 (capped by
@@ -166,6 +169,7 @@ def settings_from(kwargs: dict) -> RewardSettings:
         prompt=_setting(kwargs, "prompt", "REWARD_PROMPT", None) or None,
         max_batch=int(_setting(kwargs, "max_batch", "REWARD_MAX_BATCH", 32)),
         batch_window_ms=float(_setting(kwargs, "batch_window_ms", "REWARD_BATCH_WINDOW_MS", 5.0)),
+        routing=str(_setting(kwargs, "routing", "REWARD_ROUTING", "least_work")),
     )
 
 

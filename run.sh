@@ -4,7 +4,7 @@
 #   bash run.sh [--config FILE] [--force] START STOP [-- key=value ...]
 #   bash run.sh --config FILE              # the stages the config file names (stage, stop_stage)
 #   bash run.sh --rehearse [--config FILE] START STOP   # the config's stages on this CPU machine
-#   bash run.sh --stop-server              # stop the reward server stage 1 started
+#   bash run.sh --stop-server              # stop the reward server stage 1 started (and a stage 4 one left behind)
 #   bash run.sh --help
 #
 # Settings come from configs/default.sh (or --config FILE); variables already set
@@ -44,9 +44,10 @@
 #                       $train_algorithm: grpo (veRL, global_step_N/actor) or dpo (rounds of
 #                       sample/score/pair/TRL DPO -> $exp_dir/dpo/round_R, global_step_N/hf_model)
 #   3  merge            $exp_dir/global_step_*/actor (or hf_model: copied) -> .../merged_hf_model
-#   4  evaluate         merged models, reward server, a zero-shot test set -> CER/WER, SIM, pinyin ER
-#                       per checkpoint (each utterance in its own prompt's voice), table, plot, the best
-#                       step, chosen on the dev set (eval_select_on=test: on the test set, when asked)
+#   4  evaluate         merged models, reward server (+ an evaluation server of its own with the evaluation
+#                       models unless server_models=all or eval_server_url), a zero-shot test set -> CER/WER,
+#                       SIM, pinyin ER per checkpoint (each utterance in its own prompt's voice), table, plot,
+#                       the best step, chosen on the dev set (eval_select_on=test: on the test set, when asked)
 #   5  synthesize       a merged model, reward server -> one wav
 #   6  export           a merged model -> llm.pt for CosyVoice
 set -euo pipefail
@@ -70,6 +71,7 @@ force=false
 rehearse=false
 stop_server_only=false
 server_started_here=false
+eval_server_started_here=false
 positional=()
 overrides=()
 while [ $# -gt 0 ]; do
@@ -120,6 +122,8 @@ trap report_failure EXIT
 
 if [ "$stop_server_only" = true ]; then
   stop_server
+  # stage 4's evaluation server, when a run that started it was killed before stopping it
+  [ -f "$(server_pid_file evaluation)" ] && stop_server evaluation
   exit 0
 fi
 
@@ -278,7 +282,8 @@ if run_stage 4; then
       "the published metric for the base model and every merged checkpoint"
   require_eval_manifest
   check_server
-  url=$(first_server_url)
+  evaluation_server_url  # $eval_url: a server with the evaluation models (stage 4 may start its own)
+  url=$eval_url
   while read -r step model; do
     [ -d "$model" ] || die "model of step $step not found: $model"
     [ -n "$dev_set" ] && evaluate_step "$step" "$model" "$dev_set" "$exp_dir/eval/dev/step_$step" dev "$url" "$dev_voice"
@@ -288,6 +293,7 @@ if run_stage 4; then
   [ -n "$dev_set" ] && dev_args=(--dev-dir "$exp_dir/eval/dev")
   [ "${eval_allow_missing:-false}" = true ] && dev_args+=(--allow-missing)
   "$trainer_python" scripts/summarize_eval.py --eval-dir "$exp_dir/eval" "${dev_args[@]}" --select-by "$eval_select_by"
+  if [ "$eval_server_started_here" = true ]; then stop_server evaluation; fi  # started for stage 4 only
 fi
 
 if run_stage 5; then

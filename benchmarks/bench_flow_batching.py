@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from token2wav_server.engines_cosyvoice2 import _flow_autocast, decode_flow_batch, decode_flow_one, device_scope
+    from token2wav_server.engines_cosyvoice2 import fp16_autocast, decode_flow_batch, decode_flow_one, device_scope
     from token2wav_server.engines_cosyvoice3 import decode_dit_flow_batch
 
     if args.threads:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with torch.inference_mode(), device_scope(device), _flow_autocast(device, args.fp16):
+            with torch.inference_mode(), device_scope(device), fp16_autocast(device, args.fp16):
                 if mode == "serial":
                     mels = [decode_flow_one(flow, t, p) for t, p in zip(tokens, prompts)]
                 else:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     # Warm-up of both paths on short inputs: the first call of a new batch shape pays one-time
     # costs (about 10 s for the first batched call at tiny size on 2 CPU cores) that a
     # server pays once at start-up, not per request.
-    with torch.inference_mode(), device_scope(device), _flow_autocast(device, args.fp16):
+    with torch.inference_mode(), device_scope(device), fp16_autocast(device, args.fp16):
         decode_flow_one(flow, tokens[0][:, :5], prompt)
         decode_batch(flow, [t[:, :5] for t in tokens], prompts)
     serial_s, serial = run("serial")

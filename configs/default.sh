@@ -84,15 +84,32 @@ fi
 : "${http_port=8000}"
 : "${grpc_port=8001}"
 : "${metrics_port=8002}"
-: "${server_devices=0}"                  # GPUs of the reward server, comma separated
+# GPUs of the reward server, comma separated (or cpu): by default every training GPU of the node, one
+# instance each, as the reference recipe serves (vLLM leaves room: gpu_memory_utilization 0.6); the
+# reward hook weighs each server by its slots (devices x instances). Dedicated reward nodes:
+# scripts/slurm_grpo.sbatch reward_nodes=N.
+: "${server_devices=$(seq -s, 0 $((n_gpus_per_node - 1)))}"
 : "${server_instances_per_device=1}"
+: "${server_models=training}"            # training: token2wav, the reward ASR, the speech tokenizer and the
+                                         # weighted components' engines only; all: also the evaluation models
+                                         # (then stage 4 uses this server instead of starting its own)
+: "${server_fp16=auto}"                  # flow (CosyVoice3: and HiFT) under fp16 autocast: auto (on with CUDA),
+                                         # true, false (docs/reward_server.md "Decoding settings")
+: "${server_flow_batch=auto}"            # a dynamic batch through the flow in one pass: auto (on with CUDA
+                                         # unless server_load_trt), true, false
+: "${server_load_jit=false}"             # CosyVoice2's JIT flow encoder (flow.encoder.fp16/fp32.zip; CUDA)
+: "${server_load_trt=false}"             # TensorRT flow estimator, both families, built on first start from the
+                                         # model dir's flow.decoder.estimator.fp32.onnx (CUDA; upstream's
+                                         # cosyvoice/bin/export_onnx.py writes it)
+: "${server_log=$exp_dir/logs/reward_server.log}"  # empty with server_foreground=true: stdout only (SLURM)
 : "${server_engines=token2wav_server.engines_$model_family:create_engines}"  # the family's real engines
 : "${reward_config=configs/reward.yaml}"
 : "${reward_preset=intelligibility}"     # a preset of reward_config: intelligibility (error rate; the
                                          # reference's reward) or zero_shot (error rate + speaker similarity)
-: "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"  # comma-separated list: one server per node
+: "${REWARD_SERVER_URL=grpc://$server_host:$grpc_port}"  # comma-separated list of servers: the hook
+                                         # routes by outstanding work per server slot (REWARD_ROUTING)
 : "${prompt_bank=$cosyvoice_src/asset/zero_shot_prompt.wav}"  # speaker prompts: wav, JSONL or folder
-: "${server_args=}"                       # extra python -m token2wav_server flags (--fp16 --max-batch-size 64 ...)
+: "${server_args=}"                       # extra python -m token2wav_server flags (--max-batch-size 64 ...)
 : "${server_foreground=false}"            # true: stage 1 serves in the foreground (SLURM, a dedicated terminal)
 : "${server_start_timeout=900}"           # seconds to wait for the models to load
 : "${stop_server_at_exit=false}"          # true: stop a server this run started when run.sh exits
@@ -183,6 +200,15 @@ fi
 : "${eval_nproc=$n_gpus_per_node}"       # infer_dist.py processes (one per GPU)
 : "${eval_master_port=29511}"
 : "${eval_asr_model=asr_eval}"           # served ASR that transcribes for CER (asr_eval: Paraformer-zh)
+# Stage 4's evaluation models (Paraformer, Whisper, the SIM model) are not in the training server
+# (server_models=training): stage 4 starts an evaluation server of its own (--models all) on these
+# ports and devices and stops it when it ends, unless eval_server_url names one that serves them,
+# or the stage 1 server does (server_models=all).
+: "${eval_server_url=}"                   # a running server with the evaluation models (grpc://HOST:PORT)
+: "${eval_server_devices=$server_devices}"
+: "${eval_http_port=8010}"
+: "${eval_grpc_port=8011}"
+: "${eval_metrics_port=8012}"
 : "${eval_similarity=true}"              # speaker similarity to prompt wavs when the server serves 'speaker'
 : "${infer_args=--batch-size 16}"        # extra infer_dist.py flags (sampling, max new tokens, ...)
 : "${synth_text=八百标兵奔北坡，炮兵并排北边跑。炮兵怕把标兵碰，标兵怕碰炮兵炮。}"

@@ -53,6 +53,8 @@ stop_stage=${stop_stage:-6}
 : "${server_engines=token2wav_server.standin:create_engines}"  # or token2wav_server.engines_cosyvoice2:create_engines (above)
 : "${cosyvoice_archive=}"  # e.g. ../shared/third_party/cosyvoice-ace7c47.tar.gz: CosyVoice source without GitHub
 : "${server_devices=cpu}"
+: "${server_models=all}"                 # the stand-in engines cost nothing: stage 4 evaluates on this server
+                                         # (default.sh's training server makes stage 4 start an evaluation server)
 : "${reward_preset=zero_shot}"
 # Stage 4's SIM with the stand-in speaker model (it tells the stand-in voices apart), not a tiny
 # random WavLM (noise); the WavLM SIM engine is tested on its own (tests/server).

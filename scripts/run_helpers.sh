@@ -14,6 +14,9 @@ report_failure() {
   if [ "$server_started_here" = true ] && [ "${stop_server_at_exit:-false}" = true ]; then
     stop_server
   fi
+  if [ "${eval_server_started_here:-false}" = true ]; then
+    stop_server evaluation  # stage 4's own server never outlives the run
+  fi
 }
 
 run_stage() {
@@ -389,15 +392,19 @@ convert_llm() {
 }
 
 # ---- stage 1: the reward server (token2wav_server.launch starts and stops it) ----------
+# Two servers: the training server (stage 1; stage 0 starts it for prompt tokens) loads what
+# training needs (server_models=training), and stage 4's evaluation server (start_server
+# evaluation: --models all, its own ports eval_*_port, pid and log) adds the evaluation models.
 server_client_http_url() {
-  # the address clients on this machine use for the server's HTTP port
-  local host=$server_host
+  # the address clients on this machine use for the server's HTTP port ($1: training|evaluation)
+  local host=$server_host port=$http_port
+  [ "${1:-training}" = evaluation ] && port=$eval_http_port
   [ "$host" = 0.0.0.0 ] && host=127.0.0.1
-  echo "http://$host:$http_port"
+  echo "http://$host:$port"
 }
 
 server_answers() {
-  "$trainer_python" -m ttsrl.triton_client "$(server_client_http_url)" 2>/dev/null
+  "$trainer_python" -m ttsrl.triton_client "$(server_client_http_url "${1:-training}")" 2>/dev/null
 }
 
 check_server() {
@@ -405,14 +412,56 @@ check_server() {
   "$trainer_python" -m ttsrl.triton_client "$REWARD_SERVER_URL" || die "stage $current_stage needs the reward server"
 }
 
-server_pid_file() { echo "$exp_dir/reward_server.pid"; }
+server_pid_file() {
+  if [ "${1:-training}" = evaluation ]; then echo "$exp_dir/eval_server.pid"; else echo "$exp_dir/reward_server.pid"; fi
+}
+
+decode_flags() {
+  # python -m token2wav_server flags of server_fp16, server_flow_batch (auto|true|false), server_load_jit and
+  # server_load_trt (true|false); auto leaves the choice to the server (on with CUDA; it logs what it runs)
+  local knob name value
+  for knob in fp16 flow_batch; do
+    name=server_$knob
+    value=${!name:-auto}
+    case $value in
+      auto) ;;
+      true) echo "--${knob//_/-}" ;;
+      false) echo "--no-${knob//_/-}" ;;
+      *) die "server_$knob must be auto, true or false, got '$value' (configs/default.sh)" ;;
+    esac
+  done
+  for knob in load_jit load_trt; do
+    name=server_$knob
+    value=${!name:-false}
+    case $value in
+      true) echo "--${knob//_/-}" ;;
+      false) ;;
+      *) die "server_$knob must be true or false, got '$value' (configs/default.sh)" ;;
+    esac
+  done
+}
 
 start_server() {
-  local args=(--host "$server_host" --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port"
-              --engines "$server_engines" --devices "$server_devices"
+  # $1: training (stage 1, the default) or evaluation (stage 4's own server: every model, its own ports)
+  local purpose=${1:-training}
+  local models=${server_models:-training} http=$http_port grpc=$grpc_port metrics=$metrics_port
+  local devices=$server_devices log_file=${server_log-$exp_dir/logs/reward_server.log} foreground=${server_foreground:-false}
+  case $models in
+    training|all) ;;
+    *) die "server_models must be training or all, got '$models' (configs/default.sh)" ;;
+  esac
+  if [ "$purpose" = evaluation ]; then
+    models=all http=$eval_http_port grpc=$eval_grpc_port metrics=$eval_metrics_port
+    devices=${eval_server_devices:-$server_devices} log_file=$exp_dir/logs/eval_server.log foreground=false
+  fi
+  local flags
+  flags=$(decode_flags)
+  # shellcheck disable=SC2206
+  local args=(--host "$server_host" --http-port "$http" --grpc-port "$grpc" --metrics-port "$metrics"
+              --engines "$server_engines" --devices "$devices" --models "$models"
               --instances-per-device "$server_instances_per_device" --reward-config "$reward_config"
               --reward-preset "${reward_preset:-intelligibility}"
-              --max-restarts "${server_max_restarts:-10}")
+              --max-restarts "${server_max_restarts:-10}" $flags)
   # false: no restarts by the server itself, for systemd / SLURM to restart it (README: Troubleshooting)
   [ "${server_supervise:-true}" = true ] || args+=(--no-supervise)
   if [[ "$server_engines" == token2wav_server.engines_cosyvoice[23]:* ]]; then
@@ -424,19 +473,21 @@ start_server() {
       args+=(--cosyvoice2-dir "$cosyvoice2_dir")
     fi
     require_dir "$sensevoice_dir" "download iic/SenseVoiceSmall (stage -1) or set sensevoice_dir"
-    [ "$server_devices" = cpu ] || require_gpus 1
+    [ "$devices" = cpu ] || require_gpus 1
     [ -f "$prompt_bank" ] || [ -d "$prompt_bank" ] || die "prompt_bank '$prompt_bank' not found: CosyVoice's" \
       "asset/zero_shot_prompt.wav comes with the source (stage -1), or point prompt_bank at your own wav/JSONL/folder"
     args+=(--sensevoice-dir "$sensevoice_dir" --prompt-bank "$prompt_bank")
-    [ -d "$paraformer_dir" ] && args+=(--asr-eval-dir "$paraformer_dir")
-    [ -n "${eval_asr_en_model:-}" ] && [ -f "$eval_asr_en_model" ] && args+=(--asr-eval-en "$eval_asr_en_model")
+    if [ "$models" = all ]; then  # the evaluation ASRs: never loaded by a training server
+      [ -d "$paraformer_dir" ] && args+=(--asr-eval-dir "$paraformer_dir")
+      [ -n "${eval_asr_en_model:-}" ] && [ -f "$eval_asr_en_model" ] && args+=(--asr-eval-en "$eval_asr_en_model")
+    fi
     # CosyVoice is not a package: its source and Matcha-TTS must be importable by the server.
     require_dir "$cosyvoice_src" "fetch the CosyVoice source (stage -1 on a CUDA machine) or set cosyvoice_src"
     local source_dir
     source_dir=$(cd "$cosyvoice_src" && pwd)
     export PYTHONPATH="$source_dir:$source_dir/third_party/Matcha-TTS:$PYTHONPATH"
   fi
-  if [ -n "${eval_sim_model:-}" ] && [ -f "$eval_sim_model" ]; then
+  if [ "$models" = all ] && [ -n "${eval_sim_model:-}" ] && [ -f "$eval_sim_model" ]; then
     # the protocol's SIM model as the 'speaker' engine, over the configured engines
     args+=(--engines token2wav_server.engines_wavlm_sv:create_engines
            --engine-option "base_engines=$server_engines" --engine-option "sim_model=$eval_sim_model")
@@ -444,23 +495,33 @@ start_server() {
   # shellcheck disable=SC2206
   args+=(${server_args:-})
   mkdir -p "$exp_dir/logs"
-  local log_file=$exp_dir/logs/reward_server.log
-  if [ "${server_foreground:-false}" = true ]; then
-    log "serving in the foreground (Ctrl-C stops it); log also in $log_file"
-    "$server_python" -m token2wav_server "${args[@]}" 2>&1 | tee -a "$log_file"
-    exit "${PIPESTATUS[0]}"
+  if [ "$foreground" = true ]; then
+    if [ -n "$log_file" ]; then
+      log "serving in the foreground (Ctrl-C stops it); log also in $log_file"
+      "$server_python" -m token2wav_server "${args[@]}" 2>&1 | tee -a "$log_file"
+      exit "${PIPESTATUS[0]}"
+    fi
+    log "serving in the foreground (Ctrl-C stops it); log on this output only (server_log=)"
+    exec "$server_python" -m token2wav_server "${args[@]}"
   fi
-  local status=0
-  server_launch start --pid-file "$(server_pid_file)" --log-file "$log_file" --url "$(server_client_http_url)" \
+  [ -n "$log_file" ] || log_file=$exp_dir/logs/reward_server.log
+  local status=0 url
+  url=$(server_client_http_url "$purpose")
+  server_launch start --pid-file "$(server_pid_file "$purpose")" --log-file "$log_file" --url "$url" \
     --timeout "$server_start_timeout" --python "$server_python" -- "${args[@]}" || status=$?
   case $status in
     0) ;;
-    3) die "the reward server exited during start-up; see $log_file" ;;
-    124) die "the reward server was not ready after ${server_start_timeout}s; see $log_file" ;;
-    *) die "could not start the reward server (token2wav_server.launch exit $status); see $log_file" ;;
+    3) die "the $purpose reward server exited during start-up; see $log_file" ;;
+    124) die "the $purpose reward server was not ready after ${server_start_timeout}s; see $log_file" ;;
+    *) die "could not start the $purpose reward server (token2wav_server.launch exit $status); see $log_file" ;;
   esac
-  server_started_here=true
-  log "reward server ready: $(server_client_http_url) (gRPC port $grpc_port); stop it with 'bash run.sh --stop-server'"
+  if [ "$purpose" = evaluation ]; then
+    eval_server_started_here=true
+    log "evaluation server ready: $url (gRPC port $grpc; --models all); stage 4 stops it when it ends"
+  else
+    server_started_here=true
+    log "reward server ready: $url (gRPC port $grpc); stop it with 'bash run.sh --stop-server'"
+  fi
 }
 
 server_launch() {
@@ -472,8 +533,36 @@ server_launch() {
 
 stop_server() {
   # SIGINT to the server's process group, up to 40 s, then SIGKILL of whatever is left of its
-  # session (a Triton worker whose front died), so no tritonserver keeps the ports
-  server_launch stop --pid-file "$(server_pid_file)" || true
+  # session (a Triton worker whose front died), so no tritonserver keeps the ports ($1: training|evaluation)
+  server_launch stop --pid-file "$(server_pid_file "${1:-training}")" || true
+  [ "${1:-training}" = evaluation ] && eval_server_started_here=false
+  return 0
+}
+
+evaluation_server_url() {
+  # stage 4's server, in $eval_url: eval_server_url= when set, else the stage 1 server when it serves the
+  # evaluation models (server_models=all), else an evaluation server of its own (start_server evaluation)
+  local needed=(--model "$eval_asr_model")
+  [ "${eval_similarity:-true}" = true ] && needed+=(--model speaker)
+  if [ -n "${eval_server_url:-}" ]; then
+    "$trainer_python" -m ttsrl.triton_client "${needed[@]}" "$eval_server_url" \
+      || die "eval_server_url $eval_server_url does not serve stage 4's models (${needed[*]}); start it with" \
+             "--models all, or leave eval_server_url empty and stage 4 starts one"
+    eval_url=$eval_server_url
+  elif "$trainer_python" -m ttsrl.triton_client "${needed[@]}" "$(first_server_url)" 2>/dev/null; then
+    eval_url=$(first_server_url)
+    log "stage 4 uses the reward server at $eval_url: it serves the evaluation models"
+  else
+    log "stage 4: the training server does not load the evaluation models (server_models=training);" \
+        "starting an evaluation server (--models all) on $server_host:$eval_grpc_port"
+    server_answers evaluation || start_server evaluation
+    local host=$server_host
+    [ "$host" = 0.0.0.0 ] && host=127.0.0.1
+    eval_url=grpc://$host:$eval_grpc_port
+    "$trainer_python" -m ttsrl.triton_client "${needed[@]}" "$eval_url" \
+      || die "the evaluation server at $eval_url does not serve ${needed[*]}: see $exp_dir/logs/eval_server.log" \
+             "(paraformer_dir, eval_sim_model: configs/default.sh)"
+  fi
 }
 
 # ---- stage 0: zero-shot prompts -------------------------------------------------------

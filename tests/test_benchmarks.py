@@ -63,3 +63,19 @@ def test_benchmark_imports_and_prints_its_usage_in_its_documented_environment(pa
                             timeout=300)
     assert result.returncode == 0, f"{venv}/bin/python {script}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     assert "usage:" in result.stdout
+
+
+def test_reward_routing_benchmark_runs_at_small_sizes():
+    """benchmarks/bench_reward_routing.py end to end at small sizes (one 2-slot stand-in server, so one
+    server start; a second per phase): every phase answers every rollout right, and the table has every
+    row. No timing asserted."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "benchmarks/bench_reward_routing.py",
+                             "--slots", "2", "--clients", "4", "--seconds", "1", "--warmup", "0.5",
+                             "--item-delay-ms", "20"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[2:]] == [
+        "| round robin", "| least work (ours)", "| least work, independent clients",
+        "| ideal: the capacities' sum (" + rows[-1].split("(", 1)[1].split(" | ")[0]]
+    assert all(row.split(" | ")[3] == "0" for row in rows[2:5])  # no failed rollout in any phase

@@ -261,3 +261,98 @@ echo "stage -1 returned"
                      env={"TTSRL_DEVICE": "cuda", "calls": str(tmp_path / "c2.txt"), "PATH": "/usr/bin:/bin"})
     assert essential.returncode == 1 and "stage -1 returned" not in essential.stdout
     assert "convert" not in (tmp_path / "c2.txt").read_text()
+
+
+# ---- stage 1 / 4: the servers' command lines from the config's knobs ------------------------------------------
+
+def fake_server_python(tmp_path: Path) -> Path:
+    """A 'python' that prints the command it was given (foreground: the server; else the launcher)."""
+    tool = tmp_path / "fake_python"
+    tool.write_text("#!/bin/sh\necho \"SERVER $*\"\n")
+    tool.chmod(0o755)
+    return tool
+
+
+def server_command(tmp_path: Path, call: str = "start_server", **knobs: str):
+    env = {"server_python": str(fake_server_python(tmp_path)), "trainer_python": str(REPO / ".venv/bin/python"),
+           "exp_dir": str(tmp_path / "exp"), "server_engines": "token2wav_server.standin:create_engines",
+           "server_foreground": "true", "n_gpus_per_node": "4", **knobs}
+    done = bash(f"source configs/default.sh; {call}", env=env)
+    line = next((line for line in done.stdout.splitlines() if "SERVER " in line), "")
+    return done, line.split("SERVER ", 1)[-1].split()
+
+
+def test_the_training_server_takes_the_gpu_defaults_and_loads_what_training_needs(tmp_path):
+    sim = tmp_path / "sim.pth"
+    sim.write_text("")
+    done, args = server_command(tmp_path, eval_sim_model=str(sim))
+    assert done.returncode == 0, done.stderr
+    assert args[args.index("--devices") + 1] == "0,1,2,3"  # every training GPU of the node, one instance each
+    assert args[args.index("--instances-per-device") + 1] == "1"
+    assert args[args.index("--models") + 1] == "training"
+    assert not {"--fp16", "--no-fp16", "--flow-batch", "--no-flow-batch", "--load-jit", "--load-trt"} & set(args)
+    assert "token2wav_server.engines_wavlm_sv:create_engines" not in args  # the SIM model is evaluation's
+    assert (tmp_path / "exp" / "logs" / "reward_server.log").read_text().startswith("SERVER ")
+
+
+def test_decoding_knobs_become_server_flags_and_bad_values_are_named(tmp_path):
+    done, args = server_command(tmp_path, server_fp16="false", server_flow_batch="true", server_load_jit="true",
+                                server_load_trt="false")
+    assert done.returncode == 0, done.stderr
+    assert [a for a in args if a.startswith("--") and ("fp16" in a or "flow" in a or "load" in a)] == [
+        "--no-fp16", "--flow-batch", "--load-jit"]
+    done, args = server_command(tmp_path, server_fp16="auto", server_flow_batch="false", server_load_trt="true")
+    assert "--no-flow-batch" in args and "--load-trt" in args and "--fp16" not in args
+    done, _ = server_command(tmp_path, server_fp16="maybe")
+    assert done.returncode != 0 and "server_fp16 must be auto, true or false, got 'maybe'" in done.stderr
+    done, _ = server_command(tmp_path, server_models="eval")
+    assert done.returncode == 1 and "server_models must be training or all, got 'eval'" in done.stderr
+
+
+def test_a_foreground_server_without_a_log_file_writes_to_its_output_only(tmp_path):
+    done, args = server_command(tmp_path, server_log="")
+    assert done.returncode == 0, done.stderr
+    assert "log on this output only (server_log=)" in done.stdout and args[0] == "-m"
+    assert not (tmp_path / "exp" / "logs" / "reward_server.log").exists()
+
+
+def test_stage_4s_evaluation_server_serves_every_model_on_its_own_ports(tmp_path):
+    sim = tmp_path / "sim.pth"
+    sim.write_text("")
+    done, args = server_command(tmp_path, "start_server evaluation; echo started=$eval_server_started_here",
+                                eval_sim_model=str(sim), eval_grpc_port="8111", eval_http_port="8110",
+                                eval_server_devices="2")
+    assert done.returncode == 0, done.stderr
+    # the launcher's command line: its own pid and log files, then the server's flags
+    assert args[:2] == ["-m", "token2wav_server.launch"]
+    assert args[args.index("--pid-file") + 1] == str(tmp_path / "exp" / "eval_server.pid")
+    assert args[args.index("--log-file") + 1] == str(tmp_path / "exp" / "logs" / "eval_server.log")
+    assert args[args.index("--url") + 1] == "http://127.0.0.1:8110"
+    server = args[args.index("--") + 1:]
+    assert server[server.index("--models") + 1] == "all" and server[server.index("--grpc-port") + 1] == "8111"
+    assert server[server.index("--devices") + 1] == "2"
+    assert "token2wav_server.engines_wavlm_sv:create_engines" in server  # the SIM model as 'speaker'
+    assert "evaluation server ready: http://127.0.0.1:8110" in done.stdout and "started=true" in done.stdout
+
+
+def test_stage_4_evaluates_on_a_server_that_serves_its_models(tmp_path, reward_server):
+    from token2wav_server.launch import free_ports
+
+    # the stage 1 server serves the evaluation models (server_models=all, as the stand-in server here): reused
+    done, _ = server_command(tmp_path, "evaluation_server_url; echo url=$eval_url",
+                             REWARD_SERVER_URL=reward_server.grpc_url)
+    assert done.returncode == 0, done.stderr
+    assert f"url={reward_server.grpc_url}" in done.stdout and "it serves the evaluation models" in done.stdout
+    # eval_server_url names a server without them: stopped, naming it and the models
+    dead = f"grpc://127.0.0.1:{free_ports(1)[0]}"
+    done, _ = server_command(tmp_path, "evaluation_server_url", eval_server_url=dead)
+    assert done.returncode == 1
+    assert f"eval_server_url {dead} does not serve stage 4's models (--model asr_eval --model speaker)" in done.stderr
+    # neither: stage 4 starts its own (here a fake launcher that starts nothing, so the check after it fails)
+    port = free_ports(1)[0]
+    done, args = server_command(tmp_path, "evaluation_server_url", REWARD_SERVER_URL=dead, eval_grpc_port=str(port),
+                                eval_http_port=str(free_ports(1)[0]), eval_similarity="false")
+    assert done.returncode == 1 and args[:2] == ["-m", "token2wav_server.launch"]
+    assert "starting an evaluation server (--models all)" in done.stdout
+    assert (f"the evaluation server at grpc://127.0.0.1:{port} does not serve --model asr_eval: see "
+            f"{tmp_path / 'exp' / 'logs' / 'eval_server.log'}") in done.stderr

@@ -52,6 +52,11 @@ def test_stop_server_without_a_running_server_says_so(tmp_path):
     done = run_sh("--stop-server", env={"exp_dir": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert f"no reward server pid file ({tmp_path / 'reward_server.pid'})" in done.stdout
+    # a stage 4 evaluation server left behind by a killed run is stopped too (its pid file goes)
+    (tmp_path / "eval_server.pid").write_text("999999999\n")
+    done = run_sh("--stop-server", env={"exp_dir": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "eval_server.pid").exists()
 
 
 # ---- stage 2: the training device (train_device) and --force --------------------------------------------

@@ -30,7 +30,9 @@ import sys
 
 from ttsrl.model_family import family_from_env
 
-from .engines import EngineOptions, create_engines, load_factory
+from .decode_settings import DecodeSettings, resolve
+from .engines import (ENGINE_FIELDS, MODEL_SETS, EngineOptions, create_engines, load_factory, parse_bool,
+                      select_engines, wanted_engines)
 from .http_guard import DEFAULT_MAX_BODY_MB, GuardLimits
 from .prompt_bank import load_prompts
 from .request_items import DEFAULT_MAX_TOKENS, Limits
@@ -88,9 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Whisper checkpoint served as asr_eval_en (e.g. whisper/large-v3.pt)")
     eng.add_argument("--speaker-model", default=None,
                      help="speaker-embedding model for engines that take one (CosyVoice2 engines use its campplus.onnx)")
-    eng.add_argument("--fp16", action="store_true", help="half precision flow/HiFT on CUDA")
-    eng.add_argument("--load-jit", action="store_true", help="CosyVoice2 JIT-exported flow encoder")
-    eng.add_argument("--load-trt", action="store_true", help="CosyVoice2 TensorRT flow decoder")
+    eng.add_argument("--models", choices=MODEL_SETS, default="all",
+                     help="training: token2wav, the reward ASR, the speech tokenizer and the engines of the weighted "
+                          "reward components only (run.sh stage 1); all: also the evaluation models "
+                          "(--asr-eval-dir, --asr-eval-en, the speaker/SIM model)")
+    eng.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                     help="the flow under fp16 autocast (CosyVoice3: HiFT too, as upstream); default: on with CUDA")
+    eng.add_argument("--flow-batch", action=argparse.BooleanOptionalAction, default=None,
+                     help="decode a dynamic batch through the flow in one pass; default: on with CUDA (unless "
+                          "--load-trt), off on the CPU (--engine-option flow_batch=true|false says the same)")
+    eng.add_argument("--load-jit", action="store_true", help="CosyVoice2's JIT-exported flow encoder (CUDA)")
+    eng.add_argument("--load-trt", action="store_true",
+                     help="TensorRT flow estimator built from the model dir's flow.decoder.estimator.fp32.onnx (CUDA)")
     eng.add_argument("--prompt-bank", default=None,
                      help="speaker prompts: a .wav, a .jsonl or a directory (default CosyVoice/asset/zero_shot_prompt.wav)")
     sched = parser.add_argument_group("scheduling")
@@ -140,7 +151,23 @@ def parse_engine_options(pairs: list[str]) -> dict:
     return extra
 
 
-def engine_options(args, device: str, need_speaker: bool) -> EngineOptions:
+def decode_settings(args, device: str) -> DecodeSettings:
+    """The effective decoding settings of a slot on ``device`` (decode_settings.resolve); the
+    flow_batch engine option stands for --flow-batch when the flag is not given."""
+    flow_batch = args.flow_batch
+    extra = parse_engine_options(args.engine_option)
+    if flow_batch is None and "flow_batch" in extra:
+        flow_batch = parse_bool(extra["flow_batch"], "--engine-option flow_batch")
+    return resolve(device, args.fp16, flow_batch, args.load_jit, args.load_trt)
+
+
+def served_engines(args, config) -> frozenset:
+    """The Engines fields this server loads (--models and the reward config's weights)."""
+    return wanted_engines(args.models, [name for name in config.weights if config.uses(name)])
+
+
+def engine_options(args, device: str, need_speaker: bool, engines: frozenset | None = None) -> EngineOptions:
+    settings = decode_settings(args, device)
     return EngineOptions(
         device=device,
         cosyvoice2_dir=args.cosyvoice2_dir,
@@ -148,12 +175,26 @@ def engine_options(args, device: str, need_speaker: bool) -> EngineOptions:
         asr_eval_dir=args.asr_eval_dir,
         asr_eval_en=args.asr_eval_en,
         speaker_model=args.speaker_model,
-        fp16=args.fp16,
-        load_jit=args.load_jit,
-        load_trt=args.load_trt,
+        fp16=settings.fp16,
+        load_jit=settings.load_jit,
+        load_trt=settings.load_trt,
+        flow_batch=settings.flow_batch,
         need_speaker=need_speaker,
-        extra=parse_engine_options(args.engine_option),
+        # flow_batch is resolved above (the engine option stands for --flow-batch)
+        extra={k: v for k, v in parse_engine_options(args.engine_option).items() if k != "flow_batch"},
+        engines=engines,
     )
+
+
+def describe_settings(args, config) -> str:
+    """The effective settings a server starts with, for its log."""
+    if args.models == "training":
+        lines = [f"--models training: loads {', '.join(sorted(served_engines(args, config)))} "
+                 "(evaluation models not loaded: --models all serves them)"]
+    else:
+        lines = ["--models all: every engine the factory builds, the evaluation models given too"]
+    lines += ["decoding " + decode_settings(args, device).describe() for device in parse_devices(args.devices)]
+    return "; ".join(lines)
 
 
 def build_pipelines(args) -> list[Pipeline]:
@@ -163,11 +204,23 @@ def build_pipelines(args) -> list[Pipeline]:
     limits = Limits(max_tokens=args.max_tokens)
     if args.instances_per_device < 1:
         raise ValueError("--instances-per-device must be >= 1")
+    wanted = served_engines(args, config)
     pipelines = []
     for device in parse_devices(args.devices):
         for instance in range(args.instances_per_device):
-            LOGGER.info("loading engines %s on %s (instance %d)", args.engines, device, instance)
-            engines = create_engines(engine_options(args, device, config.uses("similarity")), args.engines)
+            settings = decode_settings(args, device)
+            LOGGER.info("loading engines %s on %s (instance %d): %s", args.engines, device, instance,
+                        settings.describe())
+            for note in settings.notes:
+                LOGGER.warning("%s", note)
+            options = engine_options(args, device, config.uses("similarity"), wanted)
+            engines, dropped = select_engines(create_engines(options, args.engines), wanted)
+            if dropped:
+                LOGGER.warning("%s built %s though --models %s does not serve them (their memory is spent: the "
+                               "factory should ask options.wants(name)); not served", args.engines,
+                               ", ".join(dropped), args.models)
+            LOGGER.info("%s instance %d serves engines: %s", device, instance,
+                        ", ".join(name for name in ENGINE_FIELDS if getattr(engines, name) is not None))
             slot = Slot(engines, prompts, need_speaker=config.uses("similarity"))
             pipelines.append(Pipeline(slot, config, limits))
     LOGGER.info("%d slot(s), %d prompt(s), reward config %s%s: %s", len(pipelines), len(prompts), args.reward_config,
@@ -198,13 +251,14 @@ def warn_if_exposed(host: str) -> bool:
 def front_checks(args) -> tuple:
     """Check what the front can check cheaply before it binds any port (the worker loads
     the engines): reward config and preset, devices, engine factory, limits and policy."""
-    load_reward_config(args.reward_config, args.reward_preset)
-    parse_devices(args.devices)
-    parse_engine_options(args.engine_option)
+    config = load_reward_config(args.reward_config, args.reward_preset)
+    for device in parse_devices(args.devices):
+        decode_settings(args, device)  # conflicting decoding options stop here, before any port is bound
+    served_engines(args, config)
     load_factory(args.engines)
     if args.instances_per_device < 1:
         raise ValueError("--instances-per-device must be >= 1")
-    limits = GuardLimits(max_body_bytes=int(args.http_max_body_mb * 1024 * 1024))
+    limits = GuardLimits(max_body_bytes=int(args.http_max_body_mb * 1024 * 1024), max_items=args.max_batch_size)
     policy = RestartPolicy(max_restarts=args.max_restarts if args.supervise else 0,
                            window_s=args.restart_window_s, backoff_initial_s=args.restart_backoff_s,
                            backoff_max_s=max(30.0, args.restart_backoff_s), hang_timeout_s=args.hang_timeout_s)
@@ -218,6 +272,8 @@ def run_front(args, argv: list[str]) -> int:
     except CONFIG_ERRORS as error:
         LOGGER.error("cannot start: %s", error)
         return EXIT_CONFIG_ERROR
+    LOGGER.info("effective settings: %s", describe_settings(args, load_reward_config(args.reward_config,
+                                                                                       args.reward_preset)))
     worker_command = [sys.executable, "-m", "token2wav_server", *argv, "--worker"]
     front = FrontConfig(host=args.host, http_port=args.http_port, metrics_port=args.metrics_port,
                         http_guard=args.http_guard, limits=limits)

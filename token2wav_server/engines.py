@@ -44,6 +44,15 @@ optional English one (Whisper-large-v3, engines_whisper) served as ``asr_eval_en
 optional second ``SpeakerEngine`` for the reward's speaker similarity, so the reward and the
 evaluation's SIM can use different models (engines_wavlm_sv: CAM++ for the reward, WavLM for
 the ``speaker`` model); without it the reward uses ``speaker``.
+
+Which engines a server loads (``--models``, ``EngineOptions.engines``): a server for training
+(``--models training``, what run.sh's stage 1 starts) needs token2wav, the reward ASR, the speech
+tokenizer (stage 0's prompt tokens) and the engines of the reward components its config weights
+(``COMPONENT_ENGINES``: a component with weight 0 loads nothing); evaluation models
+(``EVALUATION_ENGINES``) only with ``--models all``. ``wanted_engines`` says which, factories ask
+``options.wants(name)`` before they load one, and ``select_engines`` drops whatever a factory
+built that is not wanted. A new reward component (a plug-in) adds its engine to
+``COMPONENT_ENGINES`` and is loaded exactly when its weight is not 0.
 """
 from __future__ import annotations
 
@@ -143,6 +152,53 @@ class Engines:
                 raise TypeError(f"engine {name!r} ({type(engine).__name__}) does not implement {protocol.__name__}")
 
 
+ENGINE_FIELDS = ("token2wav", "asr", "speaker", "asr_eval", "speech_tokenizer", "reward_speaker", "asr_eval_en")
+"""The fields of ``Engines``: what a factory can build."""
+TRAINING_ENGINES = ("token2wav", "asr", "speech_tokenizer")
+"""Loaded by every server: decoding, the reward's ASR (the error rate is always computed) and
+the speech tokenizer (stage 0's prompt speech tokens; part of CosyVoice's token2wav features)."""
+COMPONENT_ENGINES = {"error_rate": ("asr",), "confidence": ("asr",), "similarity": ("reward_speaker",)}
+"""The engines each reward component (reward_scoring.COMPONENTS) needs: loaded when its weight
+is not 0. ``reward_speaker`` is whichever speaker engine the reward measures similarity with."""
+EVALUATION_ENGINES = ("asr_eval", "asr_eval_en", "speaker")
+"""Served for stage 4 only (Paraformer, Whisper, the SIM model): ``--models all``."""
+MODEL_SETS = ("training", "all")
+"""``--models`` values."""
+
+
+def wanted_engines(models: str, weighted_components) -> frozenset:
+    """The ``Engines`` fields a server loads: ``models`` "all" every one; "training" the
+    TRAINING_ENGINES plus the COMPONENT_ENGINES of each weighted component."""
+    if models not in MODEL_SETS:
+        raise ValueError(f"--models {models!r}: expected one of {', '.join(MODEL_SETS)}")
+    if models == "all":
+        return frozenset(ENGINE_FIELDS)
+    wanted = set(TRAINING_ENGINES)
+    for component in weighted_components:
+        if component not in COMPONENT_ENGINES:
+            raise ValueError(f"reward component {component!r} has no entry in "
+                             "token2wav_server.engines.COMPONENT_ENGINES (which engines does it need?)")
+        wanted.update(COMPONENT_ENGINES[component])
+    return frozenset(wanted)
+
+
+def select_engines(engines: "Engines", wanted) -> tuple:
+    """(engines with only the ``wanted`` fields, the optional fields dropped). A reward speaker
+    that is wanted comes from ``speaker`` when the factory made no separate one (a family's own
+    CAM++ serves both), so dropping the evaluation's ``speaker`` keeps the reward's."""
+    wanted = frozenset(wanted)
+    changes = {}
+    if ("reward_speaker" in wanted and "speaker" not in wanted and engines.reward_speaker is None
+            and engines.speaker is not None):
+        changes["reward_speaker"] = engines.speaker
+    dropped = []
+    for name in ENGINE_FIELDS:
+        if name not in wanted and getattr(engines, name) is not None and name not in ("token2wav", "asr"):
+            changes[name] = None
+            dropped.append(name)
+    return (dataclasses.replace(engines, **changes) if changes else engines), dropped
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
     """What a factory gets. ``extra`` holds ``--engine-option KEY=VALUE`` pairs (strings)."""
@@ -158,9 +214,25 @@ class EngineOptions:
     load_trt: bool = False
     need_speaker: bool = False  # the reward config uses speaker similarity
     extra: dict = dataclasses.field(default_factory=dict)
+    flow_batch: bool = False  # decode a dynamic batch through the flow in one pass (decode_settings)
+    engines: Optional[frozenset] = None  # Engines fields to load (wanted_engines); None: every one
+
+    def wants(self, name: str) -> bool:
+        """Whether the server serves engine ``name`` (a factory loads nothing it does not want)."""
+        return self.engines is None or name in self.engines
 
 
 EngineFactory = Callable[[EngineOptions], Engines]
+
+
+def parse_bool(value, what: str) -> bool:
+    """A ``true|false`` option value (also 1/0, yes/no, on/off); ``what`` names it in the error."""
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{what}={value!r}: expected true or false")
 
 
 def load_factory(spec: str) -> EngineFactory:

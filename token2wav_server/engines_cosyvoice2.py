@@ -8,10 +8,13 @@
   speaker prompt is turned once into its flow prompt tokens, mel features and speaker
   embedding (what ``frontend.frontend_zero_shot`` computes, from CosyVoice's own feature
   extractor, speech tokenizer and CAM++ sessions); requests reuse them. The flow runs
-  under fp16 autocast with ``--fp16`` on CUDA; HiFT always runs in fp32 outside autocast,
-  as upstream does (its STFT/ISTFT is fragile in reduced precision).
+  under fp16 autocast with ``--fp16`` (the default on CUDA); HiFT always runs in fp32 outside
+  autocast, as upstream ``CosyVoice2Model.token2wav`` does (its STFT/ISTFT is fragile in reduced
+  precision). ``--load-jit`` / ``--load-trt`` go through ``CosyVoice2(load_jit, load_trt)``:
+  upstream loads ``flow.encoder.{fp16,fp32}.zip`` and builds the TensorRT plan of the flow
+  estimator from ``flow.decoder.estimator.fp32.onnx`` on first use.
   A dynamic batch is decoded item by item (``flow.inference`` is written for batch 1), or,
-  with ``--engine-option flow_batch=true``, in one pass: the flow encoder per item (it is
+  with ``--flow-batch`` (the default on CUDA), in one pass: the flow encoder per item (it is
   not padding-invariant), then one padded classifier-free-guidance batch through the
   flow decoder's estimator (``decode_flow_batch``).
 - asr: SenseVoiceSmall via FunASR from ``--sensevoice-dir`` (``engines_sensevoice``).
@@ -44,7 +47,7 @@ import pathlib
 
 import numpy as np
 
-from .engines import EngineOptions, Engines, SpeakerPrompt
+from .engines import EngineOptions, Engines, SpeakerPrompt, parse_bool
 from .engines_sensevoice import check_model_dir, paraformer, sensevoice
 from .prompt_bank import PromptBankError, check_prompt
 
@@ -108,14 +111,7 @@ def _import_cosyvoice2():
 def parse_bool_option(options: EngineOptions, key: str, default: bool = False) -> bool:
     """An ``--engine-option KEY=true|false`` value."""
     value = options.extra.get(key)
-    if value is None:
-        return default
-    lowered = str(value).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"--engine-option {key}={value!r}: expected true or false")
+    return default if value is None else parse_bool(value, f"--engine-option {key}")
 
 
 def device_scope(device):
@@ -226,11 +222,15 @@ def _call_with_supported(function, **kwargs):
     return function(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def _flow_autocast(device, fp16: bool):
+def fp16_autocast(device, fp16: bool):
+    """Upstream's ``--fp16``: ``torch.autocast`` in float16 (mixed precision; the weights stay
+    fp32) on the slot's device type. The server turns fp16 off on the CPU
+    (token2wav_server.decode_settings); an engine built with fp16 on the CPU (tests of the GPU
+    branch) runs the same code under the CPU's float16 autocast."""
     import torch
 
-    if torch.device(device).type == "cuda" and fp16:
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    if fp16:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 
@@ -338,7 +338,7 @@ class CosyVoice2Token2Wav:
         self.device = torch.device(device)
         if flow_batch and load_trt:
             raise ValueError("flow_batch=true needs the PyTorch flow estimator; CosyVoice's TensorRT estimator "
-                             "(--load-trt) takes batch 1 only")
+                             "(--load-trt) takes one classifier-free-guidance pair (batch 2) only")
         if cosyvoice is None:
             directory = check_cosyvoice2_dir(model_dir, load_jit=load_jit, fp16=fp16, load_trt=load_trt)
             CosyVoice2 = _import_cosyvoice2()
@@ -351,8 +351,12 @@ class CosyVoice2Token2Wav:
         self.cosyvoice = cosyvoice
         self.features = CosyVoice2Features(cosyvoice.frontend, self.device)
         self.sample_rate = int(cosyvoice.sample_rate)
-        self.fp16 = fp16 and self.device.type == "cuda"
+        self.fp16 = fp16
         self.flow_batch = flow_batch
+        LOGGER.info("CosyVoice2 token2wav on %s: flow %s%s%s, HiFT fp32 outside autocast (as upstream "
+                    "CosyVoice2Model.token2wav), flow_batch %s", self.device,
+                    "under fp16 autocast" if fp16 else "fp32", ", JIT flow encoder" if load_jit else "",
+                    ", TensorRT estimator" if load_trt else "", "on" if flow_batch else "off")
 
     def _pin_to_device(self, cosyvoice, speech_tokenizer_path: str) -> None:
         model, frontend = cosyvoice.model, cosyvoice.frontend
@@ -376,7 +380,7 @@ class CosyVoice2Token2Wav:
         import torch
 
         tokens = [self._token_tensor(t) for t in token_batch]
-        with torch.inference_mode(), device_scope(self.device), _flow_autocast(self.device, self.fp16):
+        with torch.inference_mode(), device_scope(self.device), fp16_autocast(self.device, self.fp16):
             if self.flow_batch and len(tokens) > 1:
                 return decode_flow_batch(self.cosyvoice.model.flow, tokens, prompts)
             return [decode_flow_one(self.cosyvoice.model.flow, token, prompt) for token, prompt in zip(tokens, prompts)]
@@ -423,28 +427,37 @@ class CosyVoice2SpeechTokenizer:
 
 
 def check_asr_files(options: EngineOptions) -> None:
-    """The ASR model files of ``options`` exist (checked before any model loads)."""
+    """The ASR model files of ``options`` exist (checked before any model loads); the evaluation
+    ASRs only where the server loads them (``options.wants``)."""
     from .engines_whisper import check_whisper_checkpoint  # imports whisper only when used
 
     check_model_dir(options.sensevoice_dir, "--sensevoice-dir", "the SenseVoice ASR engine")
-    if options.asr_eval_dir:
+    if options.asr_eval_dir and options.wants("asr_eval"):
         check_model_dir(options.asr_eval_dir, "--asr-eval-dir", "the evaluation ASR engine")
-    if options.asr_eval_en:
+    if options.asr_eval_en and options.wants("asr_eval_en"):
         check_whisper_checkpoint(options.asr_eval_en)
 
 
 def engines_around(token2wav, options: EngineOptions) -> Engines:
     """What every CosyVoice family serves around its token2wav: SenseVoice (reward ASR), CAM++ from
-    the model dir (speaker), the evaluation ASRs when given, and the family's speech tokenizer
+    the model dir (speaker; the token2wav's own frontend session, so it costs nothing more), the
+    evaluation ASRs when given and wanted (``--models all``), and the family's speech tokenizer
     (the ONNX file its features load: v2 or v3)."""
     from .engines_whisper import whisper_asr
 
+    def wanted(name: str, path) -> bool:
+        return bool(path) and options.wants(name)
+
+    campplus = CampplusSpeaker(token2wav)
     return Engines(
         token2wav=token2wav,
         asr=sensevoice(options.sensevoice_dir, options.device),
-        speaker=CampplusSpeaker(token2wav),
-        asr_eval=paraformer(options.asr_eval_dir, options.device) if options.asr_eval_dir else None,
-        asr_eval_en=whisper_asr(options.asr_eval_en, options.device) if options.asr_eval_en else None,
+        # the evaluation's speaker model, or only the reward's (a training server weighting similarity)
+        speaker=campplus if options.wants("speaker") else None,
+        reward_speaker=campplus if options.wants("reward_speaker") and not options.wants("speaker") else None,
+        asr_eval=paraformer(options.asr_eval_dir, options.device) if wanted("asr_eval", options.asr_eval_dir) else None,
+        asr_eval_en=(whisper_asr(options.asr_eval_en, options.device) if wanted("asr_eval_en", options.asr_eval_en)
+                     else None),
         speech_tokenizer=CosyVoice2SpeechTokenizer(token2wav),
     )
 
@@ -452,9 +465,10 @@ def engines_around(token2wav, options: EngineOptions) -> Engines:
 def create_engines(options: EngineOptions) -> Engines:
     """Factory for ``--engines token2wav_server.engines_cosyvoice2:create_engines``.
 
-    Engine options: ``flow_batch=true`` decodes a dynamic batch through the flow decoder in
-    one pass (``decode_flow_batch``); default false (item by item, as upstream)."""
-    flow_batch = parse_bool_option(options, "flow_batch")
+    ``options.flow_batch`` (``--flow-batch``; the engine option ``flow_batch=true|false`` says the
+    same for callers that build EngineOptions themselves) decodes a dynamic batch through the flow
+    decoder in one pass (``decode_flow_batch``); otherwise item by item, as upstream."""
+    flow_batch = parse_bool_option(options, "flow_batch", default=options.flow_batch)
     check_cosyvoice2_dir(options.cosyvoice2_dir, load_jit=options.load_jit, fp16=options.fp16,
                          load_trt=options.load_trt)
     check_asr_files(options)

@@ -34,7 +34,9 @@ Use it through the factory::
 which builds the ``base_engines`` and serves this engine as their ``speaker`` (the
 evaluation's SIM; ``sim_model`` defaults to ``--speaker-model``), keeping the base engines'
 own speaker engine (CosyVoice2's CAM++) as ``reward_speaker``: the training reward's
-similarity stays CosyVoice's own, the evaluation's is Seed-TTS-eval's.
+similarity stays CosyVoice's own, the evaluation's is Seed-TTS-eval's. A server that does not
+serve the ``speaker`` model (``--models training``) gets the base engines alone: the WavLM
+model is never loaded there.
 """
 from __future__ import annotations
 
@@ -415,5 +417,7 @@ def create_engines(options):
         raise ValueError("engines_wavlm_sv needs the speaker model: --engine-option sim_model=PATH "
                          "(Seed-TTS-eval's wavlm_large_finetune.pth) or --speaker-model PATH")
     engines = build(options, spec)
+    if not options.wants("speaker"):
+        return engines  # a training server (--models training): the SIM model is evaluation's only
     return dataclasses.replace(engines, speaker=WavLMEcapaSpeaker(checkpoint, options.device),
                                reward_speaker=engines.similarity_speaker)

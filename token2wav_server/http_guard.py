@@ -10,6 +10,10 @@ endpoint listens on a loopback port only, and this guard owns the public one:
 - the JSON part of a body (all of it, or the first ``Inference-Header-Content-Length``
   bytes of a binary-protocol request) must parse with Python's ``json`` and nest at most
   ``max_json_depth`` levels, else 400;
+- an inference request (``POST .../infer``) whose input carries more items (its shape's first
+  dimension) than the server takes per request (``max_items``: ``--max-batch-size``) is
+  refused with 400 naming the input, its shape and the limit (Triton's own answer, over gRPC,
+  says only ``inference request batch-size must be <= N``);
 - everything else is forwarded unchanged (method, path, query, headers, body) and
   Triton's answer is streamed back unchanged (status, headers, binary outputs);
 - while Triton is down (the supervisor is restarting it) requests get 503, so clients
@@ -55,6 +59,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 class GuardLimits:
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 1024 * 1024
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    max_items: int = 0  # items per inference request (--max-batch-size); 0: not checked here
 
     def __post_init__(self):
         if self.max_body_bytes < 1:
@@ -114,6 +119,24 @@ def check_body(headers: Mapping[str, str], body: bytes, max_depth: int = DEFAULT
         return None
     reason = check_json(body, max_depth)
     return None if reason is None else f"request body is {reason}"
+
+
+def check_items(headers: Mapping[str, str], body: bytes, max_items: int) -> Optional[str]:
+    """Why an inference request (its JSON, already checked by ``check_body``) carries too many
+    items, or None. The items are each input's first dimension (Triton's batch dimension)."""
+    length = headers.get(HEADER_LENGTH)
+    try:
+        request = json.loads(body[:int(length)] if length is not None else body) if body else {}
+    except ValueError:
+        return None  # check_body has passed it: nothing more to say here
+    inputs = request.get("inputs") if isinstance(request, dict) else None
+    for tensor in inputs if isinstance(inputs, list) else []:
+        shape = tensor.get("shape") if isinstance(tensor, dict) else None
+        if isinstance(shape, list) and shape and isinstance(shape[0], int) and shape[0] > max_items:
+            return (f"input {tensor.get('name')!r} has {shape[0]} items (the first dimension of its shape {shape}): "
+                    f"this reward server takes at most {max_items} items per request (--max-batch-size; the model "
+                    "config's max_batch_size); send them in several requests")
+    return None
 
 
 def error_response(status: int, message: str):
@@ -207,6 +230,10 @@ class HttpGuard:
         if reason is not None:
             LOGGER.debug("refused %s %s: %s", request.method, request.path, reason)
             return self._refuse("bad_json", 400, reason)
+        if self.limits.max_items and request.method == "POST" and request.path.endswith("/infer"):
+            reason = check_items(request.headers, body, self.limits.max_items)
+            if reason is not None:
+                return self._refuse("too_many_items", 400, reason)
         upstream = self.upstream()
         if upstream is None:
             return self._refuse("triton_down", 503, "the reward server's Triton process is restarting; retry shortly")

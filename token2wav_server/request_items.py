@@ -9,7 +9,8 @@ Token models (``token2wav``, ``token2wav_asr``): TOKENS (padded) with TOKEN_LENS
 and optionally each row's own speaker prompt: PROMPT_WAV (FP32, padded), PROMPT_WAV_LENS,
 PROMPT_SAMPLE_RATE and PROMPT_TEXT, checked like a bank prompt (``prompt_bank.check_prompt``).
 A row with PROMPT_WAV_LENS 0 (or a request without PROMPT_WAV) takes a prompt of the bank,
-chosen by the request parameter ``prompt`` or by its tokens. ``token2wav_asr`` also takes an
+chosen by the request parameter ``prompt`` or by its tokens; a row with its own PROMPT_WAV in
+a request that also names a bank prompt is refused (the prompt given both ways). ``token2wav_asr`` also takes an
 optional LANGUAGE (BYTES, one per row: zh, en, ja, ko or an alias, ``ttsrl.language``) that
 picks the row's error metric; an empty cell or a request without LANGUAGE (older clients)
 scores as before (the configured metric). Waveform models (``asr``,
@@ -209,6 +210,12 @@ def token_items(requests: list, parameters: list, limits: Limits, bank: PromptBa
                 if languages is not None:
                     item.language = parse_language(languages[row])
                 item.speaker_prompt = prompt_rows.prompt(row)
+                if item.speaker_prompt is not None and prompt_name:
+                    raise ItemError(
+                        f"the speaker prompt is given both ways: request parameter '{PROMPT_PARAMETER}' "
+                        f"({prompt_name!r}, a prompt of the bank) and this row's PROMPT_WAV "
+                        f"({item.speaker_prompt.wave.size} samples); send one (PROMPT_WAV_LENS 0 takes the named "
+                        "bank prompt for a row)")
                 if item.speaker_prompt is None:
                     item.prompt = bank.choose(item.tokens, str(prompt_name) if prompt_name else None)
                     item.prompt_name = BANK_PROMPT_PREFIX + bank.names[item.prompt]

@@ -57,7 +57,10 @@ records the prepared prompt (``StandinPrompt(name, voice)``) of each synthesized
 (``last_prompts``) so tests can check prompts are prepared once and chosen
 deterministically; it synthesizes each item in its prompt's voice. Options
 (``--engine-option KEY=VALUE``): ``delay_ms`` sleeps that long per batch in each
-engine, to imitate model cost; ``tokens_per_char`` and ``voice_tokens`` as above.
+engine, to imitate model cost; ``item_delay_ms`` sleeps that long per item in token2wav (a
+slot then serves at most 1000 / item_delay_ms items/s, however the items are batched: what
+``benchmarks/bench_reward_routing.py`` gives each server); ``tokens_per_char`` and
+``voice_tokens`` as above.
 """
 from __future__ import annotations
 
@@ -210,8 +213,9 @@ def _sleep(delay_ms: float) -> None:
 class StandinToken2Wav:
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, delay_ms: float = 0.0, voice_tokens: bool = False):
+    def __init__(self, delay_ms: float = 0.0, voice_tokens: bool = False, item_delay_ms: float = 0.0):
         self.delay_ms = delay_ms
+        self.item_delay_ms = item_delay_ms
         self.voice_tokens = voice_tokens
         self.prepared_prompts = 0
         self.last_prompts: list = []
@@ -221,7 +225,7 @@ class StandinToken2Wav:
         return StandinPrompt(prompt.name, prompt_voice(prompt.wave))
 
     def synthesize(self, token_batch: list, prompts: list) -> list:
-        _sleep(self.delay_ms)
+        _sleep(self.delay_ms + self.item_delay_ms * len(token_batch))
         self.last_prompts = list(prompts)
         if self.voice_tokens:  # the tokens carry the voice; the prompt's is not used
             return [tokens_to_wave(*split_voice(tokens)) for tokens in token_batch]
@@ -300,13 +304,18 @@ def create_engines(options: EngineOptions | None = None) -> Engines:
 
     options = options or EngineOptions()
     delay_ms = float(options.extra.get("delay_ms", 0.0))
+    item_delay_ms = float(options.extra.get("item_delay_ms", 0.0))
+    if delay_ms < 0 or item_delay_ms < 0:
+        raise ValueError(f"--engine-option delay_ms={delay_ms:g} / item_delay_ms={item_delay_ms:g}: must be >= 0")
     tokens_per_char = int(options.extra.get("tokens_per_char", 1))
     voice_tokens = parse_bool_option(options, "voice_tokens")
+    speaker = StandinSpeaker(voice_tokens)
     return Engines(
-        token2wav=StandinToken2Wav(delay_ms, voice_tokens),
+        token2wav=StandinToken2Wav(delay_ms, voice_tokens, item_delay_ms),
         asr=StandinAsr(delay_ms, tokens_per_char),
-        speaker=StandinSpeaker(voice_tokens),
-        asr_eval=StandinAsr(delay_ms, tokens_per_char),
+        speaker=speaker if options.wants("speaker") else None,
+        reward_speaker=speaker if options.wants("reward_speaker") and not options.wants("speaker") else None,
+        asr_eval=StandinAsr(delay_ms, tokens_per_char) if options.wants("asr_eval") else None,
         speech_tokenizer=StandinSpeechTokenizer(voice_tokens),
     )
 

@@ -178,7 +178,8 @@ class Supervisor:
         if self.front.http_guard:
             lines += ["# HELP token2wav_server_http_requests_total Requests on the public HTTP port, by outcome.",
                       "# TYPE token2wav_server_http_requests_total counter"]
-            for outcome in ("forwarded", "too_large", "bad_json", "bad_http", "triton_down", "triton_failed"):
+            for outcome in ("forwarded", "too_large", "bad_json", "too_many_items", "bad_http", "triton_down",
+                            "triton_failed"):
                 lines.append(f'token2wav_server_http_requests_total{{outcome="{outcome}"}} '
                              f"{self.guard.counts[outcome]}")
         return "\n".join(lines) + "\n"

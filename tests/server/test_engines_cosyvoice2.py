@@ -206,3 +206,45 @@ def test_cosyvoice_source_comes_from_env_or_the_pinned_archive_else_an_error(mon
     monkeypatch.setenv("cosyvoice_src", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a CosyVoice checkout"):
         builder.find_cosyvoice_source()
+
+
+def test_fp16_branch_rehearsed_on_the_cpu(real_models, token2wav, zero_shot_prompt):
+    """--fp16 (the default on CUDA) on the CPU, changing only what a CPU forces (the autocast's
+    device type: the CPU's float16 autocast instead of CUDA's): the flow runs in mixed precision,
+    one by one and batched alike, and HiFT stays in fp32 outside autocast, as upstream
+    CosyVoice2Model.token2wav runs it (the same mel vocodes to the same samples)."""
+    half = CosyVoice2Token2Wav(str(real_models.cosyvoice2_dir), "cpu", fp16=True, cosyvoice=token2wav.cosyvoice)
+    # a 1 s prompt keeps the flow short (CPU float16 is slow)
+    prepared = token2wav.prepare_prompt(SpeakerPrompt("short", zero_shot_prompt.wave[:16000], 16000, "希望"))
+    rng = np.random.default_rng(4)
+    batch = [rng.integers(0, 6561, n) for n in (7, 4)]
+    full_mels = token2wav.mels(batch, [prepared] * 2)
+    half_mels = half.mels(batch, [prepared] * 2)
+    for full, mixed in zip(full_mels, half_mels):
+        assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
+        assert 0 < (mixed - full).abs().max() < 0.05 * full.abs().max()  # fp16 rounding: changed, not broken
+    half.flow_batch = True
+    for serial, batched in zip(half_mels, half.mels(batch, [prepared] * 2)):
+        torch.testing.assert_close(batched, serial, rtol=0, atol=0.05 * float(serial.abs().max()))
+    torch.manual_seed(0)
+    reference = token2wav.vocode(full_mels[0])
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(half.vocode(full_mels[0]), reference)
+
+
+def test_a_training_server_gets_no_evaluation_models_from_the_factory(real_models):
+    """What the factory loads for --models training: no Paraformer even when --asr-eval-dir is given,
+    no evaluation speaker model; CAM++ as the reward's speaker only when similarity is weighted."""
+    from token2wav_server.engines import wanted_engines
+
+    def build(components):
+        return engines_cosyvoice2.create_engines(EngineOptions(
+            cosyvoice2_dir=str(real_models.cosyvoice2_dir), sensevoice_dir=str(real_models.sensevoice_dir),
+            asr_eval_dir=str(real_models.paraformer_dir), engines=wanted_engines("training", components)))
+
+    plain = build(["error_rate"])
+    assert plain.asr_eval is None and plain.speaker is None and plain.reward_speaker is None
+    assert plain.speech_tokenizer is not None and plain.asr is not None
+    zero_shot = build(["error_rate", "similarity"])
+    assert zero_shot.speaker is None and isinstance(zero_shot.reward_speaker, CampplusSpeaker)
+    assert zero_shot.similarity_speaker is zero_shot.reward_speaker

@@ -128,6 +128,49 @@ def test_one_by_one_equals_upstream_cosyvoice3_model_token2wav(token2wav, prompt
     assert np.abs(ours).max() > 1e-3
 
 
+def test_fp16_runs_the_flow_and_hift_under_autocast_as_upstream(token2wav, prompts):
+    """--fp16 (the default on CUDA) on the CPU, changing only what a CPU forces (the autocast's
+    device type): what the engine decodes equals upstream CosyVoice3Model.token2wav under the
+    same float16 autocast, flow and HiFT both inside it, and differs from fp32 by fp16 rounding."""
+    from cosyvoice.cli.model import CosyVoice3Model
+
+    upstream = CosyVoice3Model(None, token2wav.flow, token2wav.hift, fp16=False)  # its own autocast is CUDA's
+    upstream.device = torch.device("cpu")
+    tokens, prompt = _tokens(6, (21,))[0], prompts[0]
+    torch.manual_seed(0)
+    full = token2wav.synthesize([tokens], [prompt])[0]
+    batch = _tokens(7, (12, 25))
+    serial = token2wav.mels(batch, [prompt] * 2)
+    token2wav.fp16 = True  # the same engine with --fp16
+    try:
+        torch.manual_seed(0)
+        ours = token2wav.synthesize([tokens], [prompt])[0]
+        token2wav.flow_batch = True
+        batched = token2wav.mels(batch, [prompt] * 2)
+    finally:
+        token2wav.fp16 = token2wav.flow_batch = False
+    upstream.hift_cache_dict["u"] = None
+    torch.manual_seed(0)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
+        theirs = upstream.token2wav(torch.as_tensor(tokens, dtype=torch.int32).reshape(1, -1),
+                                    prompt["flow_prompt_speech_token"], prompt["prompt_speech_feat"],
+                                    prompt["flow_embedding"], token_offset=0, uuid="u", stream=False, finalize=True)
+    np.testing.assert_allclose(ours, theirs.float().reshape(-1).numpy(), rtol=0, atol=1e-3)
+    assert np.isfinite(ours).all() and 0 < np.abs(ours - full).max()
+    for one, many in zip(serial, batched):
+        torch.testing.assert_close(many, one, rtol=0, atol=0.05 * float(one.abs().max()))
+
+
+def test_tensorrt_goes_through_upstreams_load_trt(token2wav, cosyvoice3_models):
+    """--load-trt hands the engine's own DiT flow to upstream's CosyVoice3Model.load_trt (plan and ONNX
+    names as upstream builds them); on the CPU that is as far as it goes: upstream's own CUDA check."""
+    estimator = token2wav.flow.decoder.estimator
+    with pytest.raises(AssertionError, match="tensorrt only supports gpu"):
+        engines_cosyvoice3.load_trt_estimator(token2wav.flow, token2wav.hift, cosyvoice3_models["cosyvoice3"],
+                                              torch.device("cpu"), fp16=True)
+    assert token2wav.flow.decoder.estimator is estimator  # nothing replaced
+
+
 def test_batched_dit_decoding_matches_item_by_item(token2wav, prompts):
     """The DiT run once per Euler step for a padded batch gives the mel flow.inference gives
     per item. Measured difference: under 1e-6 on mels of magnitude ~4 (float32 rounding).
@@ -211,8 +254,17 @@ def test_factory_options(cosyvoice3_models):
     with pytest.raises(FileNotFoundError, match=r"CosyVoice3 token2wav engine needs --engine-option cosyvoice3_dir"):
         engines_cosyvoice3.create_engines(EngineOptions(sensevoice_dir=sensevoice))
     model_dir = {"cosyvoice3_dir": str(cosyvoice3_models["cosyvoice3"])}
-    with pytest.raises(ValueError, match="--load-jit/--load-trt: not supported by the CosyVoice3 engines"):
+    with pytest.raises(ValueError, match="--load-jit: CosyVoice3 has no JIT-exported flow encoder"):
+        engines_cosyvoice3.create_engines(EngineOptions(sensevoice_dir=sensevoice, load_jit=True, extra=model_dir))
+    # TensorRT goes through upstream's export: without the estimator's ONNX the error says how to make it
+    with pytest.raises(FileNotFoundError, match=r"flow.decoder.estimator.fp32.onnx \(the DiT estimator's ONNX that "
+                                                r"--load-trt builds its TensorRT plan from: python "
+                                                r"CosyVoice/cosyvoice/bin/export_onnx.py --model_dir "):
         engines_cosyvoice3.create_engines(EngineOptions(sensevoice_dir=sensevoice, load_trt=True, extra=model_dir))
+    with pytest.raises(ValueError, match=r"TensorRT estimator \(--load-trt\) takes one classifier-free-guidance"):
+        CosyVoice3Token2Wav(model_dir["cosyvoice3_dir"], "cpu", flow_batch=True, load_trt=True)
+    assert engines_cosyvoice3.trt_plan_name(True) == "flow.decoder.estimator.fp16.mygpu.plan"  # upstream's names
+    assert engines_cosyvoice3.trt_plan_name(False) == "flow.decoder.estimator.fp32.mygpu.plan"
     with pytest.raises(ValueError, match="--engine-option flow_batch='maybe': expected true or false"):
         engines_cosyvoice3.create_engines(EngineOptions(sensevoice_dir=sensevoice,
                                                         extra={**model_dir, "flow_batch": "maybe"}))

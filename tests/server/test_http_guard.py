@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from token2wav_server.http_guard import GuardLimits, check_body, check_json, json_depth
+from token2wav_server.http_guard import GuardLimits, check_body, check_items, check_json, json_depth
 from token2wav_server.launch import start_server
 from token2wav_server.standin import text_to_tokens
 
@@ -58,6 +58,19 @@ def test_check_body_reads_the_json_header_of_binary_requests():
     assert "JSON header of the binary request is JSON nested" in check_body(
         {"Inference-Header-Content-Length": str(len(NESTED_200K))}, nested)
     assert check_body({}, b"") is None  # GET requests
+
+
+def test_a_request_over_the_item_limit_is_named_by_input_and_shape():
+    body = json.dumps({"inputs": [{"name": "TOKENS", "shape": [9, 3], "datatype": "INT32", "data": [1] * 27},
+                                  {"name": "GT_TEXT", "shape": [9, 1], "datatype": "BYTES", "data": ["x"] * 9}]})
+    assert check_items({}, body.encode(), 8) == (
+        "input 'TOKENS' has 9 items (the first dimension of its shape [9, 3]): this reward server takes at most 8 "
+        "items per request (--max-batch-size; the model config's max_batch_size); send them in several requests")
+    assert check_items({}, body.encode(), 9) is None
+    header = b'{"inputs": [{"name": "WAV", "shape": [12, 2], "datatype": "FP32", "parameters": {"binary_data_size": 96}}]}'
+    binary = header + np.zeros(24, dtype=np.float32).tobytes()
+    assert "input 'WAV' has 12 items" in check_items({"Inference-Header-Content-Length": str(len(header))}, binary, 8)
+    assert check_items({}, b"", 8) is None and check_items({}, b'{"inputs": "x"}', 8) is None
 
 
 def test_limits_are_checked():
@@ -152,6 +165,29 @@ def test_binary_and_reference_json_clients_pass_the_guard(server):
             assert result.as_numpy("REWARDS").reshape(-1)[0] == pytest.approx(1.0)
         assert client.is_server_ready() and client.is_model_ready("token2wav_asr")
         assert client.get_model_config("token2wav_asr")["max_batch_size"] == 8
+    finally:
+        client.close()
+    _assert_serves_good_requests(server)
+
+
+def test_a_request_over_the_item_limit_gets_an_error_naming_the_input(server):
+    """HTTP (the guard): 400 naming the input, its shape and the limit; gRPC: Triton's own refusal.
+    The server goes on serving."""
+    ids = np.array([text_to_tokens(TEXT)] * 9, dtype=np.int32)
+    body = {"inputs": [{"name": "TOKENS", "shape": list(ids.shape), "datatype": "INT32", "data": ids.ravel().tolist()},
+                       {"name": "GT_TEXT", "shape": [9, 1], "datatype": "BYTES", "data": [TEXT] * 9}]}
+    response = requests.post(_infer_url(server), json=body, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("input 'TOKENS' has 9 items (the first dimension of its shape [9, 4]): "
+                                               "this reward server takes at most 8 items per request")
+    client = grpcclient.InferenceServerClient(f"{server.host}:{server.grpc_port}")
+    try:
+        inputs = [grpcclient.InferInput("TOKENS", list(ids.shape), "INT32"),
+                  grpcclient.InferInput("GT_TEXT", [9, 1], "BYTES")]
+        inputs[0].set_data_from_numpy(ids)
+        inputs[1].set_data_from_numpy(np.array([[TEXT.encode()]] * 9, dtype=object))
+        with pytest.raises(InferenceServerException, match="batch-size must be <= 8 for 'token2wav_asr'"):
+            client.infer("token2wav_asr", inputs)
     finally:
         client.close()
     _assert_serves_good_requests(server)

@@ -109,3 +109,125 @@ def test_front_options_become_guard_limits_and_restart_policy():
     usage = parser.format_help()
     assert "--no-supervise" in usage and "--no-http-guard" in usage
     assert "--worker" not in usage and "--triton-http-port" not in usage  # the front's private flags
+
+
+# ---- what a server loads (--models) and how it decodes (decode_settings) --------------------------------------
+
+STANDIN = ["--engines", "token2wav_server.standin:create_engines"]
+
+
+def test_a_training_server_loads_only_what_training_needs():
+    """--models training: token2wav, the reward ASR and the speech tokenizer, plus the engines of the
+    components the preset weights; the evaluation models (asr_eval, speaker) are not served."""
+    from token2wav_server.engines import ENGINE_FIELDS
+
+    def served(*extra):
+        (pipeline,) = cli.build_pipelines(cli.build_parser().parse_args(STANDIN + ["--devices", "cpu", *extra]))
+        return {name for name in ENGINE_FIELDS if getattr(pipeline.slot.engines, name) is not None}
+
+    assert served("--models", "training") == {"token2wav", "asr", "speech_tokenizer"}
+    # similarity weighted: its engine (the reward's speaker) is loaded, still no evaluation model
+    zero_shot = served("--models", "training", "--reward-preset", "zero_shot")
+    assert zero_shot == {"token2wav", "asr", "speech_tokenizer", "reward_speaker"}
+    assert served() == {"token2wav", "asr", "speech_tokenizer", "speaker", "asr_eval"}  # --models all (default)
+
+
+def test_factories_are_asked_before_they_load_and_unwanted_engines_are_dropped(tmp_path, caplog):
+    from token2wav_server.engines import COMPONENT_ENGINES, select_engines, wanted_engines
+    from token2wav_server.standin import create_engines as standin
+
+    assert wanted_engines("training", ["error_rate"]) == {"token2wav", "asr", "speech_tokenizer"}
+    assert wanted_engines("training", ["error_rate", "similarity"]) >= {"reward_speaker"}
+    with pytest.raises(ValueError, match="reward component 'quality' has no entry in .*COMPONENT_ENGINES"):
+        wanted_engines("training", ["quality"])
+    assert set(COMPONENT_ENGINES) == {"error_rate", "confidence", "similarity"}
+    options = EngineOptions(engines=wanted_engines("training", ["error_rate"]))
+    assert options.wants("asr") and not options.wants("asr_eval") and EngineOptions().wants("asr_eval")
+    engines, dropped = select_engines(standin(), wanted_engines("training", ["error_rate", "similarity"]))
+    assert sorted(dropped) == ["asr_eval", "speaker"]
+    assert engines.speaker is None and engines.similarity_speaker is not None  # the reward keeps its speaker
+    # a factory that ignores options.wants: what it built is not served, and the log says it was wasted
+    plugin = tmp_path / "greedy.py"
+    plugin.write_text("from token2wav_server.engines import EngineOptions\n"
+                      "from token2wav_server.standin import create_engines as standin\n"
+                      "def create_engines(options):\n    return standin(EngineOptions())\n", encoding="utf-8")
+    args = cli.build_parser().parse_args(["--engines", f"{plugin}:create_engines", "--devices", "cpu",
+                                          "--models", "training"])
+    (pipeline,) = cli.build_pipelines(args)
+    assert pipeline.slot.engines.asr_eval is None and pipeline.slot.engines.speaker is None
+    assert "built speaker, asr_eval though --models training does not serve them" in caplog.text
+
+
+def test_decode_settings_defaults_per_device_and_what_a_cpu_forces():
+    from token2wav_server.decode_settings import resolve
+
+    gpu = resolve("cuda:0")
+    assert (gpu.fp16, gpu.flow_batch, gpu.load_jit, gpu.load_trt, gpu.notes) == (True, True, False, False, ())
+    cpu = resolve("cpu")
+    assert (cpu.fp16, cpu.flow_batch, cpu.load_jit, cpu.load_trt) == (False, False, False, False)
+    assert resolve("cuda:1", fp16=False, flow_batch=False).describe() == (
+        "cuda:1: fp16 off, flow_batch off, load_jit off, load_trt off")
+    trt = resolve("cuda:0", load_trt=True)
+    assert trt.load_trt and trt.fp16 and not trt.flow_batch
+    assert "flow_batch off: the TensorRT estimator takes batch 2 only" in trt.describe()
+    for device in ("cuda:0", "cpu"):  # a GPU config's conflict is caught by its CPU rehearsal too
+        with pytest.raises(ValueError, match="--load-trt and --flow-batch"):
+            resolve(device, flow_batch=True, load_trt=True)
+    forced = resolve("cpu", fp16=True, flow_batch=True, load_jit=True)
+    assert (forced.fp16, forced.flow_batch, forced.load_jit, forced.load_trt) == (False, True, False, False)
+    forced = resolve("cpu", fp16=True, load_jit=True, load_trt=True)
+    assert forced.notes == ("fp16 needs CUDA: off on cpu", "load_jit needs CUDA: off on cpu",
+                            "load_trt needs CUDA: off on cpu")
+
+
+def test_gpu_slots_get_the_gpu_defaults_passed_to_their_factory(tmp_path, caplog):
+    """What a GPU server passes each slot's factory, on a CPU machine: a factory file records the
+    EngineOptions it gets and returns stand-in engines (only the device is not real)."""
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="token2wav_server")
+    record = tmp_path / "options.jsonl"
+    plugin = tmp_path / "recording.py"
+    plugin.write_text(
+        "import json\nfrom token2wav_server.standin import create_engines as standin\n"
+        "def create_engines(options):\n"
+        f"    with open({str(record)!r}, 'a') as out:\n"
+        "        out.write(json.dumps({'device': options.device, 'fp16': options.fp16, 'flow_batch': "
+        "options.flow_batch, 'load_jit': options.load_jit, 'load_trt': options.load_trt, 'extra': options.extra, "
+        "'engines': sorted(options.engines)}) + '\\n')\n"
+        "    return standin(options)\n", encoding="utf-8")
+
+    def passed(*argv):
+        record.unlink(missing_ok=True)
+        caplog.clear()
+        cli.build_pipelines(cli.build_parser().parse_args(["--engines", f"{plugin}:create_engines", *argv]))
+        return [json.loads(line) for line in record.read_text().splitlines()]
+
+    slots = passed("--devices", "0,1", "--models", "training")
+    assert [s["device"] for s in slots] == ["cuda:0", "cuda:1"]
+    assert all(s["fp16"] and s["flow_batch"] and not s["load_jit"] and not s["load_trt"] for s in slots)
+    assert all(s["engines"] == ["asr", "speech_tokenizer", "token2wav"] for s in slots)
+    assert "loading engines" in caplog.text and "cuda:1: fp16 on, flow_batch on" in caplog.text
+    (trt,) = passed("--devices", "0", "--load-trt")
+    assert trt["load_trt"] and trt["fp16"] and not trt["flow_batch"]
+    (legacy,) = passed("--devices", "0", "--engine-option", "flow_batch=false", "--engine-option", "x=1")
+    assert not legacy["flow_batch"] and legacy["extra"] == {"x": "1"}  # the option stands for --no-flow-batch
+    (cpu,) = passed("--devices", "cpu", "--fp16", "--flow-batch")
+    assert not cpu["fp16"] and cpu["flow_batch"]
+    assert "fp16 needs CUDA: off on cpu" in caplog.text
+
+
+def test_conflicting_decode_options_stop_the_front_before_any_port(caplog):
+    assert cli.main(STANDIN + ["--devices", "0", "--load-trt", "--flow-batch"]) == 2
+    assert "cannot start: --load-trt and --flow-batch" in caplog.text
+
+
+def test_the_effective_settings_line():
+    from token2wav_server.reward_scoring import load_reward_config
+
+    args = cli.build_parser().parse_args(STANDIN + ["--devices", "0,cpu", "--models", "training", "--no-fp16"])
+    assert cli.describe_settings(args, load_reward_config(args.reward_config, "zero_shot")) == (
+        "--models training: loads asr, reward_speaker, speech_tokenizer, token2wav (evaluation models not loaded: "
+        "--models all serves them); decoding cuda:0: fp16 off, flow_batch on, load_jit off, load_trt off; "
+        "decoding cpu: fp16 off, flow_batch off, load_jit off, load_trt off")

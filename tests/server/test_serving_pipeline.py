@@ -278,6 +278,20 @@ def test_bad_item_prompts_fail_only_their_item():
     assert "PROMPT_WAV needs PROMPT_TEXT" in pipeline.token2wav([missing])[0]["ERRORS"].ravel()[0].decode()
 
 
+def test_a_prompt_given_both_ways_fails_its_row_naming_both_fields():
+    """A row with its own PROMPT_WAV in a request that also names a bank prompt (parameter 'prompt')
+    is refused; a row of that request with PROMPT_WAV_LENS 0 takes the named bank prompt."""
+    pipeline = _pipeline()
+    own = (standin.tokens_to_wave([1], voice=2), standin.SAMPLE_RATE, "好")
+    out = pipeline.token2wav([_prompted_request([[1], [2]], [own, None])], [{"prompt": "p1"}])[0]
+    errors = [e.decode() for e in out["ERRORS"].ravel()]
+    assert errors[0] == ("the speaker prompt is given both ways: request parameter 'prompt' ('p1', a prompt of the "
+                         "bank) and this row's PROMPT_WAV (640 samples); send one (PROMPT_WAV_LENS 0 takes the named "
+                         "bank prompt for a row)")
+    assert errors[1] == "" and out["PROMPT_ID"].ravel()[1].decode() == "bank:p1"
+    assert out["WAV_LENS"].ravel().tolist() == [0, 640]
+
+
 def test_similarity_to_a_per_item_prompt():
     config = RewardConfig(weights={"error_rate": 1.0, "similarity": 1.0}, rule="harmonic")
     pipeline = _pipeline(config)
@@ -304,10 +318,10 @@ def test_utilities_of_the_weighted_components_are_returned():
     assert all(math.isnan(v) for name in ("UTILITY_SIMILARITY", "UTILITY_CONFIDENCE") for v in plain[name].ravel())
 
     config = RewardConfig(weights={"error_rate": 1.0, "similarity": 1.0})
-    prompt = standin.tokens_to_wave([7], voice=4)  # another voice than the output's (the bank's p0, voice 0)
+    prompt = standin.tokens_to_wave([7], voice=4)  # another voice than the output's (the bank's, voice 0)
     request = _prompted_request([tokens, tokens, []], [(prompt, 16000, "提示"), None, (prompt, 16000, "提示")])
     request["GT_TEXT"] = np.array([[text.encode()]] * 3, dtype=object)
-    out = _pipeline(config).token2wav_asr([request], [{"prompt": "p0"}])[0]
+    out = _pipeline(config).token2wav_asr([request])[0]
     similarity = out["SPEAKER_SIMILARITY"].ravel()
     assert out["UTILITY_SIMILARITY"].ravel()[:2].tolist() == pytest.approx([max(0.0, similarity[0]), similarity[1]])
     assert out["UTILITY_SIMILARITY"].ravel()[2] == 0.0 and out["UTILITY_ERROR_RATE"].ravel()[2] == 0.0  # no tokens

@@ -98,3 +98,18 @@ def test_readiness_problem_says_what_is_not_ready(reward_server, protocol):
     assert readiness_problem(url) is None and readiness_problem(url, model=None) is None
     assert readiness_problem(url, model="no_such_model") == "is up but model 'no_such_model' is not ready"
     assert not server_ready(url, model="no_such_model")
+
+
+def test_requests_never_carry_more_items_than_the_server_takes(reward_server, monkeypatch):
+    """The client sends at most the server's per-request limit (its model config's max_batch_size,
+    64 here), whatever REQUEST_ITEMS says: 70 waves go as 64 + 6, not as one refused request."""
+    from ttsrl.triton_client import model_client
+
+    monkeypatch.setattr(model_client, "REQUEST_ITEMS", 100)
+    client = TritonModelClient(reward_server.grpc_url, "asr")
+    try:
+        assert client.items_per_request == 64
+        texts = client.transcribe([standin.tokens_to_wave([i % 50]) for i in range(70)], [standin.SAMPLE_RATE] * 70)
+    finally:
+        client.close()
+    assert texts == [standin.tokens_to_text([i % 50]) for i in range(70)]

@@ -153,3 +153,67 @@ def test_rollouts_with_and_without_prompts_share_one_request(reward_server):
     for result in results[:3] + results[4:]:
         assert result["REWARDS"] == pytest.approx(1.0) and result["UTILITY_ERROR_RATE"] == pytest.approx(1.0)
         assert np.isnan(result["UTILITY_SIMILARITY"]) and np.isnan(result["SPEAKER_SIMILARITY"])  # not weighted
+
+
+def test_the_client_reads_each_servers_slots_and_routes_by_them(reward_server):
+    """Start-up reads the slots a server reports (its reward model's instance count); the request
+    goes to the server with the least work per slot; a server that reports no slots fails every
+    waiting rollout with an error naming the field, and none is left waiting."""
+    from ttsrl.triton_client import RewardClient
+
+    class NoSlots:
+        """The real server's answers, but a model config without instance_group."""
+
+        def __init__(self, real):
+            self.real = real
+
+        async def get_model_config(self, model):
+            config = await self.real.get_model_config(model)  # HTTP: the config as a dict
+            return {key: value for key, value in config.items() if key != "instance_group"}
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    async def go():
+        good = RewardClient(settings(reward_server.grpc_url))
+        await good.ensure_ready()
+        (endpoint,) = good.pool.endpoints
+        slots = endpoint.slots
+        result = await good.score(np.asarray(text_to_tokens("三上下")), "三上下")
+        assert endpoint.outstanding == 0
+        await good.close()
+        broken = RewardClient(settings(reward_server.http_url))
+        (endpoint,) = broken.pool.endpoints
+        endpoint.client = NoSlots(endpoint.connect())
+        outcomes = await asyncio.gather(*(broken.score(np.asarray(text_to_tokens(t)), t) for t in TEXTS),
+                                        return_exceptions=True)
+        await broken.close()
+        return slots, result, outcomes
+
+    slots, result, outcomes = run(go())
+    assert slots == 1 and result["REWARDS"] == pytest.approx(1.0)  # the session server: --devices cpu, 1 instance
+    assert len(outcomes) == len(TEXTS)
+    for outcome in outcomes:
+        assert isinstance(outcome, RewardServerUnavailable)
+        assert (f"reward server {reward_server.http_url} reports no slots for model 'token2wav_asr': its model "
+                "config's instance_group[].count is missing") in str(outcome)
+
+
+def test_routing_setting_of_the_hook(monkeypatch):
+    import reward_tts
+
+    assert reward_tts.settings_from({}).routing == "least_work"
+    monkeypatch.setenv("REWARD_ROUTING", "round_robin")
+    assert reward_tts.settings_from({}).routing == "round_robin"
+    assert reward_tts.settings_from({"routing": "least_work"}).routing == "least_work"
+
+
+def test_readiness_cli_checks_the_models_a_stage_needs(reward_server, capsys):
+    """What run.sh's stage 4 asks before it evaluates on a server: every --model is served."""
+    from ttsrl.triton_client.__main__ import main
+
+    assert main([reward_server.grpc_url]) == 0
+    assert main(["--model", "asr_eval", "--model", "speaker", reward_server.http_url]) == 0
+    assert main(["--model", "asr_eval_en", reward_server.grpc_url]) == 1
+    assert (f"reward server at {reward_server.grpc_url} is up but model 'asr_eval_en' is not ready"
+            in capsys.readouterr().err)

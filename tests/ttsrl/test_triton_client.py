@@ -45,9 +45,10 @@ def test_readiness_of_a_port_nobody_serves_and_the_cli(capsys):
     assert server_ready(dead.replace("grpc", "http"), timeout_s=1.0) is False
     assert readiness_problem(dead, timeout_s=1.0).startswith("does not answer (")
     assert cli_main([dead]) == 1
-    assert f"reward server at {dead} is not answering" in capsys.readouterr().err
+    assert f"reward server at {dead} does not answer (" in capsys.readouterr().err
     assert cli_main(["ftp://a:1"]) == 2
     assert "usage: python -m ttsrl.triton_client" in capsys.readouterr().err
+    assert cli_main([dead, "--model"]) == 2 and "--model needs a name" in capsys.readouterr().err
 
 
 def test_clients_default_to_the_first_exported_server(monkeypatch):

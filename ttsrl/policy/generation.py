@@ -157,8 +157,9 @@ this share for weights and KV cache and leaves the rest for the rank's own CUDA 
 torch process group, the NCCL buffers)."""
 
 SHARED_GPU_MEMORY_SHARE = 0.5
-"""... and on a GPU the reward server also uses (``--server-devices``; the recipe's default puts
-the server on GPU 0): token2wav, the ASR and the speaker model take a few GiB per server slot
+"""... and on a GPU the reward server also uses (``--server-devices``; the recipe's default serves
+on every training GPU, and stage 4's evaluation server on the same ones): token2wav, the ASR and
+the speaker model take a few GiB per server slot
 there, and vLLM refuses to start when less than its share is free. A 0.5B policy needs about
 1 GiB of weights, so half of a data-centre GPU is still a large KV cache."""
 

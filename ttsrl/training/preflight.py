@@ -484,8 +484,8 @@ def check_reward_server(url: str, timeout: float, model_name: str = "") -> None:
     problem = readiness_problem(url, timeout, model_name or None)
     if problem is None:
         return
-    how = ("start the reward server (`bash run.sh 1 1` on that host; one per node for multi-node runs) "
-           "or fix REWARD_SERVER_URL")
+    how = ("start the reward server (`bash run.sh 1 1` on that host; under scripts/slurm_grpo.sbatch each node's "
+           "server logs to $exp_dir/logs/reward_server_<node>.log) or fix REWARD_SERVER_URL")
     if problem.startswith(NOT_ANSWERING):
         raise CheckFailed(f"reward server {url} {problem}: {how}")
     if problem == NOT_READY:

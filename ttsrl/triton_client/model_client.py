@@ -20,7 +20,7 @@ import numpy as np
 from .wire import ServerItemError, Synthesis, client_module, infer_request, pad_rows, parse_url, text_column, text_of
 
 REQUEST_ITEMS = 8
-"""Items per request; well under the server's default --max-batch-size."""
+"""Items per request at most; fewer when the server takes fewer (its model config's max_batch_size)."""
 
 
 class TritonModelClient:
@@ -35,6 +35,16 @@ class TritonModelClient:
             self.client = self.module.InferenceServerClient(address, network_timeout=timeout_s,
                                                             connection_timeout=timeout_s)
         self.timeout_s = timeout_s
+        self._items: Optional[int] = None
+
+    @property
+    def items_per_request(self) -> int:
+        """REQUEST_ITEMS, or the server's per-request limit (``--max-batch-size``) when lower."""
+        if self._items is None:
+            config = self.client.get_model_config(self.model_name)
+            limit = int(config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size)
+            self._items = min(REQUEST_ITEMS, limit) if limit > 0 else 1
+        return self._items
 
     def close(self) -> None:
         self.client.close()
@@ -67,9 +77,10 @@ class TritonModelClient:
             raise ValueError(f"{len(token_lists)} token lists but {len(prompts)} prompts")
         results: list = []
         outputs = ["WAV", "WAV_LENS", "SAMPLE_RATE", "PROMPT_ID", "ERRORS"]
-        for start in range(0, len(token_lists), REQUEST_ITEMS):
-            chunk = token_lists[start:start + REQUEST_ITEMS]
-            chunk_prompts = prompts[start:start + REQUEST_ITEMS]
+        step = self.items_per_request if token_lists else REQUEST_ITEMS
+        for start in range(0, len(token_lists), step):
+            chunk = token_lists[start:start + step]
+            chunk_prompts = prompts[start:start + step]
             tokens, lengths = pad_rows([np.asarray(ids, dtype=np.int32) for ids in chunk], np.int32)
             arrays = {"TOKENS": tokens, "TOKEN_LENS": lengths}
             if any(p is not None for p in chunk_prompts):
@@ -100,14 +111,15 @@ class TritonModelClient:
             raise ValueError(f"{len(waves)} waveforms but {len(sample_rates)} sample rates")
         if languages is not None and len(languages) != len(waves):
             raise ValueError(f"{len(waves)} waveforms but {len(languages)} languages")
-        for start in range(0, len(waves), REQUEST_ITEMS):
-            chunk = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves[start:start + REQUEST_ITEMS]]
-            rates = sample_rates[start:start + REQUEST_ITEMS]
+        step = self.items_per_request if waves else REQUEST_ITEMS
+        for start in range(0, len(waves), step):
+            chunk = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves[start:start + step]]
+            rates = sample_rates[start:start + step]
             wav, lengths = pad_rows(chunk, np.float32)
             rate_array = np.array([[r] for r in rates], dtype=np.int32)
             arrays = {"WAV": wav, "WAV_LENS": lengths, "SAMPLE_RATE": rate_array}
             if languages is not None:
-                arrays["LANGUAGE"] = text_column(x or "" for x in languages[start:start + REQUEST_ITEMS])
+                arrays["LANGUAGE"] = text_column(x or "" for x in languages[start:start + step])
             out = self._infer(arrays, outputs + ["ERRORS"])
             for row in range(len(chunk)):
                 yield out, row, self._error(out["ERRORS"], row)

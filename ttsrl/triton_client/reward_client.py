@@ -2,8 +2,9 @@
 reward hook (reward_tts.py) scores rollouts with.
 
 One client per event loop (``get_client``) keeps every rollout veRL awaits in flight:
-rollouts scored at the same moment are coalesced into batched requests, spread round
-robin over the servers, and transient failures (connection refused, a server restarting,
+rollouts scored at the same moment are coalesced into batched requests, each sent to the
+server with the least outstanding work per slot (``pool``: load-aware routing, servers on this
+node first), and transient failures (connection refused, a server restarting,
 timeouts) are retried with backoff within a budget, then ``RewardServerUnavailable`` is
 raised. An input the server refuses raises ``RewardRequestError`` at once.
 
@@ -22,6 +23,7 @@ configured metric).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -32,7 +34,7 @@ import numpy as np
 
 from ttsrl.language import normalize_language
 
-from .pool import Endpoint, EndpointPool
+from .pool import Endpoint, EndpointPool, RoutingError, model_slots
 from .ready import server_ready
 from .wire import REWARD_MODEL, SpeakerPromptAudio, infer_request, pad_rows, text_column, text_of
 
@@ -47,6 +49,7 @@ FLOAT_OUTPUTS = ["REWARDS", "ERROR_RATE", *COMPONENT_OUTPUTS]
 OUTPUTS = ["REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS",
            "UTILITY_ERROR_RATE", "UTILITY_SIMILARITY", "UTILITY_CONFIDENCE"]
 READY_CHECK_TIMEOUT_S = 5.0
+LOGGER = logging.getLogger(__name__)
 
 
 class RewardServerUnavailable(RuntimeError):
@@ -69,6 +72,7 @@ class RewardSettings:
     prompt: Optional[str] = None
     max_batch: int = 32
     batch_window_ms: float = 5.0
+    routing: str = "least_work"  # pool.ROUTINGS: least outstanding work per slot, or round_robin
 
 
 def _is_request_error(error: Exception) -> bool:
@@ -82,11 +86,11 @@ def _is_request_error(error: Exception) -> bool:
 
 
 class RewardClient:
-    """Pooled Triton clients for one event loop: round robin over servers, failover, retries."""
+    """Pooled Triton clients for one event loop: load-aware routing over servers, failover, retries."""
 
     def __init__(self, settings: RewardSettings):
         self.settings = settings
-        self.pool = EndpointPool(settings.urls)
+        self.pool = EndpointPool(settings.urls, settings.routing)
         self._ready: Optional[asyncio.Task] = None
         self.components: tuple = ()
         self.max_batch = max(1, settings.max_batch)
@@ -118,18 +122,27 @@ class RewardClient:
                     f"(REWARD_SERVER_URL / reward_kwargs.server_url)"
                 )
             await asyncio.sleep(1.0)
-        # No request may exceed the server's batch limit.
-        self.max_batch = min(self.max_batch, await self._server_max_batch())
+        # No request may exceed the server's batch limit; routing weighs each server by its slots.
+        self.max_batch = min(self.max_batch, await self._read_server_configs())
+        LOGGER.info("reward servers (routing %s, at most %d rollouts per request): %s", self.settings.routing,
+                    self.max_batch, self.pool.describe())
         # Which optional components does the server compute? (NaN = switched off.)
         probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None, None)]))[0]
         if isinstance(probe, Exception):
             raise probe
         self.components = tuple(key for output, key in COMPONENT_OUTPUTS.items() if math.isfinite(probe[output]))
 
-    async def _server_max_batch(self) -> int:
+    async def _read_server_configs(self) -> int:
+        """Each server's slots (``pool.model_slots``) from its model config; the smallest
+        ``max_batch_size`` of them (the most rollouts one request may carry)."""
         limits = []
         for endpoint in self.pool:
-            config = await endpoint.connect().get_model_config(self.settings.model_name)
+            model = self.settings.model_name
+            config = await endpoint.connect().get_model_config(model)
+            try:
+                endpoint.slots = model_slots(config, endpoint.url, model)
+            except RoutingError as error:
+                raise RewardServerUnavailable(str(error)) from None
             size = config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size
             limits.append(int(size) if int(size) > 0 else 1)
         return min(limits)
@@ -195,8 +208,9 @@ class RewardClient:
                 # An attempt never outlives the retry budget: a hung server (accepts, never
                 # answers) must not hold rollouts for request_timeout_s past it.
                 remaining = settings.retry_budget_s - (time.monotonic() - start)
-                return await self._infer_once(endpoint, client, batch,
-                                              min(settings.request_timeout_s, max(1.0, remaining)))
+                with endpoint.in_flight(len(batch)):
+                    return await self._infer_once(endpoint, client, batch,
+                                                  min(settings.request_timeout_s, max(1.0, remaining)))
             except Exception as error:  # tritonclient / grpc / aiohttp raise many types
                 if _is_request_error(error):
                     raise RewardRequestError(f"reward server {endpoint.url} refused the request: {error}") from error
