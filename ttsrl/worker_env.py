@@ -29,6 +29,7 @@ WORKER_ENV = {
     "REWARD_PROMPT": "the speaker prompt of text-only rows",
     "REWARD_MAX_BATCH": "rollouts per reward request",
     "REWARD_BATCH_WINDOW_MS": "how long a reward request waits for more rollouts",
+    "REWARD_ROUTING": "how the hook spreads requests over the servers (least_work, or round_robin)",
     "TENSORBOARD_DIR": "where the trainer writes TensorBoard events and validation audio",
     "VERL_FILE_LOGGER_PATH": "the per-step metrics file ($exp_dir/metrics/<time>.jsonl)",
     "VERL_PLATFORM": "cpu selects verl_plugins/cpu.py's platform (CPU runs only)",
