@@ -63,6 +63,7 @@ class Item:
     transcript: str = ""
     nll: Optional[float] = None
     similarity: Optional[float] = None
+    component_values: dict = dataclasses.field(default_factory=dict)  # plug-in name -> its engine's values
     rate: int = 0  # sample rate of ``wave`` for the waveform models
     prompt_name: str = ""  # the bank prompt's name, or ``item-<key prefix>`` for the item's own
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .serving import UTILITY_OUTPUTS, Pipeline
+from .serving import Pipeline, report_outputs, utility_outputs
 from .supervisor import EXIT_CONFIG_ERROR
 
 LOGGER = logging.getLogger("token2wav_server")
@@ -149,7 +149,9 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
         outputs=[float_out("REWARDS"), text_out("TRANSCRIPTS"), float_out("ERROR_RATE"),
                  float_out("SPEAKER_SIMILARITY"), float_out("ASR_NLL"), text_out("ERRORS"),
                  # each weighted component's utility (NaN: not weighted), for per-component advantages
-                 *(float_out(name) for name in UTILITY_OUTPUTS)],
+                 *(float_out(name) for name in utility_outputs(pipelines[0].config)),
+                 # each plug-in component's reported values (NaN: not weighted)
+                 *(float_out(name) for name in report_outputs(pipelines[0].config))],
         config=config(),
         strict=False,
     )

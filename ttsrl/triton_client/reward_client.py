@@ -41,14 +41,35 @@ from .wire import REWARD_MODEL, SpeakerPromptAudio, infer_request, pad_rows, tex
 COMPONENT_OUTPUTS = {"SPEAKER_SIMILARITY": "speaker_similarity", "ASR_NLL": "asr_nll",
                      "UTILITY_ERROR_RATE": "utility_error_rate", "UTILITY_SIMILARITY": "utility_similarity",
                      "UTILITY_CONFIDENCE": "utility_confidence"}
-"""Optional reward components: server output -> result key (NaN from the server: switched off).
-The ``utility_*`` keys are each weighted component's utility in [0, 1] (what veRL's
-``gdpo`` estimator normalizes one by one: ``algorithm.gdpo_reward_keys``)."""
+"""Optional reward components of every server: server output -> result key (NaN from the
+server: switched off). The ``utility_*`` keys are each weighted component's utility in [0, 1]
+(what veRL's ``gdpo`` estimator normalizes one by one: ``algorithm.gdpo_reward_keys``). A
+server's plug-in components (``UTILITY_<NAME>`` and their reported values) are read from its
+model config (``server_component_outputs``): every FP32 output but REWARDS and ERROR_RATE is a
+component, its key the output name in lower case."""
 UTILITY_KEYS = tuple(key for key in COMPONENT_OUTPUTS.values() if key.startswith("utility_"))
 FLOAT_OUTPUTS = ["REWARDS", "ERROR_RATE", *COMPONENT_OUTPUTS]
 OUTPUTS = ["REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS",
            "UTILITY_ERROR_RATE", "UTILITY_SIMILARITY", "UTILITY_CONFIDENCE"]
 READY_CHECK_TIMEOUT_S = 5.0
+
+
+def server_component_outputs(config) -> dict:
+    """{output: key} of the component outputs in a ``token2wav_asr`` model config (tritonclient's
+    HTTP dict or gRPC ``ModelConfigResponse``): COMPONENT_OUTPUTS, then every other FP32 output
+    but REWARDS and ERROR_RATE (plug-in components), keyed by its name in lower case."""
+    if isinstance(config, dict):
+        outputs = [(o.get("name"), o.get("data_type")) for o in config.get("output") or []]
+    else:
+        from tritonclient.grpc import model_config_pb2
+
+        outputs = [(o.name, model_config_pb2.DataType.Name(o.data_type))
+                   for o in getattr(config, "config", config).output]
+    found = dict(COMPONENT_OUTPUTS)
+    for name, data_type in outputs:
+        if data_type == "TYPE_FP32" and name not in ("REWARDS", "ERROR_RATE") and name not in found:
+            found[name] = name.lower()
+    return found
 LOGGER = logging.getLogger(__name__)
 
 
@@ -93,6 +114,7 @@ class RewardClient:
         self.pool = EndpointPool(settings.urls, settings.routing)
         self._ready: Optional[asyncio.Task] = None
         self.components: tuple = ()
+        self.component_outputs: dict = dict(COMPONENT_OUTPUTS)  # the servers' (server_component_outputs)
         self.max_batch = max(1, settings.max_batch)
         self._pending: list = []
         self._flush_handle = None
@@ -130,7 +152,8 @@ class RewardClient:
         probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None, None)]))[0]
         if isinstance(probe, Exception):
             raise probe
-        self.components = tuple(key for output, key in COMPONENT_OUTPUTS.items() if math.isfinite(probe[output]))
+        self.components = tuple(key for output, key in self.component_outputs.items()
+                                if math.isfinite(probe[output]))
 
     async def _read_server_configs(self) -> int:
         """Each server's slots (``pool.model_slots``) from its model config; the smallest
@@ -145,6 +168,14 @@ class RewardClient:
                 raise RewardServerUnavailable(str(error)) from None
             size = config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size
             limits.append(int(size) if int(size) > 0 else 1)
+            outputs = server_component_outputs(config)
+            if endpoint is self.pool.endpoints[0]:
+                self.component_outputs = outputs
+            elif outputs != self.component_outputs:
+                raise RewardServerUnavailable(
+                    f"reward servers disagree on their reward components: {endpoint.url} has "
+                    f"{sorted(outputs.values())}, another {sorted(self.component_outputs.values())}; start them "
+                    "with the same reward config and preset")
         return min(limits)
 
     async def ensure_ready(self) -> None:
@@ -173,13 +204,14 @@ class RewardClient:
                 PROMPT_WAV=waves, PROMPT_WAV_LENS=wave_lens,
                 PROMPT_SAMPLE_RATE=np.array([[0 if p is None else p.sample_rate] for p in prompts], dtype=np.int32),
                 PROMPT_TEXT=text_column("" if p is None else p.text for p in prompts))
-        inputs, outputs = infer_request(endpoint.scheme, arrays, OUTPUTS)
+        names = [*OUTPUTS, *(name for name in self.component_outputs if name not in OUTPUTS)]
+        inputs, outputs = infer_request(endpoint.scheme, arrays, names)
         parameters = {"prompt": self.settings.prompt} if self.settings.prompt else None
         result = await asyncio.wait_for(
             client.infer(self.settings.model_name, inputs, outputs=outputs, parameters=parameters),
             timeout=timeout,
         )
-        columns = {name: result.as_numpy(name).reshape(-1) for name in OUTPUTS}
+        columns = {name: result.as_numpy(name).reshape(-1) for name in names}
         if any(len(column) != len(batch) for column in columns.values()):
             raise RuntimeError(f"reward server {endpoint.url} answered {len(columns['REWARDS'])} rows for "
                                f"{len(batch)} rollouts")
@@ -189,7 +221,7 @@ class RewardClient:
             if error:
                 items.append(RewardRequestError(f"reward server {endpoint.url} refused the rollout: {error}"))
                 continue
-            item = {name: float(columns[name][row]) for name in FLOAT_OUTPUTS}
+            item = {name: float(columns[name][row]) for name in [*FLOAT_OUTPUTS, *self.component_outputs]}
             item["TRANSCRIPT"] = text_of(columns["TRANSCRIPTS"][row])
             items.append(item)
         return items
