@@ -240,6 +240,7 @@ if run_stage 2; then
     [ "${TTSRL_COMPOSE_ONLY:-0}" = 1 ] && preflight_flags+=(--cpu-compose-only)
     "$trainer_python" scripts/preflight_grpo.py --model_dir "$(policy_start_dir)" --data_dir "$data_dir" \
       --reward_server_url "$REWARD_SERVER_URL" --n_gpus_per_node "$n_gpus_per_node" --nnodes "$nnodes" \
+      --reward_config "$reward_config" --reward_preset "${reward_preset:-intelligibility}" \
       --max_chars "$max_chars" --chars_per_second "$speech_chars_per_second" \
       --grpo_overrides "${grpo_overrides:-} ${overrides[*]:-}" \
       "${preflight_flags[@]}" || die "preflight failed; fix the [FAIL] lines above"

@@ -279,3 +279,19 @@ def test_main_refuses_max_chars_beyond_the_response_length(tiny_model, data_dir,
     captured = capsys.readouterr()
     assert code == 1 and "[FAIL] response length: override 'data.max_response_length=x' must be an integer" in captured.out
     assert "[ ok ] reward server" in captured.out  # the other checks still ran
+
+
+def test_reward_components_the_preset_weights_must_be_computed_by_the_server(reward_server):
+    from ttsrl.training.preflight import check_reward_components
+
+    config = Path("configs/reward.yaml")  # the stand-in server runs the default preset: intelligibility
+    message = check_reward_components(reward_server.grpc_url, config, "intelligibility", 30.0)
+    assert message == "reward preset intelligibility: error_rate computed by every reward server"
+    with pytest.raises(CheckFailed) as error:
+        check_reward_components(reward_server.http_url, config, "zero_shot_quality", 30.0)
+    text = str(error.value)
+    assert (f"reward preset zero_shot_quality weights component 'similarity', but the reward server "
+            f"{reward_server.http_url} does not compute it (it computes ['error_rate'])") in text
+    assert "weights component 'quality'" in text and "speechmos" in text  # the plug-in's own hint
+    with pytest.raises(CheckFailed, match=r"unknown reward preset 'expresive'; known presets: \['intelligibility'"):
+        check_reward_components(reward_server.http_url, config, "expresive", 30.0)
