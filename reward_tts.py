@@ -279,7 +279,8 @@ async def compute_score(data_source, solution_str, ground_truth, extra_info=None
         minimum = {key: minimum_component(key) for key in client.components}
         return _result(MIN_SCORE, 1.0, parsed, 0, minimum, truncated)
     try:
-        response = await client.score(np.asarray(parsed.ids, dtype=np.int64), ground_truth, prompt, language)
+        response = await client.score(np.asarray(parsed.ids, dtype=np.int64), ground_truth, prompt, language,
+                                      extra_info if isinstance(extra_info, dict) else None)
     except RewardRequestError as error:
         raise RewardRequestError(f"{rollout}: {error}") from error
     components = {key: response[output] for output, key in client.component_outputs.items()

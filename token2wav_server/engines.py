@@ -143,9 +143,12 @@ class ComponentSpec:
     - ``reports``: per-item values its engine returns, each served as output ``<REPORT>``
       (upper case) and reported by the hook as ``<report>`` (per-step metric ``reward/<report>/mean``).
     - ``utility(values, settings) -> float`` in [0, 1]: from the item's reported values and the
-      preset's ``component_settings[name]`` (a dict; empty when the preset sets nothing).
+      preset's ``component_settings[name]`` (a dict; empty when the preset sets nothing); None
+      when the item has nothing to measure (no target): the component is then left out of that
+      item's reward (its UTILITY output NaN).
     - ``create_engine(options: EngineOptions) -> ComponentEngine``: one per slot.
-    - ``target``: the stage 0 field (``extra_info``) that carries a per-item target, or None.
+    - ``target``: the stage 0 field (``extra_info``) that carries a per-item target, or None; it
+      travels as the optional input ``TARGET_<FIELD>`` (the hook fills it from ``extra_info``).
     - ``serve_hint``: how to make a server serve it (what the preflight says when it does not).
     """
 

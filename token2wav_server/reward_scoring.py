@@ -236,11 +236,15 @@ def score_item(
         if values is None:
             raise ValueError(f"reward component {name!r} has a weight but its engine gave no value")
         reports.update({key: float(values[key]) for key in spec.reports})
-        utility = float(spec.utility(values, dict(config.component_settings.get(name, {}))))
+        utility = spec.utility(values, dict(config.component_settings.get(name, {})))
+        if utility is None:  # nothing to measure for this item (no target): left out of its reward
+            continue
+        utility = float(utility)
         if not 0.0 <= utility <= 1.0:
             raise ValueError(f"reward component {name!r}: utility {utility} outside [0, 1]")
         utilities[name] = utility
-    reward = combine(utilities, config.weights, config.rule)
+    weights = {n: w for n, w in config.weights.items() if n in utilities or n not in config.plugins}
+    reward = combine(utilities, weights, config.rule)
     return ItemScore(
         reward=reward,
         error_rate=rate,

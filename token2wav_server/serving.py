@@ -53,18 +53,25 @@ TRANSIENT_BACKOFF_S = 0.2
 UTILITY_OUTPUTS = {"UTILITY_ERROR_RATE": "error_rate", "UTILITY_SIMILARITY": "similarity",
                    "UTILITY_CONFIDENCE": "confidence"}
 """token2wav_asr's per-component utility outputs of the built-in components -> reward component
-(NaN: not weighted). A plug-in component adds ``UTILITY_<NAME>`` and one output per reported
-value (``component_outputs``)."""
+(NaN: not weighted). A weighted plug-in component adds ``UTILITY_<NAME>`` and one output per
+reported value (``utility_outputs``, ``report_outputs``)."""
 
 
 def utility_outputs(config: RewardConfig) -> dict:
-    """{output: component} of every utility output of ``config``'s components (built-in and plug-in)."""
-    return {**UTILITY_OUTPUTS, **{f"UTILITY_{name.upper()}": name for name in config.plugins}}
+    """{output: component} of the utility outputs: every built-in component's, and those of the
+    plug-ins ``config`` weights (a plug-in's outputs exist only where it is weighted, so a client
+    reading the model config knows what is computed)."""
+    return {**UTILITY_OUTPUTS, **{f"UTILITY_{name.upper()}": name for name in config.weighted_plugins()}}
+
+
+def target_inputs(config: RewardConfig) -> dict:
+    """{input: stage 0 field} of the per-item targets of the plug-ins ``config`` weights (``TARGET_<FIELD>``)."""
+    return {f"TARGET_{spec.target.upper()}": spec.target for spec in config.weighted_plugins().values() if spec.target}
 
 
 def report_outputs(config: RewardConfig) -> dict:
-    """{output: reported key} of ``config``'s plug-in components (``<REPORT>`` upper case)."""
-    return {report.upper(): report for spec in config.plugins.values() for report in spec.reports}
+    """{output: reported key} of the plug-ins ``config`` weights (``<REPORT>`` upper case)."""
+    return {report.upper(): report for spec in config.weighted_plugins().values() for report in spec.reports}
 
 
 def _text_array(texts: list) -> np.ndarray:
@@ -224,7 +231,8 @@ class Pipeline:
                     item.error = f"reward component {name!r} is weighted but this server has no engine for it"
                 continue
             waves = [np.clip(resample(it.wave, rate, engine.sample_rate), -1.0, 1.0) for it in todo]
-            targets = [None] * len(todo)
+            field = self.config.plugins[name].target
+            targets = [it.targets.get(field) if field else None for it in todo]
             results = _run_batched(lambda batch: engine.score([w for w, _ in batch], [t for _, t in batch]),
                                    list(zip(waves, targets)), todo, f"reward component {name}")
             for item, values in zip(todo, results):
@@ -258,8 +266,8 @@ class Pipeline:
         """Inputs TOKENS, TOKEN_LENS, GT_TEXT (+ optional per-item PROMPT_WAV, PROMPT_WAV_LENS,
         PROMPT_SAMPLE_RATE, PROMPT_TEXT, and LANGUAGE: the error metric's language) -> REWARDS, TRANSCRIPTS, ERROR_RATE,
         SPEAKER_SIMILARITY, ASR_NLL, ERRORS, UTILITY_ERROR_RATE, UTILITY_SIMILARITY,
-        UTILITY_CONFIDENCE, and per plug-in component UTILITY_<NAME> and its reported values (one
-        row per item; a utility or value is NaN when its component is not weighted)."""
+        UTILITY_CONFIDENCE, and per weighted plug-in component UTILITY_<NAME> and its reported
+        values (one row per item; a built-in utility is NaN when its component is not weighted)."""
         parameters = parameters or [None] * len(requests)
         items = token_items(requests, parameters, self.limits, self.slot.bank, with_text=True)
         for item in items:

@@ -23,7 +23,7 @@ def test_unknown_preset_names_the_file_the_name_and_the_known_presets():
     with pytest.raises(RewardConfigError) as error:
         load_reward_config("configs/reward.yaml", "zeroshot")
     assert str(error.value) == ("configs/reward.yaml: unknown reward preset 'zeroshot'; known presets: "
-                                "['intelligibility', 'zero_shot', 'zero_shot_quality']")
+                                "['expressive', 'intelligibility', 'zero_shot', 'zero_shot_quality']")
 
 
 def test_a_flat_file_still_loads_and_refuses_a_preset(tmp_path):

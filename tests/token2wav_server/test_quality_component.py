@@ -1,5 +1,7 @@
 """The ``quality`` reward component (DNSMOS P.835 from the speechmos wheel, real weights) on real
-speech (Debian's espeak-ng), through the real reward server and the reward hook."""
+speech (Debian's espeak-ng), through the real reward server and the reward hook; the same server
+weights ``emotion`` (a tiny random emotion2vec+ built here), whose per-item target the hook sends
+from ``extra_info``."""
 import math
 import pathlib
 import shutil
@@ -12,7 +14,7 @@ import tritonclient.http as httpclient
 
 import reward_tts
 from tests.reward_utils import run
-from token2wav_server.launch import start_server
+from token2wav_server.launch import server_python, start_server
 from ttsrl.speech_tokens import format_speech_tokens
 from ttsrl.triton_client.wire import text_column
 
@@ -55,12 +57,17 @@ def quality_server(tmp_path_factory):
     assert shutil.which("espeak-ng"), "espeak-ng is missing: apt-get install -y espeak-ng (scripts/run_tests.sh does)"
     directory = tmp_path_factory.mktemp("clips")
     tokens = _clips(directory)
+    emotion_model = directory / "emotion2vec_tiny"
+    subprocess.run([server_python(), "-c", "import sys; from ttsrl.tiny_models.emotion2vec import "
+                    "write_tiny_emotion2vec as w; w(sys.argv[1])", str(emotion_model)], check=True)
     config = directory / "reward.yaml"
     config.write_text("components:\n  quality: token2wav_server.engines_dnsmos\n"
-                      "weights: {error_rate: 1.0, quality: 1.0}\n", encoding="utf-8")
+                      "  emotion: token2wav_server.engines_emotion2vec\n"
+                      "weights: {error_rate: 1.0, quality: 1.0, emotion: 1.0}\n", encoding="utf-8")
     engines = str(pathlib.Path(__file__).with_name("clip_engines.py")) + ":create_engines"
-    server = start_server(engines=engines, extra_args=["--engine-option", f"clips={directory}",
-                                                       "--reward-config", str(config), "--max-batch-size", "32"])
+    server = start_server(engines=engines, extra_args=[
+        "--engine-option", f"clips={directory}", "--engine-option", f"emotion2vec_model={emotion_model}",
+        "--reward-config", str(config), "--max-batch-size", "32"])
     try:
         yield server, tokens
     finally:
@@ -80,7 +87,7 @@ def _infer(server, ids: list) -> dict:
             inputs.append(tensor)
         result = client.infer("token2wav_asr", inputs)
         names = ("REWARDS", "ERRORS", "UTILITY_QUALITY", "QUALITY_OVRL", "QUALITY_SIG", "QUALITY_BAK",
-                 "UTILITY_ERROR_RATE")
+                 "UTILITY_ERROR_RATE", "UTILITY_EMOTION")
         return {name: result.as_numpy(name).reshape(-1) for name in names}
     finally:
         client.close()
@@ -103,7 +110,8 @@ def test_dnsmos_ranks_clean_speech_above_noise_tone_and_silence(quality_server):
         assert 1.0 <= out["QUALITY_SIG"][row] <= 5.0 and 1.0 <= out["QUALITY_BAK"][row] <= 5.0
         utility = float(np.clip((out["QUALITY_OVRL"][row] - 1.0) / 4.0, 0.0, 1.0))
         assert out["UTILITY_QUALITY"][row] == pytest.approx(utility, abs=1e-6)
-        # arithmetic mean of two equally weighted utilities
+        # arithmetic mean of two equally weighted utilities (no emotion target: emotion left out)
+        assert math.isnan(out["UTILITY_EMOTION"][row])
         assert out["REWARDS"][row] == pytest.approx((out["UTILITY_ERROR_RATE"][row] + utility) / 2, abs=1e-6)
 
 
@@ -115,10 +123,17 @@ def test_hook_reports_the_plugin_component_like_the_others(quality_server):
 
     async def score():
         result = await reward_tts.compute_score("tts", format_speech_tokens([clean]), "一", **kwargs)
+        happy = await reward_tts.compute_score("tts", format_speech_tokens([clean]), "一",
+                                               extra_info={"emotion": "happy", "index": 3}, **kwargs)
         empty = await reward_tts.compute_score("tts", "", "一", **kwargs)
-        return result, empty
+        return result, happy, empty
 
-    result, empty = run(score())
-    assert {"utility_quality", "quality_ovrl", "quality_sig", "quality_bak", "utility_error_rate"} <= set(result)
+    result, happy, empty = run(score())
+    assert {"utility_quality", "quality_ovrl", "quality_sig", "quality_bak", "utility_error_rate",
+            "utility_emotion", "emotion_target_prob"} <= set(result)
     assert result["quality_ovrl"] > 2.0 and 0.0 < result["utility_quality"] < 1.0
+    assert math.isnan(result["utility_emotion"])  # no target
+    assert 0.0 < happy["utility_emotion"] == happy["emotion_target_prob"] < 1.0  # TARGET_EMOTION from extra_info
+    assert happy["score"] == pytest.approx((happy["utility_error_rate"] + happy["utility_quality"]
+                                            + happy["utility_emotion"]) / 3, abs=1e-6)
     assert empty["utility_quality"] == 0.0 and math.isnan(empty["quality_sig"])

@@ -44,14 +44,24 @@ COMPONENT_OUTPUTS = {"SPEAKER_SIMILARITY": "speaker_similarity", "ASR_NLL": "asr
 """Optional reward components of every server: server output -> result key (NaN from the
 server: switched off). The ``utility_*`` keys are each weighted component's utility in [0, 1]
 (what veRL's ``gdpo`` estimator normalizes one by one: ``algorithm.gdpo_reward_keys``). A
-server's plug-in components (``UTILITY_<NAME>`` and their reported values) are read from its
-model config (``server_component_outputs``): every FP32 output but REWARDS and ERROR_RATE is a
-component, its key the output name in lower case."""
+server's weighted plug-in components (``UTILITY_<NAME>`` and their reported values, declared
+only when weighted) are read from its model config (``server_component_outputs``): every FP32
+output but REWARDS and ERROR_RATE is a component, its key the output name in lower case."""
 UTILITY_KEYS = tuple(key for key in COMPONENT_OUTPUTS.values() if key.startswith("utility_"))
 FLOAT_OUTPUTS = ["REWARDS", "ERROR_RATE", *COMPONENT_OUTPUTS]
 OUTPUTS = ["REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS",
            "UTILITY_ERROR_RATE", "UTILITY_SIMILARITY", "UTILITY_CONFIDENCE"]
 READY_CHECK_TIMEOUT_S = 5.0
+
+
+def server_target_inputs(config) -> dict:
+    """{input: extra_info field} of the optional ``TARGET_<FIELD>`` inputs a ``token2wav_asr``
+    model config declares (plug-in components' per-item targets: ``TARGET_EMOTION`` -> ``emotion``)."""
+    if isinstance(config, dict):
+        names = [i.get("name") for i in config.get("input") or []]
+    else:
+        names = [i.name for i in getattr(config, "config", config).input]
+    return {name: name[len("TARGET_"):].lower() for name in names if name and name.startswith("TARGET_")}
 
 
 def server_component_outputs(config) -> dict:
@@ -115,6 +125,7 @@ class RewardClient:
         self._ready: Optional[asyncio.Task] = None
         self.components: tuple = ()
         self.component_outputs: dict = dict(COMPONENT_OUTPUTS)  # the servers' (server_component_outputs)
+        self.target_inputs: dict = {}  # TARGET_<FIELD> inputs of the servers -> extra_info field
         self.max_batch = max(1, settings.max_batch)
         self._pending: list = []
         self._flush_handle = None
@@ -149,11 +160,12 @@ class RewardClient:
         LOGGER.info("reward servers (routing %s, at most %d rollouts per request): %s", self.settings.routing,
                     self.max_batch, self.pool.describe())
         # Which optional components does the server compute? (NaN = switched off.)
-        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None, None)]))[0]
+        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None, None, None)]))[0]
         if isinstance(probe, Exception):
             raise probe
+        # (A plug-in component's outputs exist only where the server weights it: always on.)
         self.components = tuple(key for output, key in self.component_outputs.items()
-                                if math.isfinite(probe[output]))
+                                if output not in COMPONENT_OUTPUTS or math.isfinite(probe[output]))
 
     async def _read_server_configs(self) -> int:
         """Each server's slots (``pool.model_slots``) from its model config; the smallest
@@ -171,6 +183,7 @@ class RewardClient:
             outputs = server_component_outputs(config)
             if endpoint is self.pool.endpoints[0]:
                 self.component_outputs = outputs
+                self.target_inputs = server_target_inputs(config)
             elif outputs != self.component_outputs:
                 raise RewardServerUnavailable(
                     f"reward servers disagree on their reward components: {endpoint.url} has "
@@ -193,10 +206,15 @@ class RewardClient:
         result dict or a RewardRequestError per item (the server reports bad items in-band)."""
         tokens, lengths = pad_rows([np.asarray(ids) for ids, *_ in batch], np.int32)
         arrays = {"TOKENS": tokens, "TOKEN_LENS": lengths, "GT_TEXT": text_column(text for _, text, *_ in batch)}
-        languages = [language for *_, language in batch]
+        languages = [language for _, _, _, language, _ in batch]
         if any(language is not None for language in languages):
             arrays["LANGUAGE"] = text_column("" if language is None else language for language in languages)
-        prompts = [prompt for _, _, prompt, _ in batch]
+        prompts = [prompt for _, _, prompt, _, _ in batch]
+        for name, field in self.target_inputs.items():  # plug-in components' per-item targets
+            values = [(targets or {}).get(field) for *_, targets in batch]
+            values = [v if isinstance(v, str) and v.strip() else None for v in values]  # None/NaN: no target
+            if any(value is not None for value in values):
+                arrays[name] = text_column("" if value is None else str(value) for value in values)
         if any(prompt is not None for prompt in prompts):
             # Rows without a prompt get length 0: the server's bank voice for that row.
             waves, wave_lens = pad_rows([None if p is None else p.wave for p in prompts], np.float32)
@@ -294,18 +312,19 @@ class RewardClient:
                 future.set_result(result)
 
     async def score(self, ids: np.ndarray, ground_truth: str, prompt: Optional[SpeakerPromptAudio] = None,
-                    language: Optional[str] = None) -> dict:
+                    language: Optional[str] = None, targets: Optional[dict] = None) -> dict:
         """One rollout's server outputs: REWARDS, ERROR_RATE, SPEAKER_SIMILARITY, ASR_NLL, the
         UTILITY_* outputs and TRANSCRIPT. ``prompt``: the rollout's own speaker prompt (None:
         the server's bank voice). ``language``: the language of its error metric (zh, en, ja,
         ko or an alias; None: the server's configured metric); an unknown one is a ValueError
-        here, before anything is sent."""
+        here, before anything is sent. ``targets``: the rollout's ``extra_info``, from which each
+        per-item target input the server declares (``target_inputs``) takes its field."""
         if language is not None:
             language = normalize_language(language, "RewardClient.score")
         await self.ensure_ready()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((ids, ground_truth, prompt, language, future))
+        self._pending.append((ids, ground_truth, prompt, language, targets, future))
         if len(self._pending) >= self.max_batch:
             self._flush()
         elif self._flush_handle is None:

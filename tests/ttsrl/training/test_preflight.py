@@ -293,5 +293,6 @@ def test_reward_components_the_preset_weights_must_be_computed_by_the_server(rew
     assert (f"reward preset zero_shot_quality weights component 'similarity', but the reward server "
             f"{reward_server.http_url} does not compute it (it computes ['error_rate'])") in text
     assert "weights component 'quality'" in text and "speechmos" in text  # the plug-in's own hint
-    with pytest.raises(CheckFailed, match=r"unknown reward preset 'expresive'; known presets: \['intelligibility'"):
+    with pytest.raises(CheckFailed,
+                       match=r"unknown reward preset 'expresive'; known presets: \['expressive', 'intelligibility'"):
         check_reward_components(reward_server.http_url, config, "expresive", 30.0)
