@@ -128,6 +128,9 @@ def test_plugin_components_reach_the_step_metrics_by_the_same_path():
     samples = tts_trainer.validation_samples(["a", "b"], ["x", "y"], ["t", "u"], [0.7, 0.1],
                                              {"utility_quality": [0.5, 0.25], "quality_sig": [3.0, 2.0]}, count=2)
     assert [(s["utility_quality"], s["quality_sig"]) for s in samples] == [(0.5, 3.0), (0.25, 2.0)]
+    # and GDPO's keys, from the same stored dicts
+    fields = [{"reward_extra_info": info} for info in infos]
+    assert tts_trainer.gdpo_components(fields, ["utility_quality"])["utility_quality"].tolist() == [0.5, 0.25]
 
 
 def test_validation_audio_is_written_from_the_server(tmp_path, reward_server):

@@ -296,3 +296,16 @@ def test_reward_components_the_preset_weights_must_be_computed_by_the_server(rew
     with pytest.raises(CheckFailed,
                        match=r"unknown reward preset 'expresive'; known presets: \['expressive', 'intelligibility'"):
         check_reward_components(reward_server.http_url, config, "expresive", 30.0)
+
+
+def test_main_stops_when_the_server_does_not_compute_the_presets_components(tiny_model, data_dir, reward_server,
+                                                                             capsys):
+    args = ["--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+            "--reward_server_url", reward_server.grpc_url, "--reward_config", "configs/reward.yaml"]
+    assert run_script("preflight_grpo", args + ["--reward_preset", "intelligibility"]) == 0
+    assert "[ ok ] reward components: reward preset intelligibility: error_rate" in capsys.readouterr().out
+    assert run_script("preflight_grpo", args + ["--reward_preset", "zero_shot"]) == 1
+    captured = capsys.readouterr()
+    assert ("[FAIL] reward components: reward preset zero_shot weights component 'similarity', but the reward "
+            f"server {reward_server.grpc_url} does not compute it") in captured.out
+    assert "1 check(s) failed (reward components)" in captured.err
