@@ -153,6 +153,7 @@ sv.save_checkpoint(sv.random_model(seed=0), sys.argv[1])' "$eval_sim_model"
     download_model "$(family_field modelscope_id)" "$(family_model_dir)" llm.pt
     download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
     download_model iic/paraformer-zh "$paraformer_dir" model.pt
+    download_emotion_model
     [ -n "${eval_asr_en_model:-}" ] && download_whisper_model
     download_sim_model
     download_seedtts_eval
