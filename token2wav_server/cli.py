@@ -31,8 +31,8 @@ import sys
 from ttsrl.model_family import family_from_env
 
 from .decode_settings import DecodeSettings, resolve
-from .engines import (ENGINE_FIELDS, MODEL_SETS, EngineOptions, create_engines, load_factory, parse_bool,
-                      select_engines, wanted_engines)
+from .engines import (ENGINE_FIELDS, MODEL_SETS, ComponentEngine, EngineOptions, create_engines, load_factory,
+                      parse_bool, select_engines, wanted_engines)
 from .http_guard import DEFAULT_MAX_BODY_MB, GuardLimits
 from .prompt_bank import load_prompts
 from .request_items import DEFAULT_MAX_TOKENS, Limits
@@ -216,7 +216,11 @@ def build_pipelines(args) -> list[Pipeline]:
             options = engine_options(args, device, config.uses("similarity"), wanted)
             engines, dropped = select_engines(create_engines(options, args.engines), wanted)
             for name, spec in config.weighted_plugins().items():  # plug-in components: built here, when weighted
-                engines.components[name] = spec.create_engine(options)
+                engine = spec.create_engine(options)
+                if not isinstance(engine, ComponentEngine):
+                    raise TypeError(f"reward component {name!r}: its engine ({type(engine).__name__}) does not "
+                                    "implement token2wav_server.engines.ComponentEngine (sample_rate, score)")
+                engines.components[name] = engine
                 LOGGER.info("reward component %s: engine %s", name, type(engines.components[name]).__name__)
             if dropped:
                 LOGGER.warning("%s built %s though --models %s does not serve them (their memory is spent: the "
