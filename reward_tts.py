@@ -72,7 +72,9 @@ The result dict (every rollout of a run has the same keys, as veRL's reward loop
 ``utility_similarity``, ``utility_confidence`` for each component the reward preset weights
 (each utility in [0, 1]: ``algorithm.adv_estimator=gdpo`` with
 ``algorithm.gdpo_reward_keys=[utility_error_rate,utility_similarity]`` normalizes them one by
-one); ``truncated`` (1.0 or 0.0).
+one); each weighted plug-in component's ``utility_<name>`` and reported values (the quality
+component: ``utility_quality``, ``quality_ovrl``, ``quality_sig``, ``quality_bak``), whatever
+the server's model config lists; ``truncated`` (1.0 or 0.0).
 
 Truncated rollouts. A rollout is truncated when its response has no speech end token
 (``<|eos1|>``..``<|eos3|>``: plain added tokens, so they survive veRL's
@@ -143,7 +145,15 @@ MIN_SCORE = 0.0
 PROMPT_CACHE_SIZE = 256
 """Speaker prompts kept in memory per process (a 5 s prompt at 24 kHz is 480 kB)."""
 MINIMUM_COMPONENTS = {"speaker_similarity": 0.0, "asr_nll": math.inf, **{key: 0.0 for key in UTILITY_KEYS}}
-"""Components of a rollout with no speech tokens (score 0, error rate 1)."""
+"""Components of a rollout with no speech tokens (score 0, error rate 1); a plug-in component's
+utility is 0 too and its reported values NaN (nothing to measure: left out of the step's metrics)."""
+
+
+def minimum_component(key: str) -> float:
+    """A component's value for a rollout with no speech tokens (MINIMUM_COMPONENTS)."""
+    if key in MINIMUM_COMPONENTS:
+        return MINIMUM_COMPONENTS[key]
+    return 0.0 if key.startswith("utility_") else math.nan
 Settings = RewardSettings  # what settings_from returns
 
 
@@ -218,7 +228,7 @@ def _result(score: float, error_rate: float, parsed, transcript_length: int, com
     result.update(components)
     if truncated:  # the documented rule (module doc): the minimum score and utilities
         result["score"] = MIN_SCORE
-        result.update({key: 0.0 for key in UTILITY_KEYS if key in result})
+        result.update({key: 0.0 for key in result if key.startswith("utility_")})
     result["truncated"] = 1.0 if truncated else 0.0
     return result
 
@@ -346,13 +356,15 @@ async def _score(client, data_source, parsed, truncated: bool, ground_truth, ext
     language = item_language(extra_info, ground_truth, rollout)
     await client.ensure_ready()
     if not parsed.ids:
-        minimum = {key: MINIMUM_COMPONENTS[key] for key in client.components}
+        minimum = {key: minimum_component(key) for key in client.components}
         return _result(MIN_SCORE, 1.0, parsed, 0, minimum, truncated)
     try:
-        response = await client.score(np.asarray(parsed.ids, dtype=np.int64), ground_truth, prompt, language)
+        response = await client.score(np.asarray(parsed.ids, dtype=np.int64), ground_truth, prompt, language,
+                                      extra_info if isinstance(extra_info, dict) else None)
     except RewardRequestError as error:
         raise RewardRequestError(f"{rollout}: {error}") from error
-    components = {key: response[output] for output, key in COMPONENT_OUTPUTS.items() if key in client.components}
+    components = {key: response[output] for output, key in client.component_outputs.items()
+                  if key in client.components}
     return _result(response["REWARDS"], response["ERROR_RATE"], parsed, len(response["TRANSCRIPT"]), components,
                    truncated)
 

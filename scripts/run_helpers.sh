@@ -102,6 +102,7 @@ install_models() {
   setup_environment "$1" server
   download_model "$(family_field modelscope_id)" "$(family_model_dir)" llm.pt
   download_model iic/SenseVoiceSmall "$sensevoice_dir" model.pt
+  download_emotion_model  # a training need when the reward preset weights emotion
   convert_llm
   log "stage -1: what training needs is ready; now the optional evaluation assets"
   if [ -n "${paraformer_dir:-}" ]; then
@@ -266,6 +267,23 @@ os.replace(path, sys.argv[1])' "$eval_asr_en_model" "$staging" \
            "'import whisper; print(whisper._MODELS[\"large-v3\"])' gives the URL; save the file as $eval_asr_en_model" \
            "(or set eval_asr_en_model= to serve no asr_eval_en)"
   rmdir "$staging" 2>/dev/null || true
+}
+
+reward_weights() {
+  # $1: a reward component; succeeds when reward_config's reward_preset weights it
+  "$trainer_python" -c 'import sys
+from token2wav_server.reward_scoring import load_reward_config
+sys.exit(0 if load_reward_config(sys.argv[1], sys.argv[2]).uses(sys.argv[3]) else 1)' \
+    "$reward_config" "${reward_preset:-intelligibility}" "$1"
+}
+
+download_emotion_model() {
+  # emotion2vec+ (the emotion reward component, engines_emotion2vec.py), only when the preset weights emotion
+  if reward_weights emotion; then
+    download_model "${emotion2vec_model_id:-iic/emotion2vec_plus_large}" "$emotion2vec_dir" model.pt
+  else
+    log "reward preset ${reward_preset:-intelligibility} does not weight emotion: no emotion2vec+ download"
+  fi
 }
 
 download_sim_model() {
@@ -492,6 +510,8 @@ start_server() {
     args+=(--engines token2wav_server.engines_wavlm_sv:create_engines
            --engine-option "base_engines=$server_engines" --engine-option "sim_model=$eval_sim_model")
   fi
+  # the emotion reward component's model (stage -1 downloads it when the preset weights emotion)
+  [ -n "${emotion2vec_dir:-}" ] && [ -d "$emotion2vec_dir" ] && args+=(--engine-option "emotion2vec_model=$emotion2vec_dir")
   # shellcheck disable=SC2206
   args+=(${server_args:-})
   mkdir -p "$exp_dir/logs"

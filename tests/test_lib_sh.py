@@ -356,3 +356,18 @@ def test_stage_4_evaluates_on_a_server_that_serves_its_models(tmp_path, reward_s
     assert "starting an evaluation server (--models all)" in done.stdout
     assert (f"the evaluation server at grpc://127.0.0.1:{port} does not serve --model asr_eval: see "
             f"{tmp_path / 'exp' / 'logs' / 'eval_server.log'}") in done.stderr
+
+
+# ---- stage -1: the emotion model only when the reward preset weights emotion ----------------------------------
+
+def test_emotion_model_is_downloaded_only_for_a_preset_that_weights_emotion(tmp_path):
+    env = {"reward_config": "configs/reward.yaml", "trainer_python": str(REPO / ".venv" / "bin" / "python"),
+           "emotion2vec_dir": str(tmp_path / "e2v")}
+    assert bash("reward_weights emotion", {**env, "reward_preset": "expressive"}).returncode == 0
+    assert bash("reward_weights emotion", {**env, "reward_preset": "zero_shot_quality"}).returncode == 1
+    skipped = bash("force=false; download_emotion_model", {**env, "reward_preset": "zero_shot"})
+    assert skipped.returncode == 0 and "does not weight emotion: no emotion2vec+ download" in skipped.stdout
+    (tmp_path / "e2v").mkdir()
+    (tmp_path / "e2v" / "model.pt").write_bytes(b"x")  # already there: no download
+    kept = bash("force=false; download_emotion_model", {**env, "reward_preset": "expressive"})
+    assert kept.returncode == 0 and f"iic/emotion2vec_plus_large already in {tmp_path / 'e2v'}" in kept.stdout

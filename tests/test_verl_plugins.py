@@ -118,6 +118,22 @@ def test_component_metrics_summarize_each_step():
     assert "reward/speaker_similarity/mean" not in metrics  # a component the server did not compute
 
 
+def test_plugin_components_reach_the_step_metrics_by_the_same_path():
+    # a plug-in component's utility and reported values (reward_tts: whatever the server lists)
+    infos = [{"utility_quality": 0.5, "quality_sig": 3.0, "score": 0.7, "truncated": 0.0, "flag": True},
+             {"utility_quality": 0.25, "quality_sig": float("nan"), "score": 0.1, "truncated": 1.0, "flag": False}]
+    metrics = tts_trainer.component_metrics(infos)
+    assert metrics["reward/utility_quality/mean"] == 0.375
+    assert metrics["reward/quality_sig/mean"] == 3.0  # NaN (not measured) left out
+    assert not any(key.startswith(("reward/score/", "reward/flag/")) for key in metrics)
+    samples = tts_trainer.validation_samples(["a", "b"], ["x", "y"], ["t", "u"], [0.7, 0.1],
+                                             {"utility_quality": [0.5, 0.25], "quality_sig": [3.0, 2.0]}, count=2)
+    assert [(s["utility_quality"], s["quality_sig"]) for s in samples] == [(0.5, 3.0), (0.25, 2.0)]
+    # and GDPO's keys, from the same stored dicts
+    fields = [{"reward_extra_info": info} for info in infos]
+    assert tts_trainer.gdpo_components(fields, ["utility_quality"])["utility_quality"].tolist() == [0.5, 0.25]
+
+
 def test_validation_audio_is_written_from_the_server(tmp_path, reward_server):
     from token2wav_server import standin
     from ttsrl.speech_tokens import format_speech_tokens

@@ -31,12 +31,12 @@ import sys
 from ttsrl.model_family import family_from_env
 
 from .decode_settings import DecodeSettings, resolve
-from .engines import (ENGINE_FIELDS, MODEL_SETS, EngineOptions, create_engines, load_factory, parse_bool,
-                      select_engines, wanted_engines)
+from .engines import (ENGINE_FIELDS, MODEL_SETS, ComponentEngine, EngineOptions, create_engines, load_factory,
+                      parse_bool, select_engines, wanted_engines)
 from .http_guard import DEFAULT_MAX_BODY_MB, GuardLimits
 from .prompt_bank import load_prompts
 from .request_items import DEFAULT_MAX_TOKENS, Limits
-from .reward_scoring import DEFAULT_CONFIG_PATH, load_reward_config
+from .reward_scoring import COMPONENTS, DEFAULT_CONFIG_PATH, load_reward_config
 from .serving import Pipeline, Slot
 from .supervisor import EXIT_CONFIG_ERROR, FrontConfig, RestartPolicy, run_supervisor
 from .triton_worker import CONFIG_ERRORS, run_worker
@@ -163,7 +163,7 @@ def decode_settings(args, device: str) -> DecodeSettings:
 
 def served_engines(args, config) -> frozenset:
     """The Engines fields this server loads (--models and the reward config's weights)."""
-    return wanted_engines(args.models, [name for name in config.weights if config.uses(name)])
+    return wanted_engines(args.models, [name for name in COMPONENTS if config.uses(name)])
 
 
 def engine_options(args, device: str, need_speaker: bool, engines: frozenset | None = None) -> EngineOptions:
@@ -215,12 +215,20 @@ def build_pipelines(args) -> list[Pipeline]:
                 LOGGER.warning("%s", note)
             options = engine_options(args, device, config.uses("similarity"), wanted)
             engines, dropped = select_engines(create_engines(options, args.engines), wanted)
+            for name, spec in config.weighted_plugins().items():  # plug-in components: built here, when weighted
+                engine = spec.create_engine(options)
+                if not isinstance(engine, ComponentEngine):
+                    raise TypeError(f"reward component {name!r}: its engine ({type(engine).__name__}) does not "
+                                    "implement token2wav_server.engines.ComponentEngine (sample_rate, score)")
+                engines.components[name] = engine
+                LOGGER.info("reward component %s: engine %s", name, type(engines.components[name]).__name__)
             if dropped:
                 LOGGER.warning("%s built %s though --models %s does not serve them (their memory is spent: the "
                                "factory should ask options.wants(name)); not served", args.engines,
                                ", ".join(dropped), args.models)
             LOGGER.info("%s instance %d serves engines: %s", device, instance,
-                        ", ".join(name for name in ENGINE_FIELDS if getattr(engines, name) is not None))
+                        ", ".join([name for name in ENGINE_FIELDS if getattr(engines, name) is not None]
+                                  + [f"component {name}" for name in engines.components]))
             slot = Slot(engines, prompts, need_speaker=config.uses("similarity"))
             pipelines.append(Pipeline(slot, config, limits))
     LOGGER.info("%d slot(s), %d prompt(s), reward config %s%s: %s", len(pipelines), len(prompts), args.reward_config,

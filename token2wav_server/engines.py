@@ -53,6 +53,14 @@ tokenizer (stage 0's prompt tokens) and the engines of the reward components its
 ``options.wants(name)`` before they load one, and ``select_engines`` drops whatever a factory
 built that is not wanted. A new reward component (a plug-in) adds its engine to
 ``COMPONENT_ENGINES`` and is loaded exactly when its weight is not 0.
+
+Plug-in reward components (``ComponentSpec``): a module that defines ``COMPONENT`` (its name,
+the per-item values it reports, its utility function and its engine factory), named in the
+reward config's ``components`` mapping (configs/reward.yaml). Its engine is built by the server
+for every slot whose reward config weights it (whatever ``--models`` says), is kept in
+``Engines.components`` and implements ``ComponentEngine``; the server, the reward hook and the
+trainer's per-step metrics need no change for a new one (docs/reward_server.md, "Reward
+components").
 """
 from __future__ import annotations
 
@@ -117,6 +125,45 @@ class SpeechTokenizerEngine(Protocol):
     def tokenize(self, waves: list) -> list: ...
 
 
+@runtime_checkable
+class ComponentEngine(Protocol):
+    """The engine of a plug-in reward component: ``score`` takes float32 mono waveforms at
+    ``sample_rate`` (the server resamples) and the items' targets (stage 0's per-item field the
+    component names, None where an item has none) -> one dict per waveform of the values the
+    component reports (``ComponentSpec.reports``). Raise for a waveform it cannot score: the
+    server retries the batch item by item and reports the failing item in-band."""
+
+    sample_rate: int
+
+    def score(self, waves: list, targets: list) -> list: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    """A plug-in reward component (module attribute ``COMPONENT``).
+
+    - ``name``: its key in the reward config's ``weights`` (utility output ``UTILITY_<NAME>``,
+      hook key ``utility_<name>``).
+    - ``reports``: per-item values its engine returns, each served as output ``<REPORT>``
+      (upper case) and reported by the hook as ``<report>`` (per-step metric ``reward/<report>/mean``).
+    - ``utility(values, settings) -> float`` in [0, 1]: from the item's reported values and the
+      preset's ``component_settings[name]`` (a dict; empty when the preset sets nothing); None
+      when the item has nothing to measure (no target): the component is then left out of that
+      item's reward (its UTILITY output NaN).
+    - ``create_engine(options: EngineOptions) -> ComponentEngine``: one per slot.
+    - ``target``: the stage 0 field (``extra_info``) that carries a per-item target, or None; it
+      travels as the optional input ``TARGET_<FIELD>`` (the hook fills it from ``extra_info``).
+    - ``serve_hint``: how to make a server serve it (what the preflight says when it does not).
+    """
+
+    name: str
+    reports: tuple
+    utility: Callable
+    create_engine: Callable
+    target: Optional[str] = None
+    serve_hint: str = ""
+
+
 @dataclasses.dataclass
 class Engines:
     """What one server slot runs. ``speaker``, ``asr_eval``, ``asr_eval_en``,
@@ -129,6 +176,7 @@ class Engines:
     speech_tokenizer: Optional[SpeechTokenizerEngine] = None
     reward_speaker: Optional[SpeakerEngine] = None  # None: the reward uses ``speaker``
     asr_eval_en: Optional[AsrEngine] = None  # English evaluation ASR (Whisper)
+    components: dict = dataclasses.field(default_factory=dict)  # plug-in component name -> ComponentEngine
 
     @property
     def similarity_speaker(self) -> Optional[SpeakerEngine]:
@@ -147,6 +195,8 @@ class Engines:
             checks.append(("speech_tokenizer", self.speech_tokenizer, SpeechTokenizerEngine))
         if self.reward_speaker is not None:
             checks.append(("reward_speaker", self.reward_speaker, SpeakerEngine))
+        for name, engine in self.components.items():
+            checks.append((f"component {name}", engine, ComponentEngine))
         for name, engine, protocol in checks:
             if not isinstance(engine, protocol):
                 raise TypeError(f"engine {name!r} ({type(engine).__name__}) does not implement {protocol.__name__}")

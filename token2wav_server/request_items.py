@@ -63,6 +63,8 @@ class Item:
     transcript: str = ""
     nll: Optional[float] = None
     similarity: Optional[float] = None
+    component_values: dict = dataclasses.field(default_factory=dict)  # plug-in name -> its engine's values
+    targets: dict = dataclasses.field(default_factory=dict)  # TARGET_<FIELD> inputs: field -> value (None: empty)
     rate: int = 0  # sample rate of ``wave`` for the waveform models
     prompt_name: str = ""  # the bank prompt's name, or ``item-<key prefix>`` for the item's own
 
@@ -184,6 +186,18 @@ class PromptRows:
         return SpeakerPrompt("", wave, rate, text)
 
 
+TARGET_PREFIX = "TARGET_"
+"""Optional per-item target inputs of plug-in components (``TARGET_EMOTION``: the item's
+``extra_info["emotion"]``); an empty cell is no target."""
+
+
+def parse_target(value, name: str) -> Optional[str]:
+    value = _decoded(value, name)
+    if not isinstance(value, str):
+        raise ItemError(f"{name} must be a string, got {type(value).__name__}")
+    return value.strip() or None
+
+
 def token_items(requests: list, parameters: list, limits: Limits, bank: PromptBank, with_text: bool) -> list:
     """Parse TOKENS, TOKEN_LENS, GT_TEXT (``with_text``) and the per-item prompt inputs of
     every request -> one Item per row, with its tokens and its prompt (own or of ``bank``),
@@ -196,6 +210,8 @@ def token_items(requests: list, parameters: list, limits: Limits, bank: PromptBa
             lens = _rows(request, "TOKEN_LENS", batch)[:, 0] if "TOKEN_LENS" in request else [None] * batch
             texts = _rows(request, "GT_TEXT", batch)[:, 0] if with_text and "GT_TEXT" in request else None
             languages = _rows(request, "LANGUAGE", batch)[:, 0] if with_text and "LANGUAGE" in request else None
+            targets = {name: _rows(request, name, batch)[:, 0] for name in request
+                       if with_text and name.startswith(TARGET_PREFIX)}
             prompt_rows = PromptRows(request, batch)
         except ItemError as error:
             items.extend(Item(r, row, error=str(error)) for row in range(batch))
@@ -209,6 +225,8 @@ def token_items(requests: list, parameters: list, limits: Limits, bank: PromptBa
                     item.text = parse_text(texts[row])
                 if languages is not None:
                     item.language = parse_language(languages[row])
+                for name, column in targets.items():
+                    item.targets[name[len(TARGET_PREFIX):].lower()] = parse_target(column[row], name)
                 item.speaker_prompt = prompt_rows.prompt(row)
                 if item.speaker_prompt is not None and prompt_name:
                     raise ItemError(

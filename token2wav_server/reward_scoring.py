@@ -29,10 +29,22 @@ presets and the default one::
 
 ``load_reward_config(path, preset)`` reads either form; an unknown preset name is an error
 that names the file, the name and the presets the file has.
+
+Plug-in components: the file's top-level ``components`` mapping names, for each plug-in
+component, the module that defines it (``COMPONENT``, a ``token2wav_server.engines.ComponentSpec``)::
+
+    components:
+      quality: token2wav_server.engines_dnsmos
+
+A preset then weights it like any other (``weights: {quality: 0.5}``) and may give its utility
+settings (``component_settings: {quality: {...}}``). Its engine runs only where it is weighted;
+its reported values and its utility travel to the hook and the per-step metrics by the same path
+as the built-in components. An unknown component name lists the known ones.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import pathlib
 from typing import Mapping, Optional
@@ -42,9 +54,12 @@ import yaml
 from ttsrl.reward_shaping import COMBINATION_RULES, combine, confidence_utility, error_rate_utility, similarity_utility
 from ttsrl.scoring import METRICS, error_rate
 
+from .engines import ComponentSpec
+
 COMPONENTS = ("error_rate", "similarity", "confidence")
+"""The built-in components; plug-ins come from the config's ``components`` mapping."""
 DEFAULT_CONFIG_PATH = "configs/reward.yaml"
-PRESET_KEYS = ("preset", "presets")
+PRESET_KEYS = ("preset", "presets", "components")
 
 
 class RewardConfigError(ValueError):
@@ -58,15 +73,27 @@ class RewardConfig:
     rule: str = "arithmetic"
     metric: str = "pinyin"
     confidence_tau: float = 1.0
+    component_settings: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
+    plugins: Mapping[str, ComponentSpec] = dataclasses.field(default_factory=dict)  # from ``components``
+
+    @property
+    def components(self) -> tuple:
+        """Every component this config knows: the built-in ones, then its plug-ins."""
+        return COMPONENTS + tuple(self.plugins)
 
     def __post_init__(self):
-        unknown = sorted(set(self.weights) - set(COMPONENTS))
+        unknown = sorted(set(self.weights) - set(self.components))
         if unknown:
-            raise RewardConfigError(f"weights: unknown component(s) {unknown}; expected some of {list(COMPONENTS)}")
+            raise RewardConfigError(f"weights: unknown component(s) {unknown}; known components: "
+                                    f"{list(self.components)}")
+        unknown = sorted(set(self.component_settings) - set(self.plugins))
+        if unknown:
+            raise RewardConfigError(f"component_settings: unknown plug-in component(s) {unknown}; known: "
+                                    f"{list(self.plugins)}")
         for name, weight in self.weights.items():
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0 or math.isnan(weight):
                 raise RewardConfigError(f"weights.{name}: must be a non-negative number, got {weight!r}")
-        if not any(self.weights.get(name, 0) > 0 for name in COMPONENTS):
+        if not any(self.weights.get(name, 0) > 0 for name in self.components):
             raise RewardConfigError("weights: at least one component needs a positive weight")
         if self.rule not in COMBINATION_RULES:
             raise RewardConfigError(f"rule: {self.rule!r} is not one of {list(COMBINATION_RULES)}")
@@ -80,19 +107,48 @@ class RewardConfig:
     def uses(self, component: str) -> bool:
         return self.weights.get(component, 0) > 0
 
+    def weighted_plugins(self) -> dict:
+        """{name: ComponentSpec} of the plug-ins this config weights (the ones computed)."""
+        return {name: spec for name, spec in self.plugins.items() if self.uses(name)}
 
-def _config_from(data, where: str) -> RewardConfig:
+
+def load_component(name: str, module_name, where: str) -> ComponentSpec:
+    """The ``COMPONENT`` of plug-in ``name``'s module; errors name ``where`` and the module."""
+    if not isinstance(module_name, str) or not module_name:
+        raise RewardConfigError(f"{where}: components.{name} must name a module, got {module_name!r}")
+    if name in COMPONENTS:
+        raise RewardConfigError(f"{where}: components.{name}: {name!r} is a built-in component")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RewardConfigError(f"{where}: components.{name}: cannot import {module_name} ({error})") from None
+    spec = getattr(module, "COMPONENT", None)
+    if not isinstance(spec, ComponentSpec) or spec.name != name:
+        raise RewardConfigError(f"{where}: components.{name}: {module_name} has no COMPONENT = "
+                                f"ComponentSpec(name={name!r}, ...)")
+    return spec
+
+
+def _plugins_from(data: dict, where: str) -> dict:
+    components = data.get("components") or {}
+    if not isinstance(components, dict):
+        raise RewardConfigError(f"{where}: 'components' must be a mapping of name -> module")
+    return {name: load_component(name, module, where) for name, module in components.items()}
+
+
+def _config_from(data, where: str, plugins: Optional[dict] = None) -> RewardConfig:
     """One flat mapping of settings -> RewardConfig; errors name ``where`` (file, preset)."""
     if not isinstance(data, dict):
         raise RewardConfigError(f"{where}: expected a mapping of settings")
-    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    data = {key: value for key, value in data.items() if key != "components"}
+    known = {f.name for f in dataclasses.fields(RewardConfig)} - {"plugins"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RewardConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     if "weights" in data and not isinstance(data["weights"], dict):
         raise RewardConfigError(f"{where}: 'weights' must be a mapping of component -> weight")
     try:
-        return RewardConfig(**data)
+        return RewardConfig(**data, plugins=plugins or {})
     except RewardConfigError as error:
         raise RewardConfigError(f"{where}: {error}") from None
 
@@ -125,7 +181,7 @@ def load_reward_config(path: Optional[str], preset: Optional[str] = None) -> Rew
         if preset:
             raise RewardConfigError(f"{file}: has no presets, so reward preset {preset!r} cannot be chosen; "
                                     f"leave --reward-preset out or add a 'presets' mapping")
-        return _config_from(data, str(file))
+        return _config_from(data, str(file), _plugins_from(data, str(file)))
     presets = data["presets"]
     others = sorted(set(data) - set(PRESET_KEYS))
     if others:
@@ -139,7 +195,7 @@ def load_reward_config(path: Optional[str], preset: Optional[str] = None) -> Rew
                                 f"known presets: {sorted(presets)}")
     if name not in presets:
         raise RewardConfigError(f"{file}: unknown reward preset {name!r}; known presets: {sorted(presets)}")
-    return _config_from(presets[name], f"{file}: preset {name!r}")
+    return _config_from(presets[name], f"{file}: preset {name!r}", _plugins_from(data, str(file)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +205,7 @@ class ItemScore:
     similarity: float = math.nan  # NaN: not computed
     nll: float = math.nan  # NaN: not computed
     utilities: Mapping[str, float] = dataclasses.field(default_factory=dict)  # weighted components only
+    reports: Mapping[str, float] = dataclasses.field(default_factory=dict)  # weighted plug-ins' reported values
 
     def utility(self, component: str) -> float:
         """The utility of ``component`` (NaN: not weighted, so not computed)."""
@@ -157,12 +214,12 @@ class ItemScore:
 
 def score_item(
     config: RewardConfig, ground_truth: str, transcript: str, similarity: Optional[float] = None,
-    nll: Optional[float] = None, language: Optional[str] = None,
+    nll: Optional[float] = None, language: Optional[str] = None, component_values: Optional[Mapping] = None,
 ) -> ItemScore:
     """Reward of one transcript; ``language`` (zh, en, ja, ko; None: as before languages, the
     configured metric) picks the error metric. Raises ``ttsrl.scoring.EmptyReferenceError`` for
     a ground truth with nothing to score, ValueError when a weighted component has no value or
-    the language is unknown."""
+    the language is unknown. ``component_values``: {plug-in name: the dict its engine reported}."""
     rate = error_rate(ground_truth, transcript, config.metric, language)
     utilities = {"error_rate": error_rate_utility(rate, config.beta)}
     if config.uses("similarity"):
@@ -173,13 +230,28 @@ def score_item(
         if nll is None:
             raise ValueError("ASR confidence has a weight but the ASR engine gives no nll")
         utilities["confidence"] = confidence_utility(nll, config.confidence_tau)
-    reward = combine(utilities, config.weights, config.rule)
+    reports = {}
+    for name, spec in config.weighted_plugins().items():
+        values = (component_values or {}).get(name)
+        if values is None:
+            raise ValueError(f"reward component {name!r} has a weight but its engine gave no value")
+        reports.update({key: float(values[key]) for key in spec.reports})
+        utility = spec.utility(values, dict(config.component_settings.get(name, {})))
+        if utility is None:  # nothing to measure for this item (no target): left out of its reward
+            continue
+        utility = float(utility)
+        if not 0.0 <= utility <= 1.0:
+            raise ValueError(f"reward component {name!r}: utility {utility} outside [0, 1]")
+        utilities[name] = utility
+    weights = {n: w for n, w in config.weights.items() if n in utilities or n not in config.plugins}
+    reward = combine(utilities, weights, config.rule)
     return ItemScore(
         reward=reward,
         error_rate=rate,
         similarity=similarity if config.uses("similarity") else math.nan,
         nll=nll if config.uses("confidence") else math.nan,
         utilities={name: u for name, u in utilities.items() if config.uses(name)},
+        reports=reports,
     )
 
 
@@ -191,5 +263,5 @@ def minimum_score(config: RewardConfig) -> ItemScore:
         error_rate=1.0,
         similarity=0.0 if config.uses("similarity") else math.nan,
         nll=math.inf if config.uses("confidence") else math.nan,
-        utilities={name: 0.0 for name in COMPONENTS if config.uses(name)},
+        utilities={name: 0.0 for name in config.components if config.uses(name)},
     )

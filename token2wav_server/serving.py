@@ -53,7 +53,26 @@ TRANSIENT_BACKOFF_S = 0.2
 """Wait before the second attempt; doubles for each further one."""
 UTILITY_OUTPUTS = {"UTILITY_ERROR_RATE": "error_rate", "UTILITY_SIMILARITY": "similarity",
                    "UTILITY_CONFIDENCE": "confidence"}
-"""token2wav_asr's per-component utility outputs -> reward component (NaN: not weighted)."""
+"""token2wav_asr's per-component utility outputs of the built-in components -> reward component
+(NaN: not weighted). A weighted plug-in component adds ``UTILITY_<NAME>`` and one output per
+reported value (``utility_outputs``, ``report_outputs``)."""
+
+
+def utility_outputs(config: RewardConfig) -> dict:
+    """{output: component} of the utility outputs: every built-in component's, and those of the
+    plug-ins ``config`` weights (a plug-in's outputs exist only where it is weighted, so a client
+    reading the model config knows what is computed)."""
+    return {**UTILITY_OUTPUTS, **{f"UTILITY_{name.upper()}": name for name in config.weighted_plugins()}}
+
+
+def target_inputs(config: RewardConfig) -> dict:
+    """{input: stage 0 field} of the per-item targets of the plug-ins ``config`` weights (``TARGET_<FIELD>``)."""
+    return {f"TARGET_{spec.target.upper()}": spec.target for spec in config.weighted_plugins().values() if spec.target}
+
+
+def report_outputs(config: RewardConfig) -> dict:
+    """{output: reported key} of the plug-ins ``config`` weights (``<REPORT>`` upper case)."""
+    return {report.upper(): report for spec in config.weighted_plugins().values() for report in spec.reports}
 
 
 def _text_array(texts: list) -> np.ndarray:
@@ -207,6 +226,26 @@ class Pipeline:
                 item.transcript = str(result.text)
                 item.nll = None if result.nll is None else float(result.nll)
 
+    def _score_components(self, items: list, rate: int) -> None:
+        """Each weighted plug-in component's engine on the batch's waves (batched, as the ASR)."""
+        for name in self.config.weighted_plugins():
+            engine = self.slot.engines.components.get(name)
+            todo = [it for it in items if not it.error and it.wave is not None and it.wave.size]
+            if not todo:
+                continue
+            if engine is None:
+                for item in todo:
+                    item.error = f"reward component {name!r} is weighted but this server has no engine for it"
+                continue
+            waves = [np.clip(resample(it.wave, rate, engine.sample_rate), -1.0, 1.0) for it in todo]
+            field = self.config.plugins[name].target
+            targets = [it.targets.get(field) if field else None for it in todo]
+            results = _run_batched(lambda batch: engine.score([w for w, _ in batch], [t for _, t in batch]),
+                                   list(zip(waves, targets)), todo, f"reward component {name}")
+            for item, values in zip(todo, results):
+                if values is not None:
+                    item.component_values[name] = values
+
     def _embed(self, items: list, rate: int) -> None:
         todo = [it for it in items if not it.error and it.wave is not None]
         speaker = self.slot.engines.similarity_speaker
@@ -234,7 +273,8 @@ class Pipeline:
         """Inputs TOKENS, TOKEN_LENS, GT_TEXT (+ optional per-item PROMPT_WAV, PROMPT_WAV_LENS,
         PROMPT_SAMPLE_RATE, PROMPT_TEXT, and LANGUAGE: the error metric's language) -> REWARDS, TRANSCRIPTS, ERROR_RATE,
         SPEAKER_SIMILARITY, ASR_NLL, ERRORS, UTILITY_ERROR_RATE, UTILITY_SIMILARITY,
-        UTILITY_CONFIDENCE (one row per item; a utility is NaN when its component is not weighted)."""
+        UTILITY_CONFIDENCE, and per weighted plug-in component UTILITY_<NAME> and its reported
+        values (one row per item; a built-in utility is NaN when its component is not weighted)."""
         parameters = parameters or [None] * len(requests)
         items = token_items(requests, parameters, self.limits, self.slot.bank, with_text=True)
         for item in items:
@@ -246,6 +286,7 @@ class Pipeline:
             self._transcribe(items, rate)
             if self.config.uses("similarity"):
                 self._embed(items, rate)
+            self._score_components(items, rate)
         scores = []
         for item in items:
             if item.error:
@@ -256,7 +297,7 @@ class Pipeline:
                 continue
             try:
                 scores.append(score_item(self.config, item.text, item.transcript, item.similarity, item.nll,
-                                         item.language))
+                                         item.language, item.component_values))
             except EmptyReferenceError as error:
                 item.error = f"GT_TEXT has nothing to score: {error}"
                 scores.append(None)
@@ -275,7 +316,9 @@ class Pipeline:
                     "ASR_NLL": _float_column([s.nll if s else math.nan for _, s in mine]),
                     "ERRORS": _text_array([it.error for it, _ in mine]),
                     **{output: _float_column([s.utility(component) if s else math.nan for _, s in mine])
-                       for output, component in UTILITY_OUTPUTS.items()},
+                       for output, component in utility_outputs(self.config).items()},
+                    **{output: _float_column([s.reports.get(key, math.nan) if s else math.nan for _, s in mine])
+                       for output, key in report_outputs(self.config).items()},
                 }
             )
         return outputs

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .serving import UTILITY_OUTPUTS, Pipeline
+from .serving import Pipeline, report_outputs, target_inputs, utility_outputs
 from .supervisor import EXIT_CONFIG_ERROR
 
 LOGGER = logging.getLogger("token2wav_server")
@@ -147,11 +147,16 @@ def bind_models(triton, pipelines: list[Pipeline], args) -> list[str]:
         inputs=token_inputs + [Tensor(name="GT_TEXT", shape=(1,), dtype=bytes),
                                # per-item language of the error metric (request_items.parse_language);
                                # optional, so clients that predate it keep working
-                               Tensor(name="LANGUAGE", shape=(1,), dtype=bytes, optional=True)],
+                               Tensor(name="LANGUAGE", shape=(1,), dtype=bytes, optional=True),
+                               # per-item targets of weighted plug-in components (TARGET_EMOTION), optional
+                               *(Tensor(name=name, shape=(1,), dtype=bytes, optional=True)
+                                 for name in target_inputs(pipelines[0].config))],
         outputs=[float_out("REWARDS"), text_out("TRANSCRIPTS"), float_out("ERROR_RATE"),
                  float_out("SPEAKER_SIMILARITY"), float_out("ASR_NLL"), text_out("ERRORS"),
                  # each weighted component's utility (NaN: not weighted), for per-component advantages
-                 *(float_out(name) for name in UTILITY_OUTPUTS)],
+                 *(float_out(name) for name in utility_outputs(pipelines[0].config)),
+                 # each weighted plug-in component's reported values
+                 *(float_out(name) for name in report_outputs(pipelines[0].config))],
         config=config(),
         strict=False,
     )

@@ -72,6 +72,24 @@ STEP_COMPONENTS = {
     "utility_confidence": ("mean",),
     "failed": ("mean",),  # share of refused rollouts (reward_tts.py's on_refused=report)
 }
+"""Statistics of the known keys; every other numeric key of the hook's dict (a plug-in reward
+component's utility and reported values: ``utility_quality``, ``quality_sig``, ...) gets its
+``mean``. ``score`` itself is veRL's own ``critic/score`` metric."""
+NOT_COMPONENTS = ("score",)
+
+
+def step_keys(extra_infos: list) -> dict:
+    """{key: statistics} of the components the rollouts carry: STEP_COMPONENTS, then any other
+    key with a number (not a bool) in some rollout, with ("mean",)."""
+    keys = dict(STEP_COMPONENTS)
+    for info in extra_infos:
+        if not isinstance(info, dict):
+            continue
+        for key, value in info.items():
+            if (key not in keys and key not in NOT_COMPONENTS and isinstance(value, (int, float, np.floating))
+                    and not isinstance(value, bool)):
+                keys[key] = ("mean",)
+    return keys
 
 
 def gdpo_components(extra_fields: list, keys) -> dict[str, np.ndarray]:
@@ -172,7 +190,7 @@ def component_metrics(extra_infos: list) -> dict[str, float]:
     """``reward/<key>/<stat>`` over the finite values of each component in ``extra_infos``
     (one dict per rollout, as the reward loop stores them); keys no rollout has are left out."""
     metrics = {}
-    for key, stats in STEP_COMPONENTS.items():
+    for key, stats in step_keys(extra_infos).items():
         values = []
         for info in extra_infos:
             value = info.get(key) if isinstance(info, dict) else None
@@ -214,10 +232,12 @@ def validation_samples(inputs, outputs, gts, scores, extra_infos: dict, count: i
     samples = []
     for index in range(min(count, len(outputs))):
         sample = {"input": inputs[index], "output": outputs[index], "text": gts[index], "score": float(scores[index])}
-        for key in STEP_COMPONENTS:
+        for key in [*STEP_COMPONENTS, *(k for k in extra_infos if k not in STEP_COMPONENTS and k not in NOT_COMPONENTS)]:
             values = extra_infos.get(key)
             if values is not None and len(values) == len(outputs) and values[index] is not None:
-                sample[key] = float(values[index])
+                value = values[index]
+                if isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) or key in STEP_COMPONENTS:
+                    sample[key] = float(value)
         samples.append(sample)
     return samples
 

@@ -67,7 +67,7 @@ def test_bad_start_up_options_exit_with_a_message(caplog):
     assert cli.main(["--engines", "token2wav_server.standin:create_engines", "--devices", "cpu",
                      "--reward-preset", "nope"]) == 2
     assert ("cannot start: configs/reward.yaml: unknown reward preset 'nope'; known presets: "
-            "['intelligibility', 'zero_shot']") in caplog.text
+            "['expressive', 'intelligibility', 'zero_shot', 'zero_shot_quality']") in caplog.text
 
 
 def test_reward_preset_picks_the_pipelines_reward():

@@ -23,7 +23,7 @@ def test_unknown_preset_names_the_file_the_name_and_the_known_presets():
     with pytest.raises(RewardConfigError) as error:
         load_reward_config("configs/reward.yaml", "zeroshot")
     assert str(error.value) == ("configs/reward.yaml: unknown reward preset 'zeroshot'; known presets: "
-                                "['intelligibility', 'zero_shot']")
+                                "['expressive', 'intelligibility', 'zero_shot', 'zero_shot_quality']")
 
 
 def test_a_flat_file_still_loads_and_refuses_a_preset(tmp_path):
@@ -145,3 +145,52 @@ def test_normalize_english_agrees_with_whisper():
     whisper = EnglishTextNormalizer()
     for text, _ in ENGLISH_CASES:
         assert normalize_english(text) == whisper(text), text
+
+
+# ---- plug-in components ----------------------------------------------------------------------
+QUALITY_FILE = """components:
+  quality: token2wav_server.engines_dnsmos
+presets:
+  q: {weights: {error_rate: 1.0, quality: 1.0}}
+  plain: {weights: {error_rate: 1.0}}
+"""
+
+
+def test_plugin_component_is_weighted_scored_and_reported(tmp_path):
+    path = tmp_path / "reward.yaml"
+    path.write_text(QUALITY_FILE, encoding="utf-8")
+    config = load_reward_config(str(path), "q")
+    assert config.components == ("error_rate", "similarity", "confidence", "quality")
+    assert list(config.weighted_plugins()) == ["quality"]
+    assert load_reward_config(str(path), "plain").weighted_plugins() == {}
+    values = {"quality_ovrl": 3.0, "quality_sig": 3.5, "quality_bak": 4.0}
+    score = score_item(config, "一丁", "一丁", component_values={"quality": values})
+    assert score.utilities == {"error_rate": 1.0, "quality": 0.5}  # (3 - 1) / 4
+    assert score.reward == pytest.approx(0.75)
+    assert score.reports == values
+    assert score_item(config, "一丁", "一丁", component_values={"quality": {**values, "quality_ovrl": 6.0}}
+                      ).utility("quality") == 1.0  # clipped to [0, 1]
+    with pytest.raises(ValueError, match="'quality' has a weight but its engine gave no value"):
+        score_item(config, "一丁", "一丁")
+    assert minimum_score(config).utilities == {"error_rate": 0.0, "quality": 0.0}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("weights: {error_rate: 1.0, qualty: 1.0}\n",
+     "unknown component(s) ['qualty']; known components: ['error_rate', 'similarity', 'confidence']"),
+    ("components: {quality: token2wav_server.engines_dnsmos}\nweights: {error_rate: 1.0, qualty: 1.0}\n",
+     "known components: ['error_rate', 'similarity', 'confidence', 'quality']"),
+    ("components: {quality: no_such_module_here}\nweights: {error_rate: 1.0}\n",
+     "components.quality: cannot import no_such_module_here"),
+    ("components: {quality: token2wav_server.standin}\nweights: {error_rate: 1.0}\n",
+     "components.quality: token2wav_server.standin has no COMPONENT = ComponentSpec(name='quality'"),
+    ("components: {similarity: token2wav_server.engines_dnsmos}\nweights: {error_rate: 1.0}\n",
+     "'similarity' is a built-in component"),
+    ("components: [quality]\nweights: {error_rate: 1.0}\n", "'components' must be a mapping"),
+])
+def test_bad_plugin_components_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "reward.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RewardConfigError) as error:
+        load_reward_config(str(path))
+    assert message in str(error.value)

@@ -375,3 +375,28 @@ def test_a_prompt_the_server_cannot_prepare_fails_its_item_with_the_prompt_named
     assert error.startswith(f"preparing the speaker prompt failed on request 0 row 0 (2 speech tokens, prompt "
                             f"item-{speaker_prompt_key(*prompt)[:16]}) after 1 attempt(s): ValueError")
     assert math.isnan(out["REWARDS"].ravel()[0]) and out["REWARDS"].ravel()[1] == 1.0
+
+
+def test_plugin_outputs_and_target_inputs_exist_only_where_the_preset_weights_them():
+    from token2wav_server.reward_scoring import load_reward_config
+    from token2wav_server.serving import report_outputs, target_inputs, utility_outputs
+
+    plain = load_reward_config("configs/reward.yaml", "intelligibility")
+    assert list(utility_outputs(plain)) == ["UTILITY_ERROR_RATE", "UTILITY_SIMILARITY", "UTILITY_CONFIDENCE"]
+    assert report_outputs(plain) == {} and target_inputs(plain) == {}
+    assert set(_pipeline(plain).token2wav_asr([_request([([1], "一")])])[0]) == {
+        "REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS", *utility_outputs(plain)}
+    expressive = load_reward_config("configs/reward.yaml", "expressive")
+    assert list(utility_outputs(expressive))[3:] == ["UTILITY_QUALITY", "UTILITY_EMOTION"]
+    assert report_outputs(expressive) == {"QUALITY_OVRL": "quality_ovrl", "QUALITY_SIG": "quality_sig",
+                                          "QUALITY_BAK": "quality_bak", "EMOTION_TARGET_PROB": "emotion_target_prob"}
+    assert target_inputs(expressive) == {"TARGET_EMOTION": "emotion"}
+
+
+def test_a_weighted_plugin_without_an_engine_fails_each_item_naming_it(tmp_path):
+    from token2wav_server.reward_scoring import load_reward_config
+
+    config = load_reward_config("configs/reward.yaml", "zero_shot_quality")
+    config = RewardConfig(weights={"error_rate": 1.0, "quality": 1.0}, plugins=config.plugins)
+    out = _pipeline(config).token2wav_asr([_request([([1, 2], "一丁")])])[0]
+    assert out["ERRORS"].ravel()[0] == b"reward component 'quality' is weighted but this server has no engine for it"

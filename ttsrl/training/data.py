@@ -30,6 +30,11 @@ hold the same strings (user: llm_prompt_text + normalized_text; assistant: the p
 tokens); the ids the policy reads are built from them by ``ttsrl.frontend`` (prompt text and
 text tokenized apart). Rows whose text is shorter than half their prompt text's (upstream
 warns that this may lead to bad performance) are counted and logged per split.
+
+A record's optional ``emotion`` (the target of the ``emotion`` reward component: one of
+``token2wav_server.engines_emotion2vec.TARGET_LABELS``, the emotions the emotion2vec+ model
+knows) is checked and copied, in lower case, into ``extra_info["emotion"]``; a label the model
+does not know is a bad record named by file:line.
 """
 from __future__ import annotations
 
@@ -56,9 +61,10 @@ from ttsrl.model_family import ModelFamily, family_from_env, get_family
 from ttsrl.speech_tokens import format_speech_tokens
 from ttsrl.training import held_out
 from ttsrl.training import speaker_prompts as sp
+from token2wav_server.engines_emotion2vec import check_target as check_emotion
 
 ABILITY = "text-to-speech"
-OPTIONAL_FIELDS = ("id", "prompt_text", "prompt_wav", "language")
+OPTIONAL_FIELDS = ("id", "prompt_text", "prompt_wav", "language", "emotion")
 PROMPT_FIELDS = ("prompt_text", "prompt_wav")
 PROMPT_INFO = ("prompt_wav", "prompt_text", "prompt_id", "prompt_hash")
 """extra_info keys of a zero-shot row (null in the text-only rows of a table that has both)."""
@@ -219,6 +225,11 @@ def read_records_by_line(path: str, max_chars: int | None) -> tuple[Records, lis
                 record["language"] = normalize_language(record["language"], 'field "language"')
             except ValueError as error:
                 bad = "bad language", str(error)
+        if bad is None and record.get("emotion") is not None:
+            try:
+                record["emotion"] = check_emotion(record["emotion"], 'field "emotion"')
+            except ValueError as error:
+                bad = "unknown emotion", str(error)
         if bad is not None:
             problems.append(Problem(path, line, *bad))
             continue
@@ -269,6 +280,12 @@ def read_records_fast(path: str, max_chars: int | None) -> Records | None:
                     try:
                         column = pa.array([None if v is None else normalize_language(v) for v in column.to_pylist()],
                                           type=pa.string())
+                    except ValueError:
+                        return None  # the line reader names the record's file:line
+                if name == "emotion":
+                    try:
+                        column = pa.array([None if v is None else check_emotion(v, "emotion")
+                                           for v in column.to_pylist()], type=pa.string())
                     except ValueError:
                         return None  # the line reader names the record's file:line
                 optional[name] = column

@@ -508,6 +508,64 @@ def check_reward_servers(text: str, timeout: float, model_name: str = "") -> str
     return f"{len(urls)} reward server(s) ready{served}: {', '.join(urls)}"
 
 
+BUILTIN_SERVE_HINTS = {
+    "error_rate": "every server computes it",
+    "similarity": "a server started with a preset that weights similarity (--reward-preset, run.sh reward_preset) "
+                  "and a speaker engine for the reward (the family's CAM++, or --speaker-model)",
+    "confidence": "a server started with a preset that weights confidence (--reward-preset, run.sh reward_preset) "
+                  "and an ASR that reports its NLL (SenseVoice)",
+}
+
+
+def served_components(url: str, timeout: float) -> set:
+    """The reward components the server at ``url`` computes: those whose utility output is a
+    number (not NaN) for a one-token probe (what the reward hook's client asks at start-up)."""
+    import asyncio
+
+    from ttsrl.triton_client import RewardClient, RewardSettings, parse_urls
+
+    async def probe():
+        client = RewardClient(RewardSettings(urls=parse_urls(url), startup_wait_s=timeout, retry_budget_s=timeout,
+                                             request_timeout_s=max(timeout, 30.0)))
+        try:
+            await client.ensure_ready()
+            return {key[len("utility_"):] for key in client.components if key.startswith("utility_")}
+        finally:
+            await client.close()
+
+    return asyncio.run(probe())
+
+
+def check_reward_components(urls_text: str, reward_config: Path, reward_preset: str | None, timeout: float) -> str:
+    """Every component the run's reward preset weights must be computed by every reward server:
+    a component a server does not compute stops the run, naming it and what serves it."""
+    from token2wav_server.reward_scoring import RewardConfigError, load_reward_config
+
+    try:
+        config = load_reward_config(str(reward_config), reward_preset or None)
+    except RewardConfigError as error:
+        raise CheckFailed(f"reward_config/reward_preset: {error}") from None
+    wanted = [name for name in config.components if config.uses(name)]
+    name = reward_preset or "(the file's default)"
+    problems, extras = [], set()
+    for url in parse_server_urls(urls_text):
+        try:
+            served = served_components(url, timeout)
+        except Exception as error:  # noqa: BLE001 - any failure of the probe is the check's failure
+            raise CheckFailed(f"reward server {url}: could not ask which reward components it computes: {error}") from None
+        for component in wanted:
+            if component not in served:
+                spec = config.plugins.get(component)
+                hint = spec.serve_hint if spec is not None else BUILTIN_SERVE_HINTS.get(component, "")
+                problems.append(f"reward preset {name} weights component {component!r}, but the reward server {url} "
+                                f"does not compute it (it computes {sorted(served)}); served by: {hint}")
+        extras |= served - set(wanted)
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    note = f"; the servers also compute {sorted(extras)}, which preset {name} does not weight" if extras else ""
+    return f"reward preset {name}: {', '.join(wanted)} computed by every reward server{note}"
+
+
 def waiting(check, wait_s: float, poll_s: float = 5.0):
     """``check`` retried until it passes or ``wait_s`` seconds have gone (for things still starting)."""
     def retry():
@@ -643,6 +701,9 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
         ("reward server", waiting(lambda: check_reward_servers(settings.reward_server_url, settings.timeout,
                                                                settings.reward_model_name), settings.wait_s)),
     ]
+    if settings.reward_config is not None:
+        checks.append(("reward components", lambda: check_reward_components(
+            settings.reward_server_url, settings.reward_config, settings.reward_preset, settings.timeout)))
     results = []
     for name, check in checks:
         try:

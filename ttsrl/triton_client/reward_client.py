@@ -41,14 +41,45 @@ from .wire import REWARD_MODEL, SpeakerPromptAudio, infer_request, pad_rows, tex
 COMPONENT_OUTPUTS = {"SPEAKER_SIMILARITY": "speaker_similarity", "ASR_NLL": "asr_nll",
                      "UTILITY_ERROR_RATE": "utility_error_rate", "UTILITY_SIMILARITY": "utility_similarity",
                      "UTILITY_CONFIDENCE": "utility_confidence"}
-"""Optional reward components: server output -> result key (NaN from the server: switched off).
-The ``utility_*`` keys are each weighted component's utility in [0, 1] (what veRL's
-``gdpo`` estimator normalizes one by one: ``algorithm.gdpo_reward_keys``)."""
+"""Optional reward components of every server: server output -> result key (NaN from the
+server: switched off). The ``utility_*`` keys are each weighted component's utility in [0, 1]
+(what veRL's ``gdpo`` estimator normalizes one by one: ``algorithm.gdpo_reward_keys``). A
+server's weighted plug-in components (``UTILITY_<NAME>`` and their reported values, declared
+only when weighted) are read from its model config (``server_component_outputs``): every FP32
+output but REWARDS and ERROR_RATE is a component, its key the output name in lower case."""
 UTILITY_KEYS = tuple(key for key in COMPONENT_OUTPUTS.values() if key.startswith("utility_"))
 FLOAT_OUTPUTS = ["REWARDS", "ERROR_RATE", *COMPONENT_OUTPUTS]
 OUTPUTS = ["REWARDS", "TRANSCRIPTS", "ERROR_RATE", "SPEAKER_SIMILARITY", "ASR_NLL", "ERRORS",
            "UTILITY_ERROR_RATE", "UTILITY_SIMILARITY", "UTILITY_CONFIDENCE"]
 READY_CHECK_TIMEOUT_S = 5.0
+
+
+def server_target_inputs(config) -> dict:
+    """{input: extra_info field} of the optional ``TARGET_<FIELD>`` inputs a ``token2wav_asr``
+    model config declares (plug-in components' per-item targets: ``TARGET_EMOTION`` -> ``emotion``)."""
+    if isinstance(config, dict):
+        names = [i.get("name") for i in config.get("input") or []]
+    else:
+        names = [i.name for i in getattr(config, "config", config).input]
+    return {name: name[len("TARGET_"):].lower() for name in names if name and name.startswith("TARGET_")}
+
+
+def server_component_outputs(config) -> dict:
+    """{output: key} of the component outputs in a ``token2wav_asr`` model config (tritonclient's
+    HTTP dict or gRPC ``ModelConfigResponse``): COMPONENT_OUTPUTS, then every other FP32 output
+    but REWARDS and ERROR_RATE (plug-in components), keyed by its name in lower case."""
+    if isinstance(config, dict):
+        outputs = [(o.get("name"), o.get("data_type")) for o in config.get("output") or []]
+    else:
+        from tritonclient.grpc import model_config_pb2
+
+        outputs = [(o.name, model_config_pb2.DataType.Name(o.data_type))
+                   for o in getattr(config, "config", config).output]
+    found = dict(COMPONENT_OUTPUTS)
+    for name, data_type in outputs:
+        if data_type == "TYPE_FP32" and name not in ("REWARDS", "ERROR_RATE") and name not in found:
+            found[name] = name.lower()
+    return found
 LOGGER = logging.getLogger(__name__)
 
 
@@ -93,6 +124,8 @@ class RewardClient:
         self.pool = EndpointPool(settings.urls, settings.routing)
         self._ready: Optional[asyncio.Task] = None
         self.components: tuple = ()
+        self.component_outputs: dict = dict(COMPONENT_OUTPUTS)  # the servers' (server_component_outputs)
+        self.target_inputs: dict = {}  # TARGET_<FIELD> inputs of the servers -> extra_info field
         self.max_batch = max(1, settings.max_batch)
         self._pending: list = []
         self._flush_handle = None
@@ -127,10 +160,12 @@ class RewardClient:
         LOGGER.info("reward servers (routing %s, at most %d rollouts per request): %s", self.settings.routing,
                     self.max_batch, self.pool.describe())
         # Which optional components does the server compute? (NaN = switched off.)
-        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None, None)]))[0]
+        probe = (await self._infer_with_retries([(np.zeros(1, dtype=np.int64), "一", None, None, None)]))[0]
         if isinstance(probe, Exception):
             raise probe
-        self.components = tuple(key for output, key in COMPONENT_OUTPUTS.items() if math.isfinite(probe[output]))
+        # (A plug-in component's outputs exist only where the server weights it: always on.)
+        self.components = tuple(key for output, key in self.component_outputs.items()
+                                if output not in COMPONENT_OUTPUTS or math.isfinite(probe[output]))
 
     async def _read_server_configs(self) -> int:
         """Each server's slots (``pool.model_slots``) from its model config; the smallest
@@ -145,6 +180,15 @@ class RewardClient:
                 raise RewardServerUnavailable(str(error)) from None
             size = config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size
             limits.append(int(size) if int(size) > 0 else 1)
+            outputs = server_component_outputs(config)
+            if endpoint is self.pool.endpoints[0]:
+                self.component_outputs = outputs
+                self.target_inputs = server_target_inputs(config)
+            elif outputs != self.component_outputs:
+                raise RewardServerUnavailable(
+                    f"reward servers disagree on their reward components: {endpoint.url} has "
+                    f"{sorted(outputs.values())}, another {sorted(self.component_outputs.values())}; start them "
+                    "with the same reward config and preset")
         return min(limits)
 
     async def ensure_ready(self) -> None:
@@ -162,10 +206,15 @@ class RewardClient:
         result dict or a RewardRequestError per item (the server reports bad items in-band)."""
         tokens, lengths = pad_rows([np.asarray(ids) for ids, *_ in batch], np.int32)
         arrays = {"TOKENS": tokens, "TOKEN_LENS": lengths, "GT_TEXT": text_column(text for _, text, *_ in batch)}
-        languages = [language for *_, language in batch]
+        languages = [language for _, _, _, language, _ in batch]
         if any(language is not None for language in languages):
             arrays["LANGUAGE"] = text_column("" if language is None else language for language in languages)
-        prompts = [prompt for _, _, prompt, _ in batch]
+        prompts = [prompt for _, _, prompt, _, _ in batch]
+        for name, field in self.target_inputs.items():  # plug-in components' per-item targets
+            values = [(targets or {}).get(field) for *_, targets in batch]
+            values = [v if isinstance(v, str) and v.strip() else None for v in values]  # None/NaN: no target
+            if any(value is not None for value in values):
+                arrays[name] = text_column("" if value is None else str(value) for value in values)
         if any(prompt is not None for prompt in prompts):
             # Rows without a prompt get length 0: the server's bank voice for that row.
             waves, wave_lens = pad_rows([None if p is None else p.wave for p in prompts], np.float32)
@@ -173,13 +222,14 @@ class RewardClient:
                 PROMPT_WAV=waves, PROMPT_WAV_LENS=wave_lens,
                 PROMPT_SAMPLE_RATE=np.array([[0 if p is None else p.sample_rate] for p in prompts], dtype=np.int32),
                 PROMPT_TEXT=text_column("" if p is None else p.text for p in prompts))
-        inputs, outputs = infer_request(endpoint.scheme, arrays, OUTPUTS)
+        names = [*OUTPUTS, *(name for name in self.component_outputs if name not in OUTPUTS)]
+        inputs, outputs = infer_request(endpoint.scheme, arrays, names)
         parameters = {"prompt": self.settings.prompt} if self.settings.prompt else None
         result = await asyncio.wait_for(
             client.infer(self.settings.model_name, inputs, outputs=outputs, parameters=parameters),
             timeout=timeout,
         )
-        columns = {name: result.as_numpy(name).reshape(-1) for name in OUTPUTS}
+        columns = {name: result.as_numpy(name).reshape(-1) for name in names}
         if any(len(column) != len(batch) for column in columns.values()):
             raise RuntimeError(f"reward server {endpoint.url} answered {len(columns['REWARDS'])} rows for "
                                f"{len(batch)} rollouts")
@@ -189,7 +239,7 @@ class RewardClient:
             if error:
                 items.append(RewardRequestError(f"reward server {endpoint.url} refused the rollout: {error}"))
                 continue
-            item = {name: float(columns[name][row]) for name in FLOAT_OUTPUTS}
+            item = {name: float(columns[name][row]) for name in [*FLOAT_OUTPUTS, *self.component_outputs]}
             item["TRANSCRIPT"] = text_of(columns["TRANSCRIPTS"][row])
             items.append(item)
         return items
@@ -262,18 +312,19 @@ class RewardClient:
                 future.set_result(result)
 
     async def score(self, ids: np.ndarray, ground_truth: str, prompt: Optional[SpeakerPromptAudio] = None,
-                    language: Optional[str] = None) -> dict:
+                    language: Optional[str] = None, targets: Optional[dict] = None) -> dict:
         """One rollout's server outputs: REWARDS, ERROR_RATE, SPEAKER_SIMILARITY, ASR_NLL, the
         UTILITY_* outputs and TRANSCRIPT. ``prompt``: the rollout's own speaker prompt (None:
         the server's bank voice). ``language``: the language of its error metric (zh, en, ja,
         ko or an alias; None: the server's configured metric); an unknown one is a ValueError
-        here, before anything is sent."""
+        here, before anything is sent. ``targets``: the rollout's ``extra_info``, from which each
+        per-item target input the server declares (``target_inputs``) takes its field."""
         if language is not None:
             language = normalize_language(language, "RewardClient.score")
         await self.ensure_ready()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((ids, ground_truth, prompt, language, future))
+        self._pending.append((ids, ground_truth, prompt, language, targets, future))
         if len(self._pending) >= self.max_batch:
             self._flush()
         elif self._flush_handle is None:

@@ -504,3 +504,20 @@ def test_the_dev_slice_keeps_each_records_language(tmp_path):
     assert {u.language for u in utterances} >= {"zh", "en"}
     for utt in utterances:
         assert utt.language == {"z": "zh", "e": "en", "n": ""}[utt.id[0]]
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_records_emotion_is_checked_and_copied_to_extra_info(tmp_path, fast):
+    records = [{"text": "甲", "emotion": "Happy"}, {"text": "乙"}, {"text": "丙", "emotion": "sad"}]
+    out = tmp_path / "out"
+    data.prepare(write_jsonl(tmp_path / "a.jsonl", records), str(out), test_size=1, seed=3, fast=fast)
+    infos = {r["extra_info"]["text"]: r["extra_info"] for r in read(out / "train.parquet") + read(out / "test.parquet")}
+    assert {text: info["emotion"] for text, info in infos.items()} == {"甲": "happy", "乙": None, "丙": "sad"}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_emotion_the_model_does_not_know_names_file_line_and_the_known_ones(tmp_path, fast):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "甲", "emotion": "happy"}, {"text": "乙", "emotion": "bored"}])
+    with pytest.raises(data.DataError) as error:
+        data.prepare(path, str(tmp_path / "o"), test_size=1, fast=fast)
+    assert f"{path}:2: unknown emotion: " in str(error.value) and "'bored'" in str(error.value)
+    assert "known: ['angry', 'disgusted', 'fearful', 'happy'" in str(error.value)
+    assert not (tmp_path / "o").exists()

@@ -407,3 +407,31 @@ def test_main_prints_the_disk_the_run_needs(tiny_model, data_dir, reward_server,
     assert code == 0, out
     # data_dir's train.parquet has 3 rows: 3 steps of 1 prompt, each saved; 3 kept (the last 3, the best among them)
     assert "[ ok ] disk: 3 steps save 3 checkpoint(s), at most 3 of 3 (the last 3 and the best) kept" in out
+def test_reward_components_the_preset_weights_must_be_computed_by_the_server(reward_server):
+    from ttsrl.training.preflight import check_reward_components
+
+    config = Path("configs/reward.yaml")  # the stand-in server runs the default preset: intelligibility
+    message = check_reward_components(reward_server.grpc_url, config, "intelligibility", 30.0)
+    assert message == "reward preset intelligibility: error_rate computed by every reward server"
+    with pytest.raises(CheckFailed) as error:
+        check_reward_components(reward_server.http_url, config, "zero_shot_quality", 30.0)
+    text = str(error.value)
+    assert (f"reward preset zero_shot_quality weights component 'similarity', but the reward server "
+            f"{reward_server.http_url} does not compute it (it computes ['error_rate'])") in text
+    assert "weights component 'quality'" in text and "speechmos" in text  # the plug-in's own hint
+    with pytest.raises(CheckFailed,
+                       match=r"unknown reward preset 'expresive'; known presets: \['expressive', 'intelligibility'"):
+        check_reward_components(reward_server.http_url, config, "expresive", 30.0)
+
+
+def test_main_stops_when_the_server_does_not_compute_the_presets_components(tiny_model, data_dir, reward_server,
+                                                                             capsys):
+    args = ["--cpu-compose-only", "--model_dir", str(tiny_model), "--data_dir", str(data_dir),
+            "--reward_server_url", reward_server.grpc_url, "--reward_config", "configs/reward.yaml"]
+    assert run_script("preflight_grpo", args + ["--reward_preset", "intelligibility"]) == 0
+    assert "[ ok ] reward components: reward preset intelligibility: error_rate" in capsys.readouterr().out
+    assert run_script("preflight_grpo", args + ["--reward_preset", "zero_shot"]) == 1
+    captured = capsys.readouterr()
+    assert ("[FAIL] reward components: reward preset zero_shot weights component 'similarity', but the reward "
+            f"server {reward_server.grpc_url} does not compute it") in captured.out
+    assert "1 check(s) failed (reward components)" in captured.err
