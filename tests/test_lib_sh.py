@@ -237,6 +237,7 @@ setup_environment() { record "env $1 $2"; }
 get_cosyvoice_source() { record source; }
 download_model() { record "download $1"; [ "$1" != iic/paraformer-zh ] || die "ModelScope unreachable"; }
 download_whisper_model() { record whisper; }
+download_emotion_model() { record emotion; }
 download_sim_model() { record sim; die "Google Drive quota exceeded"; }
 download_seedtts_eval() { record seedtts; }
 convert_llm() { record convert; }
@@ -251,7 +252,7 @@ echo "stage -1 returned"
     assert "stage -1 returned" in done.stdout and "install for cuda (TTSRL_DEVICE=cuda)" in done.stdout
     assert calls.read_text().splitlines() == [
         "env cuda trainer", "env cuda server", "source", "env cuda server", "download iic/CosyVoice2-0.5B",
-        "download iic/SenseVoiceSmall", "convert", "download iic/paraformer-zh", "whisper", "sim", "seedtts"]
+        "download iic/SenseVoiceSmall", "emotion", "convert", "download iic/paraformer-zh", "whisper", "sim", "seedtts"]
     output = done.stdout + done.stderr
     assert "optional: Paraformer-zh (stage 4's Chinese ASR)" in output and "paraformer_dir=" in output
     assert "optional: the SIM model" in output and "To go without it: eval_sim_model=" in output

@@ -42,6 +42,8 @@ reading rate of about 240 syllables a minute, one syllable per character. Faster
 fewer tokens, so the check errs towards refusing. Config knob: ``speech_chars_per_second``."""
 
 GRPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "grpo.yaml"
+REWARD_CONFIG = GRPO_CONFIG.parent / "reward.yaml"
+"""configs/reward.yaml: gdpo's reward keys when no --reward_config is given."""
 MAX_CHARS_KNOB = "max_chars (configs/*.sh, stage 0)"
 RESPONSE_KNOB = "data.max_response_length (configs/grpo.yaml, or grpo_overrides)"
 
@@ -694,7 +696,8 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
         checks.append(("disk", lambda: check_run_disk(settings)))
     if settings.algorithm_preset:
         checks.append(("algorithm preset", lambda: check_algorithm_preset(
-            settings.algorithm_preset, list(settings.overrides), settings.reward_config, settings.reward_preset,
+            settings.algorithm_preset, list(settings.overrides), settings.reward_config or REWARD_CONFIG,
+            settings.reward_preset,
             settings.train_batch_size, settings.ppo_mini_batch_size, settings.grpo_config)))
     checks += [
         ("reward hook", lambda: check_reward_hook(settings.reward_hook)),
