@@ -1,6 +1,7 @@
 """Helpers of the tests that score against a live reward server (the hook and its client)."""
 import asyncio
 import re
+import socket
 import urllib.request
 
 from ttsrl.triton_client import close_clients
@@ -24,3 +25,13 @@ def request_count(server, model: str = "token2wav_asr") -> float:
         body = response.read().decode()
     match = re.search(r'nv_inference_request_success\{model="' + re.escape(model) + r'",version="1"\} (\d+)', body)
     return float(match.group(1))
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (a stopped server left none of its ports behind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.reward_utils import port_is_free
 from token2wav_server.launch import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,15 +71,6 @@ def rehearse_stages(config: Path, first: int, last: int) -> dict[int, subprocess
         seconds[stage] = round(time.monotonic() - began)
     print(f"rehearsal of {config.name}, seconds per stage: {seconds}")
     return outputs
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def metrics_steps(exp: Path) -> dict[int, dict]:

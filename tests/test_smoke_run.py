@@ -16,13 +16,13 @@ real CosyVoice3 engines.
 """
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tests.reward_utils import port_is_free
 from token2wav_server.launch import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,15 +56,6 @@ def server_processes(exp_dir: Path) -> list:
         if "token2wav_server" in cmdline and str(exp_dir) in cmdline or "tritonserver" in cmdline and str(exp_dir) in cmdline:
             found.append(process)
     return found
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def assert_nothing_left(env: dict) -> None:
