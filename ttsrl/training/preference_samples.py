@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ttsrl.atomic_write import write_text
 from ttsrl.eval_sets import EvalUtterance
-from ttsrl.json_lines import json_lines
+from ttsrl.json_lines import json_lines, plain
 from ttsrl.model_family import get_family
 from ttsrl.speech_tokens import format_speech_tokens, parse_speech_tokens
 
@@ -55,17 +55,6 @@ class PromptRow:
                              row={"extra_info": self.extra_info, "messages": self.messages})
 
 
-def _plain(value):
-    """parquet's numpy arrays and scalars -> JSON-ready Python values."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def read_prompt_rows(parquet: str | Path) -> list[PromptRow]:
     """Every row of a stage 0 training parquet; a row without a prompt or ground truth is an error
     naming the file and row."""
@@ -77,14 +66,14 @@ def read_prompt_rows(parquet: str | Path) -> list[PromptRow]:
         raise PreferenceDataError(f"{parquet}: no column(s) {missing}; is this stage 0's train.parquet?")
     rows = []
     for index, record in enumerate(frame.to_dict("records")):
-        messages = _plain(record["prompt"])
-        reward_model = _plain(record["reward_model"]) or {}
+        messages = plain(record["prompt"])
+        reward_model = plain(record["reward_model"]) or {}
         ground_truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
         if not isinstance(messages, list) or not messages or not isinstance(ground_truth, str) or not ground_truth:
             raise PreferenceDataError(f"{parquet} row {index}: needs a 'prompt' (chat messages) and "
                                       f"reward_model.ground_truth (text); got {messages!r}, {reward_model!r}")
         rows.append(PromptRow(index, messages, ground_truth, str(record.get("data_source", "")),
-                              _plain(record.get("extra_info")) or {}))
+                              plain(record.get("extra_info")) or {}))
     if not rows:
         raise PreferenceDataError(f"{parquet} has no rows")
     return rows

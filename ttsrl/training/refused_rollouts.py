@@ -34,6 +34,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttsrl.json_lines import plain
+
 FAILED_KEY = "failed"
 """compute_score's key: 1.0 for a refused rollout, 0.0 for a scored one."""
 REASON_KEY = "failure"
@@ -140,27 +142,14 @@ def lost_rollouts(expected: int, present: int) -> str | None:
             "the cause and rerun stage 2; it resumes from the last checkpoint")
 
 
-def _plain(value):
-    """A JSON-able copy of a value read back from veRL's batch (numpy scalars, arrays)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def failure_record(step: int, key: str, data_source, extra_info, ground_truth, reason: str) -> dict:
     """One refused rollout as logged: the step, the item and the reason."""
-    info = _plain(extra_info) if isinstance(extra_info, dict) else {}
-    record = {"step": int(step), "rollout": key, "data_source": _plain(data_source)}
+    info = plain(extra_info, nan_as_none=True) if isinstance(extra_info, dict) else {}
+    record = {"step": int(step), "rollout": key, "data_source": plain(data_source, nan_as_none=True)}
     for name in ("split", "index", "id", "prompt_id", "prompt_wav"):
         if info.get(name) not in (None, ""):
             record[name] = info[name]
-    record["text"] = _plain(ground_truth)
+    record["text"] = plain(ground_truth, nan_as_none=True)
     record["reason"] = str(reason)
     return record
 
